@@ -1,0 +1,17 @@
+"""User-facing errors: each carries a one-line message the CLI prints without a traceback."""
+
+
+class FlashInferError(Exception):
+    """Base class of every error caused by the user's input or files (not by a bug)."""
+
+
+class ModelFileError(FlashInferError):
+    """A model file or folder is missing, corrupt, truncated or of an unknown kind."""
+
+
+class UnsupportedModelError(FlashInferError):
+    """A well-formed model this runtime cannot run (architecture, tensor type, feature)."""
+
+
+class ContextLengthError(FlashInferError):
+    """The prompt (plus the requested generation) does not fit in the context window."""

@@ -1,0 +1,114 @@
+"""Generation in three layers: token steps -> streamed responses (text + stats) -> text.
+
+`generate_step` yields token ids (prefill in batches, then one decode step per token);
+`stream_generate` turns them into `GenerationResponse`s with detokenized text, stop handling
+and speed/memory statistics; `Model.generate` in api.py joins the text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .kv_cache import KVCache
+from .loader.tokenizer import Tokenizer
+from .memory import peak_rss_bytes
+from .model import Transformer
+from .sampling import LogitsProcessor, Sampler
+
+PREFILL_BATCH = 512  # prompt tokens per forward pass; bounds the attention score matrix
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # text added by this step (may be empty while a UTF-8 char or stop is pending)
+    token: int  # the token sampled at this step
+    prompt_tokens: int
+    prompt_tps: float  # prompt tokens per second of prefill
+    generation_tokens: int  # tokens generated so far
+    generation_tps: float  # decode tokens per second so far
+    peak_memory: int  # peak resident memory of the process, bytes
+    finish_reason: str | None  # None while generating; "stop" (EOS/stop string) or "length"
+
+
+def prefill(engine: Transformer, tokens: Sequence[int], cache: KVCache,
+            all_logits: bool = False) -> np.ndarray:
+    """Run `tokens` through the model in batches; logits of every position or of the last."""
+    outputs = []
+    for start in range(0, len(tokens), PREFILL_BATCH):
+        chunk = np.asarray(tokens[start:start + PREFILL_BATCH], dtype=np.int64)
+        outputs.append(engine.forward(chunk, cache, all_logits=all_logits))
+    return np.concatenate(outputs) if all_logits else outputs[-1]
+
+
+def generate_step(engine: Transformer, prompt: Sequence[int], cache: KVCache, sampler: Sampler,
+                  processors: Sequence[LogitsProcessor] = ()) -> Iterator[int]:
+    """Yield sampled tokens forever; the caller decides when to stop."""
+    history = list(prompt)
+    logits = prefill(engine, prompt, cache)[-1]
+    while True:
+        for process in processors:
+            logits = process(history, logits)
+        token = sampler(logits)
+        yield token
+        history.append(token)
+        logits = engine.forward(np.array([token]), cache)[-1]
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the tail of `text` that could be the start of a stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+def stream_generate(engine: Transformer, tokenizer: Tokenizer, prompt: Sequence[int],
+                    cache: KVCache, sampler: Sampler, processors: Sequence[LogitsProcessor],
+                    max_tokens: int, stop: Sequence[str] = ()) -> Iterator[GenerationResponse]:
+    stops = [s for s in stop if s]
+    steps = generate_step(engine, prompt, cache, sampler, processors)
+    start = time.perf_counter()
+    generated: list[int] = []
+    emitted = ""  # text already handed out
+    prompt_tps = 0.0
+    decode_start = start
+    for token in steps:
+        now = time.perf_counter()
+        if not generated:
+            prompt_tps = len(prompt) / max(now - start, 1e-9)
+            decode_start = now
+        finish = None
+        if token in tokenizer.eog_ids:
+            finish = "stop"
+        else:
+            generated.append(token)
+        text = tokenizer.decode(generated)
+        if text.endswith("\ufffd") and finish is None:
+            text = text[:-1]  # an incomplete UTF-8 character: wait for its next bytes
+        hit = min((i for i in (text.find(s, max(0, len(emitted) - len(s))) for s in stops)
+                   if i >= 0), default=-1)
+        if hit >= 0:
+            text, finish = text[:hit], "stop"
+        if finish is None and (len(generated) >= max_tokens
+                               or cache.length + 1 >= cache.max_tokens):
+            finish = "length"
+        visible = len(text) if finish else len(text) - _held_back(text, stops)
+        new_text = text[len(emitted):visible] if visible > len(emitted) else ""
+        emitted += new_text
+        n_decoded = max(len(generated) - 1, 0)  # the first token came from the prefill
+        elapsed = time.perf_counter() - decode_start
+        yield GenerationResponse(
+            text=new_text, token=token, prompt_tokens=len(prompt), prompt_tps=prompt_tps,
+            generation_tokens=len(generated),
+            generation_tps=n_decoded / elapsed if n_decoded and elapsed > 0 else 0.0,
+            peak_memory=peak_rss_bytes(), finish_reason=finish)
+        if finish:
+            steps.close()
+            return

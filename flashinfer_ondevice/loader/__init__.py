@@ -1,0 +1,38 @@
+"""Loaders: turn a model file or folder into a `Checkpoint` (config, float weights, tokenizer).
+
+`load_checkpoint(path)` picks the loader: a `.gguf` file, or a Hugging Face folder holding
+config.json, *.safetensors and tokenizer.json. Every loader validates what it reads against
+the file (sizes, offsets, names, shapes) before allocating, and reports problems as
+`ModelFileError` / `UnsupportedModelError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ModelConfig
+from ..errors import ModelFileError
+from ..weights import Weights
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    weights: Weights
+    tokenizer: Tokenizer
+    chat_template: str | None  # Jinja template from the model, or None
+    source: Path
+    ggml_numerics: bool = False  # compute as llama.cpp's CPU backend rounds (GGUF sources)
+
+
+def load_checkpoint(path: str | Path, progress: bool = False) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"model not found: {path}")
+    if path.is_dir():
+        from .hf import load_hf_folder
+        return load_hf_folder(path, progress=progress)
+    from .gguf_file import load_gguf
+    return load_gguf(path, progress=progress)

@@ -1,0 +1,204 @@
+"""GGUF loader: metadata -> ModelConfig, tensors -> float32 Weights, vocabulary -> tokenizer.
+
+The file is untrusted: `gguf_header` validates the header, and here every tensor's type, shape
+and byte range is checked against the config and the file size before it is dequantized.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from tqdm import tqdm
+
+from ..config import ModelConfig, traits_for
+from ..errors import ModelFileError, UnsupportedModelError
+from ..quant.activations import input_format_for
+from ..quant.ggml import dequantize, stored_nbytes
+from ..weights import LayerWeights, Weights
+from . import Checkpoint
+from .gguf_header import GGUFHeader, TensorRecord, read_header
+from .tokenizer import GGUFTokenizer
+
+# GGUF tensor suffix of each block -> LayerWeights field
+LAYER_TENSORS = {
+    "attn_norm": "attn_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv",
+    "attn_output": "wo", "ffn_norm": "ffn_norm", "ffn_gate": "w_gate", "ffn_up": "w_up",
+    "ffn_down": "w_down", "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv",
+    "attn_q_norm": "q_norm", "attn_k_norm": "k_norm",
+    "post_attention_norm": "post_attn_norm", "post_ffw_norm": "post_ffn_norm",
+}
+
+
+def layer_tensor_name(layer: int, suffix: str) -> str:
+    return f"blk.{layer}.{suffix}" + ("" if suffix.endswith(".bias") else ".weight")
+
+
+def read_config(header: GGUFHeader) -> ModelConfig:
+    meta = header.metadata
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ModelFileError(f"{header.path}: GGUF has no general.architecture")
+    traits_for(arch)
+
+    def key(name, default=None):
+        return meta.get(f"{arch}.{name}", default)
+
+    hidden, n_heads, n_layers = (key("embedding_length"), key("attention.head_count"),
+                                 key("block_count"))
+    for name, value in (("embedding_length", hidden), ("attention.head_count", n_heads),
+                        ("block_count", n_layers)):
+        if not isinstance(value, int) or value <= 0:
+            raise ModelFileError(f"{header.path}: GGUF lacks a valid {arch}.{name}")
+    embed = header.tensors.get("token_embd.weight")
+    if embed is None or len(embed.shape) != 2:
+        raise ModelFileError(f"{header.path}: GGUF has no 2-D token_embd.weight")
+    rope_theta = float(key("rope.freq_base", 10000.0))
+    scaling = key("rope.scaling.type")
+    if scaling not in (None, "none", "linear"):
+        raise UnsupportedModelError(f"unsupported rope scaling '{scaling}'")
+    rope_scale = float(key("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
+    sliding_window, pattern, rope_theta_local, attn_scale = None, 0, rope_theta, 0.0
+    if arch == "gemma3":
+        # llama.cpp's gemma3 conventions: every 6th layer is global, local layers use rope
+        # base 10k and no scaling, and the 27B (62 layers) scales queries by 1/sqrt(hidden/heads).
+        sliding_window = key("attention.sliding_window")
+        pattern, rope_theta_local = 6, 10000.0
+        if n_layers == 62:
+            attn_scale = 1.0 / math.sqrt(hidden / n_heads)
+    config = ModelConfig(
+        arch=arch,
+        vocab_size=int(embed.shape[0]),
+        hidden_size=hidden,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=key("attention.head_count_kv", n_heads),
+        head_dim=key("attention.key_length", hidden // n_heads),
+        ffn_size=key("feed_forward_length"),
+        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        context_length=key("context_length", 2048),
+        rope_theta=rope_theta,
+        rope_theta_local=rope_theta_local,
+        rope_scale=rope_scale,
+        sliding_window=sliding_window,
+        sliding_window_pattern=pattern,
+        attn_scale=attn_scale,
+        tie_embeddings="output.weight" not in header.tensors,
+    )
+    config.validate()
+    return config
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """numpy-order shape of every tensor the config implies, by GGUF tensor name."""
+    h, d = config.hidden_size, config.head_dim
+    q_out, kv_out = config.n_heads * d, config.n_kv_heads * d
+    traits = config.traits
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (config.vocab_size, h), "output_norm.weight": (h,)}
+    if not config.tie_embeddings:
+        shapes["output.weight"] = (config.vocab_size, h)
+    for i in range(config.n_layers):
+        layer = {
+            "attn_norm": (h,), "attn_q": (q_out, h), "attn_k": (kv_out, h),
+            "attn_v": (kv_out, h), "attn_output": (h, q_out), "ffn_norm": (h,),
+            "ffn_gate": (config.ffn_size, h), "ffn_up": (config.ffn_size, h),
+            "ffn_down": (h, config.ffn_size),
+        }
+        if traits.qkv_bias:
+            layer.update({"attn_q.bias": (q_out,), "attn_k.bias": (kv_out,),
+                          "attn_v.bias": (kv_out,)})
+        if traits.qk_norm:
+            layer.update({"attn_q_norm": (d,), "attn_k_norm": (d,)})
+        if traits.post_norms:
+            layer.update({"post_attention_norm": (h,), "post_ffw_norm": (h,)})
+        for suffix, shape in layer.items():
+            shapes[layer_tensor_name(i, suffix)] = shape
+    return shapes
+
+
+def check_tensor(record: TensorRecord, shape: tuple[int, ...], file_size: int) -> int:
+    """Validate a tensor record against its expected shape and the file; return its bytes."""
+    name = record.name
+    if record.shape != shape:
+        raise ModelFileError(f"tensor {name} has shape {record.shape}, the config implies {shape}")
+    try:
+        qtype = GGMLQuantizationType(record.ggml_type)
+    except ValueError:
+        raise UnsupportedModelError(f"tensor {name} has unknown type {record.ggml_type}") from None
+    block_size = GGML_QUANT_SIZES[qtype][0]
+    if shape[-1] % block_size:
+        raise ModelFileError(f"tensor {name}: rows of {shape[-1]} are not whole {qtype.name} "
+                             f"blocks of {block_size}")
+    n_bytes = stored_nbytes(qtype, math.prod(shape))
+    end = record.offset + n_bytes
+    if end > file_size:
+        raise ModelFileError(
+            f"truncated GGUF: tensor {name} ends at byte {end}, the file has {file_size}")
+    return n_bytes
+
+
+def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation for interleaved rope (Llama GGUFs only)."""
+    rest = w.shape[1:]
+    return (w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest)
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def load_gguf(path: Path, progress: bool = False) -> Checkpoint:
+    header = read_header(path)
+    config = read_config(header)
+    shapes = expected_shapes(config)
+    missing = [name for name in shapes if name not in header.tensors]
+    if missing:
+        raise ModelFileError(f"GGUF is missing tensors: {', '.join(missing[:5])}"
+                             + (" ..." if len(missing) > 5 else ""))
+    if "rope_freqs.weight" in header.tensors:
+        shapes["rope_freqs.weight"] = (config.head_dim // 2,)
+    sizes = {name: check_tensor(header.tensors[name], shape, header.file_size)
+             for name, shape in shapes.items()}
+
+    floats: dict[str, np.ndarray] = {}
+    with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="loading",
+              disable=not progress, leave=False) as bar:
+        for name, shape in shapes.items():
+            record = header.tensors[name]
+            raw = np.memmap(path, dtype=np.uint8, mode="r", offset=record.offset,
+                            shape=(sizes[name],))
+            floats[name] = dequantize(raw, GGMLQuantizationType(record.ggml_type), shape)
+            del raw
+            bar.update(sizes[name])
+
+    layers = []
+    for i in range(config.n_layers):
+        fields = {field: floats.pop(layer_tensor_name(i, suffix))
+                  for suffix, field in LAYER_TENSORS.items()
+                  if layer_tensor_name(i, suffix) in shapes}
+        fields["input_formats"] = {
+            field: fmt for suffix, field in LAYER_TENSORS.items()
+            if layer_tensor_name(i, suffix) in shapes and not suffix.endswith(".bias")
+            and (fmt := input_format_for(
+                GGMLQuantizationType(header.tensors[layer_tensor_name(i, suffix)].ggml_type)))}
+        if config.arch == "llama":
+            fields["wq"] = _unpermute_rope(fields["wq"], config.n_heads)
+            fields["wk"] = _unpermute_rope(fields["wk"], config.n_kv_heads)
+        layers.append(LayerWeights(**fields))
+    weights = Weights(
+        embed=floats.pop("token_embd.weight"),
+        layers=layers,
+        final_norm=floats.pop("output_norm.weight"),
+        output=floats.pop("output.weight", None),
+        rope_freq_factors=floats.pop("rope_freqs.weight", None),
+        lm_head_format=input_format_for(GGMLQuantizationType(
+            header.tensors["token_embd.weight" if config.tie_embeddings
+                           else "output.weight"].ggml_type)),
+    )
+    tokenizer = GGUFTokenizer(path)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ModelFileError(f"vocabulary has {tokenizer.vocab_size} tokens, the embedding "
+                             f"{config.vocab_size}")
+    template = header.metadata.get("tokenizer.chat_template")
+    return Checkpoint(config, weights, tokenizer, template if isinstance(template, str) else None,
+                      path, ggml_numerics=True)

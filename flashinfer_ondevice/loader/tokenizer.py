@@ -1,0 +1,140 @@
+"""Tokenizers: the GGUF's own vocabulary (through llama.cpp, vocab only) or tokenizer.json.
+
+Both expose the same small interface, so generation never cares where a model came from.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import ModelFileError
+
+
+class Tokenizer(Protocol):
+    bos_id: int | None
+    eog_ids: frozenset[int]  # tokens that end generation (EOS, end-of-turn, ...)
+    vocab_size: int
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+def _discard_log(level, text, user_data):
+    """llama.cpp log sink: the vocabulary loader's chatter is not for our users."""
+
+
+class GGUFTokenizer:
+    """Tokenizes exactly as llama.cpp does, from the vocabulary stored in the GGUF file."""
+
+    def __init__(self, path: Path):
+        import llama_cpp
+
+        self._lib = llama_cpp
+        llama_cpp.llama_log_set(_discard_log, None)
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self._model:
+            raise ModelFileError(f"{path}: llama.cpp could not read the GGUF vocabulary")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.vocab_size = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self.bos_id = bos if bos >= 0 else None
+        self.eog_ids = frozenset(
+            i for i in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self._vocab, i))
+        self._pieces: dict[int, bytes] = {}
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buffer = (self._lib.llama_token * capacity)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buffer, capacity,
+                                     add_special, True)
+        if n < 0:
+            capacity = -n
+            buffer = (self._lib.llama_token * capacity)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buffer, capacity,
+                                         add_special, True)
+        return list(buffer[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._token_to_piece(token)
+        return piece
+
+    def _token_to_piece(self, token: int) -> bytes:
+        buffer = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+        return buffer.raw[:n]
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
+
+    def __del__(self):
+        if getattr(self, "_model", None):
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+
+class HFTokenizer:
+    """tokenizer.json through the `tokenizers` library, with specials from the folder's configs."""
+
+    def __init__(self, folder: Path, config: dict):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ModelFileError(f"{folder}: no tokenizer.json")
+        try:
+            self._tok = RustTokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust library raises plain Exception on bad files
+            raise ModelFileError(f"{path}: unreadable tokenizer ({exc})") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        tok_config = _read_json(folder / "tokenizer_config.json") or {}
+        gen_config = _read_json(folder / "generation_config.json") or {}
+        self.bos_id = self._special_id(tok_config.get("bos_token"), config.get("bos_token_id"))
+        eos = gen_config.get("eos_token_id", config.get("eos_token_id"))
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        named = self._special_id(tok_config.get("eos_token"), None)
+        if named is not None:
+            eos_ids.add(named)
+        self.eog_ids = frozenset(int(i) for i in eos_ids)
+        self.chat_template = tok_config.get("chat_template")
+
+    def _special_id(self, token: str | dict | None, fallback: int | None) -> int | None:
+        if isinstance(token, dict):
+            token = token.get("content")
+        if isinstance(token, str):
+            found = self._tok.token_to_id(token)
+            if found is not None:
+                return found
+        return fallback
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{path}: expected a JSON object")
+    return value

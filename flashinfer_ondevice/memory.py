@@ -1,0 +1,18 @@
+"""Process memory figures for run statistics: peak and current resident set size."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import psutil
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def current_rss_bytes() -> int:
+    return psutil.Process().memory_info().rss

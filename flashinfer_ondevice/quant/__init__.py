@@ -1,0 +1,1 @@
+"""Codecs that turn stored weight bytes into float matrices (GGML block formats for now)."""

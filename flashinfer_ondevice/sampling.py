@@ -1,0 +1,80 @@
+"""Sampling: small composable functions from logits to the next token.
+
+`make_sampler` builds the token picker (greedy at temperature 0, else temperature with top-k,
+top-p and min-p filters); `make_logits_processors` builds what edits logits first (repetition
+penalty). Same seed, same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+Sampler = Callable[[np.ndarray], int]
+LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
+
+
+def top_k_mask(probs: np.ndarray, k: int) -> np.ndarray:
+    if k <= 0 or k >= len(probs):
+        return np.ones(len(probs), bool)
+    kth = np.partition(probs, -k)[-k]
+    return probs >= kth
+
+
+def top_p_mask(probs: np.ndarray, p: float) -> np.ndarray:
+    """Smallest set of most likely tokens whose probability reaches `p`."""
+    if p >= 1.0:
+        return np.ones(len(probs), bool)
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order])
+    keep = np.searchsorted(cumulative, p * cumulative[-1]) + 1
+    mask = np.zeros(len(probs), bool)
+    mask[order[:keep]] = True
+    return mask
+
+
+def min_p_mask(probs: np.ndarray, min_p: float) -> np.ndarray:
+    return probs >= min_p * probs.max() if min_p > 0 else np.ones(len(probs), bool)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max())
+    return z / z.sum()
+
+
+def make_sampler(temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40,
+                 min_p: float = 0.05, seed: int | None = None) -> Sampler:
+    if temperature <= 0:
+        return lambda logits: int(np.argmax(logits))
+    rng = np.random.default_rng(seed)
+
+    def sample(logits: np.ndarray) -> int:
+        probs = softmax(logits.astype(np.float64) / temperature)
+        keep = top_k_mask(probs, top_k) & top_p_mask(probs, top_p) & min_p_mask(probs, min_p)
+        probs = np.where(keep, probs, 0.0)
+        return int(rng.choice(len(probs), p=probs / probs.sum()))
+
+    return sample
+
+
+def repetition_penalty(penalty: float, last_n: int = 64) -> LogitsProcessor:
+    """Divide positive, multiply negative logits of tokens seen in the last `last_n`."""
+
+    def process(history: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        recent = np.unique(np.asarray(history[-last_n:], dtype=np.int64))
+        if len(recent) == 0:
+            return logits
+        logits = logits.copy()
+        seen = logits[recent]
+        logits[recent] = np.where(seen > 0, seen / penalty, seen * penalty)
+        return logits
+
+    return process
+
+
+def make_logits_processors(repetition_penalty_value: float = 1.0,
+                           repetition_last_n: int = 64) -> list[LogitsProcessor]:
+    if repetition_penalty_value == 1.0:
+        return []
+    return [repetition_penalty(repetition_penalty_value, repetition_last_n)]
