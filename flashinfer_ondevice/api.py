@@ -52,9 +52,18 @@ class Model:
                             add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise FlashInferError("this model has no chat template")
-        bos = self.detokenize([self.tokenizer.bos_id]) if self.tokenizer.bos_id is not None else ""
+        bos_id = self.tokenizer.bos_id
+        bos = self.tokenizer.special_text(bos_id) if bos_id is not None else ""
         return render_chat(self.chat_template, messages, bos_token=bos,
                            add_generation_prompt=add_generation_prompt)
+
+    def chat_prompt_ids(self, prompt: str, system_prompt: str | None = None) -> list[int]:
+        """Token ids of `prompt` as a user turn in the model's chat template."""
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        text = self.apply_chat_template([*messages, {"role": "user", "content": prompt}])
+        bos = self.tokenizer.bos_id
+        has_bos = bos is not None and text.startswith(self.tokenizer.special_text(bos))
+        return self.tokenize(text, add_special=not has_bos)
 
     # evaluation -----------------------------------------------------------------------
     def logits(self, ids: Sequence[int]) -> np.ndarray:

@@ -30,7 +30,7 @@ SHAPES = {
 
 
 def random_weights(arch: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """HF-layout float32 weights (norms as the GGUF stores them: used directly)."""
+    """HF-layout float32 weights under GGUF names (norms as GGUF stores them: used directly)."""
     s = SHAPES[arch]
     rng = np.random.default_rng(seed)
     h, d, vocab = s["hidden"], s["head_dim"], len(vocabulary()[0])
@@ -66,6 +66,12 @@ def random_weights(arch: str, seed: int = 0) -> dict[str, np.ndarray]:
     return w
 
 
+def permute_for_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py does to Llama q/k rows (interleaved rope)."""
+    return (w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
 def write_gguf(path: Path, arch: str, seed: int = 0, chat_template: str | None = None,
                weights: dict[str, np.ndarray] | None = None,
                context_length: int = 256) -> Path:
@@ -96,6 +102,9 @@ def write_gguf(path: Path, arch: str, seed: int = 0, chat_template: str | None =
     if chat_template:
         writer.add_chat_template(chat_template)
     for name, value in (weights or random_weights(arch, seed)).items():
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = s["heads"] if "attn_q" in name else s["kv_heads"]
+            value = permute_for_llama_cpp(value, heads)
         writer.add_tensor(name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -152,6 +161,6 @@ def write_hf_folder(folder: Path, arch: str, seed: int = 0) -> Path:
     (folder / "config.json").write_text(json.dumps(config))
     tokens, _, _ = vocabulary()
     tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, "<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.save(str(folder / "tokenizer.json"))
     return folder

@@ -144,8 +144,8 @@ def _parse(path: Path, buffer, size: int) -> GGUFHeader:
     n_tensors = cursor.scalar("<Q", "tensor count")
     n_kv = cursor.scalar("<Q", "metadata count")
     if n_tensors > size // 32 or n_kv > size // 12:  # smallest possible records
-        raise ModelFileError(f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} "
-                             "metadata entries, more than the file can hold")
+        raise ModelFileError(f"truncated GGUF: {path} claims {n_tensors} tensors and {n_kv} "
+                             "metadata entries, more than its size can hold")
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cursor.string("metadata key")

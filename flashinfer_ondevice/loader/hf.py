@@ -72,8 +72,8 @@ def _config_from_hf(raw: dict) -> ModelConfig:
             sliding_window=int(raw["sliding_window"]) if gemma and raw.get("sliding_window")
             else None,
             sliding_window_pattern=int(raw.get("sliding_window_pattern", 6)) if gemma else 0,
-            attn_scale=float(raw.get("query_pre_attn_scalar", head_dim)) ** -0.5 if gemma
-            else 0.0,
+            attn_scale=float(raw["query_pre_attn_scalar"]) ** -0.5
+            if gemma and raw.get("query_pre_attn_scalar", head_dim) != head_dim else 0.0,
             tie_embeddings=bool(raw.get("tie_word_embeddings", gemma)),
         )
     except (KeyError, TypeError, ValueError) as exc:

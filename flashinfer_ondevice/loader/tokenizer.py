@@ -22,6 +22,10 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
+    def special_text(self, token: int) -> str:
+        """The literal text of a token, special tokens included (e.g. "<bos>")."""
+        ...
+
 
 @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 def _discard_log(level, text, user_data):
@@ -70,13 +74,17 @@ class GGUFTokenizer:
             piece = self._pieces[token] = self._token_to_piece(token)
         return piece
 
-    def _token_to_piece(self, token: int) -> bytes:
+    def _token_to_piece(self, token: int, special: bool = False) -> bytes:
         buffer = ctypes.create_string_buffer(64)
-        n = self._lib.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
         if n < 0:
             buffer = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0,
+                                               special)
         return buffer.raw[:n]
+
+    def special_text(self, token: int) -> str:
+        return self._token_to_piece(token, special=True).decode("utf-8", errors="replace")
 
     def decode(self, ids: list[int]) -> str:
         return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
@@ -126,6 +134,9 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def special_text(self, token: int) -> str:
+        return self._tok.id_to_token(token) or ""
 
 
 def _read_json(path: Path) -> dict | None:

@@ -1,0 +1,125 @@
+"""The `run-model` command line: generate text with llama.cpp-style flags and run stats.
+
+`run-model -p "..."` runs the default command, `generate`; later commands (convert, eval)
+sit beside it. User errors print one line and exit 1; bad flags exit 2 with click's usage line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .errors import FlashInferError
+
+_MiB = 1024 * 1024
+
+
+class DefaultCommandGroup(click.Group):
+    """A group whose first command runs when the arguments name no command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands:
+            args = [next(iter(self.commands)), *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Run LLMs larger than your DRAM (default command: generate)."""
+
+
+def _read_prompt(prompt: str | None, file: str | None) -> str:
+    if prompt is not None and file is not None:
+        raise click.UsageError("give the prompt with -p or -f, not both")
+    if file is not None:
+        try:
+            with open(file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FlashInferError(f"cannot read prompt file {file}: {exc}") from None
+    if prompt == "-":
+        return sys.stdin.read()
+    if prompt is None:
+        raise click.UsageError("no prompt: give one with -p TEXT, -p - (stdin) or -f FILE")
+    return prompt
+
+
+def _print_stats(model, first, last, seed: int) -> None:
+    def line(label: str, value: str) -> None:
+        click.echo(f"{label:<14}= {value}", err=True)
+
+    line("load time", f"{model.load_seconds * 1000:9.2f} ms")
+    prompt_ms = last.prompt_tokens / first.prompt_tps * 1000 if first.prompt_tps else 0.0
+    line("prompt eval", f"{prompt_ms:9.2f} ms / {last.prompt_tokens:5d} tokens "
+                        f"({first.prompt_tps:8.2f} tokens per second)")
+    decoded = max(last.generation_tokens - 1, 0)
+    gen_ms = decoded / last.generation_tps * 1000 if last.generation_tps else 0.0
+    line("generation", f"{gen_ms:9.2f} ms / {decoded:5d} tokens "
+                       f"({last.generation_tps:8.2f} tokens per second)")
+    line("peak memory", f"{last.peak_memory / _MiB:9.1f} MiB")
+    line("finish", f"{last.finish_reason} (seed {seed})")
+
+
+@main.command()
+@click.option("-m", "--model", "model_path", type=click.Path(), envvar="FLASHINFER_MODEL",
+              help="GGUF file or Hugging Face folder  [default: the embedded Gemma 3 270M]")
+@click.option("-p", "--prompt", help="prompt text; '-' reads it from stdin")
+@click.option("-f", "--file", "prompt_file", help="read the prompt from a file")
+@click.option("-n", "--max-tokens", default=256, show_default=True,
+              type=click.IntRange(min=1), help="tokens to generate at most")
+@click.option("--temp", default=0.8, show_default=True, type=click.FloatRange(min=0),
+              help="sampling temperature; 0 = greedy")
+@click.option("--top-p", default=0.95, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True), help="nucleus sampling mass")
+@click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0),
+              help="keep the k most likely tokens; 0 = all")
+@click.option("--min-p", default=0.05, show_default=True, type=click.FloatRange(0, 1),
+              help="drop tokens below min-p x the top probability")
+@click.option("--repeat-penalty", default=1.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="penalty on the last 64 tokens; 1.0 = off")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="random seed  [default: random, printed with the stats]")
+@click.option("--stop", multiple=True, help="stop when this text appears (repeatable)")
+@click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=None,
+              envvar="FLASHINFER_CTX_SIZE", help="context size in tokens  [default: 4096 or "
+              "the model's, if smaller]")
+@click.option("-t", "--threads", type=click.IntRange(min=1), default=os.cpu_count(),
+              show_default=True, envvar="FLASHINFER_THREADS", help="CPU threads")
+@click.option("--system-prompt", default=None, help="system message for chat models")
+@click.option("--no-chat-template", is_flag=True,
+              help="send the prompt as raw text even if the model has a chat template")
+def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, min_p,
+             repeat_penalty, seed, stop, ctx_size, threads, system_prompt, no_chat_template):
+    """Generate text from a prompt, streaming it to stdout (stats go to stderr)."""
+    try:
+        text = _read_prompt(prompt, prompt_file)
+        from .api import load
+
+        model = load(model_path, ctx_size=ctx_size, threads=threads)
+        if model.chat_template and not no_chat_template:
+            ids = model.chat_prompt_ids(text, system_prompt)
+        else:
+            ids = model.tokenize(text)
+        seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+        first = last = None
+        for response in model.stream(ids, max_tokens=max_tokens, temperature=temp, top_p=top_p,
+                                     top_k=top_k, min_p=min_p,
+                                     repetition_penalty=repeat_penalty, seed=seed, stop=stop):
+            first = first or response
+            last = response
+            sys.stdout.write(response.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        _print_stats(model, first, last, seed)
+    except FlashInferError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

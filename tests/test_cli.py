@@ -1,0 +1,117 @@
+"""run-model end to end: output, stats, and a one-line error (never a traceback) on bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+from tiny_models import write_gguf
+
+
+def run_model(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flashinfer_ondevice.cli", *args],
+                          capture_output=True, text=True, input=stdin, timeout=300,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, message: str, code: int = 1):
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr, result.stderr
+
+
+def test_generates_and_prints_stats(tiny_gguf):
+    result = run_model("-m", str(tiny_gguf("llama")), "-p", "ab", "-n", "8", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    for label in ("load time", "prompt eval", "generation", "peak memory", "tokens per second"):
+        assert label in result.stderr
+    again = run_model("-m", str(tiny_gguf("llama")), "-p", "ab", "-n", "8", "--seed", "3")
+    assert again.stdout == result.stdout
+
+
+def test_prompt_from_stdin_and_file(tiny_gguf, tmp_path):
+    model = str(tiny_gguf("qwen2"))
+    from_stdin = run_model("-m", model, "-p", "-", "-n", "4", "--temp", "0", stdin="abc")
+    (tmp_path / "p.txt").write_text("abc")
+    from_file = run_model("-m", model, "-f", str(tmp_path / "p.txt"), "-n", "4", "--temp", "0")
+    assert from_stdin.returncode == from_file.returncode == 0
+    assert from_stdin.stdout == from_file.stdout
+
+
+def test_chat_template_is_applied(tmp_path):
+    template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}[assistant]"
+    path = write_gguf(tmp_path / "chat.gguf", "llama", chat_template=template)
+    import flashinfer_ondevice as fi
+
+    model = fi.load(path)
+    ids = model.chat_prompt_ids("hi", system_prompt="be brief")
+    assert model.detokenize(ids).endswith("[system]be brief[user]hi[assistant]")
+    assert ids[0] == model.tokenizer.bos_id and ids.count(model.tokenizer.bos_id) == 1
+    result = run_model("-m", str(path), "-p", "hi", "-n", "3")
+    assert result.returncode == 0, result.stderr
+
+
+def test_missing_file():
+    assert_clean_error(run_model("-m", "/nonexistent/model.gguf", "-p", "x"), "model not found")
+
+
+def test_not_a_gguf(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04 this is a zip")
+    assert_clean_error(run_model("-m", str(path), "-p", "x"), "is not a GGUF file")
+
+
+@pytest.mark.parametrize("keep", [10, 100, 5000, -1000])
+def test_truncated_gguf(tiny_gguf, tmp_path, keep):
+    data = tiny_gguf("llama").read_bytes()
+    path = tmp_path / "truncated.gguf"
+    path.write_bytes(data[:keep])
+    assert_clean_error(run_model("-m", str(path), "-p", "x"), "truncated GGUF")
+
+
+def test_unsupported_architecture(tmp_path):
+    path = tmp_path / "mamba.gguf"
+    writer = gguf.GGUFWriter(str(path), "mamba")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_clean_error(run_model("-m", str(path), "-p", "x"), "unsupported architecture 'mamba'")
+
+
+def test_prompt_longer_than_context(tiny_gguf):
+    result = run_model("-m", str(tiny_gguf("llama")), "-p", "abcdefghij" * 10, "-c", "16")
+    assert_clean_error(result, "the context holds 16")
+
+
+def test_context_larger_than_model(tiny_gguf):
+    result = run_model("-m", str(tiny_gguf("llama")), "-p", "a", "-c", "100000")
+    assert_clean_error(result, "outside 1..256")
+
+
+@pytest.mark.parametrize("flags", [["--temp", "-1"], ["--top-p", "0"], ["-n", "0"],
+                                   ["--top-k", "-3"], ["-t", "0"], ["--min-p", "2"]])
+def test_invalid_flag_values(tiny_gguf, flags):
+    result = run_model("-m", str(tiny_gguf("llama")), "-p", "a", *flags)
+    assert_clean_error(result, "Invalid value", code=2)
+
+
+def test_no_prompt(tiny_gguf):
+    assert_clean_error(run_model("-m", str(tiny_gguf("llama"))), "no prompt", code=2)
+
+
+def test_help_shows_defaults():
+    result = run_model("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for flag, default in (("--temp", "0.8"), ("--top-p", "0.95"), ("--top-k", "40"),
+                          ("--min-p", "0.05"), ("--max-tokens", "256")):
+        option_help = text[text.index(flag):]
+        assert f"default: {default}" in option_help[:200], flag

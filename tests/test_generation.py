@@ -1,0 +1,76 @@
+"""Sampling and streaming: seeds, filters, stop strings, finish reasons, stats."""
+
+import numpy as np
+import pytest
+
+import flashinfer_ondevice as fi
+from flashinfer_ondevice.errors import ContextLengthError, FlashInferError
+from flashinfer_ondevice.sampling import min_p_mask, repetition_penalty, top_k_mask, top_p_mask
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_gguf):
+    return fi.load(tiny_gguf("qwen2"))
+
+
+def test_same_seed_same_text(tiny):
+    kwargs = dict(max_tokens=20, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    a = tiny.generate("abc", seed=11, **kwargs)
+    assert a == tiny.generate("abc", seed=11, **kwargs)
+    assert any(tiny.generate("abc", seed=s, **kwargs) != a for s in range(12, 16))
+
+
+def test_top_k_one_is_greedy(tiny):
+    greedy = tiny.generate("abc", max_tokens=12, temperature=0)
+    assert tiny.generate("abc", max_tokens=12, temperature=1.5, top_k=1, seed=5) == greedy
+
+
+def test_filters():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    assert top_k_mask(probs, 2).tolist() == [True, True, False, False]
+    assert top_p_mask(probs, 0.8).tolist() == [True, True, False, False]
+    assert top_p_mask(probs, 0.81).tolist() == [True, True, True, False]
+    assert min_p_mask(probs, 0.2).tolist() == [True, True, True, False]
+    logits = np.array([2.0, -2.0, 1.0])
+    assert repetition_penalty(2.0)([0, 1], logits).tolist() == [1.0, -4.0, 1.0]
+
+
+def test_stream_responses_and_finish_reasons(tiny):
+    responses = list(tiny.stream("abc", max_tokens=6, temperature=0))
+    assert len(responses) == 6
+    assert [r.finish_reason for r in responses] == [None] * 5 + ["length"]
+    last = responses[-1]
+    assert last.prompt_tokens == len(tiny.tokenize("abc")) and last.generation_tokens == 6
+    assert last.prompt_tps > 0 and last.generation_tps > 0 and last.peak_memory > 0
+    assert "".join(r.text for r in responses) == tiny.detokenize([r.token for r in responses])
+
+
+def test_stop_string_cuts_output(tiny):
+    full = tiny.generate("abc", max_tokens=30, temperature=0)
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    cut = list(tiny.stream("abc", max_tokens=30, temperature=0, stop=[stop]))
+    text = "".join(r.text for r in cut)
+    assert text == full[: full.index(stop)]
+    assert cut[-1].finish_reason == "stop"
+
+
+def test_eos_ends_generation(tiny):
+    eos = next(iter(tiny.tokenizer.eog_ids))
+    biased = tiny.engine.weights.lm_head.copy()
+    original = tiny.engine.weights.output
+    tiny.engine.weights.output = biased
+    try:
+        biased[eos] = tiny.engine.weights.final_norm * 50  # make EOS the argmax everywhere
+        responses = list(tiny.stream("abc", max_tokens=10, temperature=0))
+    finally:
+        tiny.engine.weights.output = original
+    assert responses[-1].finish_reason == "stop" and responses[-1].text == ""
+
+
+def test_bad_arguments(tiny):
+    with pytest.raises(FlashInferError, match="empty"):
+        tiny.logits([])
+    with pytest.raises(FlashInferError, match="outside the vocabulary"):
+        tiny.logits([10**6])
+    with pytest.raises(ContextLengthError):
+        list(tiny.stream(list(range(5, 5 + 300))))
