@@ -93,6 +93,7 @@ class Model:
         return "".join(response.text for response in self.stream(prompt, **kwargs))
 
     def _checked_ids(self, ids: Sequence[int], reserve: int) -> list[int]:
+        """Validate token ids; `reserve` > 0 also requires room for that many new tokens."""
         ids = [int(t) for t in ids]
         if not ids:
             raise FlashInferError("the prompt is empty")
@@ -100,8 +101,7 @@ class Model:
         if bad:
             raise FlashInferError(f"token id {bad[0]} is outside the vocabulary "
                                   f"(0..{self.config.vocab_size - 1})")
-        limit = self.ctx_size if reserve == 0 else self.ctx_size - reserve
-        if len(ids) > limit and reserve:
+        if reserve and len(ids) + reserve > self.ctx_size:
             raise ContextLengthError(
                 f"prompt is {len(ids)} tokens; the context holds {self.ctx_size} "
                 f"(raise -c/--ctx-size, up to {self.config.context_length})")

@@ -50,8 +50,9 @@ def main() -> None:
     parser.add_argument("--md", type=Path, default=Path("bench-results/dense.md"))
     args = parser.parse_args()
 
-    import flashinfer_ondevice as fi
     from llama_cpp import Llama
+
+    import flashinfer_ondevice as fi
 
     model = fi.load(args.model, threads=args.threads)
     llm = Llama(str(model.path), n_ctx=512, n_batch=512, n_threads=args.threads,
