@@ -6,6 +6,7 @@ arguments of each call, as in ollama and llama-cpp-python.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -14,20 +15,34 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from . import kernels
 from .chat import render_chat
 from .errors import ContextLengthError, FlashInferError
 from .generate import GenerationResponse, prefill, stream_generate
 from .loader import Checkpoint, load_checkpoint
+from .loader.tokenizer import init_llama_backend
+from .memory import current_rss_bytes
 from .model import Transformer
+from .runtime.planner import Plan, make_plan, parse_budget
+from .runtime.streamed import StreamedWeights
 from .sampling import make_logits_processors, make_sampler
+from .store.io import DirectReader
+from .store.reader import is_store, open_store
 
 DEFAULT_CTX = 4096
+BUDGET_DEFAULT_CTX = 1024  # default context under a memory budget (its KV cache is resident)
+kernels.warm_up()
+init_llama_backend()
+BASELINE_RSS = current_rss_bytes()  # the interpreter with this package (and its kernels) loaded
 
 
 class Model:
     """A loaded model: tokenizer, weights and forward pass."""
 
-    def __init__(self, checkpoint: Checkpoint, ctx_size: int | None, load_seconds: float):
+    def __init__(self, checkpoint: Checkpoint, ctx_size: int | None, load_seconds: float,
+                 plan: Plan | None = None, reader: DirectReader | None = None):
+        self.plan = plan  # memory plan when running from a flash store
+        self.reader = reader  # its direct-I/O reader (counters in reader.stats)
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.chat_template = checkpoint.chat_template
@@ -86,7 +101,8 @@ class Model:
         processors = make_logits_processors(repetition_penalty)
         cache = self.engine.new_cache(self.ctx_size)
         yield from stream_generate(self.engine, self.tokenizer, ids, cache, sampler, processors,
-                                   max_tokens, stop)
+                                   max_tokens, stop,
+                                   self.reader.stats if self.reader is not None else None)
 
     def generate(self, prompt: str | Sequence[int], **kwargs) -> str:
         """The generated text; takes the arguments of `stream`."""
@@ -111,12 +127,19 @@ class Model:
         return ids
 
 
-def load(path: str | Path | None = None, *, ctx_size: int | None = None,
-         threads: int | None = None, progress: bool | None = None) -> Model:
-    """Load a GGUF file or Hugging Face folder; no path loads the embedded default model.
+def load(path: str | Path | None = None, *, memory_budget: str | int | None = None,
+         ctx_size: int | None = None, threads: int | None = None, codec: str = "int8",
+         verify: bool = False, progress: bool | None = None) -> Model:
+    """Load a model; no path loads the embedded default model.
 
-    ctx_size: context window in tokens (default min(4096, the model's)).
+    path: a GGUF file, a Hugging Face folder or a flash store. With `memory_budget`, a GGUF
+      or folder is converted once into a store (kept in the models folder) and run from it.
+    memory_budget: memory above the interpreter's baseline: bytes, "120MB", "1.5GB" or
+      "50%" (of the store). None runs a store fully resident.
+    ctx_size: context window in tokens (default min(4096, the model's); 1024 under a budget).
     threads: CPU threads for matrix products (default: all cores).
+    codec: store codec when converting: "int8", "int4" or "f16".
+    verify: check the store's checksums before running.
     progress: show progress bars (default: when stderr is a terminal).
     """
     if progress is None:
@@ -125,9 +148,70 @@ def load(path: str | Path | None = None, *, ctx_size: int | None = None,
         if threads < 1:
             raise FlashInferError(f"threads must be at least 1, got {threads}")
         threadpool_limits(limits=threads)
+        from numba import set_num_threads
+        set_num_threads(min(threads, os.cpu_count() or threads))
     start = time.perf_counter()
     if path is None:
         from .default_model import default_model_path
         path = default_model_path(progress=progress)
+    path = Path(path)
+    if memory_budget is not None and not is_store(path):
+        path = ensure_store(path, codec, progress)
+    if is_store(path):
+        return _load_store(path, memory_budget, ctx_size, verify, start)
     checkpoint = load_checkpoint(path, progress=progress)
     return Model(checkpoint, ctx_size, time.perf_counter() - start)
+
+
+def store_path_for(source: Path, codec: str) -> Path:
+    """Where the store converted from `source` lives in the models folder."""
+    from .default_model import models_dir
+    return models_dir() / f"{source.name.removesuffix('.gguf')}.{codec}.store"
+
+
+def ensure_store(source: Path, codec: str = "int8", progress: bool = False) -> Path:
+    """The store of `source`, converting it the first time."""
+    target = store_path_for(source, codec)
+    if not is_store(target):
+        from .store.convert import convert
+        if not source.exists():
+            raise FlashInferError(f"model not found: {source}")
+        convert(source, target, codec, progress=progress)
+    return target
+
+
+def _load_store(path: Path, memory_budget, ctx_size: int | None, verify: bool,
+                start: float) -> Model:
+    from .loader.tokenizer import (
+        GGUFTokenizer,
+        HFTokenizer,
+        LeanGGUFTokenizer,
+        _read_json,
+        release_freed_memory,
+    )
+
+    store = open_store(path, verify=verify)
+    transient = 0
+    if store.tokenizer["kind"] == "gguf" and memory_budget is not None:
+        record = store.tokenizer
+        before = current_rss_bytes()
+        GGUFTokenizer(path / "tokenizer.gguf")  # measure what encoding will briefly need
+        transient = current_rss_bytes() - before
+        release_freed_memory()
+        pieces = np.fromfile(path / "pieces.bin", dtype=np.uint8)
+        offsets = np.fromfile(path / "pieces.idx", dtype="<u4").astype(np.int64)
+        tokenizer = LeanGGUFTokenizer(path / "tokenizer.gguf", pieces, offsets,
+                                      record.get("bos_id"), record.get("eog_ids", []),
+                                      record.get("bos_text", ""))
+    elif store.tokenizer["kind"] == "gguf":
+        tokenizer = GGUFTokenizer(path / "tokenizer.gguf")
+    else:
+        tokenizer = HFTokenizer(path, _read_json(path / "config.json") or {})
+    limit = store.config.context_length
+    ctx = ctx_size or min(limit, DEFAULT_CTX if memory_budget is None else BUDGET_DEFAULT_CTX)
+    budget = None if memory_budget is None else parse_budget(memory_budget, store.nbytes)
+    plan = make_plan(store, budget, ctx, max(0, current_rss_bytes() - BASELINE_RSS), transient)
+    reader = DirectReader(path / "weights.bin")
+    weights = StreamedWeights(store, plan, reader)
+    checkpoint = Checkpoint(store.config, weights, tokenizer, store.chat_template, path)
+    return Model(checkpoint, ctx, time.perf_counter() - start, plan=plan, reader=reader)

@@ -18,6 +18,7 @@ from .loader.tokenizer import Tokenizer
 from .memory import peak_rss_bytes
 from .model import Transformer
 from .sampling import LogitsProcessor, Sampler
+from .store.io import IOStats
 
 PREFILL_BATCH = 512  # prompt tokens per forward pass; bounds the attention score matrix
 
@@ -32,6 +33,9 @@ class GenerationResponse:
     generation_tps: float  # decode tokens per second so far
     peak_memory: int  # peak resident memory of the process, bytes
     finish_reason: str | None  # None while generating; "stop" (EOS/stop string) or "length"
+    bytes_read: int = 0  # from the flash store since generation began (0 for in-memory models)
+    reads: int = 0  # read requests issued since generation began
+    io_wait: float = 0.0  # seconds spent waiting for reads since generation began
 
 
 def prefill(engine: Transformer, tokens: Sequence[int], cache: KVCache,
@@ -71,8 +75,10 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 def stream_generate(engine: Transformer, tokenizer: Tokenizer, prompt: Sequence[int],
                     cache: KVCache, sampler: Sampler, processors: Sequence[LogitsProcessor],
-                    max_tokens: int, stop: Sequence[str] = ()) -> Iterator[GenerationResponse]:
+                    max_tokens: int, stop: Sequence[str] = (),
+                    io_stats: IOStats | None = None) -> Iterator[GenerationResponse]:
     stops = [s for s in stop if s]
+    io_start = io_stats.snapshot() if io_stats is not None else IOStats()
     steps = generate_step(engine, prompt, cache, sampler, processors)
     start = time.perf_counter()
     generated: list[int] = []
@@ -104,11 +110,13 @@ def stream_generate(engine: Transformer, tokenizer: Tokenizer, prompt: Sequence[
         emitted += new_text
         n_decoded = max(len(generated) - 1, 0)  # the first token came from the prefill
         elapsed = time.perf_counter() - decode_start
+        io = io_stats.since(io_start) if io_stats is not None else IOStats()
         yield GenerationResponse(
             text=new_text, token=token, prompt_tokens=len(prompt), prompt_tps=prompt_tps,
             generation_tokens=len(generated),
             generation_tps=n_decoded / elapsed if n_decoded and elapsed > 0 else 0.0,
-            peak_memory=peak_rss_bytes(), finish_reason=finish)
+            peak_memory=peak_rss_bytes(), finish_reason=finish, bytes_read=io.bytes_read,
+            reads=io.reads, io_wait=io.wait_seconds)
         if finish:
             steps.close()
             return

@@ -78,8 +78,12 @@ def attention_mask(q_positions: np.ndarray, n_keys: int, window: int | None) -> 
     return allowed
 
 
-def linear(x: np.ndarray, w: np.ndarray, input_format: str | None = None) -> np.ndarray:
-    """x @ w.T, with x first rounded as the weight's source kernel would (if it does)."""
+def linear(x: np.ndarray, w, input_format: str | None = None) -> np.ndarray:
+    """x @ w.T, with x first rounded as the weight's source kernel would (if it does).
+
+    `w` is a float32 array, or a compressed matrix from a flash store (it has `apply`)."""
+    if not isinstance(w, np.ndarray):
+        return w.apply(x)
     if input_format:
         x = ROUNDERS[input_format](x)
     return x @ w.T
@@ -117,7 +121,7 @@ class Transformer:
         """Logits (n, vocab) for `tokens` appended to `cache`: every position or just the last."""
         cache.reserve(len(tokens))
         positions = np.arange(cache.length, cache.length + len(tokens))
-        x = self.weights.embed[tokens] * self._embed_scale
+        x = self.weights.embedding(tokens) * self._embed_scale
         for i, layer in enumerate(self.weights.layers):
             x = self.block(i, layer, x, positions, cache)
         cache.advance(len(tokens))
@@ -139,6 +143,9 @@ class Transformer:
         return x + h
 
     def feed_forward(self, layer: LayerWeights, x: np.ndarray) -> np.ndarray:
+        bundles = getattr(layer, "bundles", None)  # row-column bundles from a flash store
+        if bundles is not None:
+            return bundles.apply(x, self.traits.activation, self.activation)
         fmt = layer.input_formats.get
         gate = linear(x, layer.w_gate, fmt("w_gate"))
         up = linear(x, layer.w_up, fmt("w_up"))

@@ -52,6 +52,9 @@ class Weights:
     rope_freq_factors: np.ndarray | None = None  # (head_dim / 2,) Llama 3 style, or None
     lm_head_format: str | None = None  # activation rounding of the output projection
 
+    def embedding(self, tokens: np.ndarray) -> np.ndarray:
+        return self.embed[tokens]
+
     @property
     def lm_head(self) -> np.ndarray:
         return self.embed if self.output is None else self.output

@@ -56,6 +56,16 @@ class GGUFHeader:
     tensors: dict[str, TensorRecord]
     data_offset: int
     file_size: int
+    metadata_end: int  # byte offset where the metadata section ends (tensor records begin)
+
+    def write_vocab_only(self, target: Path) -> None:
+        """A GGUF holding this file's metadata and no tensors (enough for the tokenizer)."""
+        with open(self.path, "rb") as src:
+            src.seek(24)
+            metadata = src.read(self.metadata_end - 24)
+        with open(target, "wb") as out:
+            out.write(GGUF_MAGIC + struct.pack("<IQQ", self.version, 0, len(self.metadata)))
+            out.write(metadata)
 
     def array(self, key: str) -> np.ndarray | list[str] | None:
         """Materialize a metadata array (numbers as numpy, strings as a list)."""
@@ -150,6 +160,7 @@ def _parse(path: Path, buffer, size: int) -> GGUFHeader:
     for _ in range(n_kv):
         key = cursor.string("metadata key")
         metadata[key] = cursor.value(cursor.scalar("<I", key), key)
+    metadata_end = cursor.pos
     records = []
     for _ in range(n_tensors):
         name = cursor.string("tensor name")
@@ -171,4 +182,4 @@ def _parse(path: Path, buffer, size: int) -> GGUFHeader:
         if name in tensors:
             raise ModelFileError(f"{path}: tensor {name} appears twice")
         tensors[name] = TensorRecord(name, shape, ggml_type, data_offset + offset)
-    return GGUFHeader(path, version, metadata, tensors, data_offset, size)
+    return GGUFHeader(path, version, metadata, tensors, data_offset, size, metadata_end)

@@ -5,10 +5,13 @@ Both expose the same small interface, so generation never cares where a model ca
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 from ..errors import ModelFileError
 
@@ -32,6 +35,14 @@ def _discard_log(level, text, user_data):
     """llama.cpp log sink: the vocabulary loader's chatter is not for our users."""
 
 
+def init_llama_backend() -> None:
+    """Load llama.cpp (the GGUF tokenizer) and silence its logging; once per process."""
+    import llama_cpp
+
+    llama_cpp.llama_log_set(_discard_log, None)
+    llama_cpp.llama_backend_init()
+
+
 class GGUFTokenizer:
     """Tokenizes exactly as llama.cpp does, from the vocabulary stored in the GGUF file."""
 
@@ -39,8 +50,6 @@ class GGUFTokenizer:
         import llama_cpp
 
         self._lib = llama_cpp
-        llama_cpp.llama_log_set(_discard_log, None)
-        llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
@@ -93,6 +102,47 @@ class GGUFTokenizer:
         if getattr(self, "_model", None):
             self._lib.llama_model_free(self._model)
             self._model = None
+
+
+class LeanGGUFTokenizer:
+    """GGUF tokenizer for tight memory budgets: llama.cpp's vocabulary (~45 MB for 262k
+    tokens) is loaded only while encoding and freed afterwards; decoding uses a compact piece
+    table (token bytes + offsets, written into the store at convert time)."""
+
+    def __init__(self, gguf_path: Path, pieces: np.ndarray, offsets: np.ndarray, bos_id,
+                 eog_ids, bos_text: str):
+        if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != len(pieces) or \
+                np.any(np.diff(offsets) < 0):
+            raise ModelFileError(f"{gguf_path.parent}: corrupt token piece table")
+        self._gguf_path = gguf_path
+        self._pieces = pieces
+        self._offsets = offsets
+        self.vocab_size = len(offsets) - 1
+        self.bos_id = bos_id
+        self.eog_ids = frozenset(eog_ids)
+        self._bos_text = bos_text
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        tokenizer = GGUFTokenizer(self._gguf_path)
+        try:
+            return tokenizer.encode(text, add_special)
+        finally:
+            del tokenizer
+            release_freed_memory()
+
+    def decode(self, ids: list[int]) -> str:
+        off = self._offsets
+        return b"".join(self._pieces[off[t]:off[t + 1]].tobytes() for t in ids).decode(
+            "utf-8", errors="replace")
+
+    def special_text(self, token: int) -> str:
+        return self._bos_text if token == self.bos_id else self.decode([token])
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by C libraries back to the OS (glibc keeps it otherwise)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class HFTokenizer:

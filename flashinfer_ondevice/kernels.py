@@ -1,0 +1,105 @@
+"""Fused numba kernels: matrix-vector products straight from codec bytes (no float copy).
+
+Decode (one token) is memory-bound; reading int8/int4 rows and their group scales once, in
+parallel over rows, is what makes a compressed model fast on a CPU. Prefill (many tokens)
+decodes to float32 and uses BLAS instead (see runtime/linear.py). Compiled on first use and
+cached on disk (numba cache=True).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .quant.codecs import GROUP
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+@njit(cache=True, inline="always")
+def _row_dot(row, x, ng, bits):
+    """Dot product of one encoded row with x."""
+    acc = np.float32(0.0)
+    scales = row[: 4 * ng].view(np.float32)
+    payload = row[4 * ng:]
+    if bits == 8:
+        q = payload.view(np.int8)
+        for g in range(ng):
+            s = np.float32(0.0)
+            base = g * GROUP
+            for j in range(GROUP):
+                s += np.float32(q[base + j]) * x[base + j]
+            acc += scales[g] * s
+    else:
+        for g in range(ng):
+            s = np.float32(0.0)
+            base = g * GROUP
+            for j in range(GROUP // 2):
+                b = payload[base // 2 + j]
+                s += np.float32(np.int32(b & 15) - 8) * x[base + 2 * j]
+                s += np.float32(np.int32(b >> 4) - 8) * x[base + 2 * j + 1]
+            acc += scales[g] * s
+    return acc
+
+
+@njit(parallel=True, cache=True)
+def matvec(raw, x, ng, bits, out):
+    """out[r] = decode(raw[r]) . x for every row r."""
+    for r in prange(raw.shape[0]):
+        out[r] = _row_dot(raw[r], x, ng, bits)
+
+
+@njit(cache=True, inline="always")
+def _activate(g, kind):
+    if kind == 0:  # gelu, tanh approximation
+        return np.float32(0.5) * g * (np.float32(1.0) + math.tanh(
+            np.float32(_SQRT_2_OVER_PI) * (g + np.float32(0.044715) * g * g * g)))
+    return g / (np.float32(1.0) + math.exp(-g))  # silu
+
+
+@njit(parallel=True, cache=True)
+def bundled_ffn(raw, x, ng, bits, row_nbytes, activation, hidden_act, out):
+    """FFN over row-column bundles [gate row | up row | down column] for one token.
+
+    hidden_act receives act(gate . x) * (up . x) per neuron; out receives the FFN output.
+    """
+    n = raw.shape[0]
+    for i in prange(n):
+        gate = _row_dot(raw[i, :row_nbytes], x, ng, bits)
+        up = _row_dot(raw[i, row_nbytes:2 * row_nbytes], x, ng, bits)
+        hidden_act[i] = _activate(gate, activation) * up
+    for g in prange(ng):
+        base = g * GROUP
+        acc = np.zeros(GROUP, np.float32)
+        for i in range(n):
+            a = hidden_act[i]
+            if a == 0.0:
+                continue
+            row = raw[i, 2 * row_nbytes:3 * row_nbytes]
+            scale = row[4 * g: 4 * g + 4].view(np.float32)[0] * a
+            payload = row[4 * ng:]
+            if bits == 8:
+                q = payload.view(np.int8)
+                for j in range(GROUP):
+                    acc[j] += scale * np.float32(q[base + j])
+            else:
+                for j in range(GROUP // 2):
+                    b = payload[base // 2 + j]
+                    acc[2 * j] += scale * np.float32(np.int32(b & 15) - 8)
+                    acc[2 * j + 1] += scale * np.float32(np.int32(b >> 4) - 8)
+        for j in range(GROUP):
+            out[base + j] = acc[j]
+
+
+def warm_up() -> None:
+    """Load (or compile) every kernel now, so the JIT runtime is part of the process baseline
+    rather than a surprise inside a memory budget."""
+    x = np.zeros(GROUP, np.float32)
+    out = np.zeros(1, np.float32)
+    for bits, nbytes in ((8, 4 + GROUP), (4, 4 + GROUP // 2)):
+        raw = np.zeros((1, nbytes), np.uint8)
+        matvec(raw, x, 1, bits, out)
+        bundled_ffn(np.zeros((1, 3 * nbytes), np.uint8), x, 1, bits, nbytes, 0,
+                    np.zeros(1, np.float32), np.zeros(GROUP, np.float32))

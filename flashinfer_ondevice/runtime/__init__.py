@@ -1,0 +1,1 @@
+"""Running from a flash store: compressed weights, the residency planner, streaming."""

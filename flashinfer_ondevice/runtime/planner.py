@@ -1,0 +1,124 @@
+"""The residency planner: given a memory budget, decide what stays in DRAM and what streams.
+
+Budget = bytes of memory above the interpreter's baseline (the RSS after
+`import flashinfer_ondevice`). Always resident: norms, biases, the KV cache for the context,
+logits and sampling scratch, the two I/O buffers that streaming double-buffers through.
+Then, most valuable first, as long as they fit: each layer's attention matrices, each layer's
+FFN bundles, then a prefix of the output layer's rows (62% of Gemma 3). Everything else is
+read from the store every token, so bytes streamed per token = store size - resident size.
+Input embedding rows are always read on demand.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ..config import ModelConfig
+from ..errors import FlashInferError
+from ..store.format import align_up, layer_key
+from ..store.reader import Store
+
+OUTPUT_CHUNK = 4 << 20  # bytes of output-layer rows streamed as one unit
+MARGIN = 12 << 20  # prefill activations, Python objects, allocator slack
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 1024, "mib": 1 << 20, "gib": 1 << 30}
+
+
+class BudgetError(FlashInferError):
+    """The memory budget cannot hold what must stay resident."""
+
+
+def parse_budget(text: str | int | float, store_bytes: int) -> int:
+    """Bytes from 123456, "120MB", "1.5GB", "512MiB" or "50%" (of the store)."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[a-zA-Z]*)\s*", str(text))
+    if not match or (match.group(2) != "%" and match.group(2).lower() not in _UNITS):
+        raise FlashInferError(f"invalid memory budget '{text}' (use bytes, e.g. 120MB, 1.5GB, "
+                              "or a percentage of the store, e.g. 50%)")
+    value, unit = float(match.group(1)), match.group(2)
+    if unit == "%":
+        return int(store_bytes * value / 100)
+    return int(value * _UNITS[unit.lower()])
+
+
+@dataclass
+class Plan:
+    budget: int | None
+    head: str  # tensor holding the output layer ("embed" when tied, else "output")
+    resident: set[str] = field(default_factory=set)  # whole tensors kept in DRAM
+    head_resident_rows: int = 0  # rows of the output layer kept in DRAM
+    kv_bytes: int = 0
+    scratch_bytes: int = 0
+    buffer_bytes: int = 0
+    overhead_bytes: int = 0  # already in use above baseline when planning (tokenizer, ...)
+    transient_bytes: int = 0  # briefly needed outside generation (loading the vocabulary)
+    resident_bytes: int = 0
+    streamed_bytes: int = 0  # read from the store per token
+
+    def describe(self, store: Store) -> str:
+        mb = 1e6
+        budget = "unlimited" if self.budget is None else f"{self.budget / mb:.1f} MB"
+        total = sum(e.nbytes for e in store.tensors.values())
+        return (f"memory plan: budget {budget} above baseline; store {total / mb:.1f} MB\n"
+                f"  resident weights {self.resident_bytes / mb:7.1f} MB "
+                f"(output layer {self.head_resident_rows} of "
+                f"{store.tensors[self.head].rows} rows)\n"
+                f"  KV cache {self.kv_bytes / mb:.1f} MB, I/O buffers "
+                f"{self.buffer_bytes / mb:.1f} MB, scratch {self.scratch_bytes / mb:.1f} MB, "
+                f"tokenizer and runtime {self.overhead_bytes / mb:.1f} MB "
+                f"(+{self.transient_bytes / mb:.1f} MB while encoding)\n"
+                f"  streamed per token {self.streamed_bytes / mb:7.1f} MB")
+
+
+def kv_bytes(config: ModelConfig, ctx: int) -> int:
+    return 2 * 2 * config.n_layers * config.n_kv_heads * config.head_dim * ctx  # fp16 K and V
+
+
+def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
+              transient: int = 0) -> Plan:
+    """`overhead`: bytes above baseline in use now; `transient`: bytes needed briefly while
+    no generation runs (encoding a prompt loads the vocabulary), sharing the room that the
+    KV cache, scratch and margin take during generation."""
+    config = store.config
+    head = "embed" if config.tie_embeddings else "output"
+    tensors = store.tensors
+    vectors = {n for n, e in tensors.items() if e.codec == "f32"}
+    attention = [[layer_key(i, f) for f in ("wq", "wk", "wv", "wo")]
+                 for i in range(config.n_layers)]
+    ffn = [[layer_key(i, "ffn")] for i in range(config.n_layers)]
+    plan = Plan(budget, head, kv_bytes=kv_bytes(config, ctx),
+                scratch_bytes=config.vocab_size * 4 * 6 + (4 << 20), overhead_bytes=overhead,
+                transient_bytes=transient)
+    plan.resident |= vectors
+    units = attention + ffn
+    if budget is None:
+        for names in units:
+            plan.resident |= set(names)
+        plan.head_resident_rows = tensors[head].rows
+    else:
+        largest = max(max(sum(tensors[n].nbytes for n in u) for u in units), OUTPUT_CHUNK)
+        plan.buffer_bytes = 2 * align_up(largest + 4096)
+        working = max(plan.kv_bytes + plan.scratch_bytes + MARGIN, transient + MARGIN // 2)
+        fixed = (overhead + plan.buffer_bytes + working
+                 + sum(tensors[n].nbytes for n in vectors))
+        if fixed > budget:
+            raise BudgetError(
+                f"memory budget {budget / 1e6:.1f} MB is too small: the smallest that works "
+                f"with a {ctx}-token context is {fixed / 1e6:.1f} MB above baseline "
+                f"(KV cache {plan.kv_bytes / 1e6:.1f} MB: a smaller -c lowers it)")
+        room = budget - fixed
+        for names in units:
+            size = sum(tensors[n].nbytes for n in names)
+            if size <= room:
+                plan.resident |= set(names)
+                room -= size
+        plan.head_resident_rows = min(tensors[head].rows, room // tensors[head].row_nbytes)
+    plan.resident_bytes = (sum(tensors[n].nbytes for n in plan.resident)
+                           + plan.head_resident_rows * tensors[head].row_nbytes)
+    streamed = [n for n in tensors if n not in plan.resident and n not in ("embed", "output")]
+    plan.streamed_bytes = (sum(tensors[n].nbytes for n in streamed)
+                           + (tensors[head].rows - plan.head_resident_rows)
+                           * tensors[head].row_nbytes)
+    return plan

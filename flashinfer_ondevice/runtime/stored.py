@@ -1,0 +1,67 @@
+"""Weights kept as codec bytes: matrices and FFN row-column bundles that compute directly.
+
+One token (decode) runs the fused numba kernels on the bytes; several tokens (prefill)
+decode a few hundred rows at a time to float32 and use BLAS, which bounds the temporary
+memory. Resident and streamed weights use these same objects, so a streamed forward pass
+computes exactly what a fully resident one does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import kernels
+from ..quant.codecs import Codec, codec
+
+_DECODE_ROWS = 256  # rows decoded to float32 at a time in prefill
+ACTIVATION_KIND = {"gelu_tanh": 0, "silu": 1}
+
+
+class StoredMatrix:
+    """rows x cols matrix as `raw` (rows, row_nbytes) codec bytes; apply(x) = x @ W.T."""
+
+    def __init__(self, raw: np.ndarray, codec_name: str, cols: int):
+        self.raw = raw
+        self.codec: Codec = codec(codec_name)
+        self.cols = cols
+        self.rows = raw.shape[0]
+
+    def decode_rows(self, start: int, end: int) -> np.ndarray:
+        return self.codec.decode(self.raw[start:end], self.cols)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((len(x), self.rows), np.float32)
+        if len(x) == 1 and self.codec.name != "f16":
+            kernels.matvec(self.raw, x[0], self.codec.groups(self.cols), self.codec.bits, out[0])
+            return out
+        for start in range(0, self.rows, _DECODE_ROWS):
+            end = min(start + _DECODE_ROWS, self.rows)
+            out[:, start:end] = x @ self.decode_rows(start, end).T
+        return out
+
+
+class BundledFFN:
+    """An FFN whose neuron i is raw[i] = [gate row | up row | down column] (codec bytes)."""
+
+    def __init__(self, raw: np.ndarray, codec_name: str, hidden: int):
+        self.raw = raw
+        self.codec = codec(codec_name)
+        self.hidden = hidden
+        self.row_nbytes = self.codec.row_nbytes(hidden)
+
+    def apply(self, x: np.ndarray, activation: str, activation_fn) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.zeros((len(x), self.hidden), np.float32)
+        if len(x) == 1 and self.codec.name != "f16":
+            hidden_act = np.empty(len(self.raw), np.float32)
+            kernels.bundled_ffn(self.raw, x[0], self.codec.groups(self.hidden), self.codec.bits,
+                                self.row_nbytes, ACTIVATION_KIND[activation], hidden_act, out[0])
+            return out
+        rb = self.row_nbytes
+        for start in range(0, len(self.raw), _DECODE_ROWS):
+            chunk = self.raw[start:start + _DECODE_ROWS]
+            gate = x @ self.codec.decode(chunk[:, :rb], self.hidden).T
+            up = x @ self.codec.decode(chunk[:, rb:2 * rb], self.hidden).T
+            out += (activation_fn(gate) * up) @ self.codec.decode(chunk[:, 2 * rb:], self.hidden)
+        return out

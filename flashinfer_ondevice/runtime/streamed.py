@@ -1,0 +1,200 @@
+"""Weights of a flash store under a plan: resident parts in DRAM, the rest streamed.
+
+Every forward pass walks the same cycle of streamed *units* (a layer's non-resident tensors,
+then the output layer's non-resident rows in chunks). Two aligned buffers alternate: while
+unit k is computed from one, unit k+1 is being read into the other (Fuyou/FlexGen-style
+prefetch), and the first unit of the next pass is read while the last one computes.
+The forward pass in model.py sees the usual attributes (layers, lm_head, final_norm, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..store.format import ALIGN, LAYER_VECTORS, layer_key
+from ..store.io import DirectReader, PendingRead, aligned_buffer
+from ..store.reader import Store, TensorEntry
+from .planner import OUTPUT_CHUNK, Plan
+from .stored import BundledFFN, StoredMatrix
+
+
+@dataclass
+class _Part:
+    """One tensor (or a row range of one) inside a unit's buffer."""
+
+    entry: TensorEntry
+    row_start: int
+    row_end: int
+    buffer_offset: int  # where the aligned read of these rows starts in the buffer
+    skip: int  # bytes between the aligned read start and the first row
+
+    @property
+    def file_start(self) -> int:
+        return self.entry.offset + self.row_start * self.entry.row_nbytes - self.skip
+
+    @property
+    def read_nbytes(self) -> int:
+        end = self.entry.offset + self.row_end * self.entry.row_nbytes
+        return -(-(end - self.file_start) // ALIGN) * ALIGN
+
+
+@dataclass
+class _Unit:
+    parts: list[_Part] = field(default_factory=list)
+    nbytes: int = 0  # aligned bytes read
+
+    def add(self, entry: TensorEntry, row_start: int, row_end: int) -> None:
+        start = entry.offset + row_start * entry.row_nbytes
+        part = _Part(entry, row_start, row_end, self.nbytes, start % ALIGN)
+        self.parts.append(part)
+        self.nbytes += part.read_nbytes
+
+
+@dataclass
+class StoredLayer:
+    """What the forward pass reads of one layer (the LayerWeights attributes it uses)."""
+
+    wq: StoredMatrix
+    wk: StoredMatrix
+    wv: StoredMatrix
+    wo: StoredMatrix
+    bundles: BundledFFN
+    vectors: dict[str, np.ndarray]
+    input_formats: dict = field(default_factory=dict)
+
+    def __getattr__(self, name: str):
+        if name in LAYER_VECTORS:
+            return self.vectors.get(name)
+        raise AttributeError(name)
+
+
+class StreamedWeights:
+    def __init__(self, store: Store, plan: Plan, reader: DirectReader):
+        self.store, self.plan, self.reader = store, plan, reader
+        self.config: ModelConfig = store.config
+        t = store.tensors
+        self._resident: dict[str, StoredMatrix | BundledFFN] = {}
+        self._vectors = {n: self._read_all(e).view(np.float32).reshape(-1)
+                         for n, e in t.items() if e.codec == "f32"}
+        for name in plan.resident:
+            if t[name].codec != "f32":
+                self._resident[name] = self._wrap(t[name], self._read_all(t[name]))
+        head = t[plan.head]
+        self._head_resident = StoredMatrix(
+            self._read_rows(head, 0, plan.head_resident_rows), head.codec, head.cols)
+        self._units: list[_Unit] = []
+        self._layer_unit: dict[int, int] = {}
+        for i in range(self.config.n_layers):
+            names = [layer_key(i, f) for f in ("wq", "wk", "wv", "wo", "ffn")]
+            streamed = [n for n in names if n not in plan.resident]
+            if streamed:
+                unit = _Unit()
+                for n in streamed:
+                    unit.add(t[n], 0, t[n].rows)
+                self._layer_unit[i] = len(self._units)
+                self._units.append(unit)
+        rows_per_chunk = max(1, OUTPUT_CHUNK // head.row_nbytes)
+        self._head_units: list[int] = []
+        for start in range(plan.head_resident_rows, head.rows, rows_per_chunk):
+            unit = _Unit()
+            unit.add(head, start, min(start + rows_per_chunk, head.rows))
+            self._head_units.append(len(self._units))
+            self._units.append(unit)
+        largest = max((u.nbytes for u in self._units), default=0)
+        self._buffers = [aligned_buffer(largest), aligned_buffer(largest)] if largest else []
+        self._inflight: tuple[int, int, PendingRead] | None = None  # (unit, buffer, read)
+        self.final_norm = self._vectors["final_norm"]
+        self.rope_freq_factors = self._vectors.get("rope_freqs")
+        self.lm_head = _StreamedHead(self)
+        self.lm_head_format = None
+
+    # reading ---------------------------------------------------------------------------
+    def _read_rows(self, entry: TensorEntry, start: int, end: int) -> np.ndarray:
+        if end <= start:
+            return np.empty((0, entry.row_nbytes), np.uint8)
+        raw = self.reader.read(entry.offset + start * entry.row_nbytes,
+                               (end - start) * entry.row_nbytes)
+        return raw.reshape(end - start, entry.row_nbytes)
+
+    def _read_all(self, entry: TensorEntry) -> np.ndarray:
+        return self._read_rows(entry, 0, entry.rows)
+
+    def _wrap(self, entry: TensorEntry, raw: np.ndarray):
+        if entry.name.endswith(".ffn"):
+            return BundledFFN(raw, entry.codec, entry.cols)
+        return StoredMatrix(raw, entry.codec, entry.cols)
+
+    def _submit(self, unit_index: int, buffer_index: int) -> PendingRead:
+        unit = self._units[unit_index]
+        ranges = [(p.file_start, p.read_nbytes, p.buffer_offset) for p in unit.parts]
+        return self.reader.submit(ranges, self._buffers[buffer_index])
+
+    def acquire(self, unit_index: int) -> dict[str, StoredMatrix | BundledFFN]:
+        """Wait for unit `unit_index`, start prefetching the next one, return its tensors."""
+        if self._inflight is not None and self._inflight[0] == unit_index:
+            _, buffer_index, pending = self._inflight
+        else:  # first use, or out of order: read it now
+            if self._inflight is not None:
+                self._inflight[2].wait()
+            buffer_index = 0
+            pending = self._submit(unit_index, buffer_index)
+        pending.wait()
+        following = (unit_index + 1) % len(self._units)
+        self._inflight = (following, 1 - buffer_index, self._submit(following, 1 - buffer_index))
+        buffer = self._buffers[buffer_index]
+        tensors = {}
+        for p in self._units[unit_index].parts:
+            rows = p.row_end - p.row_start
+            start = p.buffer_offset + p.skip
+            raw = buffer[start:start + rows * p.entry.row_nbytes].reshape(rows, -1)
+            tensors[p.entry.name] = self._wrap(p.entry, raw)
+        return tensors
+
+    # what the forward pass reads -----------------------------------------------------
+    @property
+    def layers(self):
+        for i in range(self.config.n_layers):
+            streamed = self.acquire(self._layer_unit[i]) if i in self._layer_unit else {}
+
+            def get(field, streamed=streamed, i=i):
+                key = layer_key(i, field)
+                return self._resident.get(key) or streamed[key]
+
+            vectors = {f: self._vectors[layer_key(i, f)] for f in LAYER_VECTORS
+                       if layer_key(i, f) in self._vectors}
+            yield StoredLayer(get("wq"), get("wk"), get("wv"), get("wo"), get("ffn"), vectors)
+
+    def embedding(self, tokens: np.ndarray) -> np.ndarray:
+        """Input embedding rows, read on demand (from DRAM if that row is resident)."""
+        entry = self.store.tensors["embed"]
+        rows = []
+        for token in np.asarray(tokens).tolist():
+            if self.plan.head == "embed" and token < self.plan.head_resident_rows:
+                rows.append(self._head_resident.decode_rows(token, token + 1))
+            else:
+                raw = self._read_rows(entry, token, token + 1)
+                rows.append(StoredMatrix(raw, entry.codec, entry.cols).decode_rows(0, 1))
+        return np.concatenate(rows)
+
+
+class _StreamedHead:
+    """The output layer: resident rows, then streamed chunks of rows."""
+
+    def __init__(self, weights: StreamedWeights):
+        self.weights = weights
+        self.rows = weights.store.tensors[weights.plan.head].rows
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        w = self.weights
+        out = np.empty((len(x), self.rows), np.float32)
+        done = w._head_resident.rows
+        if done:
+            out[:, :done] = w._head_resident.apply(x)
+        for unit_index in w._head_units:
+            (matrix,) = w.acquire(unit_index).values()
+            out[:, done:done + matrix.rows] = matrix.apply(x)
+            done += matrix.rows
+        return out

@@ -1,0 +1,186 @@
+"""Convert a checkpoint (GGUF or Hugging Face folder) into a flash store.
+
+Atomic: everything is written into a hidden sibling folder that is renamed into place only
+after the manifest (written last) and the data are on disk, so an interrupted convert leaves
+nothing that opens as a store. The progress bar counts bytes written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import FlashInferError
+from ..loader import load_checkpoint
+from ..quant.codecs import CODECS, Codec, codec
+from ..weights import Weights
+from .format import (
+    ALIGN,
+    FORMAT,
+    LAYER_MATRICES,
+    LAYER_VECTORS,
+    MANIFEST,
+    VERSION,
+    WEIGHTS,
+    align_up,
+    layer_key,
+)
+
+_CHUNK_ROWS = 16384  # rows encoded at a time: bounds convert's extra memory
+
+
+class _WeightsWriter:
+    """Appends aligned tensor records to weights.bin, hashing and counting as it goes."""
+
+    def __init__(self, path: Path, bar: tqdm):
+        self.file = open(path, "wb")  # noqa: SIM115 - closed in finish()
+        self.sha = hashlib.sha256()
+        self.offset = 0
+        self.bar = bar
+        self.tensors: dict[str, dict] = {}
+
+    def _write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.sha.update(data)
+        self.offset += len(data)
+        self.bar.update(len(data))
+
+    def put(self, name: str, rows: np.ndarray, codec_name: str, row_nbytes: int,
+            cols: int, encode) -> None:
+        """Write `rows` (n, cols) float32, encoded chunk by chunk with `encode`."""
+        self._write(b"\0" * (align_up(self.offset) - self.offset))
+        start = self.offset
+        for begin in range(0, len(rows), _CHUNK_ROWS):
+            encoded = encode(rows[begin:begin + _CHUNK_ROWS])
+            assert encoded.shape[1] == row_nbytes
+            self._write(np.ascontiguousarray(encoded).tobytes())
+        self.tensors[name] = {"file": WEIGHTS, "offset": start, "rows": len(rows), "cols": cols,
+                              "codec": codec_name, "row_nbytes": row_nbytes}
+
+    def put_vector(self, name: str, values: np.ndarray) -> None:
+        values = np.asarray(values, np.float32).reshape(1, -1)
+        self.put(name, values, "f32", values.shape[1] * 4, values.shape[1],
+                 lambda v: v.astype(np.float32).view(np.uint8))
+
+    def put_matrix(self, name: str, matrix: np.ndarray, chosen: Codec) -> None:
+        c = chosen if chosen.supports(matrix.shape[1]) else CODECS["f16"]
+        self.put(name, matrix, c.name, c.row_nbytes(matrix.shape[1]), matrix.shape[1], c.encode)
+
+    def finish(self) -> tuple[int, str]:
+        self._write(b"\0" * (align_up(self.offset) - self.offset))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return self.offset, self.sha.hexdigest()
+
+
+def _bundles(layer, c: Codec) -> tuple[np.ndarray, Codec]:
+    """(ffn, 3 x row_nbytes): neuron i's gate row, up row and down column, encoded."""
+    hidden = layer.w_gate.shape[1]
+    c = c if c.supports(hidden) else CODECS["f16"]
+    return np.concatenate([c.encode(layer.w_gate), c.encode(layer.w_up),
+                           c.encode(np.ascontiguousarray(layer.w_down.T))], axis=1), c
+
+
+def _estimated_bytes(weights: Weights, c: Codec) -> int:
+    params = sum(a.size for layer in weights.layers
+                 for a in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up,
+                           layer.w_down))
+    params += weights.embed.size + (0 if weights.output is None else weights.output.size)
+    return int(params * (c.bits + 0.5) / 8)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
+            progress: bool = False) -> Path:
+    """Write the flash store of `source` to `target` (which must not exist yet)."""
+    source, target = Path(source), Path(target)
+    try:
+        chosen = codec(codec_name)
+    except ValueError as exc:
+        raise FlashInferError(str(exc)) from None
+    if target.exists():
+        raise FlashInferError(f"{target} already exists; remove it or choose another -o")
+    checkpoint = load_checkpoint(source, progress=progress)
+    config, weights = checkpoint.config, checkpoint.weights
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with tqdm(total=_estimated_bytes(weights, chosen), unit="B", unit_scale=True,
+                  desc=f"converting to {chosen.name}", disable=not progress) as bar:
+            out = _WeightsWriter(tmp / WEIGHTS, bar)
+            for i, layer in enumerate(weights.layers):
+                for field in LAYER_MATRICES:
+                    out.put_matrix(layer_key(i, field), getattr(layer, field), chosen)
+                for field in LAYER_VECTORS:
+                    if getattr(layer, field) is not None:
+                        out.put_vector(layer_key(i, field), getattr(layer, field))
+                bundles, c = _bundles(layer, chosen)
+                out.put(layer_key(i, "ffn"), bundles, c.name, bundles.shape[1],
+                        config.hidden_size, lambda rows: rows)
+            out.put_matrix("embed", weights.embed, chosen)
+            if weights.output is not None:
+                out.put_matrix("output", weights.output, chosen)
+            out.put_vector("final_norm", weights.final_norm)
+            if weights.rope_freq_factors is not None:
+                out.put_vector("rope_freqs", weights.rope_freq_factors)
+            size, sha = out.finish()
+        files = {WEIGHTS: {"size": size, "sha256": sha}}
+        tokenizer = _copy_tokenizer(checkpoint.source, tmp)
+        for name in tokenizer["files"]:
+            files[name] = {"size": (tmp / name).stat().st_size,
+                           "sha256": _file_sha256(tmp / name)}
+        manifest = {
+            "format": FORMAT, "version": VERSION, "codec": chosen.name, "alignment": ALIGN,
+            "config": dataclasses.asdict(config), "tokenizer": tokenizer,
+            "chat_template": checkpoint.chat_template, "source": source.name,
+            "files": files, "tensors": out.tensors,
+        }
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _copy_tokenizer(source: Path, folder: Path) -> dict:
+    if source.is_dir():
+        names = [n for n in ("tokenizer.json", "tokenizer_config.json",
+                             "generation_config.json", "config.json")
+                 if (source / n).is_file()]
+        for name in names:
+            shutil.copyfile(source / name, folder / name)
+        return {"kind": "hf", "files": names}
+    from ..loader.gguf_header import read_header
+    from ..loader.tokenizer import GGUFTokenizer
+
+    read_header(source).write_vocab_only(folder / "tokenizer.gguf")
+    tokenizer = GGUFTokenizer(folder / "tokenizer.gguf")
+    pieces = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+    offsets = np.zeros(len(pieces) + 1, np.uint32)
+    offsets[1:] = np.cumsum([len(p) for p in pieces])
+    (folder / "pieces.bin").write_bytes(b"".join(pieces))
+    (folder / "pieces.idx").write_bytes(offsets.astype("<u4").tobytes())
+    bos = tokenizer.bos_id
+    return {"kind": "gguf", "files": ["tokenizer.gguf", "pieces.bin", "pieces.idx"],
+            "bos_id": bos, "eog_ids": sorted(tokenizer.eog_ids),
+            "bos_text": tokenizer.special_text(bos) if bos is not None else ""}

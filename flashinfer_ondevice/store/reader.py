@@ -1,0 +1,182 @@
+"""Open a flash store: validate the manifest against the files before reading any weight.
+
+Checked: format and version, codecs, every file name (a plain name inside the store), every
+file's size, every tensor's shape against the config, its byte range against its file and
+its alignment; with `verify`, each file's SHA-256. Any problem is a one-line `StoreError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from ..config import ModelConfig
+from ..errors import FlashInferError
+from ..quant.codecs import CODECS
+from .format import ALIGN, FORMAT, MANIFEST, MAX_MANIFEST_BYTES, VERSION, layer_key
+
+
+class StoreError(FlashInferError):
+    """A flash store is missing, corrupt, truncated or hostile."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    path: Path
+    offset: int
+    rows: int
+    cols: int
+    codec: str  # "f32" for vectors, else a codec name
+    row_nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.row_nbytes
+
+
+@dataclass
+class Store:
+    path: Path
+    codec: str
+    config: ModelConfig
+    tensors: dict[str, TensorEntry]
+    tokenizer: dict
+    chat_template: str | None
+    nbytes: int  # size of weights.bin
+
+
+def is_store(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def _fail(path: Path, message: str):
+    raise StoreError(f"corrupt store {path}: {message}")
+
+
+def _config(path: Path, raw) -> ModelConfig:
+    if not isinstance(raw, dict):
+        _fail(path, "config is not an object")
+    names = {f.name for f in fields(ModelConfig)}
+    if set(raw) != names:
+        _fail(path, f"config fields differ from this version's: {sorted(set(raw) ^ names)}")
+    try:
+        config = ModelConfig(**raw)
+        config.validate()
+    except (TypeError, FlashInferError) as exc:
+        _fail(path, f"invalid config ({exc})")
+    return config
+
+
+def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(rows, cols) of every tensor a store of this config must hold."""
+    h, d, f = config.hidden_size, config.head_dim, config.ffn_size
+    q, kv = config.n_heads * d, config.n_kv_heads * d
+    traits = config.traits
+    shapes = {"embed": (config.vocab_size, h), "final_norm": (1, h)}
+    if not config.tie_embeddings:
+        shapes["output"] = (config.vocab_size, h)
+    for i in range(config.n_layers):
+        layer = {"wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q),
+                 "attn_norm": (1, h), "ffn_norm": (1, h), "ffn": (f, h)}
+        if traits.qkv_bias:
+            layer.update({"bq": (1, q), "bk": (1, kv), "bv": (1, kv)})
+        if traits.qk_norm:
+            layer.update({"q_norm": (1, d), "k_norm": (1, d)})
+        if traits.post_norms:
+            layer.update({"post_attn_norm": (1, h), "post_ffn_norm": (1, h)})
+        shapes.update({layer_key(i, k): v for k, v in layer.items()})
+    return shapes
+
+
+def _row_nbytes(codec_name: str, cols: int, bundle: bool) -> int | None:
+    if codec_name == "f32":
+        return None if bundle else 4 * cols
+    c = CODECS.get(codec_name)
+    if c is None or not c.supports(cols):
+        return None
+    return c.row_nbytes(cols) * (3 if bundle else 1)
+
+
+def open_store(path: str | Path, verify: bool = False) -> Store:
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise StoreError(f"{path} is not a flash store (no {MANIFEST})")
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        _fail(path, f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        _fail(path, f"{MANIFEST} is not valid JSON ({exc})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        _fail(path, f"{MANIFEST} is not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise StoreError(f"store {path} has format version {manifest.get('version')}; this "
+                         f"runtime reads version {VERSION} (convert the model again)")
+    store_codec = manifest.get("codec")
+    if store_codec not in CODECS:
+        _fail(path, f"unknown codec {store_codec!r}")
+    config = _config(path, manifest.get("config"))
+
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        _fail(path, "no files listed")
+    sizes: dict[str, int] = {}
+    for name, info in files.items():
+        if not isinstance(name, str) or Path(name).name != name or name in (".", "..") \
+                or name == MANIFEST:
+            _fail(path, f"file name {name!r} is not a plain name inside the store")
+        file_path = path / name
+        if not file_path.is_file():
+            _fail(path, f"missing file {name}")
+        size = file_path.stat().st_size
+        if not isinstance(info, dict) or info.get("size") != size:
+            _fail(path, f"{name} has {size} bytes, the manifest says {info.get('size')}")
+        sizes[name] = size
+
+    raw_tensors = manifest.get("tensors")
+    if not isinstance(raw_tensors, dict):
+        _fail(path, "no tensor table")
+    expected = expected_tensors(config)
+    missing = sorted(set(expected) - set(raw_tensors))
+    if missing:
+        _fail(path, f"missing tensors {', '.join(missing[:4])}")
+    tensors: dict[str, TensorEntry] = {}
+    for name, (rows, cols) in expected.items():
+        info = raw_tensors[name]
+        try:
+            entry = TensorEntry(name, path / info["file"], int(info["offset"]), int(info["rows"]),
+                                int(info["cols"]), str(info["codec"]), int(info["row_nbytes"]))
+        except (KeyError, TypeError, ValueError):
+            _fail(path, f"malformed record for tensor {name}")
+        if info["file"] not in sizes:
+            _fail(path, f"tensor {name} lives in unlisted file {info['file']!r}")
+        if (entry.rows, entry.cols) != (rows, cols):
+            _fail(path, f"tensor {name} is {entry.rows}x{entry.cols}, the config implies "
+                        f"{rows}x{cols}")
+        if entry.row_nbytes != _row_nbytes(entry.codec, cols, name.endswith(".ffn")):
+            _fail(path, f"tensor {name}: codec {entry.codec!r} and row size "
+                        f"{entry.row_nbytes} do not fit")
+        if entry.offset < 0 or entry.offset % ALIGN or \
+                entry.offset + entry.nbytes > sizes[info["file"]]:
+            _fail(path, f"tensor {name} lies outside its file or is not {ALIGN}-aligned "
+                        "(truncated?)")
+        tensors[name] = entry
+    tokenizer = manifest.get("tokenizer")
+    if not isinstance(tokenizer, dict) or tokenizer.get("kind") not in ("gguf", "hf") or \
+            not all(n in sizes for n in tokenizer.get("files", [])):
+        _fail(path, "tokenizer record is missing or names unlisted files")
+    if verify:
+        for name, info in files.items():
+            digest = hashlib.sha256()
+            with open(path / name, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+            if digest.hexdigest() != info.get("sha256"):
+                _fail(path, f"checksum mismatch in {name}")
+    template = manifest.get("chat_template")
+    return Store(path, store_codec, config, tensors, tokenizer,
+                 template if isinstance(template, str) else None, sizes.get("weights.bin", 0))
