@@ -18,7 +18,7 @@ from .quant.codecs import GROUP
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=True)
 def _row_dot(row, x, ng, bits):
     """Dot product of one encoded row with x."""
     acc = np.float32(0.0)
@@ -44,14 +44,14 @@ def _row_dot(row, x, ng, bits):
     return acc
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=True)
 def matvec(raw, x, ng, bits, out):
     """out[r] = decode(raw[r]) . x for every row r."""
     for r in prange(raw.shape[0]):
         out[r] = _row_dot(raw[r], x, ng, bits)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=True)
 def _activate(g, kind):
     if kind == 0:  # gelu, tanh approximation
         return np.float32(0.5) * g * (np.float32(1.0) + math.tanh(
@@ -59,7 +59,7 @@ def _activate(g, kind):
     return g / (np.float32(1.0) + math.exp(-g))  # silu
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=True)
 def bundled_ffn(raw, x, ng, bits, row_nbytes, activation, hidden_act, out):
     """FFN over row-column bundles [gate row | up row | down column] for one token.
 

@@ -20,6 +20,7 @@ from ..store.format import align_up, layer_key
 from ..store.reader import Store
 
 OUTPUT_CHUNK = 4 << 20  # bytes of output-layer rows streamed as one unit
+BUFFERS = (3, 2)  # streaming ring sizes to try: one unit computing, the others being read
 MARGIN = 12 << 20  # prefill activations, Python objects, allocator slack
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 1024, "mib": 1 << 20, "gib": 1 << 30}
@@ -52,6 +53,7 @@ class Plan:
     kv_bytes: int = 0
     scratch_bytes: int = 0
     buffer_bytes: int = 0
+    buffers: int = 0  # size of the streaming ring
     overhead_bytes: int = 0  # already in use above baseline when planning (tokenizer, ...)
     transient_bytes: int = 0  # briefly needed outside generation (loading the vocabulary)
     resident_bytes: int = 0
@@ -99,10 +101,13 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
         plan.head_resident_rows = tensors[head].rows
     else:
         largest = max(max(sum(tensors[n].nbytes for n in u) for u in units), OUTPUT_CHUNK)
-        plan.buffer_bytes = 2 * align_up(largest + 4096)
         working = max(plan.kv_bytes + plan.scratch_bytes + MARGIN, transient + MARGIN // 2)
-        fixed = (overhead + plan.buffer_bytes + working
-                 + sum(tensors[n].nbytes for n in vectors))
+        for plan.buffers in BUFFERS:
+            plan.buffer_bytes = plan.buffers * align_up(largest + 4096)
+            fixed = (overhead + plan.buffer_bytes + working
+                     + sum(tensors[n].nbytes for n in vectors))
+            if fixed <= budget:
+                break
         if fixed > budget:
             raise BudgetError(
                 f"memory budget {budget / 1e6:.1f} MB is too small: the smallest that works "

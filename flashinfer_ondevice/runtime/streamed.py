@@ -9,6 +9,7 @@ The forward pass in model.py sees the usual attributes (layers, lm_head, final_n
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,8 +105,9 @@ class StreamedWeights:
             self._head_units.append(len(self._units))
             self._units.append(unit)
         largest = max((u.nbytes for u in self._units), default=0)
-        self._buffers = [aligned_buffer(largest), aligned_buffer(largest)] if largest else []
-        self._inflight: tuple[int, int, PendingRead] | None = None  # (unit, buffer, read)
+        self._buffers = [aligned_buffer(largest) for _ in range(plan.buffers)] if largest else []
+        self._queue: deque[tuple[int, int, PendingRead]] = deque()  # (unit, buffer, read)
+        self._next_buffer = 0
         self.final_norm = self._vectors["final_norm"]
         self.rope_freq_factors = self._vectors.get("rope_freqs")
         self.lm_head = _StreamedHead(self)
@@ -127,23 +129,30 @@ class StreamedWeights:
             return BundledFFN(raw, entry.codec, entry.cols)
         return StoredMatrix(raw, entry.codec, entry.cols)
 
-    def _submit(self, unit_index: int, buffer_index: int) -> PendingRead:
+    def _submit(self, unit_index: int) -> None:
+        """Start reading a unit into the next buffer of the ring."""
+        buffer_index = self._next_buffer
+        self._next_buffer = (buffer_index + 1) % len(self._buffers)
         unit = self._units[unit_index]
         ranges = [(p.file_start, p.read_nbytes, p.buffer_offset) for p in unit.parts]
-        return self.reader.submit(ranges, self._buffers[buffer_index])
+        pending = self.reader.submit(ranges, self._buffers[buffer_index])
+        self._queue.append((unit_index, buffer_index, pending))
 
     def acquire(self, unit_index: int) -> dict[str, StoredMatrix | BundledFFN]:
-        """Wait for unit `unit_index`, start prefetching the next one, return its tensors."""
-        if self._inflight is not None and self._inflight[0] == unit_index:
-            _, buffer_index, pending = self._inflight
-        else:  # first use, or out of order: read it now
-            if self._inflight is not None:
-                self._inflight[2].wait()
-            buffer_index = 0
-            pending = self._submit(unit_index, buffer_index)
+        """Wait for unit `unit_index`, keep the following units reading, return its tensors.
+
+        Units are used in a fixed cycle, so the buffer handed out last time (its unit done
+        by now) is the one the ring fills next."""
+        while self._queue and self._queue[0][0] != unit_index:  # out of order: drain
+            self._queue.popleft()[2].wait()
+        if not self._queue:
+            self._submit(unit_index)
+        _, buffer_index, pending = self._queue.popleft()
         pending.wait()
-        following = (unit_index + 1) % len(self._units)
-        self._inflight = (following, 1 - buffer_index, self._submit(following, 1 - buffer_index))
+        following = self._queue[-1][0] if self._queue else unit_index
+        while len(self._queue) < min(len(self._buffers) - 1, len(self._units)):
+            following = (following + 1) % len(self._units)
+            self._submit(following)
         buffer = self._buffers[buffer_index]
         tensors = {}
         for p in self._units[unit_index].parts:
