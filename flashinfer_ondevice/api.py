@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +129,8 @@ class Model:
 
 def load(path: str | Path | None = None, *, memory_budget: str | int | None = None,
          ctx_size: int | None = None, threads: int | None = None, codec: str = "int8",
-         verify: bool = False, progress: bool | None = None) -> Model:
+         verify: bool = False, progress: bool | None = None,
+         on_plan: Callable[[str], None] | None = None) -> Model:
     """Load a model; no path loads the embedded default model.
 
     path: a GGUF file, a Hugging Face folder or a flash store. With `memory_budget`, a GGUF
@@ -141,6 +142,7 @@ def load(path: str | Path | None = None, *, memory_budget: str | int | None = No
     codec: store codec when converting: "int8", "int4" or "f16".
     verify: check the store's checksums before running.
     progress: show progress bars (default: when stderr is a terminal).
+    on_plan: called with the memory plan's description before any weight is read.
     """
     if progress is None:
         progress = sys.stderr.isatty()
@@ -158,30 +160,50 @@ def load(path: str | Path | None = None, *, memory_budget: str | int | None = No
     if memory_budget is not None and not is_store(path):
         path = ensure_store(path, codec, progress)
     if is_store(path):
-        return _load_store(path, memory_budget, ctx_size, verify, start)
+        return _load_store(path, memory_budget, ctx_size, verify, start, on_plan)
     checkpoint = load_checkpoint(path, progress=progress)
     return Model(checkpoint, ctx_size, time.perf_counter() - start)
 
 
 def store_path_for(source: Path, codec: str) -> Path:
-    """Where the store converted from `source` lives in the models folder."""
+    """Where the store converted from `source` lives in the models folder; the name carries
+    the source's identity (path, size, modification time), so a replaced file is converted
+    again rather than served from a stale store."""
+    import hashlib
+
     from .default_model import models_dir
-    return models_dir() / f"{source.name.removesuffix('.gguf')}.{codec}.store"
+    stat = source.stat()
+    identity = f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    tag = hashlib.sha256(identity).hexdigest()[:10]
+    return models_dir() / f"{source.name.removesuffix('.gguf')}-{tag}.{codec}.store"
 
 
 def ensure_store(source: Path, codec: str = "int8", progress: bool = False) -> Path:
-    """The store of `source`, converting it the first time."""
+    """The store of `source`, converting it the first time. Conversion holds the whole model
+    in float32, so it runs in a child process: this process's memory stays as the budget
+    plans it."""
+    import subprocess
+
+    if not source.exists():
+        raise FlashInferError(f"model not found: {source}")
+    if is_store(source):
+        return source
     target = store_path_for(source, codec)
     if not is_store(target):
-        from .store.convert import convert
-        if not source.exists():
-            raise FlashInferError(f"model not found: {source}")
-        convert(source, target, codec, progress=progress)
+        if progress:
+            print(f"converting {source} to a flash store (once)", file=sys.stderr)
+        child = subprocess.run(
+            [sys.executable, "-m", "flashinfer_ondevice.cli", "convert", str(source), "-o",
+             str(target), "--codec", codec], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True)
+        if child.returncode != 0:
+            lines = child.stderr.strip().splitlines() or ["conversion failed"]
+            raise FlashInferError(lines[-1].removeprefix("Error: "))
     return target
 
 
 def _load_store(path: Path, memory_budget, ctx_size: int | None, verify: bool,
-                start: float) -> Model:
+                start: float, on_plan: Callable[[str], None] | None) -> Model:
     from .loader.tokenizer import (
         GGUFTokenizer,
         HFTokenizer,
@@ -211,6 +233,8 @@ def _load_store(path: Path, memory_budget, ctx_size: int | None, verify: bool,
     ctx = ctx_size or min(limit, DEFAULT_CTX if memory_budget is None else BUDGET_DEFAULT_CTX)
     budget = None if memory_budget is None else parse_budget(memory_budget, store.nbytes)
     plan = make_plan(store, budget, ctx, max(0, current_rss_bytes() - BASELINE_RSS), transient)
+    if on_plan is not None:
+        on_plan(plan.describe(store))
     reader = DirectReader(path / "weights.bin")
     weights = StreamedWeights(store, plan, reader)
     checkpoint = Checkpoint(store.config, weights, tokenizer, store.chat_template, path)

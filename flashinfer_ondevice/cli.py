@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -47,6 +48,8 @@ def _read_prompt(prompt: str | None, file: str | None) -> str:
 
 
 def _print_stats(model, first, last, seed: int) -> None:
+    from .api import BASELINE_RSS
+
     def line(label: str, value: str) -> None:
         click.echo(f"{label:<14}= {value}", err=True)
 
@@ -58,7 +61,13 @@ def _print_stats(model, first, last, seed: int) -> None:
     gen_ms = decoded / last.generation_tps * 1000 if last.generation_tps else 0.0
     line("generation", f"{gen_ms:9.2f} ms / {decoded:5d} tokens "
                        f"({last.generation_tps:8.2f} tokens per second)")
-    line("peak memory", f"{last.peak_memory / _MiB:9.1f} MiB")
+    line("peak memory", f"{last.peak_memory / _MiB:9.1f} MiB (baseline {BASELINE_RSS / _MiB:.1f} "
+                        f"MiB, above baseline {(last.peak_memory - BASELINE_RSS) / _MiB:.1f} MiB)")
+    if model.reader is not None:
+        n = max(last.generation_tokens + 1, 1)  # the prefill pass reads the weights too
+        line("storage reads", f"{last.bytes_read / n / 1e6:9.1f} MB per token, "
+                              f"{last.reads / n:.0f} reads per token, I/O wait "
+                              f"{last.io_wait / n * 1000:.1f} ms per token")
     line("finish", f"{last.finish_reason} (seed {seed})")
 
 
@@ -88,17 +97,32 @@ def _print_stats(model, first, last, seed: int) -> None:
               "the model's, if smaller]")
 @click.option("-t", "--threads", type=click.IntRange(min=1), default=os.cpu_count(),
               show_default=True, envvar="FLASHINFER_THREADS", help="CPU threads")
+@click.option("--memory-budget", default=None, envvar="FLASHINFER_MEMORY_BUDGET",
+              help="memory above the interpreter's baseline: bytes, e.g. 120MB, 1.5GB, or a "
+              "percentage of the store, e.g. 50%  [default: everything resident]")
+@click.option("--codec", type=click.Choice(["int8", "int4", "f16"]), default="int8",
+              show_default=True, envvar="FLASHINFER_CODEC",
+              help="codec of the flash store made on first use")
+@click.option("--verify", is_flag=True, help="check the store's checksums before running")
 @click.option("--system-prompt", default=None, help="system message for chat models")
 @click.option("--no-chat-template", is_flag=True,
               help="send the prompt as raw text even if the model has a chat template")
 def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, min_p,
-             repeat_penalty, seed, stop, ctx_size, threads, system_prompt, no_chat_template):
-    """Generate text from a prompt, streaming it to stdout (stats go to stderr)."""
+             repeat_penalty, seed, stop, ctx_size, threads, memory_budget, codec, verify,
+             system_prompt, no_chat_template):
+    """Generate text from a prompt, streaming it to stdout (stats go to stderr).
+
+    The model runs from a flash store, converted into the models folder on first use."""
     try:
         text = _read_prompt(prompt, prompt_file)
-        from .api import load
+        from .api import ensure_store, load
+        from .default_model import default_model_path
 
-        model = load(model_path, ctx_size=ctx_size, threads=threads)
+        progress = sys.stderr.isatty()
+        source = Path(model_path) if model_path else default_model_path(progress=progress)
+        store = ensure_store(source, codec, progress=progress)
+        model = load(store, memory_budget=memory_budget, ctx_size=ctx_size, threads=threads,
+                     verify=verify, on_plan=lambda text: click.echo(text, err=True))
         if model.chat_template and not no_chat_template:
             ids = model.chat_prompt_ids(text, system_prompt)
         else:
@@ -118,6 +142,31 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         click.echo("\ninterrupted", err=True)
+        sys.exit(130)
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="store folder to write  [default: in the models folder]")
+@click.option("--codec", type=click.Choice(["int8", "int4", "f16"]), default="int8",
+              show_default=True, help="how weights are encoded")
+def convert(source, output, codec):
+    """Convert a GGUF file or Hugging Face folder into a flash store."""
+    try:
+        from .api import store_path_for
+        from .store.convert import convert as convert_store
+
+        source = Path(source)
+        if not source.exists():
+            raise FlashInferError(f"model not found: {source}")
+        target = Path(output) if output else store_path_for(source, codec)
+        convert_store(source, target, codec, progress=sys.stderr.isatty())
+        click.echo(str(target))
+    except FlashInferError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: nothing was written", err=True)
         sys.exit(130)
 
 

@@ -11,11 +11,20 @@ import numpy as np
 import pytest
 from tiny_models import write_gguf
 
+MODELS_DIR = None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _models_dir(tmp_path_factory):
+    """Stores converted on first use go to a temporary models folder, not the checkout's."""
+    global MODELS_DIR
+    MODELS_DIR = tmp_path_factory.mktemp("models")
+
 
 def run_model(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200", "FLASHINFER_MODELS_DIR": str(MODELS_DIR)}
     return subprocess.run([sys.executable, "-m", "flashinfer_ondevice.cli", *args],
-                          capture_output=True, text=True, input=stdin, timeout=300,
-                          env={**os.environ, "COLUMNS": "200"})
+                          capture_output=True, text=True, input=stdin, timeout=300, env=env)
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, message: str, code: int = 1):
@@ -115,3 +124,36 @@ def test_help_shows_defaults():
                           ("--min-p", "0.05"), ("--max-tokens", "256")):
         option_help = text[text.index(flag):]
         assert f"default: {default}" in option_help[:200], flag
+
+
+def test_memory_budget_run_prints_plan_and_io(tiny_gguf):
+    result = run_model("-m", str(tiny_gguf("gemma3")), "-p", "ab", "-n", "6", "--temp", "0",
+                       "--memory-budget", "60MB", "-c", "64")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.index("memory plan") < result.stderr.index("load time")
+    assert "streamed per token" in result.stderr and "storage reads" in result.stderr
+    unlimited = run_model("-m", str(tiny_gguf("gemma3")), "-p", "ab", "-n", "6", "--temp", "0")
+    assert unlimited.stdout == result.stdout  # the same text whatever the budget
+
+
+def test_impossible_budget_names_the_smallest(tiny_gguf):
+    result = run_model("-m", str(tiny_gguf("llama")), "-p", "a", "--memory-budget", "1MB")
+    assert_clean_error(result, "the smallest that works")
+
+
+def test_convert_command_and_reuse(tiny_gguf, tmp_path):
+    out = tmp_path / "llama.store"
+    result = run_model("convert", str(tiny_gguf("llama")), "-o", str(out), "--codec", "int4")
+    assert result.returncode == 0, result.stderr
+    assert (out / "manifest.json").is_file()
+    again = run_model("convert", str(tiny_gguf("llama")), "-o", str(out))
+    assert_clean_error(again, "already exists")
+    run = run_model("-m", str(out), "-p", "ab", "-n", "3", "--verify")
+    assert run.returncode == 0, run.stderr
+
+
+def test_corrupt_store_is_one_line(tiny_gguf, tmp_path):
+    out = tmp_path / "s"
+    assert run_model("convert", str(tiny_gguf("llama")), "-o", str(out)).returncode == 0
+    (out / "weights.bin").write_bytes(b"\0" * 100)
+    assert_clean_error(run_model("-m", str(out), "-p", "a"), "corrupt store")

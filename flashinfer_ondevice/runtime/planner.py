@@ -56,6 +56,7 @@ class Plan:
     buffers: int = 0  # size of the streaming ring
     overhead_bytes: int = 0  # already in use above baseline when planning (tokenizer, ...)
     transient_bytes: int = 0  # briefly needed outside generation (loading the vocabulary)
+    fixed_bytes: int = 0  # everything but resident weights: the smallest workable budget
     resident_bytes: int = 0
     streamed_bytes: int = 0  # read from the store per token
 
@@ -100,7 +101,8 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
             plan.resident |= set(names)
         plan.head_resident_rows = tensors[head].rows
     else:
-        largest = max(max(sum(tensors[n].nbytes for n in u) for u in units), OUTPUT_CHUNK)
+        largest = max(max(sum(tensors[n].nbytes for n in u) for u in units),
+                      min(OUTPUT_CHUNK, tensors[head].nbytes))
         working = max(plan.kv_bytes + plan.scratch_bytes + MARGIN, transient + MARGIN // 2)
         for plan.buffers in BUFFERS:
             plan.buffer_bytes = plan.buffers * align_up(largest + 4096)
@@ -108,6 +110,7 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
                      + sum(tensors[n].nbytes for n in vectors))
             if fixed <= budget:
                 break
+        plan.fixed_bytes = fixed
         if fixed > budget:
             raise BudgetError(
                 f"memory budget {budget / 1e6:.1f} MB is too small: the smallest that works "

@@ -118,8 +118,9 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
     checkpoint = load_checkpoint(source, progress=progress)
     config, weights = checkpoint.config, checkpoint.weights
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.partial-*"):  # from a killed convert
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         with tqdm(total=_estimated_bytes(weights, chosen), unit="B", unit_scale=True,
