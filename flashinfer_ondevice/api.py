@@ -130,7 +130,7 @@ class Model:
 def load(path: str | Path | None = None, *, memory_budget: str | int | None = None,
          ctx_size: int | None = None, threads: int | None = None, codec: str = "int8",
          verify: bool = False, progress: bool | None = None,
-         on_plan: Callable[[str], None] | None = None) -> Model:
+         on_plan: Callable[[str], None] | None = None, stream_all: bool = False) -> Model:
     """Load a model; no path loads the embedded default model.
 
     path: a GGUF file, a Hugging Face folder or a flash store. With `memory_budget`, a GGUF
@@ -143,6 +143,7 @@ def load(path: str | Path | None = None, *, memory_budget: str | int | None = No
     verify: check the store's checksums before running.
     progress: show progress bars (default: when stderr is a terminal).
     on_plan: called with the memory plan's description before any weight is read.
+    stream_all: keep no weight resident, whatever the budget (benchmark baseline).
     """
     if progress is None:
         progress = sys.stderr.isatty()
@@ -160,7 +161,7 @@ def load(path: str | Path | None = None, *, memory_budget: str | int | None = No
     if memory_budget is not None and not is_store(path):
         path = ensure_store(path, codec, progress)
     if is_store(path):
-        return _load_store(path, memory_budget, ctx_size, verify, start, on_plan)
+        return _load_store(path, memory_budget, ctx_size, verify, start, on_plan, stream_all)
     checkpoint = load_checkpoint(path, progress=progress)
     return Model(checkpoint, ctx_size, time.perf_counter() - start)
 
@@ -203,7 +204,8 @@ def ensure_store(source: Path, codec: str = "int8", progress: bool = False) -> P
 
 
 def _load_store(path: Path, memory_budget, ctx_size: int | None, verify: bool,
-                start: float, on_plan: Callable[[str], None] | None) -> Model:
+                start: float, on_plan: Callable[[str], None] | None,
+                stream_all: bool = False) -> Model:
     from .loader.tokenizer import (
         GGUFTokenizer,
         HFTokenizer,
@@ -232,7 +234,8 @@ def _load_store(path: Path, memory_budget, ctx_size: int | None, verify: bool,
     limit = store.config.context_length
     ctx = ctx_size or min(limit, DEFAULT_CTX if memory_budget is None else BUDGET_DEFAULT_CTX)
     budget = None if memory_budget is None else parse_budget(memory_budget, store.nbytes)
-    plan = make_plan(store, budget, ctx, max(0, current_rss_bytes() - BASELINE_RSS), transient)
+    plan = make_plan(store, budget, ctx, max(0, current_rss_bytes() - BASELINE_RSS), transient,
+                     stream_all)
     if on_plan is not None:
         on_plan(plan.describe(store))
     reader = DirectReader(path / "weights.bin")

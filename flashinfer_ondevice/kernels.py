@@ -44,7 +44,7 @@ def _row_dot(row, x, ng, bits):
     return acc
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def matvec(raw, x, ng, bits, out):
     """out[r] = decode(raw[r]) . x for every row r."""
     for r in prange(raw.shape[0]):
@@ -59,7 +59,7 @@ def _activate(g, kind):
     return g / (np.float32(1.0) + math.exp(-g))  # silu
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def bundled_ffn(raw, x, ng, bits, row_nbytes, activation, hidden_act, out):
     """FFN over row-column bundles [gate row | up row | down column] for one token.
 

@@ -20,7 +20,7 @@ from ..store.format import align_up, layer_key
 from ..store.reader import Store
 
 OUTPUT_CHUNK = 4 << 20  # bytes of output-layer rows streamed as one unit
-BUFFERS = (3, 2)  # streaming ring sizes to try: one unit computing, the others being read
+BUFFERS = (6, 4, 3, 2)  # streaming ring sizes to try: one unit computing, the others reading
 MARGIN = 12 << 20  # prefill activations, Python objects, allocator slack
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 1024, "mib": 1 << 20, "gib": 1 << 30}
@@ -80,10 +80,11 @@ def kv_bytes(config: ModelConfig, ctx: int) -> int:
 
 
 def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
-              transient: int = 0) -> Plan:
+              transient: int = 0, stream_all: bool = False) -> Plan:
     """`overhead`: bytes above baseline in use now; `transient`: bytes needed briefly while
     no generation runs (encoding a prompt loads the vocabulary), sharing the room that the
-    KV cache, scratch and margin take during generation."""
+    KV cache, scratch and margin take during generation. `stream_all` keeps no weight
+    resident (the naive baseline of the benchmarks: every weight read every token)."""
     config = store.config
     head = "embed" if config.tie_embeddings else "output"
     tensors = store.tensors
@@ -116,7 +117,7 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
                 f"memory budget {budget / 1e6:.1f} MB is too small: the smallest that works "
                 f"with a {ctx}-token context is {fixed / 1e6:.1f} MB above baseline "
                 f"(KV cache {plan.kv_bytes / 1e6:.1f} MB: a smaller -c lowers it)")
-        room = budget - fixed
+        room = 0 if stream_all else budget - fixed
         for names in units:
             size = sum(tensors[n].nbytes for n in names)
             if size <= room:

@@ -57,7 +57,7 @@ class PendingRead:
 
 
 class DirectReader:
-    def __init__(self, path, threads: int = 16):
+    def __init__(self, path, threads: int = 32):
         self.path = str(path)
         flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
         try:

@@ -1,0 +1,205 @@
+"""Decode speed and storage reads per token under a hard memory limit, against the peers.
+
+    python tools/bench_peers.py [-m MODEL.gguf] [--fractions 100 50 25] [--runs 3] [-n 16]
+
+Systems, each under shared/tools/memlimit with limit = fraction x its own model size + the
+same interpreter baseline (RSS after `import flashinfer_ondevice`), cold cache, 2 threads:
+  ours      flash store (int8), planner + direct I/O + prefetch (--memory-budget fraction%)
+  llama.cpp llama-cpp-python with mmap (its default) on the GGUF
+  naive     our runtime with nothing resident: every weight read every token
+Also probes the device's direct-read bandwidth at the runtime's read size and reports the
+runtime's achieved read bandwidth next to it. Writes a markdown table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMLIMIT = ROOT.parent / "shared" / "tools" / "memlimit"
+PROMPT = "The history of the city of Paris begins"
+
+
+def proc_read_bytes() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("read_bytes")).split()[1])
+
+
+def worker(system: str, model: str, fraction: float, n: int, threads: int) -> dict:
+    """Runs inside the memory limit; prints one JSON line."""
+    if system == "llama.cpp":
+        from llama_cpp import Llama
+
+        llm = Llama(model, n_ctx=256, n_threads=threads, n_threads_batch=threads,
+                    verbose=False)
+        ids = llm.tokenize(PROMPT.encode())
+        llm.eval(ids)
+        token = llm.sample(temp=0)
+        start_bytes, start = proc_read_bytes(), time.perf_counter()
+        for _ in range(n):
+            llm.eval([token])
+            token = llm.sample(temp=0)
+        elapsed = time.perf_counter() - start
+        read = proc_read_bytes() - start_bytes
+        return {"tps": n / elapsed, "bytes_per_token": read / n, "io_wait_per_token": None}
+    import flashinfer_ondevice as fi
+    from flashinfer_ondevice.generate import prefill
+
+    model_obj = fi.load(model, memory_budget=f"{fraction}%", ctx_size=256, threads=threads,
+                        stream_all=system == "naive")
+    if system == "naive":
+        assert model_obj.plan.resident_bytes < model_obj.plan.streamed_bytes / 50
+    engine = model_obj.engine
+    ids = model_obj.tokenize(PROMPT)
+    cache = engine.new_cache(256)
+    token = int(prefill(engine, ids, cache)[-1].argmax())
+    stats = model_obj.reader.stats
+    before, start = stats.snapshot(), time.perf_counter()
+    for _ in range(n):
+        token = int(engine.forward([token], cache)[-1].argmax())
+    elapsed = time.perf_counter() - start
+    io = stats.since(before)
+    return {"tps": n / elapsed, "bytes_per_token": io.bytes_read / n,
+            "io_wait_per_token": io.wait_seconds / n,
+            "read_bandwidth": io.bytes_read / elapsed}
+
+
+def probe_bandwidth(path: Path, seconds: float = 3.0) -> float:
+    """GB/s of random aligned O_DIRECT reads of READ_CHUNK bytes, 16 in flight."""
+    import random
+
+    from flashinfer_ondevice.store.io import READ_CHUNK, DirectReader, aligned_buffer
+
+    reader = DirectReader(path)
+    size = path.stat().st_size // READ_CHUNK * READ_CHUNK
+    buffer = aligned_buffer(16 * READ_CHUNK)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        offsets = [random.randrange(0, size // READ_CHUNK) * READ_CHUNK for _ in range(16)]
+        reader.submit([(o, READ_CHUNK, i * READ_CHUNK) for i, o in enumerate(offsets)],
+                      buffer).wait()
+        done += 16 * READ_CHUNK
+    reader.close()
+    return done / (time.perf_counter() - start) / 1e9
+
+
+def run_limited(system: str, model: str, cold: str, limit: int, fraction: float, n: int,
+                threads: int) -> dict:
+    cmd = [str(MEMLIMIT), str(limit), "--cold", cold, "--", sys.executable, __file__,
+           "--worker", system, "-m", model, "--fraction", str(fraction), "-n", str(n),
+           "-t", str(threads)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    report = re.search(r"memlimit: rc=(\d+) limit=\d+ peak=(\d+) oom_kills=(\d+)",
+                       result.stderr)
+    row = {"rc": result.returncode, "cgroup_peak": int(report.group(2)) if report else None,
+           "oom_kills": int(report.group(3)) if report else None}
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode == 0 and lines:
+        row.update(json.loads(lines[-1]))
+    else:
+        row["error"] = (result.stderr.strip().splitlines() or ["?"])[-1][-200:]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-m", "--model", default=None, help="GGUF (default: embedded model)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[100, 50, 25])
+    parser.add_argument("--systems", nargs="+", default=["ours", "llama.cpp", "naive"])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--baselines", nargs="+", default=["same", "own"],
+                        choices=["same", "own"])
+    parser.add_argument("-n", type=int, default=16, help="decode tokens per run")
+    parser.add_argument("-t", "--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "peers")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--fraction", type=float, default=100, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model, args.fraction, args.n,
+                                args.threads)))
+        return
+
+    from flashinfer_ondevice.api import BASELINE_RSS, ensure_store
+    from flashinfer_ondevice.default_model import default_model_path
+
+    gguf = Path(args.model) if args.model else default_model_path()
+    store = ensure_store(gguf, "int8")
+    sizes = {"ours": (store / "weights.bin").stat().st_size, "naive":
+             (store / "weights.bin").stat().st_size, "llama.cpp": gguf.stat().st_size}
+    probe = probe_bandwidth(store / "weights.bin")
+    # The issue's wording: the same interpreter baseline added to every limit. Ours includes
+    # numba's JIT; llama.cpp's own process needs far less, so the "own" variant gives each
+    # system exactly fraction x its model size above its own baseline.
+    baselines = {"same": {s: BASELINE_RSS for s in args.systems},
+                 "own": {s: BASELINE_RSS for s in args.systems}}
+    baselines["own"]["llama.cpp"] = int(subprocess.check_output(
+        [sys.executable, "-c", "import llama_cpp, psutil; llama_cpp.llama_backend_init(); "
+         "print(psutil.Process().memory_info().rss)"]))
+    rows = []
+    for fraction, variant, system in [(f, v, s) for f in args.fractions
+                                      for v in args.baselines for s in args.systems]:
+        if variant == "own" and system != "llama.cpp":
+            continue  # identical to "same" for our runtime
+        limit = int(sizes[system] * fraction / 100) + baselines[variant][system]
+        model, cold = (str(gguf), str(gguf)) if system == "llama.cpp" else \
+            (str(store), str(store))
+        runs = [run_limited(system, model, cold, limit, fraction, args.n, args.threads)
+                for _ in range(args.runs)]
+        ok = [r for r in runs if "tps" in r]
+        row = {"system": system if variant == "same" else f"{system} (own baseline)",
+               "peer": system, "variant": variant, "fraction": fraction, "limit": limit,
+               "runs": runs}
+        if ok:
+            row["tps"] = statistics.median(r["tps"] for r in ok)
+            row["bytes_per_token"] = statistics.median(r["bytes_per_token"] for r in ok)
+            if "read_bandwidth" in ok[0]:
+                row["read_bandwidth"] = statistics.median(r["read_bandwidth"] for r in ok)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
+    by = {(r["system"], r["fraction"]): r for r in rows}
+
+    def ratios(r: dict, peer_name: str) -> str:
+        peer = by.get((peer_name, r["fraction"]), {})
+        if "tps" not in peer or r is peer:
+            return "- | -"
+        return (f"{r['tps'] / peer['tps']:.2f}x | "
+                f"{r['bytes_per_token'] / max(peer['bytes_per_token'], 1):.2f}x")
+    lines = [f"model {gguf.name} (GGUF {sizes['llama.cpp'] / 1e6:.0f} MB, store "
+             f"{sizes['ours'] / 1e6:.0f} MB int8); baseline {BASELINE_RSS / 1e6:.0f} MB; "
+             f"{args.threads} threads; {args.runs} cold runs each, median; direct-read probe "
+             f"{probe:.2f} GB/s at 256 KiB x 16 in flight", "",
+             "Limits: fraction x model size + baseline; llama.cpp with the same baseline as ours "
+             "(the issue's rule), and with its own (python + llama_cpp) baseline.", "",
+             "| budget | system | limit MB | decode t/s | MB read/token | t/s vs llama.cpp "
+             "(same) | bytes vs llama.cpp (same) | t/s vs llama.cpp (own) | bytes vs llama.cpp "
+             "(own) | read GB/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        head = f"| {r['fraction']:.0f}% | {r['system']} | {r['limit'] / 1e6:.0f} |"
+        if "tps" not in r:
+            lines.append(f"{head} failed: {r['runs'][0].get('error', '?')} | | | | | | |")
+            continue
+        bw = f"{r['read_bandwidth'] / 1e9:.2f}" if "read_bandwidth" in r else "-"
+        lines.append(f"{head} {r['tps']:.2f} | {r['bytes_per_token'] / 1e6:.1f} | "
+                     f"{ratios(r, 'llama.cpp')} | {ratios(r, 'llama.cpp (own baseline)')} | "
+                     f"{bw} |")
+    table = "\n".join(lines) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.md").write_text(table)
+    Path(f"{args.out}.json").write_text(json.dumps(
+        {"model": gguf.name, "sizes": sizes, "baseline": BASELINE_RSS, "probe_gbps": probe,
+         "threads": args.threads, "rows": rows}, indent=1))
+    print(table)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
