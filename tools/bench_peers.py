@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -92,11 +93,20 @@ def probe_bandwidth(path: Path, seconds: float = 3.0) -> float:
 
 
 def run_limited(system: str, model: str, cold: str, limit: int, fraction: float, n: int,
-                threads: int) -> dict:
+                threads: int, timeout: float) -> dict:
     cmd = [str(MEMLIMIT), str(limit), "--cold", cold, "--", sys.executable, __file__,
            "--worker", system, "-m", model, "--fraction", str(fraction), "-n", str(n),
            "-t", str(threads)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        return {"rc": None, "error": f"did not finish {n} tokens in {timeout:.0f} s",
+                "timed_out": True}
+    result = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
     report = re.search(r"memlimit: rc=(\d+) limit=\d+ peak=(\d+) oom_kills=(\d+)",
                        result.stderr)
     row = {"rc": result.returncode, "cgroup_peak": int(report.group(2)) if report else None,
@@ -119,6 +129,7 @@ def main() -> None:
                         choices=["same", "own"])
     parser.add_argument("-n", type=int, default=16, help="decode tokens per run")
     parser.add_argument("-t", "--threads", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "peers")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--fraction", type=float, default=100, help=argparse.SUPPRESS)

@@ -54,6 +54,7 @@ class Plan:
     scratch_bytes: int = 0
     buffer_bytes: int = 0
     buffers: int = 0  # size of the streaming ring
+    buffer_unit: int = 0  # bytes of one ring buffer (the largest streamed unit, aligned)
     overhead_bytes: int = 0  # already in use above baseline when planning (tokenizer, ...)
     transient_bytes: int = 0  # briefly needed outside generation (loading the vocabulary)
     fixed_bytes: int = 0  # everything but resident weights: the smallest workable budget
@@ -73,6 +74,20 @@ class Plan:
                 f"tokenizer and runtime {self.overhead_bytes / mb:.1f} MB "
                 f"(+{self.transient_bytes / mb:.1f} MB while encoding)\n"
                 f"  streamed per token {self.streamed_bytes / mb:7.1f} MB")
+
+
+def _ring_size(budget: int, base: int, weights: int, buffer: int, stream_all: bool) -> int:
+    """Streaming ring size: none if every weight fits; else the deepest ring whose extra
+    buffers (beyond two) cost at most a tenth of what then streams per token, since each
+    byte of buffer is a byte less of resident weights."""
+    if not stream_all and base + weights <= budget:
+        return 0
+    streamed_with_two = weights - max(0, budget - base - 2 * buffer) * (not stream_all)
+    for depth in sorted(BUFFERS, reverse=True):
+        extra = (depth - 2) * buffer
+        if base + depth * buffer <= budget and extra <= streamed_with_two / 10:
+            return depth
+    return min(BUFFERS)
 
 
 def kv_bytes(config: ModelConfig, ctx: int) -> int:
@@ -105,17 +120,18 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
         largest = max(max(sum(tensors[n].nbytes for n in u) for u in units),
                       min(OUTPUT_CHUNK, tensors[head].nbytes))
         working = max(plan.kv_bytes + plan.scratch_bytes + MARGIN, transient + MARGIN // 2)
-        for plan.buffers in BUFFERS:
-            plan.buffer_bytes = plan.buffers * align_up(largest + 4096)
-            fixed = (overhead + plan.buffer_bytes + working
-                     + sum(tensors[n].nbytes for n in vectors))
-            if fixed <= budget:
-                break
-        plan.fixed_bytes = fixed
+        base = overhead + working + sum(tensors[n].nbytes for n in vectors)
+        weights = sum(e.nbytes for n, e in tensors.items() if n not in vectors
+                      and n != ("output" if head == "embed" else "embed"))
+        plan.buffer_unit = align_up(largest + 4096)
+        plan.buffers = _ring_size(budget, base, weights, plan.buffer_unit, stream_all)
+        plan.buffer_bytes = plan.buffers * plan.buffer_unit
+        fixed = base + plan.buffer_bytes
+        plan.fixed_bytes = base + min(BUFFERS) * plan.buffer_unit
         if fixed > budget:
             raise BudgetError(
                 f"memory budget {budget / 1e6:.1f} MB is too small: the smallest that works "
-                f"with a {ctx}-token context is {fixed / 1e6:.1f} MB above baseline "
+                f"with a {ctx}-token context is {plan.fixed_bytes / 1e6:.1f} MB above baseline "
                 f"(KV cache {plan.kv_bytes / 1e6:.1f} MB: a smaller -c lowers it)")
         room = 0 if stream_all else budget - fixed
         for names in units:
