@@ -131,9 +131,14 @@ def main() -> None:
     parser.add_argument("-t", "--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300, help="seconds per run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "peers")
+    parser.add_argument("--render", type=Path, default=None,
+                        help="only rewrite the table from a saved JSON result")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--fraction", type=float, default=100, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.render:
+        write_outputs(json.loads(args.render.read_text()), args.out)
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.model, args.fraction, args.n,
                                 args.threads)))
@@ -163,8 +168,12 @@ def main() -> None:
         limit = int(sizes[system] * fraction / 100) + baselines[variant][system]
         model, cold = (str(gguf), str(gguf)) if system == "llama.cpp" else \
             (str(store), str(store))
-        runs = [run_limited(system, model, cold, limit, fraction, args.n, args.threads)
-                for _ in range(args.runs)]
+        runs = []
+        for _ in range(args.runs):
+            runs.append(run_limited(system, model, cold, limit, fraction, args.n,
+                                    args.threads, args.timeout))
+            if runs[-1].get("timed_out"):
+                break  # one timeout says enough; do not spend another
         ok = [r for r in runs if "tps" in r]
         row = {"system": system if variant == "same" else f"{system} (own baseline)",
                "peer": system, "variant": variant, "fraction": fraction, "limit": limit,
@@ -176,18 +185,28 @@ def main() -> None:
                 row["read_bandwidth"] = statistics.median(r["read_bandwidth"] for r in ok)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
+    result = {"model": gguf.name, "sizes": sizes, "baseline": BASELINE_RSS, "probe_gbps": probe,
+              "threads": args.threads, "runs": args.runs, "rows": rows}
+    write_outputs(result, args.out)
+
+
+def render(result: dict) -> str:
+    """The markdown table of a benchmark result (as saved in the JSON)."""
+    rows, sizes = result["rows"], result["sizes"]
     by = {(r["system"], r["fraction"]): r for r in rows}
 
     def ratios(r: dict, peer_name: str) -> str:
         peer = by.get((peer_name, r["fraction"]), {})
         if "tps" not in peer or r is peer:
             return "- | -"
-        return (f"{r['tps'] / peer['tps']:.2f}x | "
-                f"{r['bytes_per_token'] / max(peer['bytes_per_token'], 1):.2f}x")
-    lines = [f"model {gguf.name} (GGUF {sizes['llama.cpp'] / 1e6:.0f} MB, store "
-             f"{sizes['ours'] / 1e6:.0f} MB int8); baseline {BASELINE_RSS / 1e6:.0f} MB; "
-             f"{args.threads} threads; {args.runs} cold runs each, median; direct-read probe "
-             f"{probe:.2f} GB/s at 256 KiB x 16 in flight", "",
+        reads = (f"{r['bytes_per_token'] / peer['bytes_per_token']:.2f}x"
+                 if peer["bytes_per_token"] else "(peer reads 0)")
+        return f"{r['tps'] / peer['tps']:.2f}x | {reads}"
+
+    lines = [f"model {result['model']} (GGUF {sizes['llama.cpp'] / 1e6:.0f} MB, store "
+             f"{sizes['ours'] / 1e6:.0f} MB int8); baseline {result['baseline'] / 1e6:.0f} MB; "
+             f"{result['threads']} threads; {result.get('runs', 3)} cold runs each, median; "
+             f"direct-read probe {result['probe_gbps']:.2f} GB/s at 256 KiB x 16 in flight", "",
              "Limits: fraction x model size + baseline; llama.cpp with the same baseline as ours "
              "(the issue's rule), and with its own (python + llama_cpp) baseline.", "",
              "| budget | system | limit MB | decode t/s | MB read/token | t/s vs llama.cpp "
@@ -202,12 +221,14 @@ def main() -> None:
         lines.append(f"{head} {r['tps']:.2f} | {r['bytes_per_token'] / 1e6:.1f} | "
                      f"{ratios(r, 'llama.cpp')} | {ratios(r, 'llama.cpp (own baseline)')} | "
                      f"{bw} |")
-    table = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.md").write_text(table)
-    Path(f"{args.out}.json").write_text(json.dumps(
-        {"model": gguf.name, "sizes": sizes, "baseline": BASELINE_RSS, "probe_gbps": probe,
-         "threads": args.threads, "rows": rows}, indent=1))
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    table = render(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.md").write_text(table)
+    Path(f"{out}.json").write_text(json.dumps(result, indent=1))
     print(table)
 
 
