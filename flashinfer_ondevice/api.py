@@ -158,7 +158,7 @@ def load(path: str | Path | None = None, *, memory_budget: str | int | None = No
         from .default_model import default_model_path
         path = default_model_path(progress=progress)
     path = Path(path)
-    if memory_budget is not None and not is_store(path):
+    if memory_budget is not None:
         path = ensure_store(path, codec, progress)
     if is_store(path):
         return _load_store(path, memory_budget, ctx_size, verify, start, on_plan, stream_all)

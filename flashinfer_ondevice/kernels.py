@@ -2,7 +2,7 @@
 
 Decode (one token) is memory-bound; reading int8/int4 rows and their group scales once, in
 parallel over rows, is what makes a compressed model fast on a CPU. Prefill (many tokens)
-decodes to float32 and uses BLAS instead (see runtime/linear.py). Compiled on first use and
+decodes to float32 and uses BLAS instead (see runtime/stored.py). Compiled on first use and
 cached on disk (numba cache=True).
 """
 

@@ -2,7 +2,8 @@
 
 Budget = bytes of memory above the interpreter's baseline (the RSS after
 `import flashinfer_ondevice`). Always resident: norms, biases, the KV cache for the context,
-logits and sampling scratch, the two I/O buffers that streaming double-buffers through.
+logits and sampling scratch, and the ring of I/O buffers streaming reads through (none when
+every weight fits; deeper than two only when that costs little, see _ring_size).
 Then, most valuable first, as long as they fit: each layer's attention matrices, each layer's
 FFN bundles, then a prefix of the output layer's rows (62% of Gemma 3). Everything else is
 read from the store every token, so bytes streamed per token = store size - resident size.

@@ -1,9 +1,10 @@
 """Weights of a flash store under a plan: resident parts in DRAM, the rest streamed.
 
 Every forward pass walks the same cycle of streamed *units* (a layer's non-resident tensors,
-then the output layer's non-resident rows in chunks). Two aligned buffers alternate: while
-unit k is computed from one, unit k+1 is being read into the other (Fuyou/FlexGen-style
-prefetch), and the first unit of the next pass is read while the last one computes.
+then the output layer's non-resident rows in chunks). A ring of aligned buffers (its size
+set by the plan) is used in turn: while unit k is computed from one, the following units are
+being read into the others (Fuyou/FlexGen-style prefetch), and the next pass's first units
+are read while the last ones compute.
 The forward pass in model.py sees the usual attributes (layers, lm_head, final_norm, ...).
 """
 

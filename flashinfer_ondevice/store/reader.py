@@ -71,23 +71,22 @@ def _config(path: Path, raw) -> ModelConfig:
 
 
 def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(rows, cols) of every tensor a store of this config must hold."""
-    h, d, f = config.hidden_size, config.head_dim, config.ffn_size
-    q, kv = config.n_heads * d, config.n_kv_heads * d
-    traits = config.traits
-    shapes = {"embed": (config.vocab_size, h), "final_norm": (1, h)}
-    if not config.tie_embeddings:
-        shapes["output"] = (config.vocab_size, h)
+    """(rows, cols) of every tensor a store of this config must hold: the tensors a GGUF of
+    this config holds (one table, loader/gguf_file.py), under store names, with each layer's
+    gate/up/down joined into one bundle tensor and vectors as single rows."""
+    from ..loader.gguf_file import LAYER_TENSORS, expected_shapes, layer_tensor_name
+
+    gguf = expected_shapes(config)
+    as_rows = {"token_embd.weight": "embed", "output.weight": "output",
+               "output_norm.weight": "final_norm"}
     for i in range(config.n_layers):
-        layer = {"wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q),
-                 "attn_norm": (1, h), "ffn_norm": (1, h), "ffn": (f, h)}
-        if traits.qkv_bias:
-            layer.update({"bq": (1, q), "bk": (1, kv), "bv": (1, kv)})
-        if traits.qk_norm:
-            layer.update({"q_norm": (1, d), "k_norm": (1, d)})
-        if traits.post_norms:
-            layer.update({"post_attn_norm": (1, h), "post_ffn_norm": (1, h)})
-        shapes.update({layer_key(i, k): v for k, v in layer.items()})
+        as_rows.update({layer_tensor_name(i, suffix): layer_key(i, field)
+                        for suffix, field in LAYER_TENSORS.items()
+                        if field not in ("w_gate", "w_up", "w_down")})
+    shapes = {as_rows[name]: shape if len(shape) == 2 else (1, shape[0])
+              for name, shape in gguf.items() if name in as_rows}
+    for i in range(config.n_layers):
+        shapes[layer_key(i, "ffn")] = (config.ffn_size, config.hidden_size)
     return shapes
 
 
