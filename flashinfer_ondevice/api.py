@@ -23,11 +23,12 @@ from .loader import Checkpoint, load_checkpoint
 from .loader.tokenizer import init_llama_backend
 from .memory import current_rss_bytes
 from .model import Transformer
-from .runtime.planner import Plan, make_plan, parse_budget
+from .runtime.planner import Plan, SparseSettings, make_plan, parse_budget
 from .runtime.streamed import StreamedWeights
 from .sampling import make_logits_processors, make_sampler
+from .sparsity.record import MAX_WINDOW, SELECTORS
 from .store.io import DirectReader
-from .store.reader import is_store, open_store
+from .store.reader import Store, is_store, open_store
 
 DEFAULT_CTX = 4096
 BUDGET_DEFAULT_CTX = 1024  # default context under a memory budget (its KV cache is resident)
@@ -130,7 +131,9 @@ class Model:
 def load(path: str | Path | None = None, *, memory_budget: str | int | None = None,
          ctx_size: int | None = None, threads: int | None = None, codec: str = "int8",
          verify: bool = False, progress: bool | None = None,
-         on_plan: Callable[[str], None] | None = None, stream_all: bool = False) -> Model:
+         on_plan: Callable[[str], None] | None = None, stream_all: bool = False,
+         selector: str | None = None, sparsity: float | None = None,
+         window: int | None = None) -> Model:
     """Load a model; no path loads the embedded default model.
 
     path: a GGUF file, a Hugging Face folder or a flash store. With `memory_budget`, a GGUF
@@ -144,6 +147,11 @@ def load(path: str | Path | None = None, *, memory_budget: str | int | None = No
     progress: show progress bars (default: when stderr is a terminal).
     on_plan: called with the memory plan's description before any weight is read.
     stream_all: keep no weight resident, whatever the budget (benchmark baseline).
+    selector: FFN activation sparsity for a calibrated store: "gate" (exact gate-first),
+      "predicted" (low-rank predictor, no reads for skipped neurons) or "dense" (off).
+      Default: gate-first when the FFNs are resident, else the store's calibrated default.
+    sparsity: target fraction of FFN neurons skipped (a calibrated one; default from the store).
+    window: tokens whose neurons the neuron caches keep (default from the store).
     """
     if progress is None:
         progress = sys.stderr.isatty()
@@ -161,7 +169,11 @@ def load(path: str | Path | None = None, *, memory_budget: str | int | None = No
     if memory_budget is not None:
         path = ensure_store(path, codec, progress)
     if is_store(path):
-        return _load_store(path, memory_budget, ctx_size, verify, start, on_plan, stream_all)
+        return _load_store(path, memory_budget, ctx_size, verify, start, on_plan, stream_all,
+                           (selector, sparsity, window))
+    if (selector, sparsity, window) != (None, None, None):
+        raise FlashInferError("sparsity settings need a calibrated flash store "
+                              "(run-model convert MODEL --calibrate)")
     checkpoint = load_checkpoint(path, progress=progress)
     return Model(checkpoint, ctx_size, time.perf_counter() - start)
 
@@ -203,9 +215,31 @@ def ensure_store(source: Path, codec: str = "int8", progress: bool = False) -> P
     return target
 
 
+def sparse_settings(store: Store, budget: int | None, selector: str | None,
+                    sparsity: float | None, window: int | None) -> SparseSettings | None:
+    """The FFN sparsity to run with: the arguments, else the store's calibrated defaults."""
+    record = store.sparsity
+    if selector == "dense" or (record is None and selector is None and sparsity is None
+                               and window is None):
+        return None
+    if record is None:
+        raise FlashInferError(f"store {store.path} has no sparsity calibration (convert it "
+                              "with run-model convert MODEL --calibrate)")
+    if selector is None:
+        selector = "gate" if budget is None else record.defaults["selector"]
+    if selector not in SELECTORS:
+        raise FlashInferError(f"unknown selector {selector!r} (use gate, predicted or dense)")
+    sparsity = record.defaults["sparsity"] if sparsity is None else float(sparsity)
+    record.target_index(sparsity)
+    window = record.defaults["window"] if window is None else int(window)
+    if not 1 <= window <= MAX_WINDOW:
+        raise FlashInferError(f"window must be within 1..{MAX_WINDOW} tokens, got {window}")
+    return SparseSettings(selector, sparsity, window)
+
+
 def _load_store(path: Path, memory_budget, ctx_size: int | None, verify: bool,
                 start: float, on_plan: Callable[[str], None] | None,
-                stream_all: bool = False) -> Model:
+                stream_all: bool = False, sparse_args: tuple = (None, None, None)) -> Model:
     from .loader.tokenizer import (
         GGUFTokenizer,
         HFTokenizer,
@@ -234,8 +268,9 @@ def _load_store(path: Path, memory_budget, ctx_size: int | None, verify: bool,
     limit = store.config.context_length
     ctx = ctx_size or min(limit, DEFAULT_CTX if memory_budget is None else BUDGET_DEFAULT_CTX)
     budget = None if memory_budget is None else parse_budget(memory_budget, store.nbytes)
+    sparse = sparse_settings(store, budget, *sparse_args)
     plan = make_plan(store, budget, ctx, max(0, current_rss_bytes() - BASELINE_RSS), transient,
-                     stream_all)
+                     stream_all, sparse)
     if on_plan is not None:
         on_plan(plan.describe(store))
     reader = DirectReader(path / "weights.bin")

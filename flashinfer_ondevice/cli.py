@@ -68,7 +68,25 @@ def _print_stats(model, first, last, seed: int) -> None:
         line("storage reads", f"{last.bytes_read / n / 1e6:9.1f} MB per token, "
                               f"{last.reads / n:.0f} reads per token, I/O wait "
                               f"{last.io_wait / n * 1000:.1f} ms per token")
+    if last.neurons_needed:
+        n = max(last.generation_tokens + last.prompt_tokens - 1, 1)  # tokens through the FFNs
+        line("FFN neurons", f"{last.neurons_needed / n:9.0f} needed per token, "
+                            f"{last.neuron_hits / max(last.neurons_needed, 1):.1%} cached, "
+                            f"{last.neurons_read / n:.0f} read; cache management "
+                            f"{last.cache_time / n * 1000:.1f} ms per token")
     line("finish", f"{last.finish_reason} (seed {seed})")
+
+def sparsity_options(command):
+    """--selector/--sparsity/--window, shared by generate and eval."""
+    command = click.option("--window", type=click.IntRange(1, 64), default=None,
+                           help="tokens whose FFN neurons stay cached  [default: the "
+                           "store's]")(command)
+    command = click.option("--sparsity", type=float, default=None,
+                           help="target fraction of FFN neurons skipped, one the store was "
+                           "calibrated for (0.1 0.2 0.3 0.5 0.7)  [default: the store's]")(command)
+    return click.option("--selector", type=click.Choice(["gate", "predicted", "dense"]),
+                        default=None, help="FFN neuron selector of a calibrated store  "
+                        "[default: gate when FFNs fit in memory, else the store's]")(command)
 
 
 @main.command()
@@ -104,12 +122,13 @@ def _print_stats(model, first, last, seed: int) -> None:
               show_default=True, envvar="FLASHINFER_CODEC",
               help="codec of the flash store made on first use")
 @click.option("--verify", is_flag=True, help="check the store's checksums before running")
+@sparsity_options
 @click.option("--system-prompt", default=None, help="system message for chat models")
 @click.option("--no-chat-template", is_flag=True,
               help="send the prompt as raw text even if the model has a chat template")
 def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, min_p,
              repeat_penalty, seed, stop, ctx_size, threads, memory_budget, codec, verify,
-             system_prompt, no_chat_template):
+             selector, sparsity, window, system_prompt, no_chat_template):
     """Generate text from a prompt, streaming it to stdout (stats go to stderr).
 
     The model runs from a flash store, converted into the models folder on first use."""
@@ -122,7 +141,8 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
         source = Path(model_path) if model_path else default_model_path(progress=progress)
         store = ensure_store(source, codec, progress=progress)
         model = load(store, memory_budget=memory_budget, ctx_size=ctx_size, threads=threads,
-                     verify=verify, on_plan=lambda text: click.echo(text, err=True))
+                     verify=verify, on_plan=lambda text: click.echo(text, err=True),
+                     selector=selector, sparsity=sparsity, window=window)
         if model.chat_template and not no_chat_template:
             ids = model.chat_prompt_ids(text, system_prompt)
         else:
@@ -151,22 +171,93 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
               help="store folder to write  [default: in the models folder]")
 @click.option("--codec", type=click.Choice(["int8", "int4", "f16"]), default="int8",
               show_default=True, help="how weights are encoded")
-def convert(source, output, codec):
-    """Convert a GGUF file or Hugging Face folder into a flash store."""
+@click.option("--calibrate", is_flag=True,
+              help="also calibrate FFN activation sparsity (thresholds, predictors)")
+@click.option("-f", "--file", "text_file", default=None,
+              help="calibration text  [default: the packaged Python tutorial]")
+@click.option("--calibration-tokens", type=click.IntRange(min=256), default=4096,
+              show_default=True, help="tokens of calibration text to run")
+def convert(source, output, codec, calibrate, text_file, calibration_tokens):
+    """Convert a GGUF file or Hugging Face folder into a flash store (a store: calibrate it)."""
     try:
         from .api import store_path_for
+        from .sparsity.calibrate import calibrate as calibrate_store
         from .store.convert import convert as convert_store
+        from .store.reader import is_store
 
         source = Path(source)
         if not source.exists():
             raise FlashInferError(f"model not found: {source}")
-        target = Path(output) if output else store_path_for(source, codec)
-        convert_store(source, target, codec, progress=sys.stderr.isatty())
+        if text_file is not None and not calibrate:
+            raise click.UsageError("-f/--file gives calibration text: add --calibrate")
+        text = _read_prompt(None, text_file) if text_file is not None else None
+        progress = sys.stderr.isatty()
+        if is_store(source):
+            if not calibrate:
+                raise FlashInferError(f"{source} is already a flash store (add --calibrate "
+                                      "to calibrate it)")
+            target = source
+        else:
+            target = Path(output) if output else store_path_for(source, codec)
+            convert_store(source, target, codec, progress=progress)
+        if calibrate:
+            record = calibrate_store(target, text, calibration_tokens, progress=progress)
+            kept = ", ".join(f"{t:.0%}: {k:.0%}" for t, k in
+                             zip(record.targets, record.calibration["predicted_kept"], strict=True))
+            click.echo(f"calibrated on {record.calibration['tokens']} tokens; the predicted "
+                       f"selector keeps (target sparsity: neurons kept) {kept}", err=True)
         click.echo(str(target))
     except FlashInferError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         click.echo("\ninterrupted: nothing was written", err=True)
+        sys.exit(130)
+
+
+@main.command(name="eval")
+@click.option("-m", "--model", "model_path", type=click.Path(), envvar="FLASHINFER_MODEL",
+              help="GGUF file, folder or flash store  [default: the embedded Gemma 3 270M]")
+@click.option("-f", "--file", "text_file", required=True, help="text to score")
+@click.option("--compare-dense", is_flag=True,
+              help="also run the dense model: top-1 agreement and mean KL divergence")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("-c", "--ctx-size", type=click.IntRange(min=2), default=512, show_default=True,
+              help="tokens per scored chunk (each a fresh context)")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="score at most this many tokens")
+@click.option("-t", "--threads", type=click.IntRange(min=1), default=os.cpu_count(),
+              show_default=True, envvar="FLASHINFER_THREADS", help="CPU threads")
+@click.option("--memory-budget", default=None, envvar="FLASHINFER_MEMORY_BUDGET",
+              help="memory above the interpreter's baseline (as for generate)")
+@click.option("--codec", type=click.Choice(["int8", "int4", "f16"]), default="int8",
+              show_default=True, envvar="FLASHINFER_CODEC",
+              help="codec of the flash store made on first use")
+@sparsity_options
+def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_tokens, threads,
+                 memory_budget, codec, selector, sparsity, window):
+    """Score a text: perplexity (and, with --compare-dense, agreement with the dense model)."""
+    try:
+        import json
+
+        from .api import ensure_store, load
+        from .default_model import default_model_path
+        from .evaluate import evaluate
+
+        text = _read_prompt(None, text_file)
+        progress = sys.stderr.isatty()
+        source = Path(model_path) if model_path else default_model_path(progress=progress)
+        store = ensure_store(source, codec, progress=progress)
+        model = load(store, memory_budget=memory_budget, ctx_size=max(ctx_size, 2),
+                     threads=threads, selector=selector, sparsity=sparsity, window=window,
+                     on_plan=None if as_json else lambda text: click.echo(text, err=True))
+        reference = load(store, ctx_size=ctx_size, threads=threads, selector="dense") \
+            if compare_dense else None
+        report = evaluate(model, text, ctx_size, max_tokens, reference, progress)
+        click.echo(json.dumps(report.as_dict(), indent=1) if as_json else report.describe())
+    except FlashInferError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted", err=True)
         sys.exit(130)
 
 

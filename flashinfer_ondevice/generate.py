@@ -36,6 +36,10 @@ class GenerationResponse:
     bytes_read: int = 0  # from the flash store since generation began (0 for in-memory models)
     reads: int = 0  # read requests issued since generation began
     io_wait: float = 0.0  # seconds spent waiting for reads since generation began
+    neurons_needed: int = 0  # FFN neurons the sparsity selectors chose, since generation began
+    neuron_hits: int = 0  # of those, found in a neuron cache
+    neurons_read: int = 0  # read from the store into a neuron cache
+    cache_time: float = 0.0  # seconds spent managing neuron caches
 
 
 def prefill(engine: Transformer, tokens: Sequence[int], cache: KVCache,
@@ -116,7 +120,9 @@ def stream_generate(engine: Transformer, tokenizer: Tokenizer, prompt: Sequence[
             generation_tokens=len(generated),
             generation_tps=n_decoded / elapsed if n_decoded and elapsed > 0 else 0.0,
             peak_memory=peak_rss_bytes(), finish_reason=finish, bytes_read=io.bytes_read,
-            reads=io.reads, io_wait=io.wait_seconds)
+            reads=io.reads, io_wait=io.wait_seconds, neurons_needed=io.neurons_needed,
+            neuron_hits=io.neuron_hits, neurons_read=io.neurons_read,
+            cache_time=io.cache_seconds)
         if finish:
             steps.close()
             return

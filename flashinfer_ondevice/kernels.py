@@ -60,24 +60,34 @@ def _activate(g, kind):
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def bundled_ffn(raw, x, ng, bits, row_nbytes, activation, hidden_act, out):
-    """FFN over row-column bundles [gate row | up row | down column] for one token.
+def gate_activations(raw, x, ng, bits, activation, out):
+    """out[i] = act(gate_i . x), gate_i being the first row of raw[i] (a bundle or a gate row)."""
+    row_nbytes = 4 * ng + GROUP * ng * bits // 8
+    for i in prange(raw.shape[0]):
+        out[i] = _activate(_row_dot(raw[i, :row_nbytes], x, ng, bits), activation)
 
-    hidden_act receives act(gate . x) * (up . x) per neuron; out receives the FFN output.
+
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
+def bundled_ffn(raw, rows, x, ng, bits, row_nbytes, activation, hidden_act, out):
+    """FFN over the row-column bundles raw[rows] ([gate row | up row | down column]) for one
+    token: the other neurons count as zero (sparse), or pass every row for the dense FFN.
+
+    hidden_act[j] receives act(gate . x) * (up . x) of neuron rows[j]; out the FFN output.
     """
-    n = raw.shape[0]
-    for i in prange(n):
+    n = rows.shape[0]
+    for j in prange(n):
+        i = rows[j]
         gate = _row_dot(raw[i, :row_nbytes], x, ng, bits)
         up = _row_dot(raw[i, row_nbytes:2 * row_nbytes], x, ng, bits)
-        hidden_act[i] = _activate(gate, activation) * up
+        hidden_act[j] = _activate(gate, activation) * up
     for g in prange(ng):
         base = g * GROUP
         acc = np.zeros(GROUP, np.float32)
-        for i in range(n):
-            a = hidden_act[i]
+        for j in range(n):
+            a = hidden_act[j]
             if a == 0.0:
                 continue
-            row = raw[i, 2 * row_nbytes:3 * row_nbytes]
+            row = raw[rows[j], 2 * row_nbytes:3 * row_nbytes]
             scale = row[4 * g: 4 * g + 4].view(np.float32)[0] * a
             payload = row[4 * ng:]
             if bits == 8:
@@ -101,5 +111,7 @@ def warm_up() -> None:
     for bits, nbytes in ((8, 4 + GROUP), (4, 4 + GROUP // 2)):
         raw = np.zeros((1, nbytes), np.uint8)
         matvec(raw, x, 1, bits, out)
-        bundled_ffn(np.zeros((1, 3 * nbytes), np.uint8), x, 1, bits, nbytes, 0,
+        bundles = np.zeros((1, 3 * nbytes), np.uint8)
+        bundled_ffn(bundles, np.zeros(1, np.int64), x, 1, bits, nbytes, 0,
                     np.zeros(1, np.float32), np.zeros(GROUP, np.float32))
+        gate_activations(bundles, x, 1, bits, 0, out)

@@ -8,6 +8,11 @@ Then, most valuable first, as long as they fit: each layer's attention matrices,
 FFN bundles, then a prefix of the output layer's rows (62% of Gemma 3). Everything else is
 read from the store every token, so bytes streamed per token = store size - resident size.
 Input embedding rows are always read on demand.
+
+With activation sparsity (a selector), FFNs never stream whole: each layer computes only the
+neurons its selector picks, from a windowed neuron cache of `cache_rows` bundles that reads
+what it lacks. The selector's data (predictors, or gate rows for gate-first) is resident,
+then attention, then the caches (all rows if they fit), then output-layer rows.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from ..store.reader import Store
 OUTPUT_CHUNK = 4 << 20  # bytes of output-layer rows streamed as one unit
 BUFFERS = (6, 4, 3, 2)  # streaming ring sizes to try: one unit computing, the others reading
 MARGIN = 12 << 20  # prefill activations, Python objects, allocator slack
+NEURON_SCRATCH = 4 << 20  # aligned buffer the neuron caches read pages into
+MIN_CACHE_ROWS = 64  # fewer cached neurons per layer than this is not worth planning
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 1024, "mib": 1 << 20, "gib": 1 << 30}
 
@@ -45,6 +52,17 @@ def parse_budget(text: str | int | float, store_bytes: int) -> int:
     return int(value * _UNITS[unit.lower()])
 
 
+@dataclass(frozen=True)
+class SparseSettings:
+    selector: str  # "gate" (exact, gate rows resident) or "predicted" (low-rank predictor)
+    sparsity: float  # calibrated target fraction of neurons skipped
+    window: int  # tokens whose neurons the caches keep
+
+    def describe(self) -> str:
+        return (f"{self.selector} selector, {self.sparsity:.0%} target sparsity, "
+                f"window {self.window}")
+
+
 @dataclass
 class Plan:
     budget: int | None
@@ -61,6 +79,9 @@ class Plan:
     fixed_bytes: int = 0  # everything but resident weights: the smallest workable budget
     resident_bytes: int = 0
     streamed_bytes: int = 0  # read from the store per token
+    sparse: SparseSettings | None = None
+    selector_bytes: int = 0  # predictors or gate rows (sparse)
+    cache_rows: int = 0  # neurons per layer the neuron caches hold (sparse, under a budget)
 
     def describe(self, store: Store) -> str:
         mb = 1e6
@@ -74,7 +95,13 @@ class Plan:
                 f"{self.buffer_bytes / mb:.1f} MB, scratch {self.scratch_bytes / mb:.1f} MB, "
                 f"tokenizer and runtime {self.overhead_bytes / mb:.1f} MB "
                 f"(+{self.transient_bytes / mb:.1f} MB while encoding)\n"
-                f"  streamed per token {self.streamed_bytes / mb:7.1f} MB")
+                f"  streamed per token {self.streamed_bytes / mb:7.1f} MB"
+                + ("" if self.sparse is None else
+                   f"\n  FFN: {self.sparse.describe()}; selector data "
+                   f"{self.selector_bytes / mb:.1f} MB, "
+                   + ("all neurons resident" if not self.cache_rows else
+                      f"neuron caches of {self.cache_rows} of {store.config.ffn_size} neurons "
+                      "per layer, the rest read on demand")))
 
 
 def _ring_size(budget: int, base: int, weights: int, buffer: int, stream_all: bool) -> int:
@@ -95,8 +122,19 @@ def kv_bytes(config: ModelConfig, ctx: int) -> int:
     return 2 * 2 * config.n_layers * config.n_kv_heads * config.head_dim * ctx  # fp16 K and V
 
 
+def selector_bytes(store: Store, sparse: SparseSettings, ffn_resident: bool) -> int:
+    """DRAM the selectors take: float32 predictors, or gate rows unless the FFN is resident."""
+    config = store.config
+    if sparse.selector == "predicted":
+        return 4 * store.sparsity.rank * (config.hidden_size + config.ffn_size) * config.n_layers
+    if ffn_resident:
+        return 0
+    return sum(store.tensors[layer_key(i, "ffn")].nbytes // 3 for i in range(config.n_layers))
+
+
 def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
-              transient: int = 0, stream_all: bool = False) -> Plan:
+              transient: int = 0, stream_all: bool = False,
+              sparse: SparseSettings | None = None) -> Plan:
     """`overhead`: bytes above baseline in use now; `transient`: bytes needed briefly while
     no generation runs (encoding a prompt loads the vocabulary), sharing the room that the
     KV cache, scratch and margin take during generation. `stream_all` keeps no weight
@@ -110,9 +148,14 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
     ffn = [[layer_key(i, "ffn")] for i in range(config.n_layers)]
     plan = Plan(budget, head, kv_bytes=kv_bytes(config, ctx),
                 scratch_bytes=config.vocab_size * 4 * 6 + (4 << 20), overhead_bytes=overhead,
-                transient_bytes=transient)
+                transient_bytes=transient, sparse=sparse)
     plan.resident |= vectors
-    units = attention + ffn
+    units = attention + ffn if sparse is None or budget is None else attention
+    if sparse is not None and budget is None:
+        plan.selector_bytes = selector_bytes(store, sparse, ffn_resident=True)
+    elif sparse is not None:
+        plan.selector_bytes = selector_bytes(store, sparse, ffn_resident=False)
+        plan.scratch_bytes += NEURON_SCRATCH
     if budget is None:
         for names in units:
             plan.resident |= set(names)
@@ -120,10 +163,15 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
     else:
         largest = max(max(sum(tensors[n].nbytes for n in u) for u in units),
                       min(OUTPUT_CHUNK, tensors[head].nbytes))
+        bundle = tensors[layer_key(0, "ffn")].row_nbytes
+        min_caches = 0 if sparse is None else MIN_CACHE_ROWS * bundle * config.n_layers
         working = max(plan.kv_bytes + plan.scratch_bytes + MARGIN, transient + MARGIN // 2)
         base = overhead + working + sum(tensors[n].nbytes for n in vectors)
         weights = sum(e.nbytes for n, e in tensors.items() if n not in vectors
                       and n != ("output" if head == "embed" else "embed"))
+        if sparse is not None:  # FFNs go to the neuron caches, never through the ring
+            weights -= sum(tensors[n].nbytes for (n,) in ffn)
+            base += min_caches + plan.selector_bytes
         plan.buffer_unit = align_up(largest + 4096)
         plan.buffers = _ring_size(budget, base, weights, plan.buffer_unit, stream_all)
         plan.buffer_bytes = plan.buffers * plan.buffer_unit
@@ -140,10 +188,17 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
             if size <= room:
                 plan.resident |= set(names)
                 room -= size
+        if sparse is not None:
+            room += min_caches
+            plan.cache_rows = min(config.ffn_size, room // (bundle * config.n_layers))
+            room -= plan.cache_rows * bundle * config.n_layers
         plan.head_resident_rows = min(tensors[head].rows, room // tensors[head].row_nbytes)
     plan.resident_bytes = (sum(tensors[n].nbytes for n in plan.resident)
                            + plan.head_resident_rows * tensors[head].row_nbytes)
-    streamed = [n for n in tensors if n not in plan.resident and n not in ("embed", "output")]
+    if plan.cache_rows:
+        plan.resident_bytes += plan.cache_rows * bundle * config.n_layers
+    streamed = [n for n in tensors if n not in plan.resident and n not in ("embed", "output")
+                and not (plan.cache_rows and n.endswith(".ffn"))]
     plan.streamed_bytes = (sum(tensors[n].nbytes for n in streamed)
                            + (tensors[head].rows - plan.head_resident_rows)
                            * tensors[head].row_nbytes)

@@ -52,16 +52,28 @@ class BundledFFN:
 
     def apply(self, x: np.ndarray, activation: str, activation_fn) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.zeros((len(x), self.hidden), np.float32)
         if len(x) == 1 and self.codec.name != "f16":
-            hidden_act = np.empty(len(self.raw), np.float32)
-            kernels.bundled_ffn(self.raw, x[0], self.codec.groups(self.hidden), self.codec.bits,
-                                self.row_nbytes, ACTIVATION_KIND[activation], hidden_act, out[0])
-            return out
+            return self.apply_rows(x[0], np.arange(len(self.raw)), activation)[None]
+        out = np.zeros((len(x), self.hidden), np.float32)
         rb = self.row_nbytes
         for start in range(0, len(self.raw), _DECODE_ROWS):
             chunk = self.raw[start:start + _DECODE_ROWS]
             gate = x @ self.codec.decode(chunk[:, :rb], self.hidden).T
             up = x @ self.codec.decode(chunk[:, rb:2 * rb], self.hidden).T
             out += (activation_fn(gate) * up) @ self.codec.decode(chunk[:, 2 * rb:], self.hidden)
+        return out
+
+    def apply_rows(self, x: np.ndarray, rows: np.ndarray, activation: str) -> np.ndarray:
+        """The FFN output of one token (x: (hidden,)) counting only neurons raw[rows]."""
+        out = np.empty(self.hidden, np.float32)
+        hidden_act = np.empty(len(rows), np.float32)
+        kernels.bundled_ffn(self.raw, rows, x, self.codec.groups(self.hidden), self.codec.bits,
+                            self.row_nbytes, ACTIVATION_KIND[activation], hidden_act, out)
+        return out
+
+    def gate_activations(self, x: np.ndarray, activation: str) -> np.ndarray:
+        """act(gate . x) of every neuron for one token (x: (hidden,))."""
+        out = np.empty(len(self.raw), np.float32)
+        kernels.gate_activations(self.raw, x, self.codec.groups(self.hidden), self.codec.bits,
+                                 ACTIVATION_KIND[activation], out)
         return out

@@ -16,10 +16,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import ModelConfig
+from ..sparsity.neuron_cache import NeuronCache
+from ..sparsity.record import load_predictors
+from ..sparsity.selectors import GateFirstSelector, PredictedSelector
 from ..store.format import ALIGN, LAYER_VECTORS, layer_key
 from ..store.io import DirectReader, PendingRead, aligned_buffer
 from ..store.reader import Store, TensorEntry
-from .planner import OUTPUT_CHUNK, Plan
+from .planner import NEURON_SCRATCH, OUTPUT_CHUNK, Plan
+from .sparse_ffn import SparseFFN
 from .stored import BundledFFN, StoredMatrix
 
 
@@ -63,7 +67,7 @@ class StoredLayer:
     wk: StoredMatrix
     wv: StoredMatrix
     wo: StoredMatrix
-    bundles: BundledFFN
+    bundles: BundledFFN | SparseFFN
     vectors: dict[str, np.ndarray]
     input_formats: dict = field(default_factory=dict)
 
@@ -74,6 +78,8 @@ class StoredLayer:
 
 
 class StreamedWeights:
+    """`ffns[i]`, when set, replaces layer i's FFN (sparse FFNs, calibration recorders)."""
+
     def __init__(self, store: Store, plan: Plan, reader: DirectReader):
         self.store, self.plan, self.reader = store, plan, reader
         self.config: ModelConfig = store.config
@@ -90,7 +96,8 @@ class StreamedWeights:
         self._units: list[_Unit] = []
         self._layer_unit: dict[int, int] = {}
         for i in range(self.config.n_layers):
-            names = [layer_key(i, f) for f in ("wq", "wk", "wv", "wo", "ffn")]
+            fields = ("wq", "wk", "wv", "wo") + (() if plan.cache_rows else ("ffn",))
+            names = [layer_key(i, f) for f in fields]
             streamed = [n for n in names if n not in plan.resident]
             if streamed:
                 unit = _Unit()
@@ -113,6 +120,42 @@ class StreamedWeights:
         self.rope_freq_factors = self._vectors.get("rope_freqs")
         self.lm_head = _StreamedHead(self)
         self.lm_head_format = None
+        self.ffns: dict[int, object] = {}
+        if plan.sparse is not None:
+            self._make_sparse_ffns()
+
+    def _make_sparse_ffns(self) -> None:
+        from ..model import ACTIVATIONS
+
+        sparse, config, record = self.plan.sparse, self.config, self.store.sparsity
+        activation = config.traits.activation
+        activation_fn = ACTIVATIONS[activation]
+        k = record.target_index(sparse.sparsity)
+        if sparse.selector == "predicted":
+            load_predictors(record, config, self.store.path)
+        scratch = aligned_buffer(NEURON_SCRATCH) if self.plan.cache_rows else None
+        for i in range(config.n_layers):
+            entry = self.store.tensors[layer_key(i, "ffn")]
+            layer = record.layers[i]
+            bundles = self._resident.get(entry.name)
+            if sparse.selector == "predicted":
+                selector = PredictedSelector(layer.a, layer.b, layer.predictor_thresholds[k],
+                                             activation_fn)
+            else:
+                gates = bundles
+                if gates is None:  # gate rows only, read once from the bundles
+                    gate_rows = self._read_all(entry)[:, :entry.row_nbytes // 3].copy()
+                    gates = BundledFFN(gate_rows, entry.codec, entry.cols)
+                selector = GateFirstSelector(gates, layer.thresholds[k], activation)
+            cache = None
+            if bundles is None:
+                cache = NeuronCache(entry, self.reader, self.plan.cache_rows, sparse.window,
+                                    scratch)
+            self.ffns[i] = SparseFFN(selector, config.hidden_size, self.reader.stats,
+                                     bundles, cache)
+
+    def resident_ffn(self, layer: int) -> BundledFFN | None:
+        return self._resident.get(layer_key(layer, "ffn"))
 
     # reading ---------------------------------------------------------------------------
     def _read_rows(self, entry: TensorEntry, start: int, end: int) -> np.ndarray:
@@ -175,7 +218,8 @@ class StreamedWeights:
 
             vectors = {f: self._vectors[layer_key(i, f)] for f in LAYER_VECTORS
                        if layer_key(i, f) in self._vectors}
-            yield StoredLayer(get("wq"), get("wk"), get("wv"), get("wo"), get("ffn"), vectors)
+            ffn = self.ffns[i] if i in self.ffns else get("ffn")
+            yield StoredLayer(get("wq"), get("wk"), get("wv"), get("wo"), ffn, vectors)
 
     def embedding(self, tokens: np.ndarray) -> np.ndarray:
         """Input embedding rows, read on demand (from DRAM if that row is resident)."""

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -30,16 +30,21 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
 
 @dataclass
 class IOStats:
+    """Counters of a run from a store: reads, and the sparse FFN's neuron bookkeeping."""
+
     bytes_read: int = 0
     reads: int = 0
-    wait_seconds: float = 0.0
+    wait_seconds: float = 0.0  # waiting for reads
+    neurons_needed: int = 0  # FFN neurons the selectors chose
+    neuron_hits: int = 0  # of those, already in a neuron cache
+    neurons_read: int = 0  # read from the store into a neuron cache
+    cache_seconds: float = 0.0  # selecting neurons and managing the caches (not reads)
 
     def snapshot(self) -> IOStats:
-        return IOStats(self.bytes_read, self.reads, self.wait_seconds)
+        return replace(self)
 
     def since(self, earlier: IOStats) -> IOStats:
-        return IOStats(self.bytes_read - earlier.bytes_read, self.reads - earlier.reads,
-                       self.wait_seconds - earlier.wait_seconds)
+        return IOStats(*(getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)))
 
 
 class PendingRead:

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..config import ModelConfig
 from ..errors import FlashInferError
 from ..quant.codecs import CODECS
+from ..sparsity.record import SparsityRecord, parse_record
 from .format import ALIGN, FORMAT, MANIFEST, MAX_MANIFEST_BYTES, VERSION, layer_key
 
 
@@ -46,6 +47,7 @@ class Store:
     tokenizer: dict
     chat_template: str | None
     nbytes: int  # size of weights.bin
+    sparsity: SparsityRecord | None = None  # calibration results, if calibrated
 
 
 def is_store(path: Path) -> bool:
@@ -168,6 +170,12 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
     if not isinstance(tokenizer, dict) or tokenizer.get("kind") not in ("gguf", "hf") or \
             not all(n in sizes for n in tokenizer.get("files", [])):
         _fail(path, "tokenizer record is missing or names unlisted files")
+    sparsity = None
+    if "sparsity" in manifest:
+        try:
+            sparsity = parse_record(manifest["sparsity"], config, sizes)
+        except ValueError as exc:
+            _fail(path, str(exc))
     if verify:
         for name, info in files.items():
             digest = hashlib.sha256()
@@ -178,4 +186,5 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
                 _fail(path, f"checksum mismatch in {name}")
     template = manifest.get("chat_template")
     return Store(path, store_codec, config, tensors, tokenizer,
-                 template if isinstance(template, str) else None, sizes.get("weights.bin", 0))
+                 template if isinstance(template, str) else None, sizes.get("weights.bin", 0),
+                 sparsity)

@@ -1,0 +1,1 @@
+"""Activation sparsity for GeGLU/SwiGLU FFNs: calibration, neuron selectors, neuron cache."""

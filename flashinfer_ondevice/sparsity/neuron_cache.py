@@ -1,0 +1,104 @@
+"""Windowed neuron cache (LLM in a flash): one layer's recently used FFN bundles in DRAM.
+
+Preallocated rows, the neuron id held by each row, and the row of each neuron. After each
+token the cache keeps the union of the last `window` tokens' neurons (as far as capacity
+allows); a token reads only the neurons it needs that are not cached, their byte ranges
+widened to pages and coalesced. Deleting a neuron moves the last row into its place, so the
+rows stay packed and compute runs over row indices.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..runtime.stored import BundledFFN
+from ..store.format import ALIGN
+from ..store.io import DirectReader
+from ..store.reader import TensorEntry
+
+_NEVER = np.iinfo(np.int64).min // 2
+
+
+class NeuronCache:
+    def __init__(self, entry: TensorEntry, reader: DirectReader, capacity: int, window: int,
+                 scratch: np.ndarray):
+        self.entry, self.reader, self.window, self.scratch = entry, reader, window, scratch
+        self.capacity = capacity
+        self.rows = np.zeros((capacity, entry.row_nbytes), np.uint8)
+        self.ffn = BundledFFN(self.rows, entry.codec, entry.cols)
+        self.ids = np.zeros(capacity, np.int64)  # neuron held by each row
+        self.row_of = np.full(entry.rows, -1, np.int64)  # row of each neuron, -1 if absent
+        self.last_used = np.full(entry.rows, _NEVER, np.int64)  # token step of last use
+        self.size = 0
+        self.step = 0
+
+    def apply(self, x: np.ndarray, needed: np.ndarray, activation: str) -> np.ndarray:
+        """FFN output for one token over the neurons `needed` (sorted ids)."""
+        stats = self.reader.stats
+        start = time.perf_counter()
+        self.step += 1
+        self.last_used[needed] = self.step
+        stale = self.last_used[self.ids[:self.size]] <= self.step - self.window
+        self._delete(np.flatnonzero(stale))
+        stats.neurons_needed += len(needed)
+        stats.neuron_hits += int(np.count_nonzero(self.row_of[needed] >= 0))
+        out = np.zeros(self.entry.cols, np.float32)
+        for first in range(0, len(needed), self.capacity):  # more than fits: in parts
+            part = needed[first:first + self.capacity]
+            missing = part[self.row_of[part] < 0]
+            overflow = self.size + len(missing) - self.capacity
+            if overflow > 0:  # evict the least recently used rows outside this part
+                keep = np.zeros(self.size, bool)
+                keep[self.row_of[part][self.row_of[part] >= 0]] = True
+                candidates = np.flatnonzero(~keep)
+                order = np.argsort(self.last_used[self.ids[candidates]], kind="stable")
+                self._delete(candidates[order[:overflow]])
+            stats.cache_seconds += time.perf_counter() - start
+            self._read(missing)
+            start = time.perf_counter()
+            out += self.ffn.apply_rows(x, self.row_of[part], activation)
+        return out
+
+    def _delete(self, rows: np.ndarray) -> None:
+        """Remove the neurons in `rows`, filling the holes with the last rows."""
+        if not len(rows):
+            return
+        dropped = np.zeros(self.size, bool)
+        dropped[rows] = True
+        self.row_of[self.ids[rows]] = -1
+        new_size = self.size - len(rows)
+        holes = np.flatnonzero(dropped[:new_size])
+        movers = new_size + np.flatnonzero(~dropped[new_size:self.size])
+        self.rows[holes] = self.rows[movers]
+        self.ids[holes] = self.ids[movers]
+        self.row_of[self.ids[holes]] = holes
+        self.size = new_size
+
+    def _read(self, neurons: np.ndarray) -> None:
+        """Read `neurons` (sorted, absent, fitting) into rows size.. size+len, in batches
+        that fit the scratch buffer."""
+        rb = self.entry.row_nbytes
+        per_batch = max(1, len(self.scratch) // (rb + 2 * ALIGN))
+        for first in range(0, len(neurons), per_batch):
+            batch = neurons[first:first + per_batch]
+            starts = self.entry.offset + batch * rb
+            first_page, last_page = starts // ALIGN, (starts + rb - 1) // ALIGN
+            spans = last_page - first_page + 1
+            pages = np.unique(np.repeat(first_page, spans)
+                              + np.arange(spans.sum()) - np.repeat(np.cumsum(spans) - spans,
+                                                                   spans))
+            # contiguous page runs become single reads; page k lands at scratch[k * ALIGN]
+            breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+            runs = np.split(np.arange(len(pages)), breaks)
+            ranges = [(int(pages[r[0]]) * ALIGN, len(r) * ALIGN, int(r[0]) * ALIGN)
+                      for r in runs]
+            self.reader.submit(ranges, self.scratch).wait()
+            where = np.searchsorted(pages, first_page) * ALIGN + starts % ALIGN
+            rows = np.arange(self.size, self.size + len(batch))
+            self.rows[rows] = self.scratch[where[:, None] + np.arange(rb)]
+            self.ids[rows] = batch
+            self.row_of[batch] = rows
+            self.size += len(batch)
+        self.reader.stats.neurons_read += len(neurons)

@@ -1,0 +1,36 @@
+"""Neuron selectors: which FFN neurons one token computes (the others count as zero).
+
+Gate-first is exact: it computes act(gate . x) for every neuron from resident gate rows and
+keeps those whose magnitude passes the layer's calibrated threshold (CATS). Predicted (LLM in
+a flash) runs a rank-r predictor x A B of the gate and keeps neurons whose predicted |act|
+passes a threshold set on calibration data for high recall; unselected neurons cost nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..runtime.stored import BundledFFN
+
+
+class GateFirstSelector:
+    """`gates`: rows whose first encoded row is a neuron's gate (the bundles, or gate rows)."""
+
+    def __init__(self, gates: BundledFFN, threshold: float, activation: str):
+        self.gates, self.threshold, self.activation = gates, threshold, activation
+
+    def select(self, x: np.ndarray) -> np.ndarray:
+        act = self.gates.gate_activations(x, self.activation)
+        return np.flatnonzero(np.abs(act) > self.threshold)
+
+
+class PredictedSelector:
+    def __init__(self, a: np.ndarray, b: np.ndarray, threshold: float,
+                 activation_fn: Callable[[np.ndarray], np.ndarray]):
+        self.a, self.b, self.threshold, self.activation_fn = a, b, threshold, activation_fn
+
+    def select(self, x: np.ndarray) -> np.ndarray:
+        predicted = self.activation_fn((x @ self.a) @ self.b)
+        return np.flatnonzero(np.abs(predicted) > self.threshold)

@@ -1,0 +1,231 @@
+"""Activation sparsity: calibration record, selectors, the windowed neuron cache, eval.
+
+Sparse results are checked against what they must equal: gate-first with a zero threshold is
+the dense FFN; a sparse run under a memory budget (neuron caches reading from the store)
+computes the same neurons as the resident sparse run, for every window and cache size.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import flashinfer_ondevice as fi
+from flashinfer_ondevice.cli import main
+from flashinfer_ondevice.errors import FlashInferError
+from flashinfer_ondevice.model import Transformer
+from flashinfer_ondevice.runtime.planner import MIN_CACHE_ROWS, SparseSettings, make_plan
+from flashinfer_ondevice.runtime.streamed import StreamedWeights
+from flashinfer_ondevice.sparsity import calibrate as calibration
+from flashinfer_ondevice.sparsity.calibrate import calibrate
+from flashinfer_ondevice.sparsity.neuron_cache import NeuronCache
+from flashinfer_ondevice.store.convert import convert
+from flashinfer_ondevice.store.io import DirectReader, aligned_buffer
+from flashinfer_ondevice.store.reader import StoreError, open_store
+
+TEXT = " ".join(["the quick brown fox jumps over the lazy dog and runs far away"] * 60)
+IDS = [1, *range(20, 44)]
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_gguf, tmp_path_factory):
+    """arch -> a calibrated tiny int8 store (calibrated once per module)."""
+    folder = tmp_path_factory.mktemp("sparse")
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            path = convert(tiny_gguf(arch), folder / f"{arch}.store", "int8")
+            calibrate(path, TEXT, tokens=600)
+            cache[arch] = path
+        return cache[arch]
+
+    return get
+
+
+def engine_for(path, budget, sparse, overhead=0):
+    store = open_store(path)
+    plan = make_plan(store, budget, ctx=64, overhead=overhead, sparse=sparse)
+    reader = DirectReader(path / "weights.bin")
+    weights = StreamedWeights(store, plan, reader)
+    return Transformer(store.config, weights), plan, reader
+
+
+def decode(engine, ids=IDS):
+    cache = engine.new_cache(len(ids))
+    return np.concatenate([engine.forward(np.array([t]), cache) for t in ids])
+
+
+def test_calibration_is_recorded_and_validated(calibrated):
+    path = calibrated("gemma3")
+    store = open_store(path, verify=True)  # checksums include sparsity.bin
+    record = store.sparsity
+    assert record.targets == calibration.TARGETS
+    assert record.rank == store.config.hidden_size  # capped by the hidden size
+    for layer in record.layers:
+        assert layer.thresholds == sorted(layer.thresholds)  # sparser = higher threshold
+        assert all(t > 0 for t in layer.thresholds)
+    # the predictor keeps at least `recall` of the neurons the target leaves (here it is
+    # full rank, so about exactly that)
+    kept = record.calibration["predicted_kept"]
+    assert all(k >= record.recall * (1 - t) - 0.01
+               for k, t in zip(kept, record.targets, strict=True))
+    assert not [p for p in path.iterdir() if p.name.startswith(".calibration")]
+
+
+def test_gate_first_selects_the_calibrated_fraction(calibrated):
+    path = calibrated("gemma3")
+    engine, _, reader = engine_for(path, None, SparseSettings("gate", 0.5, 4))
+    decode(engine, [1, *range(30, 90)])
+    n = engine.config
+    kept = reader.stats.neurons_needed / (61 * n.ffn_size * n.n_layers)
+    assert 0.3 < kept < 0.7  # 50% target, calibrated on other text
+
+
+def test_zero_threshold_gate_first_is_the_dense_ffn(calibrated):
+    path = calibrated("llama")
+    dense, _, _ = engine_for(path, None, None)
+    sparse, _, reader = engine_for(path, None, SparseSettings("gate", 0.3, 4))
+    for ffn in sparse.weights.ffns.values():
+        ffn.selector.threshold = -1.0  # every neuron passes
+    expected = decode(dense)
+    np.testing.assert_allclose(decode(sparse), expected, rtol=0, atol=1e-5 * abs(expected).max())
+    cfg = sparse.config
+    assert reader.stats.neurons_needed == len(IDS) * cfg.ffn_size * cfg.n_layers
+
+
+@pytest.mark.parametrize("selector", ["gate", "predicted"])
+def test_neuron_caches_compute_what_resident_sparse_does(calibrated, selector):
+    path = calibrated("gemma3")
+    resident, _, _ = engine_for(path, None, SparseSettings(selector, 0.5, 1))
+    expected = decode(resident)
+    store = open_store(path)
+    bundle = store.tensors["layers.0.ffn"].row_nbytes
+    ffn_size = store.config.ffn_size
+    smallest = make_plan(store, 10**12, 64, 0, sparse=SparseSettings(selector, 0.5, 1))
+    for window in (1, 4):
+        # every neuron fits / the smallest caches: about one token's neurons, sometimes fewer
+        for budget, cache_rows in ((10**12, ffn_size), (smallest.fixed_bytes, MIN_CACHE_ROWS)):
+            engine, plan, reader = engine_for(path, budget, SparseSettings(selector, 0.5,
+                                                                           window))
+            assert plan.cache_rows == cache_rows
+            got = decode(engine)
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * abs(expected).max())
+            s = reader.stats
+            assert s.neurons_needed > 0 and s.neurons_read > 0
+            if cache_rows == ffn_size:
+                assert s.neuron_hits + s.neurons_read == s.neurons_needed
+                if window > 1:
+                    assert s.neuron_hits > s.neurons_read  # the window keeps most
+            assert s.bytes_read >= s.neurons_read * bundle
+
+
+def test_neuron_cache_keeps_the_window_and_the_right_bytes(calibrated):
+    path = calibrated("gemma3")
+    entry = open_store(path).tensors["layers.2.ffn"]
+    reader = DirectReader(path / "weights.bin")
+    cache = NeuronCache(entry, reader, capacity=100, window=2, scratch=aligned_buffer(1 << 16))
+    bundles = np.fromfile(entry.path, np.uint8, entry.nbytes, offset=entry.offset).reshape(
+        entry.rows, -1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(entry.cols).astype(np.float32)
+    history = []
+    for _ in range(12):
+        needed = np.sort(rng.choice(entry.rows, rng.integers(10, 60), replace=False))
+        history.append(set(needed.tolist()))
+        cache.apply(x, needed, "gelu_tanh")
+        held = cache.ids[:cache.size]
+        assert len(set(held.tolist())) == cache.size <= cache.capacity
+        assert set(held.tolist()) <= history[-1] | history[-2] if len(history) > 1 else True
+        assert history[-1] <= set(held.tolist())  # this token's neurons are all cached
+        np.testing.assert_array_equal(cache.row_of[held], np.arange(cache.size))
+        np.testing.assert_array_equal(cache.rows[:cache.size], bundles[held])
+
+
+def test_interrupted_calibration_leaves_a_working_store(calibrated, tmp_path, monkeypatch):
+    path = shutil.copytree(calibrated("llama"), tmp_path / "store")
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibration, "write_predictors", fail)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(path, TEXT, tokens=300)
+    store = open_store(path, verify=True)  # still consistent, now without calibration
+    assert store.sparsity is None
+    with pytest.raises(FlashInferError, match="no sparsity calibration"):
+        fi.load(path, selector="gate")
+
+
+def _edit(change):
+    def edit(path):
+        manifest = json.loads((path / "manifest.json").read_text())
+        change(manifest)
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_edit(lambda m: m["sparsity"].update(rank=10**6)), "rank"),
+    (_edit(lambda m: m["sparsity"]["layers"][0]["thresholds"].__setitem__(0, -1.0)),
+     "thresholds are invalid"),
+    (_edit(lambda m: m["sparsity"]["layers"].pop()), "wrong number of layers"),
+    (_edit(lambda m: m["sparsity"]["defaults"].update(selector="magic")), "defaults"),
+    (_edit(lambda m: m["sparsity"].update(file="../weights.bin")), "malformed"),
+    (lambda p: (p / "sparsity.bin").write_bytes(b"\0" * 64), "sparsity.bin has 64 bytes"),
+])
+def test_corrupt_sparsity_records_are_refused(calibrated, tmp_path, edit, message):
+    path = shutil.copytree(calibrated("llama"), tmp_path / "store")
+    edit(path)
+    with pytest.raises(StoreError, match=message):
+        open_store(path)
+
+
+def test_sparsity_settings_are_checked(calibrated):
+    path = calibrated("llama")
+    with pytest.raises(FlashInferError, match="was not calibrated"):
+        fi.load(path, selector="gate", sparsity=0.42)
+    with pytest.raises(FlashInferError, match="unknown selector"):
+        fi.load(path, selector="oracle")
+    model = fi.load(path)  # resident: gate-first from the store's defaults
+    assert model.plan.sparse == SparseSettings("gate", calibration.DEFAULTS["sparsity"],
+                                               calibration.DEFAULTS["window"])
+    assert fi.load(path, selector="dense").plan.sparse is None
+
+
+def test_eval_command_reports_quality_against_dense(calibrated, tmp_path):
+    path = calibrated("gemma3")
+    text = tmp_path / "eval.txt"
+    text.write_text("a lazy dog runs over the quick brown fox " * 20)
+    runner = CliRunner()
+    dense = runner.invoke(main, ["eval", "-m", str(path), "-f", str(text), "--json",
+                                 "--compare-dense", "--selector", "dense", "-c", "64"])
+    assert dense.exit_code == 0, dense.output
+    report = json.loads(dense.output)
+    assert report["top1_agreement"] == 1.0 and report["mean_kl"] < 1e-9
+    assert report["perplexity"] == pytest.approx(report["reference_perplexity"])
+    assert report["tokens"] > 100
+    sparse = runner.invoke(main, ["eval", "-m", str(path), "-f", str(text), "--json",
+                                  "--compare-dense", "--selector", "gate", "--sparsity", "0.7",
+                                  "-c", "64", "--memory-budget", "2GB"])
+    assert sparse.exit_code == 0, sparse.output
+    report = json.loads(sparse.output)
+    assert report["mean_kl"] > 0 and report["neurons_needed_per_token"] > 0
+    assert report["bytes_read_per_token"] > 0
+
+
+def test_convert_calibrate_cli(tiny_gguf, tmp_path):
+    text = tmp_path / "cal.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "store"
+    result = CliRunner().invoke(main, ["convert", str(tiny_gguf("qwen2")), "-o", str(out),
+                                       "--calibrate", "-f", str(text),
+                                       "--calibration-tokens", "300"])
+    assert result.exit_code == 0, result.output
+    assert open_store(out).sparsity.calibration["tokens"] >= 300
+    again = CliRunner().invoke(main, ["convert", str(out)])
+    assert again.exit_code == 1 and "already a flash store" in again.output

@@ -1,0 +1,126 @@
+"""Activation sparsity on held-out text: quality per selector and target sparsity, and the
+neuron cache's reads per window under a memory budget.
+
+    python tools/bench_sparsity.py [--store STORE] [-f data/eval/apache-2.0.txt]
+        [--tokens 1000] [--io-tokens 128] [--budget 50%] [--out docs/sparsity.json]
+
+Quality (fully resident, so only sparsity changes the result): perplexity, top-1 agreement
+with the dense model and mean KL(dense || sparse) for each selector x target sparsity.
+Windows do not change results (the same neurons are computed), only what is read: each
+selector x sparsity x window runs in a child process under the budget and reports neurons
+needed / cached / read and bytes read per token, with the time split into I/O wait, cache
+management and the rest (compute). Writes a markdown table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SELECTORS = ("gate", "predicted")
+WINDOWS = (1, 2, 4, 8)
+IO_SPARSITIES = (0.3, 0.5, 0.7)
+
+
+def io_worker(store: str, text: str, selector: str, sparsity: float, window: int,
+              budget: str, tokens: int) -> dict:
+    import flashinfer_ondevice as fi
+    from flashinfer_ondevice.evaluate import evaluate
+
+    model = fi.load(store, memory_budget=budget, selector=selector, sparsity=sparsity,
+                    window=window, ctx_size=512, threads=2)
+    report = evaluate(model, text, 512, tokens)
+    ms = report.seconds / report.tokens * 1000
+    return {"cache_rows": model.plan.cache_rows, "tps": report.tokens / report.seconds,
+            "ms_per_token": ms, **report.as_dict()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", default=None, help="calibrated store [default model's]")
+    parser.add_argument("-f", "--file", default=str(ROOT / "data/eval/apache-2.0.txt"))
+    parser.add_argument("--tokens", type=int, default=1000)
+    parser.add_argument("--io-tokens", type=int, default=128)
+    parser.add_argument("--budget", default="50%")
+    parser.add_argument("--out", default=str(ROOT / "docs/sparsity.json"))
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    text = Path(args.file).read_text(encoding="utf-8")
+    if args.worker:
+        selector, sparsity, window, budget = args.worker
+        print(json.dumps(io_worker(args.store, text, selector, float(sparsity), int(window),
+                                   budget, args.io_tokens)))
+        return
+
+    import flashinfer_ondevice as fi
+    from flashinfer_ondevice.api import ensure_store
+    from flashinfer_ondevice.default_model import default_model_path
+    from flashinfer_ondevice.evaluate import evaluate
+    from flashinfer_ondevice.store.reader import open_store
+
+    store = args.store or str(ensure_store(default_model_path()))
+    reference = fi.load(store, selector="dense", ctx_size=512, threads=2)
+    targets = open_store(store).sparsity.targets
+    quality = []
+    for selector in SELECTORS:
+        for sparsity in targets:
+            model = fi.load(store, selector=selector, sparsity=sparsity, ctx_size=512, threads=2)
+            report = evaluate(model, text, 512, args.tokens, reference)
+            quality.append({"selector": selector, "sparsity": sparsity,
+                            "kept": report.neurons_needed_per_token
+                            / (model.config.ffn_size * model.config.n_layers),
+                            **report.as_dict()})
+            print(json.dumps(quality[-1]), flush=True)
+            del model
+    del reference
+    io = []
+    for selector in SELECTORS:
+        for sparsity in IO_SPARSITIES:
+            for window in WINDOWS:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--store", store, "-f", args.file,
+                     "--io-tokens", str(args.io_tokens), "--worker", selector, str(sparsity),
+                     str(window), args.budget], capture_output=True, text=True, check=True)
+                io.append({"selector": selector, "sparsity": sparsity, "window": window,
+                           **json.loads(out.stdout.strip().splitlines()[-1])})
+                print(json.dumps(io[-1]), flush=True)
+    result = {"store": store, "text": args.file, "budget": args.budget, "targets": targets,
+              "date": time.strftime("%Y-%m-%d"), "quality": quality, "io": io}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(render(result))
+
+
+def render(result: dict) -> str:
+    lines = [f"Quality on {Path(result['text']).name} ({result['quality'][0]['tokens']} tokens "
+             f"scored), fully resident; dense perplexity "
+             f"{result['quality'][0]['reference_perplexity']:.3f}", "",
+             "| selector | target sparsity | neurons kept | perplexity | ppl change | "
+             "top-1 agreement | mean KL |", "|---|---|---|---|---|---|---|"]
+    for q in result["quality"]:
+        change = (q["perplexity"] / q["reference_perplexity"] - 1) * 100
+        lines.append(f"| {q['selector']} | {q['sparsity']:.0%} | {q['kept']:.1%} | "
+                     f"{q['perplexity']:.3f} | {change:+.2f}% | {q['top1_agreement']:.1%} | "
+                     f"{q['mean_kl']:.4f} |")
+    lines += ["", f"Neuron cache under a {result['budget']} budget "
+              f"({result['io'][0]['tokens']} tokens, per token):", "",
+              "| selector | sparsity | window | cache rows/layer | needed | cached | read | "
+              "MB read | ms/token | I/O wait ms | cache ms | compute ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["io"]:
+        compute = r["ms_per_token"] - r["io_wait_ms_per_token"] - r["cache_ms_per_token"]
+        lines.append(f"| {r['selector']} | {r['sparsity']:.0%} | {r['window']} | "
+                     f"{r['cache_rows']} | {r['neurons_needed_per_token']:.0f} | "
+                     f"{r['neuron_hits_per_token']:.0f} | {r['neurons_read_per_token']:.0f} | "
+                     f"{r['bytes_read_per_token'] / 1e6:.1f} | {r['ms_per_token']:.1f} | "
+                     f"{r['io_wait_ms_per_token']:.1f} | {r['cache_ms_per_token']:.1f} | "
+                     f"{compute:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
