@@ -1,10 +1,11 @@
-"""Prompt and decode speed of the dense engine against llama.cpp, side by side.
+"""Prompt and decode speed with all memory available: our engines against llama.cpp.
 
     python tools/bench_dense.py [-m MODEL] [--runs 5] [-t 2] [--json out.json] [--md out.md]
 
-Each run times both engines back to back (alternating which goes first) on the same prompt
-and the same greedy 64-token decode, so machine noise hits both alike. Reports medians and
-the ratio ours / llama.cpp.
+Engines: the numpy reference on the GGUF, the fast path (numba kernels on the int8 store)
+and, for a calibrated store, the fast path with the store's default FFN sparsity. Each run
+times every engine back to back (order alternating) on the same prompt and greedy 64-token
+decode, so machine noise hits all alike. Reports medians and ratios to llama.cpp.
 """
 
 from __future__ import annotations
@@ -53,45 +54,51 @@ def main() -> None:
     from llama_cpp import Llama
 
     import flashinfer_ondevice as fi
+    from flashinfer_ondevice.api import ensure_store
+    from flashinfer_ondevice.default_model import default_model_path
+    from flashinfer_ondevice.store.reader import open_store
 
-    model = fi.load(args.model, threads=args.threads)
-    llm = Llama(str(model.path), n_ctx=512, n_batch=512, n_threads=args.threads,
-                n_threads_batch=args.threads, verbose=False)
-    ids = model.tokenize(PROMPT)
-    time_ours(model, ids, 4)  # warm both up
-    time_llama_cpp(llm, ids, 4)
-    samples: dict[str, list[float]] = {k: [] for k in
-                                       ("ours_prompt", "ours_decode", "llama_prompt",
-                                        "llama_decode")}
-    for run in range(args.runs):
-        order = [("ours", time_ours, model), ("llama", time_llama_cpp, llm)]
-        for name, fn, engine in (order if run % 2 == 0 else order[::-1]):
-            prompt_tps, decode_tps = fn(engine, ids, args.decode_tokens)
-            samples[f"{name}_prompt"].append(prompt_tps)
-            samples[f"{name}_decode"].append(decode_tps)
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    sd = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in samples.items()}
-    result = {
-        "model": str(model.path.name), "threads": args.threads, "runs": args.runs,
-        "prompt_tokens": len(ids), "decode_tokens": args.decode_tokens,
-        "machine": platform.processor() or platform.machine(), "samples": samples,
-        "median": med, "decode_ratio": med["ours_decode"] / med["llama_decode"],
-        "prompt_ratio": med["ours_prompt"] / med["llama_prompt"],
+    gguf = Path(args.model) if args.model else default_model_path()
+    store = ensure_store(gguf, "int8")
+    engines = {
+        "numpy reference (GGUF)": fi.load(gguf, threads=args.threads),
+        "fast path (int8 store, numba)": fi.load(store, threads=args.threads,
+                                                 selector="dense"),
     }
-    rows = [
-        "| engine | test | t/s median | t/s sd | ratio vs llama.cpp |",
-        "|---|---|---:|---:|---:|",
-        f"| flashinfer-ondevice (numpy) | pp{len(ids)} | {med['ours_prompt']:.1f} | "
-        f"{sd['ours_prompt']:.1f} | {result['prompt_ratio']:.2f}x |",
-        f"| llama.cpp | pp{len(ids)} | {med['llama_prompt']:.1f} | {sd['llama_prompt']:.1f} |"
-        " 1.00x |",
-        f"| flashinfer-ondevice (numpy) | tg{args.decode_tokens} | {med['ours_decode']:.1f} | "
-        f"{sd['ours_decode']:.1f} | {result['decode_ratio']:.2f}x |",
-        f"| llama.cpp | tg{args.decode_tokens} | {med['llama_decode']:.1f} | "
-        f"{sd['llama_decode']:.1f} | 1.00x |",
-    ]
-    table = (f"{model.path.name}, {args.threads} threads, {args.runs} runs each, "
-             f"alternating\n\n" + "\n".join(rows) + "\n")
+    if open_store(store).sparsity is not None:
+        engines["fast path + default FFN sparsity"] = fi.load(store, threads=args.threads)
+    llm = Llama(str(gguf), n_ctx=512, n_batch=512, n_threads=args.threads,
+                n_threads_batch=args.threads, verbose=False)
+    ids = engines["numpy reference (GGUF)"].tokenize(PROMPT)
+    timers = {name: (time_ours, model) for name, model in engines.items()}
+    timers["llama.cpp"] = (time_llama_cpp, llm)
+    for fn, engine in timers.values():
+        fn(engine, ids, 4)  # warm up
+    samples: dict[str, dict[str, list[float]]] = {n: {"prompt": [], "decode": []}
+                                                  for n in timers}
+    for run in range(args.runs):
+        order = list(timers.items())
+        for name, (fn, engine) in (order if run % 2 == 0 else order[::-1]):
+            prompt_tps, decode_tps = fn(engine, ids, args.decode_tokens)
+            samples[name]["prompt"].append(prompt_tps)
+            samples[name]["decode"].append(decode_tps)
+    med = {n: {k: statistics.median(v) for k, v in s.items()} for n, s in samples.items()}
+    sd = {n: {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in s.items()}
+          for n, s in samples.items()}
+    ratio = {n: {k: med[n][k] / med["llama.cpp"][k] for k in ("prompt", "decode")}
+             for n in samples}
+    result = {"model": gguf.name, "threads": args.threads, "runs": args.runs,
+              "prompt_tokens": len(ids), "decode_tokens": args.decode_tokens,
+              "machine": platform.processor() or platform.machine(), "samples": samples,
+              "median": med, "ratio_vs_llama_cpp": ratio}
+    rows = ["| engine | test | t/s median | t/s sd | ratio vs llama.cpp |",
+            "|---|---|---:|---:|---:|"]
+    for kind, test in (("prompt", f"pp{len(ids)}"), ("decode", f"tg{args.decode_tokens}")):
+        for name in samples:
+            rows.append(f"| {name} | {test} | {med[name][kind]:.1f} | {sd[name][kind]:.1f} | "
+                        f"{ratio[name][kind]:.2f}x |")
+    table = (f"{gguf.name}, {args.threads} threads, {args.runs} runs each, alternating "
+             "order\n\n" + "\n".join(rows) + "\n")
     for path, text in ((args.json, json.dumps(result, indent=2)), (args.md, table)):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -4,7 +4,9 @@
 
 Systems, each under shared/tools/memlimit with limit = fraction x its own model size + the
 same interpreter baseline (RSS after `import flashinfer_ondevice`), cold cache, 2 threads:
-  ours      flash store (int8), planner + direct I/O + prefetch (--memory-budget fraction%)
+  ours      flash store (int8), planner + direct I/O + prefetch (--memory-budget fraction%),
+            with the store's default FFN sparsity if it is calibrated
+  dense     the same, sparsity off (dense streaming)
   llama.cpp llama-cpp-python with mmap (its default) on the GGUF
   naive     our runtime with nothing resident: every weight read every token
 Also probes the device's direct-read bandwidth at the runtime's read size and reports the
@@ -55,7 +57,8 @@ def worker(system: str, model: str, fraction: float, n: int, threads: int) -> di
     from flashinfer_ondevice.generate import prefill
 
     model_obj = fi.load(model, memory_budget=f"{fraction}%", ctx_size=256, threads=threads,
-                        stream_all=system == "naive")
+                        stream_all=system == "naive",
+                        selector=None if system == "ours" else "dense")
     if system == "naive":
         assert model_obj.plan.resident_bytes < model_obj.plan.streamed_bytes / 50
     engine = model_obj.engine
@@ -69,8 +72,9 @@ def worker(system: str, model: str, fraction: float, n: int, threads: int) -> di
     elapsed = time.perf_counter() - start
     io = stats.since(before)
     return {"tps": n / elapsed, "bytes_per_token": io.bytes_read / n,
-            "io_wait_per_token": io.wait_seconds / n,
-            "read_bandwidth": io.bytes_read / elapsed}
+            "io_wait_per_token": io.wait_seconds / n, "cache_per_token": io.cache_seconds / n,
+            "read_bandwidth": io.bytes_read / elapsed,
+            "sparse": model_obj.plan.sparse.describe() if model_obj.plan.sparse else None}
 
 
 def probe_bandwidth(path: Path, seconds: float = 3.0) -> float:
@@ -123,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-m", "--model", default=None, help="GGUF (default: embedded model)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[100, 50, 25])
-    parser.add_argument("--systems", nargs="+", default=["ours", "llama.cpp", "naive"])
+    parser.add_argument("--systems", nargs="+", default=["ours", "dense", "llama.cpp", "naive"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--baselines", nargs="+", default=["same", "own"],
                         choices=["same", "own"])
@@ -149,8 +153,9 @@ def main() -> None:
 
     gguf = Path(args.model) if args.model else default_model_path()
     store = ensure_store(gguf, "int8")
-    sizes = {"ours": (store / "weights.bin").stat().st_size, "naive":
-             (store / "weights.bin").stat().st_size, "llama.cpp": gguf.stat().st_size}
+    store_size = (store / "weights.bin").stat().st_size
+    sizes = {"ours": store_size, "dense": store_size, "naive": store_size,
+             "llama.cpp": gguf.stat().st_size}
     probe = probe_bandwidth(store / "weights.bin")
     # The wording: the same interpreter baseline added to every limit. Ours includes
     # numba's JIT; llama.cpp's own process needs far less, so the "own" variant gives each
@@ -182,7 +187,9 @@ def main() -> None:
             row["tps"] = statistics.median(r["tps"] for r in ok)
             row["bytes_per_token"] = statistics.median(r["bytes_per_token"] for r in ok)
             if "read_bandwidth" in ok[0]:
-                row["read_bandwidth"] = statistics.median(r["read_bandwidth"] for r in ok)
+                for key in ("read_bandwidth", "io_wait_per_token", "cache_per_token"):
+                    row[key] = statistics.median(r[key] for r in ok)
+                row["sparse"] = ok[0]["sparse"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
     result = {"model": gguf.name, "sizes": sizes, "baseline": BASELINE_RSS, "probe_gbps": probe,
@@ -211,16 +218,22 @@ def render(result: dict) -> str:
              "(the issue's rule), and with its own (python + llama_cpp) baseline.", "",
              "| budget | system | limit MB | decode t/s | MB read/token | t/s vs llama.cpp "
              "(same) | bytes vs llama.cpp (same) | t/s vs llama.cpp (own) | bytes vs llama.cpp "
-             "(own) | read GB/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "(own) | t/s vs dense | bytes vs dense | read GB/s | ms/token: I/O wait, cache, "
+             "rest |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         head = f"| {r['fraction']:.0f}% | {r['system']} | {r['limit'] / 1e6:.0f} |"
         if "tps" not in r:
-            lines.append(f"{head} failed: {r['runs'][0].get('error', '?')} | | | | | | |")
+            lines.append(f"{head} failed: {r['runs'][0].get('error', '?')} | | | | | | | | | |")
             continue
         bw = f"{r['read_bandwidth'] / 1e9:.2f}" if "read_bandwidth" in r else "-"
+        split = "-"
+        if "io_wait_per_token" in r:
+            ms = 1000 / r["tps"]
+            io, cache = r["io_wait_per_token"] * 1000, r["cache_per_token"] * 1000
+            split = f"{io:.1f}, {cache:.1f}, {ms - io - cache:.1f}"
         lines.append(f"{head} {r['tps']:.2f} | {r['bytes_per_token'] / 1e6:.1f} | "
                      f"{ratios(r, 'llama.cpp')} | {ratios(r, 'llama.cpp (own baseline)')} | "
-                     f"{bw} |")
+                     f"{ratios(r, 'dense')} | {bw} | {split} |")
     return "\n".join(lines) + "\n"
 
 

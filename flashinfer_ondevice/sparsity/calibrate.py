@@ -30,13 +30,13 @@ from ..errors import FlashInferError
 from ..store.format import MANIFEST
 from .record import SPARSITY_FILE, LayerSparsity, SparsityRecord, write_predictors
 
-TARGETS = [0.1, 0.2, 0.3, 0.5, 0.7]
+TARGETS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7]
 RANK = 128
 RECALL = 0.95
 TOKENS = 4096
 CHUNK = 512  # tokens per forward pass (each chunk starts a fresh context)
 MIN_TOKENS = 256
-DEFAULTS = {"selector": "gate", "sparsity": 0.1, "window": 4}
+DEFAULTS = {"selector": "gate", "sparsity": 0.05, "window": 4}
 
 
 def default_text() -> str:
