@@ -225,6 +225,8 @@ def sparse_settings(store: Store, budget: int | None, selector: str | None,
     if record is None:
         raise FlashInferError(f"store {store.path} has no sparsity calibration (convert it "
                               "with run-model convert MODEL --calibrate)")
+    if store.tensors["layers.0.ffn"].codec == "f16":
+        raise FlashInferError("FFN sparsity runs on int8 or int4 stores; this one is f16")
     if selector is None:
         selector = "gate" if budget is None else record.defaults["selector"]
     if selector not in SELECTORS:

@@ -70,7 +70,7 @@ def _print_stats(model, first, last, seed: int) -> None:
                               f"{last.io_wait / n * 1000:.1f} ms per token")
     if last.neurons_needed:
         n = max(last.generation_tokens + last.prompt_tokens - 1, 1)  # tokens through the FFNs
-        line("FFN neurons", f"{last.neurons_needed / n:9.0f} needed per token, "
+        line("FFN neurons", f"{last.neurons_needed / n:9.0f} needed per token (all layers), "
                             f"{last.neuron_hits / max(last.neurons_needed, 1):.1%} cached, "
                             f"{last.neurons_read / n:.0f} read; cache management "
                             f"{last.cache_time / n * 1000:.1f} ms per token")
@@ -83,7 +83,8 @@ def sparsity_options(command):
                            "store's]")(command)
     command = click.option("--sparsity", type=float, default=None,
                            help="target fraction of FFN neurons skipped, one the store was "
-                           "calibrated for (0.1 0.2 0.3 0.5 0.7)  [default: the store's]")(command)
+                           "calibrated for (0.05 0.1 0.2 0.3 0.5 0.7)  "
+                           "[default: the store's]")(command)
     return click.option("--selector", type=click.Choice(["gate", "predicted", "dense"]),
                         default=None, help="FFN neuron selector of a calibrated store  "
                         "[default: gate when FFNs fit in memory, else the store's]")(command)

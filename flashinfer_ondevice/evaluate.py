@@ -65,9 +65,10 @@ def evaluate(model, text: str, ctx: int = 512, max_tokens: int | None = None,
         ids = ids[:max_tokens + 1]
     if len(ids) < 2:
         raise FlashInferError("the evaluation text has fewer than 2 tokens")
-    if not 2 <= ctx <= model.ctx_size:
-        raise FlashInferError(f"evaluation context must be within 2..{model.ctx_size} tokens")
     bos = [model.tokenizer.bos_id] if model.tokenizer.bos_id is not None else []
+    if not len(bos) + 2 <= ctx <= model.ctx_size:
+        raise FlashInferError(f"evaluation context must be within {len(bos) + 2}.."
+                              f"{model.ctx_size} tokens")
     step = ctx - len(bos) - 1
     chunks = [bos + ids[i:i + step + 1] for i in range(0, len(ids) - 1, step)]
     chunks = [c for c in chunks if len(c) - len(bos) >= 2]

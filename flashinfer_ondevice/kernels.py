@@ -68,18 +68,22 @@ def gate_activations(raw, x, ng, bits, activation, out):
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def bundled_ffn(raw, rows, x, ng, bits, row_nbytes, activation, hidden_act, out):
+def bundled_ffn(raw, rows, x, ng, bits, row_nbytes, activation, gate_act, hidden_act, out):
     """FFN over the row-column bundles raw[rows] ([gate row | up row | down column]) for one
     token: the other neurons count as zero (sparse), or pass every row for the dense FFN.
 
-    hidden_act[j] receives act(gate . x) * (up . x) of neuron rows[j]; out the FFN output.
+    gate_act: act(gate . x) of each of rows, if already known (gate-first selection), else
+    empty. hidden_act[j] receives act(gate . x) * (up . x) of rows[j]; out the FFN output.
     """
     n = rows.shape[0]
+    known = gate_act.shape[0] == n
     for j in prange(n):
         i = rows[j]
-        gate = _row_dot(raw[i, :row_nbytes], x, ng, bits)
-        up = _row_dot(raw[i, row_nbytes:2 * row_nbytes], x, ng, bits)
-        hidden_act[j] = _activate(gate, activation) * up
+        if known:
+            act = gate_act[j]
+        else:
+            act = _activate(_row_dot(raw[i, :row_nbytes], x, ng, bits), activation)
+        hidden_act[j] = act * _row_dot(raw[i, row_nbytes:2 * row_nbytes], x, ng, bits)
     for g in prange(ng):
         base = g * GROUP
         acc = np.zeros(GROUP, np.float32)
@@ -92,15 +96,15 @@ def bundled_ffn(raw, rows, x, ng, bits, row_nbytes, activation, hidden_act, out)
             payload = row[4 * ng:]
             if bits == 8:
                 q = payload.view(np.int8)
-                for j in range(GROUP):
-                    acc[j] += scale * np.float32(q[base + j])
+                for k in range(GROUP):
+                    acc[k] += scale * np.float32(q[base + k])
             else:
-                for j in range(GROUP // 2):
-                    b = payload[base // 2 + j]
-                    acc[2 * j] += scale * np.float32(np.int32(b & 15) - 8)
-                    acc[2 * j + 1] += scale * np.float32(np.int32(b >> 4) - 8)
-        for j in range(GROUP):
-            out[base + j] = acc[j]
+                for k in range(GROUP // 2):
+                    b = payload[base // 2 + k]
+                    acc[2 * k] += scale * np.float32(np.int32(b & 15) - 8)
+                    acc[2 * k + 1] += scale * np.float32(np.int32(b >> 4) - 8)
+        for k in range(GROUP):
+            out[base + k] = acc[k]
 
 
 def warm_up() -> None:
@@ -112,6 +116,7 @@ def warm_up() -> None:
         raw = np.zeros((1, nbytes), np.uint8)
         matvec(raw, x, 1, bits, out)
         bundles = np.zeros((1, 3 * nbytes), np.uint8)
-        bundled_ffn(bundles, np.zeros(1, np.int64), x, 1, bits, nbytes, 0,
-                    np.zeros(1, np.float32), np.zeros(GROUP, np.float32))
+        for gate_act in (np.zeros(0, np.float32), np.zeros(1, np.float32)):
+            bundled_ffn(bundles, np.zeros(1, np.int64), x, 1, bits, nbytes, 0, gate_act,
+                        np.zeros(1, np.float32), np.zeros(GROUP, np.float32))
         gate_activations(bundles, x, 1, bits, 0, out)

@@ -229,3 +229,82 @@ def test_convert_calibrate_cli(tiny_gguf, tmp_path):
     assert open_store(out).sparsity.calibration["tokens"] >= 300
     again = CliRunner().invoke(main, ["convert", str(out)])
     assert again.exit_code == 1 and "already a flash store" in again.output
+
+
+def test_sparse_ffn_matches_numpy_on_the_selected_neurons(calibrated):
+    """Kernel path (resident rows and permuted cache rows, gate activations passed in or
+    recomputed) against float32 numpy on the same decoded weights."""
+    from flashinfer_ondevice.model import gelu_tanh
+    from flashinfer_ondevice.quant.codecs import codec
+
+    path = calibrated("gemma3")
+    for budget in (None, 10**12):
+        engine, _, _ = engine_for(path, budget, SparseSettings("gate", 0.5, 2))
+        ffn = engine.weights.ffns[3]
+        entry = open_store(path).tensors["layers.3.ffn"]
+        raw = np.fromfile(entry.path, np.uint8, entry.nbytes, offset=entry.offset).reshape(
+            entry.rows, -1)
+        c, rb = codec(entry.codec), entry.row_nbytes // 3
+        gate, up, down = (c.decode(raw[:, k * rb:(k + 1) * rb], entry.cols) for k in range(3))
+        rng = np.random.default_rng(1)
+        for _ in range(4):  # later tokens find the cache rows permuted
+            x = rng.standard_normal((1, entry.cols)).astype(np.float32)
+            act = gelu_tanh(x[0] @ gate.T)
+            ids, _ = ffn.selector.select(x[0])
+            clear = np.abs(np.abs(act) - ffn.selector.threshold) > 1e-4
+            np.testing.assert_array_equal(ids[clear[ids]],
+                                          np.flatnonzero((np.abs(act) > ffn.selector.threshold)
+                                                         & clear))
+            expected = (act[ids] * (x[0] @ up[ids].T)) @ down[ids]
+            got = ffn.apply(x, "gelu_tanh")[0]
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * abs(expected).max())
+
+
+def test_every_sparse_budget_plans_a_ring_when_something_streams(calibrated):
+    path = calibrated("gemma3")
+    store = open_store(path)
+    sparse = SparseSettings("gate", 0.5, 2)
+    low = make_plan(store, 10**12, 64, 0, sparse=sparse).fixed_bytes
+    high = low + sum(e.nbytes for e in store.tensors.values())
+    for budget in np.linspace(low, high, 25).astype(int):
+        plan = make_plan(store, int(budget), 64, 0, sparse=sparse)
+        assert plan.streamed_bytes == 0 or plan.buffers >= 2, budget
+    middle = make_plan(store, (low + high) // 2, 64, 0, sparse=sparse)
+    engine, _, _ = engine_for(path, middle.budget, sparse)
+    assert np.isfinite(decode(engine, IDS[:4])).all()
+
+
+def test_predictor_fit_recovers_a_low_rank_gate():
+    from flashinfer_ondevice.model import gelu_tanh
+    from flashinfer_ondevice.sparsity.calibrate import fit_layer
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((800, 32)).astype(np.float32)
+    w = rng.standard_normal((96, 6)) @ rng.standard_normal((6, 32)) / 8  # rank 6
+    g = (x @ w.T).astype(np.float32)
+    layer, kept = fit_layer(x, g, gelu_tanh, 6, 0.95, [0.3, 0.5])
+    np.testing.assert_allclose(x @ layer.a @ layer.b, g, atol=1e-3 * abs(g).max())
+    for k, t in zip(kept, [0.3, 0.5], strict=True):
+        assert abs(k - 0.95 * (1 - t)) < 0.02  # exact predictor: recall x active fraction
+    layer, _ = fit_layer(x, g, gelu_tanh, 2, 0.95, [0.5])  # rank too low: approximate
+    assert np.abs(x @ layer.a @ layer.b - g).max() > 1e-2 * abs(g).max()
+
+
+def test_rank_and_file_size_must_agree(calibrated, tmp_path):
+    path = shutil.copytree(calibrated("llama"), tmp_path / "store")
+    _edit(lambda m: m["sparsity"].update(rank=1))(path)
+    with pytest.raises(StoreError, match="should hold"):
+        open_store(path)
+
+
+def test_sparsity_needs_a_compressed_store_and_eval_a_real_context(tiny_gguf, calibrated,
+                                                                   tmp_path):
+    f16 = convert(tiny_gguf("llama"), tmp_path / "f16.store", "f16")
+    calibrate(f16, TEXT, tokens=300)
+    with pytest.raises(FlashInferError, match="int8 or int4"):
+        fi.load(f16, selector="gate")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    result = CliRunner().invoke(main, ["eval", "-m", str(calibrated("llama")), "-f", str(text),
+                                       "-c", "2"])
+    assert result.exit_code == 1 and "evaluation context must be within 3.." in result.output

@@ -83,6 +83,11 @@ class Plan:
     selector_bytes: int = 0  # predictors or gate rows (sparse)
     cache_rows: int = 0  # neurons per layer the neuron caches hold (sparse, under a budget)
 
+    @property
+    def ffn_cached(self) -> bool:
+        """FFNs run from neuron caches that read from the store (sparse, under a budget)."""
+        return self.sparse is not None and self.budget is not None
+
     def describe(self, store: Store) -> str:
         mb = 1e6
         budget = "unlimited" if self.budget is None else f"{self.budget / mb:.1f} MB"
@@ -150,6 +155,7 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
                 scratch_bytes=config.vocab_size * 4 * 6 + (4 << 20), overhead_bytes=overhead,
                 transient_bytes=transient, sparse=sparse)
     plan.resident |= vectors
+    bundle = tensors[layer_key(0, "ffn")].row_nbytes
     units = attention + ffn if sparse is None or budget is None else attention
     if sparse is not None and budget is None:
         plan.selector_bytes = selector_bytes(store, sparse, ffn_resident=True)
@@ -163,7 +169,6 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
     else:
         largest = max(max(sum(tensors[n].nbytes for n in u) for u in units),
                       min(OUTPUT_CHUNK, tensors[head].nbytes))
-        bundle = tensors[layer_key(0, "ffn")].row_nbytes
         min_caches = 0 if sparse is None else MIN_CACHE_ROWS * bundle * config.n_layers
         working = max(plan.kv_bytes + plan.scratch_bytes + MARGIN, transient + MARGIN // 2)
         base = overhead + working + sum(tensors[n].nbytes for n in vectors)
@@ -173,7 +178,10 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
             weights -= sum(tensors[n].nbytes for (n,) in ffn)
             base += min_caches + plan.selector_bytes
         plan.buffer_unit = align_up(largest + 4096)
-        plan.buffers = _ring_size(budget, base, weights, plan.buffer_unit, stream_all)
+        # with sparsity, no ring only if the caches can also hold every neuron
+        all_weights = weights if sparse is None else \
+            weights + sum(tensors[n].nbytes for (n,) in ffn) - min_caches
+        plan.buffers = _ring_size(budget, base, all_weights, plan.buffer_unit, stream_all)
         plan.buffer_bytes = plan.buffers * plan.buffer_unit
         fixed = base + plan.buffer_bytes
         plan.fixed_bytes = base + min(BUFFERS) * plan.buffer_unit

@@ -26,11 +26,11 @@ class SparseFFN:
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((len(x), self.hidden), np.float32)
         for t, row in enumerate(x):
-            needed = self.selector.select(row)
+            needed, gate_act = self.selector.select(row)
             if self.cache is not None:
-                out[t] = self.cache.apply(row, needed, activation)
+                out[t] = self.cache.apply(row, needed, activation, gate_act)
             else:
                 self.stats.neurons_needed += len(needed)
                 self.stats.neuron_hits += len(needed)
-                out[t] = self.bundles.apply_rows(row, needed, activation)
+                out[t] = self.bundles.apply_rows(row, needed, activation, gate_act)
         return out

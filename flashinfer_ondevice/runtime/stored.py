@@ -15,6 +15,7 @@ from ..quant.codecs import Codec, codec
 
 _DECODE_ROWS = 256  # rows decoded to float32 at a time in prefill
 ACTIVATION_KIND = {"gelu_tanh": 0, "silu": 1}
+_NONE = np.zeros(0, np.float32)  # "gate activations not known" for the kernel
 
 
 class StoredMatrix:
@@ -63,12 +64,16 @@ class BundledFFN:
             out += (activation_fn(gate) * up) @ self.codec.decode(chunk[:, 2 * rb:], self.hidden)
         return out
 
-    def apply_rows(self, x: np.ndarray, rows: np.ndarray, activation: str) -> np.ndarray:
-        """The FFN output of one token (x: (hidden,)) counting only neurons raw[rows]."""
+    def apply_rows(self, x: np.ndarray, rows: np.ndarray, activation: str,
+                   gate_act: np.ndarray | None = None) -> np.ndarray:
+        """The FFN output of one token (x: (hidden,)) counting only neurons raw[rows];
+        `gate_act`: their act(gate . x), when the caller has them already."""
         out = np.empty(self.hidden, np.float32)
         hidden_act = np.empty(len(rows), np.float32)
+        known = _NONE if gate_act is None else np.ascontiguousarray(gate_act, np.float32)
         kernels.bundled_ffn(self.raw, rows, x, self.codec.groups(self.hidden), self.codec.bits,
-                            self.row_nbytes, ACTIVATION_KIND[activation], hidden_act, out)
+                            self.row_nbytes, ACTIVATION_KIND[activation], known, hidden_act,
+                            out)
         return out
 
     def gate_activations(self, x: np.ndarray, activation: str) -> np.ndarray:

@@ -19,7 +19,7 @@ from ..config import ModelConfig
 from ..sparsity.neuron_cache import NeuronCache
 from ..sparsity.record import load_predictors
 from ..sparsity.selectors import GateFirstSelector, PredictedSelector
-from ..store.format import ALIGN, LAYER_VECTORS, layer_key
+from ..store.format import ALIGN, LAYER_VECTORS, align_up, layer_key
 from ..store.io import DirectReader, PendingRead, aligned_buffer
 from ..store.reader import Store, TensorEntry
 from .planner import NEURON_SCRATCH, OUTPUT_CHUNK, Plan
@@ -96,7 +96,7 @@ class StreamedWeights:
         self._units: list[_Unit] = []
         self._layer_unit: dict[int, int] = {}
         for i in range(self.config.n_layers):
-            fields = ("wq", "wk", "wv", "wo") + (() if plan.cache_rows else ("ffn",))
+            fields = ("wq", "wk", "wv", "wo") + (() if plan.ffn_cached else ("ffn",))
             names = [layer_key(i, f) for f in fields]
             streamed = [n for n in names if n not in plan.resident]
             if streamed:
@@ -133,7 +133,7 @@ class StreamedWeights:
         k = record.target_index(sparse.sparsity)
         if sparse.selector == "predicted":
             load_predictors(record, config, self.store.path)
-        scratch = aligned_buffer(NEURON_SCRATCH) if self.plan.cache_rows else None
+        scratch = aligned_buffer(NEURON_SCRATCH) if self.plan.ffn_cached else None
         for i in range(config.n_layers):
             entry = self.store.tensors[layer_key(i, "ffn")]
             layer = record.layers[i]
@@ -144,8 +144,7 @@ class StreamedWeights:
             else:
                 gates = bundles
                 if gates is None:  # gate rows only, read once from the bundles
-                    gate_rows = self._read_all(entry)[:, :entry.row_nbytes // 3].copy()
-                    gates = BundledFFN(gate_rows, entry.codec, entry.cols)
+                    gates = BundledFFN(self._gate_rows(entry, scratch), entry.codec, entry.cols)
                 selector = GateFirstSelector(gates, layer.thresholds[k], activation)
             cache = None
             if bundles is None:
@@ -153,6 +152,21 @@ class StreamedWeights:
                                     scratch)
             self.ffns[i] = SparseFFN(selector, config.hidden_size, self.reader.stats,
                                      bundles, cache)
+
+    def _gate_rows(self, entry: TensorEntry, scratch: np.ndarray) -> np.ndarray:
+        """The gate third of every bundle, read through `scratch` a block of rows at a time."""
+        gate_nbytes = entry.row_nbytes // 3
+        gates = np.empty((entry.rows, gate_nbytes), np.uint8)
+        per_read = max(1, (len(scratch) - ALIGN) // entry.row_nbytes)
+        for start in range(0, entry.rows, per_read):
+            end = min(start + per_read, entry.rows)
+            first = entry.offset + start * entry.row_nbytes
+            aligned = first - first % ALIGN
+            nbytes = align_up(first + (end - start) * entry.row_nbytes) - aligned
+            self.reader.submit([(aligned, nbytes, 0)], scratch).wait()
+            rows = scratch[first - aligned:first - aligned + (end - start) * entry.row_nbytes]
+            gates[start:end] = rows.reshape(end - start, -1)[:, :gate_nbytes]
+        return gates
 
     def resident_ffn(self, layer: int) -> BundledFFN | None:
         return self._resident.get(layer_key(layer, "ffn"))

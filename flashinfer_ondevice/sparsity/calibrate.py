@@ -26,9 +26,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..config import ModelConfig
 from ..errors import FlashInferError
 from ..store.format import MANIFEST
-from .record import SPARSITY_FILE, LayerSparsity, SparsityRecord, write_predictors
+from .record import (
+    SPARSITY_FILE,
+    LayerSparsity,
+    SparsityRecord,
+    parse_record,
+    predictor_nbytes,
+    write_predictors,
+)
 
 TARGETS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7]
 RANK = 128
@@ -36,6 +44,7 @@ RECALL = 0.95
 TOKENS = 4096
 CHUNK = 512  # tokens per forward pass (each chunk starts a fresh context)
 MIN_TOKENS = 256
+DECODE_ROWS = 512
 DEFAULTS = {"selector": "gate", "sparsity": 0.05, "window": 4}
 
 
@@ -50,14 +59,15 @@ class _Recorder:
 
     def __init__(self, bundles, inputs: np.memmap, gates: np.memmap):
         self.bundles, self.inputs, self.gates = bundles, inputs, gates
-        rb = bundles.row_nbytes
-        self.gate_rows = bundles.codec.decode(bundles.raw[:, :rb], bundles.hidden)
         self.filled = 0
 
     def apply(self, x: np.ndarray, activation: str, activation_fn) -> np.ndarray:
+        b = self.bundles
         end = self.filled + len(x)
         self.inputs[self.filled:end] = x
-        self.gates[self.filled:end] = x @ self.gate_rows.T
+        for start in range(0, len(b.raw), DECODE_ROWS):  # float32 gate rows, a block at a time
+            gate_rows = b.codec.decode(b.raw[start:start + DECODE_ROWS, :b.row_nbytes], b.hidden)
+            self.gates[self.filled:end, start:start + DECODE_ROWS] = x @ gate_rows.T
         self.filled = end
         return self.bundles.apply(x, activation, activation_fn)
 
@@ -79,7 +89,8 @@ def fit_layer(x: np.ndarray, g: np.ndarray, activation_fn, rank: int, recall: fl
     predicted = np.abs(activation_fn((x @ a) @ b))
     predictor_thresholds, kept = [], []
     for t in thresholds:
-        pt = float(max(np.quantile(predicted[act > t], 1 - recall), 0.0))
+        active = predicted[act > t]
+        pt = float(max(np.quantile(active, 1 - recall), 0.0)) if len(active) else float(t)
         predictor_thresholds.append(pt)
         kept.append(float(np.mean(predicted > pt)))
     return LayerSparsity(thresholds, predictor_thresholds, a, b), kept
@@ -136,8 +147,9 @@ def calibrate(store_path: str | Path, text: str | None = None, tokens: int = TOK
     calibration = {"tokens": n, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
                    "predicted_kept": [float(np.mean([k[j] for k in kept]))
                                       for j in range(len(TARGETS))]}
-    record = SparsityRecord(rank, list(TARGETS), recall, layers, dict(DEFAULTS), calibration)
-    write_record(store_path, record)
+    record = SparsityRecord(rank, list(TARGETS), float(recall), layers, dict(DEFAULTS),
+                            calibration)
+    write_record(store_path, record, config)
     return record
 
 
@@ -150,8 +162,14 @@ def _write_manifest(store_path: Path, manifest: dict) -> None:
     os.replace(tmp, store_path / MANIFEST)
 
 
-def write_record(store_path: Path, record: SparsityRecord) -> None:
-    """Replace the store's calibration: manifest without it, the new file, manifest with it."""
+def write_record(store_path: Path, record: SparsityRecord, config: ModelConfig) -> None:
+    """Replace the store's calibration: manifest without it, the new file, manifest with it.
+    The record is validated as a reader will validate it before anything is written."""
+    size = config.n_layers * predictor_nbytes(config, record.rank)
+    try:
+        parse_record(json.loads(json.dumps(record.manifest())), config, {SPARSITY_FILE: size})
+    except ValueError as exc:
+        raise FlashInferError(f"calibration produced an invalid record ({exc})") from None
     manifest = json.loads((store_path / MANIFEST).read_text(encoding="utf-8"))
     manifest.pop("sparsity", None)
     manifest["files"].pop(SPARSITY_FILE, None)

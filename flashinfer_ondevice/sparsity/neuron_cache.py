@@ -34,8 +34,10 @@ class NeuronCache:
         self.size = 0
         self.step = 0
 
-    def apply(self, x: np.ndarray, needed: np.ndarray, activation: str) -> np.ndarray:
-        """FFN output for one token over the neurons `needed` (sorted ids)."""
+    def apply(self, x: np.ndarray, needed: np.ndarray, activation: str,
+              gate_act: np.ndarray | None = None) -> np.ndarray:
+        """FFN output for one token over the neurons `needed` (sorted ids); `gate_act`:
+        their act(gate . x), if the selector computed them."""
         stats = self.reader.stats
         start = time.perf_counter()
         self.step += 1
@@ -58,7 +60,8 @@ class NeuronCache:
             stats.cache_seconds += time.perf_counter() - start
             self._read(missing)
             start = time.perf_counter()
-            out += self.ffn.apply_rows(x, self.row_of[part], activation)
+            part_act = None if gate_act is None else gate_act[first:first + self.capacity]
+            out += self.ffn.apply_rows(x, self.row_of[part], activation, part_act)
         return out
 
     def _delete(self, rows: np.ndarray) -> None:

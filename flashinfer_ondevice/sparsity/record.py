@@ -105,10 +105,10 @@ def parse_record(raw, config: ModelConfig, file_sizes: dict[str, int]) -> Sparsi
 def load_predictors(record: SparsityRecord, config: ModelConfig, store_path: Path) -> None:
     """Read every layer's predictor matrices (float32) into the record."""
     h, f, r = config.hidden_size, config.ffn_size, record.rank
-    data = np.fromfile(store_path / SPARSITY_FILE, dtype="<f2")
-    per_layer = predictor_nbytes(config, r) // 2
+    per_layer = predictor_nbytes(config, r)
     for i, layer in enumerate(record.layers):
-        block = data[i * per_layer:(i + 1) * per_layer].astype(np.float32)
+        block = np.fromfile(store_path / SPARSITY_FILE, dtype="<f2", count=per_layer // 2,
+                            offset=i * per_layer).astype(np.float32)
         layer.a = block[:h * r].reshape(h, r)
         layer.b = block[h * r:].reshape(r, f)
 

@@ -21,9 +21,11 @@ class GateFirstSelector:
     def __init__(self, gates: BundledFFN, threshold: float, activation: str):
         self.gates, self.threshold, self.activation = gates, threshold, activation
 
-    def select(self, x: np.ndarray) -> np.ndarray:
+    def select(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The selected neurons (sorted ids) and their act(gate . x)."""
         act = self.gates.gate_activations(x, self.activation)
-        return np.flatnonzero(np.abs(act) > self.threshold)
+        ids = np.flatnonzero(np.abs(act) > self.threshold)
+        return ids, act[ids]
 
 
 class PredictedSelector:
@@ -31,6 +33,7 @@ class PredictedSelector:
                  activation_fn: Callable[[np.ndarray], np.ndarray]):
         self.a, self.b, self.threshold, self.activation_fn = a, b, threshold, activation_fn
 
-    def select(self, x: np.ndarray) -> np.ndarray:
+    def select(self, x: np.ndarray) -> tuple[np.ndarray, None]:
+        """The selected neurons (sorted ids); their gates are computed with them."""
         predicted = self.activation_fn((x @ self.a) @ self.b)
-        return np.flatnonzero(np.abs(predicted) > self.threshold)
+        return np.flatnonzero(np.abs(predicted) > self.threshold), None
