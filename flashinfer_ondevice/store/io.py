@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
@@ -62,6 +61,10 @@ class PendingRead:
 
 
 class DirectReader:
+    """Aligned reads of one file on a thread pool (O_DIRECT where the filesystem has it).
+
+    `submit` is called from one thread (the forward pass); the pool only does the reads."""
+
     def __init__(self, path, threads: int = 32):
         self.path = str(path)
         flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
@@ -74,7 +77,6 @@ class DirectReader:
         if not self.direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
         self.stats = IOStats()
-        self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="fi-io")
 
     def _read_into(self, view: memoryview, offset: int) -> None:
@@ -84,9 +86,6 @@ class DirectReader:
             if n <= 0:
                 raise OSError(f"short read from {self.path} at {offset + done}")
             done += n
-        with self._lock:
-            self.stats.bytes_read += len(view)
-            self.stats.reads += 1
 
     def submit(self, ranges: list[tuple[int, int, int]], buffer: np.ndarray) -> PendingRead:
         """Start reading `ranges` of (file_offset, nbytes, buffer_offset), all ALIGN-aligned.
@@ -106,6 +105,10 @@ class DirectReader:
         for file_off, nbytes, buf_off in merged:
             for start in range(0, nbytes, READ_CHUNK):
                 size = min(READ_CHUNK, nbytes - start)
+                # counted when issued, so a token's figures do not depend on when the
+                # prefetch for the next token happens to land (a failed read raises)
+                self.stats.bytes_read += size
+                self.stats.reads += 1
                 futures.append(self._pool.submit(
                     self._read_into, view[buf_off + start: buf_off + start + size],
                     file_off + start))
