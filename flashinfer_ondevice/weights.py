@@ -7,6 +7,7 @@ loader). Loaders translate their source format into this; the forward pass only 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -46,7 +47,7 @@ class Weights:
     """The whole model."""
 
     embed: np.ndarray  # (vocab, hidden) input embeddings
-    layers: list[LayerWeights]
+    layers: Sequence[LayerWeights]  # a list, or blocks decoded on access (lazy GGUF load)
     final_norm: np.ndarray  # (hidden,)
     output: np.ndarray | None = None  # (vocab, hidden); None = tied to `embed`
     rope_freq_factors: np.ndarray | None = None  # (head_dim / 2,) Llama 3 style, or None

@@ -102,3 +102,25 @@ def test_default_model_assembly_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(ModelFileError, match="SHA-256"):
         default_model_path()
     assert list(tmp_path.iterdir()) == []  # nothing half-written is left behind
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_lazy_gguf_load_decodes_the_same_blocks(tiny_gguf, arch):
+    from dataclasses import fields
+
+    from flashinfer_ondevice.loader import load_checkpoint
+
+    eager = load_checkpoint(tiny_gguf(arch)).weights
+    lazy = load_checkpoint(tiny_gguf(arch), lazy=True).weights
+    assert not isinstance(lazy.layers, list) and len(lazy.layers) == len(eager.layers)
+    for i in (0, len(eager.layers) - 1, -1):
+        a, b = eager.layers[i], lazy.layers[i]
+        for f in fields(a):
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            if isinstance(x, np.ndarray):
+                np.testing.assert_array_equal(x, y)
+            else:
+                assert x == y
+    with pytest.raises(IndexError):
+        lazy.layers[len(eager.layers)]
+    assert [layer.wq.shape for layer in lazy.layers] == [layer.wq.shape for layer in eager.layers]

@@ -117,10 +117,9 @@ def test_neuron_caches_compute_what_resident_sparse_does(calibrated, selector):
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * abs(expected).max())
             s = reader.stats
             assert s.neurons_needed > 0 and s.neurons_read > 0
-            if cache_rows == ffn_size:
-                assert s.neuron_hits + s.neurons_read == s.neurons_needed
-                if window > 1:
-                    assert s.neuron_hits > s.neurons_read  # the window keeps most
+            assert s.neuron_hits + s.neurons_read == s.neurons_needed
+            if cache_rows == ffn_size and window > 1:
+                assert s.neuron_hits > s.neurons_read  # the window keeps most
             assert s.bytes_read >= s.neurons_read * bundle
 
 
@@ -144,6 +143,27 @@ def test_neuron_cache_keeps_the_window_and_the_right_bytes(calibrated):
         assert history[-1] <= set(held.tolist())  # this token's neurons are all cached
         np.testing.assert_array_equal(cache.row_of[held], np.arange(cache.size))
         np.testing.assert_array_equal(cache.rows[:cache.size], bundles[held])
+
+
+def test_a_cache_smaller_than_a_token_uses_its_hits_before_evicting(calibrated):
+    path = calibrated("gemma3")
+    entry = open_store(path).tensors["layers.1.ffn"]
+    x = np.random.default_rng(1).standard_normal(entry.cols).astype(np.float32)
+    needed = np.arange(3, entry.rows, 2)  # 62 neurons
+    gate_act = np.random.default_rng(2).standard_normal(len(needed)).astype(np.float32)
+    full = NeuronCache(entry, DirectReader(path / "weights.bin"), entry.rows, 1,
+                       aligned_buffer(1 << 16))
+    expected = full.apply(x, needed, "gelu_tanh", gate_act)
+    reader = DirectReader(path / "weights.bin")
+    small = NeuronCache(entry, reader, capacity=25, window=1, scratch=aligned_buffer(1 << 16))
+    for step in range(3):
+        before = reader.stats.snapshot()
+        got = small.apply(x, needed, "gelu_tanh", gate_act)
+        s = reader.stats.since(before)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * abs(expected).max())
+        assert s.neuron_hits == (0 if step == 0 else small.capacity)
+        assert s.neurons_read == len(needed) - s.neuron_hits
+        assert s.bytes_read >= s.neurons_read * entry.row_nbytes
 
 
 def test_interrupted_calibration_leaves_a_working_store(calibrated, tmp_path, monkeypatch):

@@ -27,7 +27,8 @@ class Checkpoint:
     ggml_numerics: bool = False  # compute as llama.cpp's CPU backend rounds (GGUF sources)
 
 
-def load_checkpoint(path: str | Path, progress: bool = False) -> Checkpoint:
+def load_checkpoint(path: str | Path, progress: bool = False, lazy: bool = False) -> Checkpoint:
+    """`lazy`: a GGUF's blocks are dequantized only when read (see load_gguf)."""
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"model not found: {path}")
@@ -35,4 +36,4 @@ def load_checkpoint(path: str | Path, progress: bool = False) -> Checkpoint:
         from .hf import load_hf_folder
         return load_hf_folder(path, progress=progress)
     from .gguf_file import load_gguf
-    return load_gguf(path, progress=progress)
+    return load_gguf(path, progress=progress, lazy=lazy)

@@ -7,6 +7,7 @@ and byte range is checked against the config and the file size before it is dequ
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +148,27 @@ def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def load_gguf(path: Path, progress: bool = False) -> Checkpoint:
+class _LazyLayers(Sequence[LayerWeights]):
+    """Transformer blocks dequantized when asked for, one at a time (convert of big models)."""
+
+    def __init__(self, n_layers: int, build):
+        self._n_layers = n_layers
+        self._build = build
+
+    def __len__(self) -> int:
+        return self._n_layers
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n_layers))]
+        if not -self._n_layers <= i < self._n_layers:
+            raise IndexError(i)
+        return self._build(i % self._n_layers)
+
+
+def load_gguf(path: Path, progress: bool = False, lazy: bool = False) -> Checkpoint:
+    """Read a GGUF file. `lazy`: blocks are dequantized only when `weights.layers[i]` is read,
+    so peak memory is one block plus the embeddings instead of the whole float32 model."""
     header = read_header(path)
     config = read_config(header)
     shapes = expected_shapes(config)
@@ -160,31 +181,36 @@ def load_gguf(path: Path, progress: bool = False) -> Checkpoint:
     sizes = {name: check_tensor(header.tensors[name], shape, header.file_size)
              for name, shape in shapes.items()}
 
-    floats: dict[str, np.ndarray] = {}
-    with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="loading",
-              disable=not progress, leave=False) as bar:
-        for name, shape in shapes.items():
-            record = header.tensors[name]
-            raw = np.memmap(path, dtype=np.uint8, mode="r", offset=record.offset,
-                            shape=(sizes[name],))
-            floats[name] = dequantize(raw, GGMLQuantizationType(record.ggml_type), shape)
-            del raw
-            bar.update(sizes[name])
+    def tensor(name: str) -> np.ndarray:
+        record = header.tensors[name]
+        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=record.offset,
+                        shape=(sizes[name],))
+        return dequantize(raw, GGMLQuantizationType(record.ggml_type), shapes[name])
 
-    layers = []
-    for i in range(config.n_layers):
-        fields = {field: floats.pop(layer_tensor_name(i, suffix))
-                  for suffix, field in LAYER_TENSORS.items()
-                  if layer_tensor_name(i, suffix) in shapes}
+    def layer(i: int, floats: dict[str, np.ndarray]) -> LayerWeights:
+        names = {field: layer_tensor_name(i, suffix) for suffix, field in LAYER_TENSORS.items()
+                 if layer_tensor_name(i, suffix) in shapes}
+        fields = {field: floats.pop(name) if name in floats else tensor(name)
+                  for field, name in names.items()}
         fields["input_formats"] = {
-            field: fmt for suffix, field in LAYER_TENSORS.items()
-            if layer_tensor_name(i, suffix) in shapes and not suffix.endswith(".bias")
-            and (fmt := input_format_for(
-                GGMLQuantizationType(header.tensors[layer_tensor_name(i, suffix)].ggml_type)))}
+            field: fmt for field, name in names.items() if not name.endswith(".bias")
+            and (fmt := input_format_for(GGMLQuantizationType(header.tensors[name].ggml_type)))}
         if config.arch == "llama":
             fields["wq"] = _unpermute_rope(fields["wq"], config.n_heads)
             fields["wk"] = _unpermute_rope(fields["wk"], config.n_kv_heads)
-        layers.append(LayerWeights(**fields))
+        return LayerWeights(**fields)
+
+    floats: dict[str, np.ndarray] = {}
+    eager = [name for name in shapes if not lazy or not name.startswith("blk.")]
+    with tqdm(total=sum(sizes[name] for name in eager), unit="B", unit_scale=True,
+              desc="loading", disable=not progress, leave=False) as bar:
+        for name in eager:
+            floats[name] = tensor(name)
+            bar.update(sizes[name])
+
+    layers: Sequence[LayerWeights] = (
+        _LazyLayers(config.n_layers, lambda i: layer(i, {})) if lazy
+        else [layer(i, floats) for i in range(config.n_layers)])
     weights = Weights(
         embed=floats.pop("token_embd.weight"),
         layers=layers,

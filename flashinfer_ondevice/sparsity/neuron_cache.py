@@ -37,7 +37,7 @@ class NeuronCache:
     def apply(self, x: np.ndarray, needed: np.ndarray, activation: str,
               gate_act: np.ndarray | None = None) -> np.ndarray:
         """FFN output for one token over the neurons `needed` (sorted ids); `gate_act`:
-        their act(gate . x), if the selector computed them."""
+        their act(gate . x), if the selector computed them. Counts needed = hits + read."""
         stats = self.reader.stats
         start = time.perf_counter()
         self.step += 1
@@ -45,11 +45,17 @@ class NeuronCache:
         stale = self.last_used[self.ids[:self.size]] <= self.step - self.window
         self._delete(np.flatnonzero(stale))
         stats.neurons_needed += len(needed)
-        stats.neuron_hits += int(np.count_nonzero(self.row_of[needed] >= 0))
+        if len(needed) > self.capacity:
+            # more than fits: in parts, the cached neurons first, so that they are used
+            # before reading the others can evict them
+            order = np.argsort(self.row_of[needed] < 0, kind="stable")
+            needed = needed[order]
+            gate_act = None if gate_act is None else gate_act[order]
         out = np.zeros(self.entry.cols, np.float32)
-        for first in range(0, len(needed), self.capacity):  # more than fits: in parts
+        for first in range(0, len(needed), self.capacity):
             part = needed[first:first + self.capacity]
-            missing = part[self.row_of[part] < 0]
+            missing = part[self.row_of[part] < 0]  # sorted: the order above is stable
+            stats.neuron_hits += len(part) - len(missing)
             overflow = self.size + len(missing) - self.capacity
             if overflow > 0:  # evict the least recently used rows outside this part
                 keep = np.zeros(self.size, bool)

@@ -1,9 +1,10 @@
 """Convert a checkpoint (GGUF or Hugging Face folder) into a flash store.
 
-Atomic: everything is written into a hidden sibling folder that is renamed into place only
-after the manifest (written last) and the data are on disk, so an interrupted convert leaves
-nothing that opens as a store. The progress bar counts bytes written.
-"""
+Memory: a GGUF is read lazily, one transformer block at a time (plus the embeddings), so a
+7B model converts in a few GB. Atomic: everything is written into a hidden sibling folder
+that is renamed into place only after the manifest (written last) and the data are on disk,
+so an interrupted convert leaves nothing that opens as a store. The progress bar counts
+bytes written."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..config import ModelConfig
 from ..errors import FlashInferError
 from ..loader import load_checkpoint
 from ..quant.codecs import CODECS, Codec, codec
-from ..weights import Weights
 from .format import (
     ALIGN,
     FORMAT,
@@ -89,12 +90,13 @@ def _bundles(layer, c: Codec) -> tuple[np.ndarray, Codec]:
                            c.encode(np.ascontiguousarray(layer.w_down.T))], axis=1), c
 
 
-def _estimated_bytes(weights: Weights, c: Codec) -> int:
-    params = sum(a.size for layer in weights.layers
-                 for a in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up,
-                           layer.w_down))
-    params += weights.embed.size + (0 if weights.output is None else weights.output.size)
-    return int(params * (c.bits + 0.5) / 8)
+def _estimated_bytes(config: ModelConfig, c: Codec) -> int:
+    """Bytes the store's matrices will take, from the config (the blocks may not be loaded)."""
+    h, q_out, kv_out = config.hidden_size, config.n_heads * config.head_dim, \
+        config.n_kv_heads * config.head_dim
+    per_layer = 2 * h * q_out + 2 * h * kv_out + 3 * h * config.ffn_size
+    embeddings = config.vocab_size * h * (1 if config.tie_embeddings else 2)
+    return int((config.n_layers * per_layer + embeddings) * (c.bits + 0.5) / 8)
 
 
 def _file_sha256(path: Path) -> str:
@@ -115,7 +117,7 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
         raise FlashInferError(str(exc)) from None
     if target.exists():
         raise FlashInferError(f"{target} already exists; remove it or choose another -o")
-    checkpoint = load_checkpoint(source, progress=progress)
+    checkpoint = load_checkpoint(source, progress=progress, lazy=True)
     config, weights = checkpoint.config, checkpoint.weights
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.partial-*"):  # from a killed convert
@@ -123,7 +125,7 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
     tmp.mkdir()
     try:
-        with tqdm(total=_estimated_bytes(weights, chosen), unit="B", unit_scale=True,
+        with tqdm(total=_estimated_bytes(config, chosen), unit="B", unit_scale=True,
                   desc=f"converting to {chosen.name}", disable=not progress) as bar:
             out = _WeightsWriter(tmp / WEIGHTS, bar)
             for i, layer in enumerate(weights.layers):
