@@ -192,9 +192,9 @@ def store_path_for(source: Path, codec: str) -> Path:
 
 
 def ensure_store(source: Path, codec: str = "int8", progress: bool = False) -> Path:
-    """The store of `source`, converting it the first time. Conversion holds the whole model
-    in float32, so it runs in a child process: this process's memory stays as the budget
-    plans it."""
+    """The store of `source`, converting it the first time. Conversion holds the embeddings
+    and a block in float32, so it runs in a child process: this process's memory stays as
+    the budget plans it."""
     import subprocess
 
     if not source.exists():

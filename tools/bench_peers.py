@@ -1,10 +1,11 @@
 """Decode speed and storage reads per token under a hard memory limit, against the peers.
 
-    python tools/bench_peers.py [-m MODEL.gguf] [--fractions 100 50 25] [--runs 3] [-n 16]
+    python tools/bench_peers.py [-m MODEL.gguf] [--codec int8|int4] [--fractions 100 50 25]
+                                [--runs 3] [-n 16]
 
 Systems, each under shared/tools/memlimit with limit = fraction x its own model size + the
 same interpreter baseline (RSS after `import flashinfer_ondevice`), cold cache, 2 threads:
-  ours      flash store (int8), planner + direct I/O + prefetch (--memory-budget fraction%),
+  ours      flash store (--codec), planner + direct I/O + prefetch (--memory-budget fraction%),
             with the store's default FFN sparsity if it is calibrated
   dense     the same, sparsity off (dense streaming)
   llama.cpp llama-cpp-python with mmap (its default) on the GGUF
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--baselines", nargs="+", default=["same", "own"],
                         choices=["same", "own"])
+    parser.add_argument("--codec", default="int8", choices=["int8", "int4"],
+                        help="codec of our store (int4 is the size class of Q4_K_M)")
     parser.add_argument("-n", type=int, default=16, help="decode tokens per run")
     parser.add_argument("-t", "--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300, help="seconds per run")
@@ -152,7 +155,7 @@ def main() -> None:
     from flashinfer_ondevice.default_model import default_model_path
 
     gguf = Path(args.model) if args.model else default_model_path()
-    store = ensure_store(gguf, "int8")
+    store = ensure_store(gguf, args.codec, progress=True)
     store_size = (store / "weights.bin").stat().st_size
     sizes = {"ours": store_size, "dense": store_size, "naive": store_size,
              "llama.cpp": gguf.stat().st_size}
@@ -192,8 +195,8 @@ def main() -> None:
                 row["sparse"] = ok[0]["sparse"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
-    result = {"model": gguf.name, "sizes": sizes, "baseline": BASELINE_RSS, "probe_gbps": probe,
-              "threads": args.threads, "runs": args.runs, "rows": rows}
+    result = {"model": gguf.name, "codec": args.codec, "sizes": sizes, "baseline": BASELINE_RSS,
+              "probe_gbps": probe, "threads": args.threads, "runs": args.runs, "rows": rows}
     write_outputs(result, args.out)
 
 
@@ -211,7 +214,8 @@ def render(result: dict) -> str:
         return f"{r['tps'] / peer['tps']:.2f}x | {reads}"
 
     lines = [f"model {result['model']} (GGUF {sizes['llama.cpp'] / 1e6:.0f} MB, store "
-             f"{sizes['ours'] / 1e6:.0f} MB int8); baseline {result['baseline'] / 1e6:.0f} MB; "
+             f"{sizes['ours'] / 1e6:.0f} MB {result.get('codec', 'int8')}); "
+             f"baseline {result['baseline'] / 1e6:.0f} MB; "
              f"{result['threads']} threads; {result.get('runs', 3)} cold runs each, median; "
              f"direct-read probe {result['probe_gbps']:.2f} GB/s at 256 KiB x 16 in flight", "",
              "Limits: fraction x model size + baseline; llama.cpp with the same baseline as ours "
