@@ -67,44 +67,64 @@ def gate_activations(raw, x, ng, bits, activation, out):
         out[i] = _activate(_row_dot(raw[i, :row_nbytes], x, ng, bits), activation)
 
 
+@njit(cache=True, inline="always", fastmath=True)
+def _add_scaled_row(row, a, ng, bits, acc):
+    """acc += a * decode(row)."""
+    scales = row[: 4 * ng].view(np.float32)
+    payload = row[4 * ng:]
+    if bits == 8:
+        q = payload.view(np.int8)
+        for g in range(ng):
+            s = scales[g] * a
+            base = g * GROUP
+            for k in range(GROUP):
+                acc[base + k] += s * np.float32(q[base + k])
+    else:
+        for g in range(ng):
+            s = scales[g] * a
+            base = g * GROUP
+            for k in range(GROUP // 2):
+                b = payload[base // 2 + k]
+                acc[base + 2 * k] += s * np.float32(np.int32(b & 15) - 8)
+                acc[base + 2 * k + 1] += s * np.float32(np.int32(b >> 4) - 8)
+
+
+_FFN_PARTS = 32  # neurons are split into this many parts, each summing its own output
+
+
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def bundled_ffn(raw, rows, x, ng, bits, row_nbytes, activation, gate_act, hidden_act, out):
     """FFN over the row-column bundles raw[rows] ([gate row | up row | down column]) for one
     token: the other neurons count as zero (sparse), or pass every row for the dense FFN.
 
+    Each bundle is used whole while it is in cache (gate, up, then its down column added to a
+    partial output): one sequential pass over the bytes. Parts of the neuron list run in
+    parallel, each into its own partial output, summed at the end in a fixed order (so the
+    result depends only on the inputs).
     gate_act: act(gate . x) of each of rows, if already known (gate-first selection), else
     empty. hidden_act[j] receives act(gate . x) * (up . x) of rows[j]; out the FFN output.
     """
     n = rows.shape[0]
     known = gate_act.shape[0] == n
-    for j in prange(n):
-        i = rows[j]
-        if known:
-            act = gate_act[j]
-        else:
-            act = _activate(_row_dot(raw[i, :row_nbytes], x, ng, bits), activation)
-        hidden_act[j] = act * _row_dot(raw[i, row_nbytes:2 * row_nbytes], x, ng, bits)
-    for g in prange(ng):
-        base = g * GROUP
-        acc = np.zeros(GROUP, np.float32)
-        for j in range(n):
-            a = hidden_act[j]
-            if a == 0.0:
-                continue
-            row = raw[rows[j], 2 * row_nbytes:3 * row_nbytes]
-            scale = row[4 * g: 4 * g + 4].view(np.float32)[0] * a
-            payload = row[4 * ng:]
-            if bits == 8:
-                q = payload.view(np.int8)
-                for k in range(GROUP):
-                    acc[k] += scale * np.float32(q[base + k])
+    parts = max(1, min(n, _FFN_PARTS))
+    partial = np.zeros((parts, ng * GROUP), np.float32)
+    for p in prange(parts):
+        acc = partial[p]
+        for j in range(p * n // parts, (p + 1) * n // parts):
+            i = rows[j]
+            if known:
+                act = gate_act[j]
             else:
-                for k in range(GROUP // 2):
-                    b = payload[base // 2 + k]
-                    acc[2 * k] += scale * np.float32(np.int32(b & 15) - 8)
-                    acc[2 * k + 1] += scale * np.float32(np.int32(b >> 4) - 8)
-        for k in range(GROUP):
-            out[base + k] = acc[k]
+                act = _activate(_row_dot(raw[i, :row_nbytes], x, ng, bits), activation)
+            h = act * _row_dot(raw[i, row_nbytes:2 * row_nbytes], x, ng, bits)
+            hidden_act[j] = h
+            if h != 0.0:
+                _add_scaled_row(raw[i, 2 * row_nbytes:3 * row_nbytes], h, ng, bits, acc)
+    for k in prange(ng * GROUP):
+        total = np.float32(0.0)
+        for p in range(parts):
+            total += partial[p, k]
+        out[k] = total
 
 
 def warm_up() -> None:
