@@ -87,7 +87,8 @@ def sparsity_options(command):
                            "[default: the store's]")(command)
     return click.option("--selector", type=click.Choice(["gate", "predicted", "dense"]),
                         default=None, help="FFN neuron selector of a calibrated store  "
-                        "[default: gate when FFNs fit in memory, else the store's]")(command)
+                        "[default: dense, unless the store's calibrated sparsity skips >= 25% "
+                        "of the FFN's work (resident) or pages (under a budget)]")(command)
 
 
 @main.command()

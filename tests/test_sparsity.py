@@ -211,10 +211,23 @@ def test_sparsity_settings_are_checked(calibrated):
         fi.load(path, selector="gate", sparsity=0.42)
     with pytest.raises(FlashInferError, match="unknown selector"):
         fi.load(path, selector="oracle")
-    model = fi.load(path)  # resident: gate-first from the store's defaults
-    assert model.plan.sparse == SparseSettings("gate", calibration.DEFAULTS["sparsity"],
-                                               calibration.DEFAULTS["window"])
+    # asked for: the store's defaults fill in what was not given
+    assert fi.load(path, selector="gate").plan.sparse == SparseSettings(
+        "gate", calibration.DEFAULTS["sparsity"], calibration.DEFAULTS["window"])
     assert fi.load(path, selector="dense").plan.sparse is None
+
+
+def test_default_sparsity_runs_unasked_only_where_it_pays(calibrated, tmp_path):
+    path = shutil.copytree(calibrated("llama"), tmp_path / "store")
+    assert calibration.DEFAULTS["sparsity"] < 0.25
+    assert fi.load(path).plan.sparse is None  # 5% saves too little to pay its overhead
+    _edit(lambda m: m["sparsity"]["defaults"].update(sparsity=0.5))(path)
+    assert fi.load(path).plan.sparse == SparseSettings("gate", 0.5,
+                                                       calibration.DEFAULTS["window"])
+    # under a budget neurons are read by the page: these 204-byte bundles share pages with
+    # ~20 others, so skipping half the neurons skips no page
+    assert fi.load(path, memory_budget="2GB").plan.sparse is None
+    assert fi.load(path, memory_budget="2GB", sparsity=0.5).plan.sparse is not None
 
 
 def test_eval_command_reports_quality_against_dense(calibrated, tmp_path):
