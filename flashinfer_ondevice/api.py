@@ -134,7 +134,7 @@ def load(path: str | Path | None = None, *, memory_budget: str | int | None = No
          verify: bool = False, progress: bool | None = None,
          on_plan: Callable[[str], None] | None = None, stream_all: bool = False,
          selector: str | None = None, sparsity: float | None = None,
-         window: int | None = None) -> Model:
+         window: int | None = None, head: str = "auto") -> Model:
     """Load a model; no path loads the embedded default model.
 
     path: a GGUF file, a Hugging Face folder or a flash store. With `memory_budget`, a GGUF
@@ -153,6 +153,10 @@ def load(path: str | Path | None = None, *, memory_budget: str | int | None = No
       Default: gate-first when the FFNs are resident, else the store's calibrated default.
     sparsity: target fraction of FFN neurons skipped (a calibrated one; default from the store).
     window: tokens whose neurons the neuron caches keep (default from the store).
+    head: the output layer's plan in a store: "exact" (every logit exact; rows that do not
+      fit stream every token), "shortlist" (a resident low-rank proxy scores every token,
+      the best candidates are computed exactly; see runtime/shortlist_head.py) or "auto"
+      (shortlist when the output layer does not fit the budget).
     """
     if progress is None:
         progress = sys.stderr.isatty()
@@ -171,10 +175,13 @@ def load(path: str | Path | None = None, *, memory_budget: str | int | None = No
         path = ensure_store(path, codec, progress)
     if is_store(path):
         return _load_store(path, memory_budget, ctx_size, verify, start, on_plan, stream_all,
-                           (selector, sparsity, window))
+                           (selector, sparsity, window), head)
     if (selector, sparsity, window) != (None, None, None):
         raise FlashInferError("sparsity settings need a calibrated flash store "
                               "(run-model convert MODEL --calibrate)")
+    if head != "auto":
+        raise FlashInferError("output-layer plans need a flash store (give --memory-budget "
+                              "or a store)")
     checkpoint = load_checkpoint(path, progress=progress)
     return Model(checkpoint, ctx_size, time.perf_counter() - start)
 
@@ -261,7 +268,8 @@ def sparse_settings(store: Store, budget: int | None, selector: str | None,
 
 def _load_store(path: Path, memory_budget, ctx_size: int | None, verify: bool,
                 start: float, on_plan: Callable[[str], None] | None,
-                stream_all: bool = False, sparse_args: tuple = (None, None, None)) -> Model:
+                stream_all: bool = False, sparse_args: tuple = (None, None, None),
+                head: str = "auto") -> Model:
     from .loader.tokenizer import (
         GGUFTokenizer,
         HFTokenizer,
@@ -292,7 +300,7 @@ def _load_store(path: Path, memory_budget, ctx_size: int | None, verify: bool,
     budget = None if memory_budget is None else parse_budget(memory_budget, store.nbytes)
     sparse = sparse_settings(store, budget, *sparse_args)
     plan = make_plan(store, budget, ctx, max(0, current_rss_bytes() - BASELINE_RSS), transient,
-                     stream_all, sparse)
+                     stream_all, sparse, head)
     if on_plan is not None:
         on_plan(plan.describe(store))
     reader = DirectReader(path / "weights.bin")

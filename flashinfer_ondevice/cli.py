@@ -77,7 +77,7 @@ def _print_stats(model, first, last, seed: int) -> None:
     line("finish", f"{last.finish_reason} (seed {seed})")
 
 def sparsity_options(command):
-    """--selector/--sparsity/--window, shared by generate and eval."""
+    """--selector/--sparsity/--window and --head, shared by generate and eval."""
     command = click.option("--window", type=click.IntRange(1, 64), default=None,
                            help="tokens whose FFN neurons stay cached  [default: the "
                            "store's]")(command)
@@ -85,6 +85,12 @@ def sparsity_options(command):
                            help="target fraction of FFN neurons skipped, one the store was "
                            "calibrated for (0.05 0.1 0.2 0.3 0.5 0.7)  "
                            "[default: the store's]")(command)
+    command = click.option("--head", type=click.Choice(["auto", "exact", "shortlist"]),
+                           default="auto", show_default=True,
+                           help="output-layer plan of a store: exact logits, or a shortlist "
+                           "(a resident proxy scores every token, the best 1024 are computed "
+                           "exactly); auto: shortlist when the output layer does not fit the "
+                           "memory budget")(command)
     return click.option("--selector", type=click.Choice(["gate", "predicted", "dense"]),
                         default=None, help="FFN neuron selector of a calibrated store  "
                         "[default: dense, unless the store's calibrated sparsity skips >= 25% "
@@ -130,7 +136,7 @@ def sparsity_options(command):
               help="send the prompt as raw text even if the model has a chat template")
 def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, min_p,
              repeat_penalty, seed, stop, ctx_size, threads, memory_budget, codec, verify,
-             selector, sparsity, window, system_prompt, no_chat_template):
+             selector, sparsity, window, head, system_prompt, no_chat_template):
     """Generate text from a prompt, streaming it to stdout (stats go to stderr).
 
     The model runs from a flash store, converted into the models folder on first use."""
@@ -144,7 +150,8 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
         store = ensure_store(source, codec, progress=progress)
         model = load(store, memory_budget=memory_budget, ctx_size=ctx_size, threads=threads,
                      verify=verify, on_plan=lambda text: click.echo(text, err=True),
-                     selector=selector, sparsity=sparsity, window=window)
+                     selector=selector, sparsity=sparsity, window=window,
+                     head=head)
         if model.chat_template and not no_chat_template:
             ids = model.chat_prompt_ids(text, system_prompt)
         else:
@@ -236,7 +243,7 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens):
               help="codec of the flash store made on first use")
 @sparsity_options
 def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_tokens, threads,
-                 memory_budget, codec, selector, sparsity, window):
+                 memory_budget, codec, selector, sparsity, window, head):
     """Score a text: perplexity (and, with --compare-dense, agreement with the dense model)."""
     try:
         import json
@@ -251,8 +258,10 @@ def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_to
         store = ensure_store(source, codec, progress=progress)
         model = load(store, memory_budget=memory_budget, ctx_size=max(ctx_size, 2),
                      threads=threads, selector=selector, sparsity=sparsity, window=window,
+                     head=head,
                      on_plan=None if as_json else lambda text: click.echo(text, err=True))
-        reference = load(store, ctx_size=ctx_size, threads=threads, selector="dense") \
+        reference = load(store, ctx_size=ctx_size, threads=threads, selector="dense",
+                         head="exact") \
             if compare_dense else None
         report = evaluate(model, text, ctx_size, max_tokens, reference, progress)
         click.echo(json.dumps(report.as_dict(), indent=1) if as_json else report.describe())

@@ -27,6 +27,18 @@ def gemma(gemma_path):
 
 
 @pytest.fixture(scope="session")
+def gemma_store(gemma_path, tmp_path_factory) -> Path:
+    """The real model's int8 flash store, converted once per session into a temporary
+    models folder."""
+    import os
+
+    from flashinfer_ondevice.api import ensure_store
+
+    os.environ.setdefault("FLASHINFER_MODELS_DIR", str(tmp_path_factory.mktemp("models")))
+    return ensure_store(gemma_path, "int8")
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")
 

@@ -7,24 +7,13 @@ peak resident memory must stay within budget + baseline.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 MEMLIMIT = Path(__file__).resolve().parents[2] / "shared" / "tools" / "memlimit"
-
-
-@pytest.fixture(scope="module")
-def gemma_store(gemma_path, tmp_path_factory):
-    from flashinfer_ondevice.api import ensure_store
-
-    os.environ.setdefault("FLASHINFER_MODELS_DIR", str(tmp_path_factory.mktemp("models")))
-    return ensure_store(gemma_path, "int8")
 
 
 def test_run_model_within_50_percent_budget_under_memlimit(gemma_store):

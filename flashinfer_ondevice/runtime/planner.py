@@ -9,6 +9,13 @@ FFN bundles, then a prefix of the output layer's rows (62% of Gemma 3). Everythi
 read from the store every token, so bytes streamed per token = store size - resident size.
 Input embedding rows are always read on demand.
 
+When the output layer does not fit and the store has its low-rank proxy, the head gets a
+*shortlist* plan instead (runtime/shortlist_head.py): the proxy is resident, scores every
+token, and only the best `shortlist` candidates' rows are read exactly (those not among the
+resident prefix). The output layer then never streams whole; its logits are exact for the
+candidates and approximate elsewhere (quality: docs/benchmarks.md). `head="exact"` keeps the
+exact plan; `head="shortlist"` asks for the shortlist even when everything fits (less compute).
+
 With activation sparsity (a selector), FFNs never stream whole: each layer computes only the
 neurons its selector picks, from a windowed neuron cache of `cache_rows` bundles that reads
 what it lacks. The selector's data (predictors, or gate rows for gate-first) is resident,
@@ -30,12 +37,19 @@ BUFFERS = (6, 4, 3, 2)  # streaming ring sizes to try: one unit computing, the o
 MARGIN = 12 << 20  # prefill activations, Python objects, allocator slack
 NEURON_SCRATCH = 4 << 20  # aligned buffer the neuron caches read pages into
 MIN_CACHE_ROWS = 64  # fewer cached neurons per layer than this is not worth planning
+SHORTLIST = 1024  # output-layer candidates computed exactly per position (shortlist plan)
+SHORTLIST_SCRATCH = 4 << 20  # aligned buffer the candidates' pages are read through
+HEAD_PLANS = ("auto", "exact", "shortlist")
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 1024, "mib": 1 << 20, "gib": 1 << 30}
 
 
 class BudgetError(FlashInferError):
-    """The memory budget cannot hold what must stay resident."""
+    """The memory budget cannot hold what must stay resident; `smallest` is what would."""
+
+    def __init__(self, message: str, smallest: int):
+        super().__init__(message)
+        self.smallest = smallest
 
 
 def parse_budget(text: str | int | float, store_bytes: int) -> int:
@@ -82,6 +96,8 @@ class Plan:
     sparse: SparseSettings | None = None
     selector_bytes: int = 0  # predictors or gate rows (sparse)
     cache_rows: int = 0  # neurons per layer the neuron caches hold (sparse, under a budget)
+    shortlist: int = 0  # output-layer candidates read exactly per position; 0: exact head
+    shortlist_bytes: int = 0  # the resident proxy and the candidates' read buffers
 
     @property
     def ffn_cached(self) -> bool:
@@ -92,15 +108,19 @@ class Plan:
         mb = 1e6
         budget = "unlimited" if self.budget is None else f"{self.budget / mb:.1f} MB"
         total = sum(e.nbytes for e in store.tensors.values())
+        head = (f"output layer {self.head_resident_rows} of {store.tensors[self.head].rows} "
+                "rows" + ("" if not self.shortlist else
+                          f"; shortlist: proxy {self.shortlist_bytes / mb:.1f} MB scores every "
+                          f"token, the best {self.shortlist} are computed exactly"))
         return (f"memory plan: budget {budget} above baseline; store {total / mb:.1f} MB\n"
-                f"  resident weights {self.resident_bytes / mb:7.1f} MB "
-                f"(output layer {self.head_resident_rows} of "
-                f"{store.tensors[self.head].rows} rows)\n"
+                f"  resident weights {self.resident_bytes / mb:7.1f} MB ({head})\n"
                 f"  KV cache {self.kv_bytes / mb:.1f} MB, I/O buffers "
                 f"{self.buffer_bytes / mb:.1f} MB, scratch {self.scratch_bytes / mb:.1f} MB, "
                 f"tokenizer and runtime {self.overhead_bytes / mb:.1f} MB "
                 f"(+{self.transient_bytes / mb:.1f} MB while encoding)\n"
                 f"  streamed per token {self.streamed_bytes / mb:7.1f} MB"
+                + ("" if not self.shortlist else
+                   f" + up to {self.shortlist} output-layer rows")
                 + ("" if self.sparse is None else
                    f"\n  FFN: {self.sparse.describe()}; selector data "
                    f"{self.selector_bytes / mb:.1f} MB, "
@@ -137,13 +157,51 @@ def selector_bytes(store: Store, sparse: SparseSettings, ffn_resident: bool) -> 
     return sum(store.tensors[layer_key(i, "ffn")].nbytes // 3 for i in range(config.n_layers))
 
 
+def shortlist_bytes(store: Store, candidates: int) -> int:
+    """DRAM a shortlist head takes: the proxy, candidate rows and the pages they are read
+    through."""
+    basis, scores = store.head_proxy["head_proxy.basis"], store.head_proxy["head_proxy.scores"]
+    row = store.tensors["embed" if store.config.tie_embeddings else "output"].row_nbytes
+    return basis.nbytes + scores.nbytes + candidates * row + SHORTLIST_SCRATCH
+
+
 def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
               transient: int = 0, stream_all: bool = False,
-              sparse: SparseSettings | None = None) -> Plan:
+              sparse: SparseSettings | None = None, head: str = "auto",
+              candidates: int = SHORTLIST) -> Plan:
     """`overhead`: bytes above baseline in use now; `transient`: bytes needed briefly while
     no generation runs (encoding a prompt loads the vocabulary), sharing the room that the
     KV cache, scratch and margin take during generation. `stream_all` keeps no weight
-    resident (the naive baseline of the benchmarks: every weight read every token)."""
+    resident (the naive baseline of the benchmarks: every weight read every token).
+    `head`: the output layer's plan, "exact", "shortlist" or "auto" (shortlist when the
+    output layer does not fit and the store has a proxy), computing `candidates` rows exactly."""
+    if head not in HEAD_PLANS:
+        raise FlashInferError(f"unknown output-layer plan {head!r} (use {', '.join(HEAD_PLANS)})")
+    if head == "shortlist" and store.head_proxy is None:
+        raise FlashInferError(f"store {store.path} has no output-layer proxy (convert the "
+                              "model again with this version)")
+    args = (store, budget, ctx, overhead, transient, stream_all, sparse)
+    if head == "exact" or store.head_proxy is None or stream_all:
+        return _make_plan(*args, 0)
+    if head == "shortlist":
+        return _make_plan(*args, candidates)
+    try:
+        exact = _make_plan(*args, 0)
+    except BudgetError as exact_error:
+        try:
+            return _make_plan(*args, candidates)
+        except BudgetError as error:  # name the smaller of the two smallest budgets
+            raise min(exact_error, error, key=lambda e: e.smallest) from None
+    if exact.head_resident_rows < store.tensors[exact.head].rows:
+        try:
+            return _make_plan(*args, candidates)
+        except BudgetError:  # the proxy itself does not fit: stream the output layer
+            pass
+    return exact
+
+
+def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transient: int,
+               stream_all: bool, sparse: SparseSettings | None, shortlist: int) -> Plan:
     config = store.config
     head = "embed" if config.tie_embeddings else "output"
     tensors = store.tensors
@@ -153,7 +211,9 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
     ffn = [[layer_key(i, "ffn")] for i in range(config.n_layers)]
     plan = Plan(budget, head, kv_bytes=kv_bytes(config, ctx),
                 scratch_bytes=config.vocab_size * 4 * 6 + (4 << 20), overhead_bytes=overhead,
-                transient_bytes=transient, sparse=sparse)
+                transient_bytes=transient, sparse=sparse, shortlist=shortlist)
+    if shortlist:
+        plan.shortlist_bytes = shortlist_bytes(store, shortlist)
     plan.resident |= vectors
     bundle = tensors[layer_key(0, "ffn")].row_nbytes
     units = attention + ffn if sparse is None or budget is None else attention
@@ -168,12 +228,14 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
         plan.head_resident_rows = tensors[head].rows
     else:
         largest = max(max(sum(tensors[n].nbytes for n in u) for u in units),
-                      min(OUTPUT_CHUNK, tensors[head].nbytes))
+                      0 if shortlist else min(OUTPUT_CHUNK, tensors[head].nbytes))
         min_caches = 0 if sparse is None else MIN_CACHE_ROWS * bundle * config.n_layers
         working = max(plan.kv_bytes + plan.scratch_bytes + MARGIN, transient + MARGIN // 2)
-        base = overhead + working + sum(tensors[n].nbytes for n in vectors)
+        base = overhead + working + sum(tensors[n].nbytes for n in vectors) \
+            + plan.shortlist_bytes
         weights = sum(e.nbytes for n, e in tensors.items() if n not in vectors
-                      and n != ("output" if head == "embed" else "embed"))
+                      and n != ("output" if head == "embed" else "embed")
+                      and not (shortlist and n == head))
         if sparse is not None:  # FFNs go to the neuron caches, never through the ring
             weights -= sum(tensors[n].nbytes for (n,) in ffn)
             base += min_caches + plan.selector_bytes
@@ -189,7 +251,8 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
             raise BudgetError(
                 f"memory budget {budget / 1e6:.1f} MB is too small: the smallest that works "
                 f"with a {ctx}-token context is {plan.fixed_bytes / 1e6:.1f} MB above baseline "
-                f"(KV cache {plan.kv_bytes / 1e6:.1f} MB: a smaller -c lowers it)")
+                f"(KV cache {plan.kv_bytes / 1e6:.1f} MB: a smaller -c lowers it)",
+                plan.fixed_bytes)
         room = 0 if stream_all else budget - fixed
         for names in units:
             size = sum(tensors[n].nbytes for n in names)
@@ -202,12 +265,14 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
             room -= plan.cache_rows * bundle * config.n_layers
         plan.head_resident_rows = min(tensors[head].rows, room // tensors[head].row_nbytes)
     plan.resident_bytes = (sum(tensors[n].nbytes for n in plan.resident)
-                           + plan.head_resident_rows * tensors[head].row_nbytes)
+                           + plan.head_resident_rows * tensors[head].row_nbytes
+                           + plan.shortlist_bytes)
     if plan.cache_rows:
         plan.resident_bytes += plan.cache_rows * bundle * config.n_layers
     streamed = [n for n in tensors if n not in plan.resident and n not in ("embed", "output")
                 and not (plan.cache_rows and n.endswith(".ffn"))]
-    plan.streamed_bytes = (sum(tensors[n].nbytes for n in streamed)
-                           + (tensors[head].rows - plan.head_resident_rows)
-                           * tensors[head].row_nbytes)
+    plan.streamed_bytes = sum(tensors[n].nbytes for n in streamed)
+    if not shortlist:
+        plan.streamed_bytes += (tensors[head].rows - plan.head_resident_rows) \
+            * tensors[head].row_nbytes
     return plan

@@ -5,6 +5,7 @@ then the output layer's non-resident rows in chunks). A ring of aligned buffers 
 set by the plan) is used in turn: while unit k is computed from one, the following units are
 being read into the others (Fuyou/FlexGen-style prefetch), and the next pass's first units
 are read while the last ones compute.
+Under a shortlist plan the output layer is a ShortlistHead instead (no streamed units).
 The forward pass in model.py sees the usual attributes (layers, lm_head, final_norm, ...).
 """
 
@@ -20,9 +21,11 @@ from ..sparsity.neuron_cache import NeuronCache
 from ..sparsity.record import load_predictors
 from ..sparsity.selectors import GateFirstSelector, PredictedSelector
 from ..store.format import ALIGN, LAYER_VECTORS, align_up, layer_key
+from ..store.head_proxy import BASIS, SCORES
 from ..store.io import DirectReader, PendingRead, aligned_buffer
 from ..store.reader import Store, TensorEntry
-from .planner import NEURON_SCRATCH, OUTPUT_CHUNK, Plan
+from .planner import NEURON_SCRATCH, OUTPUT_CHUNK, SHORTLIST_SCRATCH, Plan
+from .shortlist_head import ShortlistHead
 from .sparse_ffn import SparseFFN
 from .stored import BundledFFN, StoredMatrix
 
@@ -107,7 +110,9 @@ class StreamedWeights:
                 self._units.append(unit)
         rows_per_chunk = max(1, OUTPUT_CHUNK // head.row_nbytes)
         self._head_units: list[int] = []
-        for start in range(plan.head_resident_rows, head.rows, rows_per_chunk):
+        streamed_rows = range(plan.head_resident_rows, 0 if plan.shortlist else head.rows,
+                              rows_per_chunk)
+        for start in streamed_rows:
             unit = _Unit()
             unit.add(head, start, min(start + rows_per_chunk, head.rows))
             self._head_units.append(len(self._units))
@@ -118,11 +123,26 @@ class StreamedWeights:
         self._next_buffer = 0
         self.final_norm = self._vectors["final_norm"]
         self.rope_freq_factors = self._vectors.get("rope_freqs")
-        self.lm_head = _StreamedHead(self)
+        self.lm_head = _StreamedHead(self) if not plan.shortlist else self._shortlist_head()
         self.lm_head_format = None
+        self.lm_head_rows = self._head_resident  # the output layer's resident rows
         self.ffns: dict[int, object] = {}
         if plan.sparse is not None:
             self._make_sparse_ffns()
+
+    def _shortlist_head(self) -> ShortlistHead:
+        proxy = self.store.head_proxy
+        basis, scores = proxy[BASIS], proxy[SCORES]
+        reader = DirectReader(basis.path, threads=4)  # the proxy's own file, read once
+        try:
+            basis_raw = reader.read(basis.offset, basis.nbytes)
+            scores_raw = reader.read(scores.offset, scores.nbytes).reshape(scores.rows, -1)
+        finally:
+            reader.close()
+        return ShortlistHead(basis_raw.view(np.float32).reshape(basis.rows, basis.cols),
+                             StoredMatrix(scores_raw, scores.codec, scores.cols),
+                             self._head_resident, self.store.tensors[self.plan.head],
+                             self.reader, self.plan.shortlist, SHORTLIST_SCRATCH)
 
     def _make_sparse_ffns(self) -> None:
         from ..model import ACTIVATIONS

@@ -14,7 +14,6 @@ import time
 import numpy as np
 
 from ..runtime.stored import BundledFFN
-from ..store.format import ALIGN
 from ..store.io import DirectReader
 from ..store.reader import TensorEntry
 
@@ -86,28 +85,11 @@ class NeuronCache:
         self.size = new_size
 
     def _read(self, neurons: np.ndarray) -> None:
-        """Read `neurons` (sorted, absent, fitting) into rows size.. size+len, in batches
-        that fit the scratch buffer."""
-        rb = self.entry.row_nbytes
-        per_batch = max(1, len(self.scratch) // (rb + 2 * ALIGN))
-        for first in range(0, len(neurons), per_batch):
-            batch = neurons[first:first + per_batch]
-            starts = self.entry.offset + batch * rb
-            first_page, last_page = starts // ALIGN, (starts + rb - 1) // ALIGN
-            spans = last_page - first_page + 1
-            pages = np.unique(np.repeat(first_page, spans)
-                              + np.arange(spans.sum()) - np.repeat(np.cumsum(spans) - spans,
-                                                                   spans))
-            # contiguous page runs become single reads; page k lands at scratch[k * ALIGN]
-            breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-            runs = np.split(np.arange(len(pages)), breaks)
-            ranges = [(int(pages[r[0]]) * ALIGN, len(r) * ALIGN, int(r[0]) * ALIGN)
-                      for r in runs]
-            self.reader.submit(ranges, self.scratch).wait()
-            where = np.searchsorted(pages, first_page) * ALIGN + starts % ALIGN
-            rows = np.arange(self.size, self.size + len(batch))
-            self.rows[rows] = self.scratch[where[:, None] + np.arange(rb)]
-            self.ids[rows] = batch
-            self.row_of[batch] = rows
-            self.size += len(batch)
+        """Read `neurons` (sorted, absent, fitting) into rows size.. size+len."""
+        rows = np.arange(self.size, self.size + len(neurons))
+        self.reader.read_rows(self.entry.offset, self.entry.row_nbytes, neurons, self.scratch,
+                              self.rows[self.size:self.size + len(neurons)])
+        self.ids[rows] = neurons
+        self.row_of[neurons] = rows
+        self.size += len(neurons)
         self.reader.stats.neurons_read += len(neurons)

@@ -22,6 +22,7 @@ from ..config import ModelConfig
 from ..errors import FlashInferError
 from ..loader import load_checkpoint
 from ..quant.codecs import CODECS, Codec, codec
+from . import head_proxy
 from .format import (
     ALIGN,
     FORMAT,
@@ -33,6 +34,7 @@ from .format import (
     align_up,
     layer_key,
 )
+from .head_proxy import proxy_rank
 
 _CHUNK_ROWS = 16384  # rows encoded at a time: bounds convert's extra memory
 
@@ -108,8 +110,9 @@ def _file_sha256(path: Path) -> str:
 
 
 def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
-            progress: bool = False) -> Path:
-    """Write the flash store of `source` to `target` (which must not exist yet)."""
+            progress: bool = False, head_proxy_rank: int | None = None) -> Path:
+    """Write the flash store of `source` to `target` (which must not exist yet).
+    `head_proxy_rank`: the output-layer proxy's rank (default: store/head_proxy.py's rule)."""
     source, target = Path(source), Path(target)
     try:
         chosen = codec(codec_name)
@@ -155,14 +158,43 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
             "chat_template": checkpoint.chat_template, "source": source.name,
             "files": files, "tensors": out.tensors,
         }
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_manifest(tmp, manifest)
+        rank = proxy_rank(config) if head_proxy_rank is None else head_proxy_rank
+        if rank is not None:
+            _add_head_proxy(tmp, manifest, rank, progress)
+            _write_manifest(tmp, manifest)
         os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    with open(folder / MANIFEST, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _add_head_proxy(folder: Path, manifest: dict, rank: int, progress: bool) -> None:
+    """Fit the output layer's proxy (store/head_proxy.py) by running the new store on the
+    packaged calibration text, write head_proxy.bin and record it in `manifest`."""
+    from ..api import load
+    from ..sparsity.calibrate import default_text
+
+    model = load(folder, head="exact", progress=False)
+    parameters = sum(t["rows"] * t["cols"] for t in manifest["tensors"].values())
+    tokens = head_proxy.calibration_tokens(parameters)
+    text = default_text()
+    states = head_proxy.final_hidden_states(model, text, tokens, progress)
+    head = model.weights.lm_head_rows
+    basis, to_scores = head_proxy.fit(head.decode_rows, head.rows, states, rank)
+    files, tensors = head_proxy.write(folder, head.decode_rows, head.rows, basis, to_scores)
+    manifest["files"].update(files)
+    manifest["tensors"].update(tensors)
+    manifest["head_proxy"] = {"rank": rank, "calibration": {
+        "tokens": len(states), "text_sha256": hashlib.sha256(text.encode()).hexdigest()}}
+    model.reader.close()
 
 
 def _copy_tokenizer(source: Path, folder: Path) -> dict:

@@ -77,6 +77,7 @@ class DirectReader:
         if not self.direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
         self.stats = IOStats()
+        self.threads = threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="fi-io")
 
     def _read_into(self, view: memoryview, offset: int) -> None:
@@ -101,18 +102,49 @@ class DirectReader:
             else:
                 merged.append([file_off, nbytes, buf_off])
         view = memoryview(buffer)
-        futures = []
+        pieces = []  # (buffer view, file offset) of READ_CHUNK at most
         for file_off, nbytes, buf_off in merged:
             for start in range(0, nbytes, READ_CHUNK):
                 size = min(READ_CHUNK, nbytes - start)
+                pieces.append((view[buf_off + start: buf_off + start + size], file_off + start))
                 # counted when issued, so a token's figures do not depend on when the
                 # prefetch for the next token happens to land (a failed read raises)
                 self.stats.bytes_read += size
-                self.stats.reads += 1
-                futures.append(self._pool.submit(
-                    self._read_into, view[buf_off + start: buf_off + start + size],
-                    file_off + start))
+        self.stats.reads += len(pieces)
+        # one pool task per full-size read; small scattered reads (single pages) are shared
+        # out among as many tasks as there are threads, so each task costs more than its
+        # hand-off
+        total = sum(len(v) for v, _ in pieces)
+        tasks = min(len(pieces), max(self.threads, total // READ_CHUNK))
+        futures = [self._pool.submit(self._read_all, pieces[i::tasks]) for i in range(tasks)]
         return PendingRead(futures, self.stats)
+
+    def _read_all(self, pieces: list[tuple[memoryview, int]]) -> None:
+        for view, offset in pieces:
+            self._read_into(view, offset)
+
+    def read_rows(self, offset: int, row_nbytes: int, ids: np.ndarray, scratch: np.ndarray,
+                  out: np.ndarray) -> None:
+        """Read rows `ids` (sorted, unique) of a tensor starting at `offset` into
+        out[:len(ids)]: each row's byte range widened to pages, the pages coalesced into
+        runs, in batches that fit `scratch` (aligned)."""
+        per_batch = max(1, len(scratch) // (row_nbytes + 2 * ALIGN))
+        for first in range(0, len(ids), per_batch):
+            batch = ids[first:first + per_batch]
+            starts = offset + batch * row_nbytes
+            first_page, last_page = starts // ALIGN, (starts + row_nbytes - 1) // ALIGN
+            spans = last_page - first_page + 1
+            pages = np.unique(np.repeat(first_page, spans)
+                              + np.arange(spans.sum()) - np.repeat(np.cumsum(spans) - spans,
+                                                                   spans))
+            # contiguous page runs become single reads; page k lands at scratch[k * ALIGN]
+            breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+            runs = np.split(np.arange(len(pages)), breaks)
+            ranges = [(int(pages[r[0]]) * ALIGN, len(r) * ALIGN, int(r[0]) * ALIGN)
+                      for r in runs]
+            self.submit(ranges, scratch).wait()
+            where = np.searchsorted(pages, first_page) * ALIGN + starts % ALIGN
+            out[first:first + len(batch)] = scratch[where[:, None] + np.arange(row_nbytes)]
 
     def read(self, file_offset: int, nbytes: int) -> np.ndarray:
         """Synchronously read any byte range (widened to alignment); returns exactly it."""

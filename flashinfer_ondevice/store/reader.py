@@ -17,6 +17,8 @@ from ..errors import FlashInferError
 from ..quant.codecs import CODECS
 from ..sparsity.record import SparsityRecord, parse_record
 from .format import ALIGN, FORMAT, MANIFEST, MAX_MANIFEST_BYTES, VERSION, layer_key
+from .head_proxy import expected_shapes as proxy_expected_shapes
+from .head_proxy import parse_rank
 
 
 class StoreError(FlashInferError):
@@ -48,6 +50,9 @@ class Store:
     chat_template: str | None
     nbytes: int  # size of weights.bin
     sparsity: SparsityRecord | None = None  # calibration results, if calibrated
+    # the output layer's low-rank proxy (store/head_proxy.py): BASIS and SCORES entries
+    head_proxy: dict[str, TensorEntry] | None = None
+
 
 
 def is_store(path: Path) -> bool:
@@ -101,6 +106,29 @@ def _row_nbytes(codec_name: str, cols: int, bundle: bool) -> int | None:
     return c.row_nbytes(cols) * (3 if bundle else 1)
 
 
+def _entry(path: Path, name: str, info, shape: tuple[int, int],
+           sizes: dict[str, int]) -> TensorEntry:
+    """A tensor record checked against its expected shape and its file."""
+    try:
+        entry = TensorEntry(name, path / info["file"], int(info["offset"]), int(info["rows"]),
+                            int(info["cols"]), str(info["codec"]), int(info["row_nbytes"]))
+    except (KeyError, TypeError, ValueError):
+        _fail(path, f"malformed record for tensor {name}")
+    if info["file"] not in sizes:
+        _fail(path, f"tensor {name} lives in unlisted file {info['file']!r}")
+    if (entry.rows, entry.cols) != shape:
+        _fail(path, f"tensor {name} is {entry.rows}x{entry.cols}, the config implies "
+                    f"{shape[0]}x{shape[1]}")
+    if entry.row_nbytes != _row_nbytes(entry.codec, entry.cols, name.endswith(".ffn")):
+        _fail(path, f"tensor {name}: codec {entry.codec!r} and row size "
+                    f"{entry.row_nbytes} do not fit")
+    if entry.offset < 0 or entry.offset % ALIGN or \
+            entry.offset + entry.nbytes > sizes[info["file"]]:
+        _fail(path, f"tensor {name} lies outside its file or is not {ALIGN}-aligned "
+                    "(truncated?)")
+    return entry
+
+
 def open_store(path: str | Path, verify: bool = False) -> Store:
     path = Path(path)
     manifest_path = path / MANIFEST
@@ -145,27 +173,19 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
     missing = sorted(set(expected) - set(raw_tensors))
     if missing:
         _fail(path, f"missing tensors {', '.join(missing[:4])}")
-    tensors: dict[str, TensorEntry] = {}
-    for name, (rows, cols) in expected.items():
-        info = raw_tensors[name]
+    tensors = {name: _entry(path, name, raw_tensors[name], shape, sizes)
+               for name, shape in expected.items()}
+    head_proxy = None
+    if "head_proxy" in manifest:
         try:
-            entry = TensorEntry(name, path / info["file"], int(info["offset"]), int(info["rows"]),
-                                int(info["cols"]), str(info["codec"]), int(info["row_nbytes"]))
-        except (KeyError, TypeError, ValueError):
-            _fail(path, f"malformed record for tensor {name}")
-        if info["file"] not in sizes:
-            _fail(path, f"tensor {name} lives in unlisted file {info['file']!r}")
-        if (entry.rows, entry.cols) != (rows, cols):
-            _fail(path, f"tensor {name} is {entry.rows}x{entry.cols}, the config implies "
-                        f"{rows}x{cols}")
-        if entry.row_nbytes != _row_nbytes(entry.codec, cols, name.endswith(".ffn")):
-            _fail(path, f"tensor {name}: codec {entry.codec!r} and row size "
-                        f"{entry.row_nbytes} do not fit")
-        if entry.offset < 0 or entry.offset % ALIGN or \
-                entry.offset + entry.nbytes > sizes[info["file"]]:
-            _fail(path, f"tensor {name} lies outside its file or is not {ALIGN}-aligned "
-                        "(truncated?)")
-        tensors[name] = entry
+            rank = parse_rank(manifest["head_proxy"], config)
+        except ValueError as exc:
+            _fail(path, str(exc))
+        proxy_shapes = proxy_expected_shapes(config, rank)
+        if not set(proxy_shapes) <= set(raw_tensors):
+            _fail(path, "output-layer proxy tensors are missing")
+        head_proxy = {name: _entry(path, name, raw_tensors[name], shape, sizes)
+                      for name, shape in proxy_shapes.items()}
     tokenizer = manifest.get("tokenizer")
     if not isinstance(tokenizer, dict) or tokenizer.get("kind") not in ("gguf", "hf") or \
             not all(n in sizes for n in tokenizer.get("files", [])):
@@ -187,4 +207,4 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
     template = manifest.get("chat_template")
     return Store(path, store_codec, config, tensors, tokenizer,
                  template if isinstance(template, str) else None, sizes.get("weights.bin", 0),
-                 sparsity)
+                 sparsity, head_proxy)
