@@ -305,5 +305,7 @@ def _load_store(path: Path, memory_budget, ctx_size: int | None, verify: bool,
         on_plan(plan.describe(store))
     reader = DirectReader(path / "weights.bin")
     weights = StreamedWeights(store, plan, reader)
+    if isinstance(tokenizer, LeanGGUFTokenizer):
+        tokenizer.before_encode = weights.release_io_buffers
     checkpoint = Checkpoint(store.config, weights, tokenizer, store.chat_template, path)
     return Model(checkpoint, ctx, time.perf_counter() - start, plan=plan, reader=reader)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -121,8 +122,11 @@ class LeanGGUFTokenizer:
         self.bos_id = bos_id
         self.eog_ids = frozenset(eog_ids)
         self._bos_text = bos_text
+        self.before_encode: Callable[[], None] | None = None  # frees room for the vocabulary
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
+        if self.before_encode is not None:
+            self.before_encode()
         tokenizer = GGUFTokenizer(self._gguf_path)
         try:
             return tokenizer.encode(text, add_special)

@@ -230,9 +230,14 @@ def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transi
         largest = max(max(sum(tensors[n].nbytes for n in u) for u in units),
                       0 if shortlist else min(OUTPUT_CHUNK, tensors[head].nbytes))
         min_caches = 0 if sparse is None else MIN_CACHE_ROWS * bundle * config.n_layers
-        working = max(plan.kv_bytes + plan.scratch_bytes + MARGIN, transient + MARGIN // 2)
-        base = overhead + working + sum(tensors[n].nbytes for n in vectors) \
-            + plan.shortlist_bytes
+        # Generation needs the KV cache, scratch and I/O buffers; encoding a prompt needs the
+        # vocabulary instead, while the I/O buffers' and the shortlist's read pages are
+        # released (StreamedWeights.release_io_buffers), so the two share that room.
+        generation = plan.kv_bytes + plan.scratch_bytes + MARGIN
+        encoding = transient + MARGIN // 2
+        released = SHORTLIST_SCRATCH if shortlist else 0
+        base = overhead + sum(tensors[n].nbytes for n in vectors) + plan.shortlist_bytes \
+            + generation
         weights = sum(e.nbytes for n, e in tensors.items() if n not in vectors
                       and n != ("output" if head == "embed" else "embed")
                       and not (shortlist and n == head))
@@ -245,8 +250,12 @@ def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transi
             weights + sum(tensors[n].nbytes for (n,) in ffn) - min_caches
         plan.buffers = _ring_size(budget, base, all_weights, plan.buffer_unit, stream_all)
         plan.buffer_bytes = plan.buffers * plan.buffer_unit
-        fixed = base + plan.buffer_bytes
-        plan.fixed_bytes = base + min(BUFFERS) * plan.buffer_unit
+
+        def peak(ring: int) -> int:
+            return base + ring + max(0, encoding - generation - ring - released)
+
+        fixed = peak(plan.buffer_bytes)
+        plan.fixed_bytes = peak(min(BUFFERS) * plan.buffer_unit)
         if fixed > budget:
             raise BudgetError(
                 f"memory budget {budget / 1e6:.1f} MB is too small: the smallest that works "

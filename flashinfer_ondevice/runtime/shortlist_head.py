@@ -28,7 +28,7 @@ class ShortlistHead:
         self.candidates = min(candidates, entry.rows)
         self.rows = entry.rows
         self._raw = np.empty((self.candidates, entry.row_nbytes), np.uint8)
-        self._scratch = aligned_buffer(scratch_nbytes)
+        self.scratch = aligned_buffer(scratch_nbytes)  # pages the candidates are read into
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -39,7 +39,7 @@ class ShortlistHead:
             split = int(np.searchsorted(best, self.resident.rows))
             self._raw[:split] = self.resident.raw[best[:split]]
             self.reader.read_rows(self.entry.offset, self.entry.row_nbytes, best[split:],
-                                  self._scratch, self._raw[split:])
+                                  self.scratch, self._raw[split:])
             exact = StoredMatrix(self._raw, self.entry.codec, self.entry.cols)
             logits[t, best] = exact.apply(x[t:t + 1])[0]
         return logits

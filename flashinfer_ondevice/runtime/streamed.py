@@ -22,7 +22,7 @@ from ..sparsity.record import load_predictors
 from ..sparsity.selectors import GateFirstSelector, PredictedSelector
 from ..store.format import ALIGN, LAYER_VECTORS, align_up, layer_key
 from ..store.head_proxy import BASIS, SCORES
-from ..store.io import DirectReader, PendingRead, aligned_buffer
+from ..store.io import DirectReader, PendingRead, aligned_buffer, release_pages
 from ..store.reader import Store, TensorEntry
 from .planner import NEURON_SCRATCH, OUTPUT_CHUNK, SHORTLIST_SCRATCH, Plan
 from .shortlist_head import ShortlistHead
@@ -187,6 +187,17 @@ class StreamedWeights:
             rows = scratch[first - aligned:first - aligned + (end - start) * entry.row_nbytes]
             gates[start:end] = rows.reshape(end - start, -1)[:, :gate_nbytes]
         return gates
+
+    def release_io_buffers(self) -> None:
+        """Drop the pages of the I/O buffers (prefetched units, the shortlist's read pages)
+        while no forward pass runs, so encoding a prompt can use their room (planner.py);
+        the next pass reads its first units again."""
+        while self._queue:
+            self._queue.popleft()[2].wait()
+        for buffer in self._buffers:
+            release_pages(buffer)
+        if isinstance(self.lm_head, ShortlistHead):
+            release_pages(self.lm_head.scratch)
 
     def resident_ffn(self, layer: int) -> BundledFFN | None:
         return self._resident.get(layer_key(layer, "ffn"))

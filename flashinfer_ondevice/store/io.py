@@ -27,6 +27,11 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
 
 
+def release_pages(buffer: np.ndarray) -> None:
+    """Return an aligned_buffer's pages to the OS; it reads as zeros until written again."""
+    buffer.base.obj.madvise(mmap.MADV_DONTNEED)
+
+
 @dataclass
 class IOStats:
     """Counters of a run from a store: reads, and the sparse FFN's neuron bookkeeping."""
