@@ -106,6 +106,7 @@ def _manifest(edit):
     (_manifest(lambda m: m["head_proxy"].update(rank=65)), "proxy rank 65 is invalid"),
     (_manifest(lambda m: m["head_proxy"].update(rank=10**9)), "proxy rank"),
     (_manifest(lambda m: m["tensors"].pop("head_proxy.scores")), "proxy tensors are missing"),
+    (_manifest(lambda m: m["tensors"]["head_proxy.residual"].update(rows=63)), "config implies"),
     (_manifest(lambda m: m["tensors"]["head_proxy.scores"].update(offset=1 << 40)),
      "outside its file"),
     (_manifest(lambda m: m["tensors"]["head_proxy.basis"].update(file="../weights.bin")),

@@ -2,10 +2,11 @@
 
     python tools/bench_dense.py [-m MODEL] [--runs 5] [-t 2] [--json out.json] [--md out.md]
 
-Engines: the numpy reference on the GGUF, the fast path (numba kernels on the int8 store)
-and, for a calibrated store, the fast path with gate-first FFN sparsity at the store's
-calibrated default level. Each run
-times every engine back to back (order alternating) on the same prompt and greedy 64-token
+Engines: the numpy reference on the GGUF, the fast path (numba kernels on the int8 store),
+the fast path with the output layer's shortlist plan (approximate logits outside the best
+1024 candidates; quality in docs/benchmarks.md) and, for a calibrated store, the fast path
+with gate-first FFN sparsity at the store's calibrated default level. Each run times every
+engine back to back (order alternating) on the same prompt and greedy 64-token
 decode, so machine noise hits all alike. Reports medians and ratios to llama.cpp.
 """
 
@@ -65,6 +66,8 @@ def main() -> None:
         "numpy reference (GGUF)": fi.load(gguf, threads=args.threads),
         "fast path (int8 store, numba)": fi.load(store, threads=args.threads,
                                                  selector="dense"),
+        "fast path + shortlist output layer": fi.load(store, threads=args.threads,
+                                                      selector="dense", head="shortlist"),
     }
     record = open_store(store).sparsity
     if record is not None:  # asked for explicitly: by default this store runs dense

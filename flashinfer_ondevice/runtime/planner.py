@@ -160,9 +160,9 @@ def selector_bytes(store: Store, sparse: SparseSettings, ffn_resident: bool) -> 
 def shortlist_bytes(store: Store, candidates: int) -> int:
     """DRAM a shortlist head takes: the proxy, candidate rows and the pages they are read
     through."""
-    basis, scores = store.head_proxy["head_proxy.basis"], store.head_proxy["head_proxy.scores"]
     row = store.tensors["embed" if store.config.tie_embeddings else "output"].row_nbytes
-    return basis.nbytes + scores.nbytes + candidates * row + SHORTLIST_SCRATCH
+    proxy = sum(e.nbytes for e in store.head_proxy.values())
+    return proxy + candidates * row + SHORTLIST_SCRATCH
 
 
 def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,

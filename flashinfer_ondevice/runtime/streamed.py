@@ -21,7 +21,7 @@ from ..sparsity.neuron_cache import NeuronCache
 from ..sparsity.record import load_predictors
 from ..sparsity.selectors import GateFirstSelector, PredictedSelector
 from ..store.format import ALIGN, LAYER_VECTORS, align_up, layer_key
-from ..store.head_proxy import BASIS, SCORES
+from ..store.head_proxy import BASIS, RESIDUAL, SCORES
 from ..store.io import DirectReader, PendingRead, aligned_buffer, release_pages
 from ..store.reader import Store, TensorEntry
 from .planner import NEURON_SCRATCH, OUTPUT_CHUNK, SHORTLIST_SCRATCH, Plan
@@ -132,15 +132,15 @@ class StreamedWeights:
 
     def _shortlist_head(self) -> ShortlistHead:
         proxy = self.store.head_proxy
-        basis, scores = proxy[BASIS], proxy[SCORES]
-        reader = DirectReader(basis.path, threads=4)  # the proxy's own file, read once
+        reader = DirectReader(proxy[BASIS].path, threads=4)  # the proxy's own file, read once
         try:
-            basis_raw = reader.read(basis.offset, basis.nbytes)
-            scores_raw = reader.read(scores.offset, scores.nbytes).reshape(scores.rows, -1)
+            raw = {name: reader.read(e.offset, e.nbytes).reshape(e.rows, -1)
+                   for name, e in proxy.items()}
         finally:
             reader.close()
-        return ShortlistHead(basis_raw.view(np.float32).reshape(basis.rows, basis.cols),
-                             StoredMatrix(scores_raw, scores.codec, scores.cols),
+        scores = proxy[SCORES]
+        return ShortlistHead(raw[BASIS].view(np.float32), raw[RESIDUAL].view(np.float32),
+                             StoredMatrix(raw[SCORES], scores.codec, scores.cols),
                              self._head_resident, self.store.tensors[self.plan.head],
                              self.reader, self.plan.shortlist, SHORTLIST_SCRATCH)
 

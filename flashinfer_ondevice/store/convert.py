@@ -188,8 +188,8 @@ def _add_head_proxy(folder: Path, manifest: dict, rank: int, progress: bool) -> 
     text = default_text()
     states = head_proxy.final_hidden_states(model, text, tokens, progress)
     head = model.weights.lm_head_rows
-    basis, to_scores = head_proxy.fit(head.decode_rows, head.rows, states, rank)
-    files, tensors = head_proxy.write(folder, head.decode_rows, head.rows, basis, to_scores)
+    fitted = head_proxy.fit(head.decode_rows, head.rows, states, rank)
+    files, tensors = head_proxy.write(folder, head.decode_rows, head.rows, *fitted)
     manifest["files"].update(files)
     manifest["tensors"].update(tensors)
     manifest["head_proxy"] = {"rank": rank, "calibration": {
