@@ -183,7 +183,8 @@ def _add_head_proxy(folder: Path, manifest: dict, rank: int, progress: bool) -> 
     from ..sparsity.calibrate import default_text
 
     model = load(folder, head="exact", progress=False)
-    parameters = sum(t["rows"] * t["cols"] for t in manifest["tensors"].values())
+    parameters = sum(t["rows"] * t["cols"] * (3 if name.endswith(".ffn") else 1)
+                     for name, t in manifest["tensors"].items())  # a bundle holds 3 rows
     tokens = head_proxy.calibration_tokens(parameters)
     text = default_text()
     states = head_proxy.final_hidden_states(model, text, tokens, progress)
