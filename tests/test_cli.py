@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from tiny_models import write_gguf
 
+from flashinfer_ondevice.errors import FlashInferError
+
 MODELS_DIR = None
 
 
@@ -134,6 +136,25 @@ def test_memory_budget_run_prints_plan_and_io(tiny_gguf):
     assert "streamed per token" in result.stderr and "storage reads" in result.stderr
     unlimited = run_model("-m", str(tiny_gguf("gemma3")), "-p", "ab", "-n", "6", "--temp", "0")
     assert unlimited.stdout == result.stdout  # the same text whatever the budget
+
+
+def test_head_plan_flag(tiny_gguf, tmp_path):
+    import flashinfer_ondevice as fi
+    from flashinfer_ondevice.store.convert import convert
+
+    with pytest.raises(FlashInferError, match="output-layer plans need a flash store"):
+        fi.load(tiny_gguf("llama"), head="exact")  # the API runs a GGUF dense (no store)
+    store = convert(tiny_gguf("gemma3"), tmp_path / "g.store", head_proxy_rank=64)
+    short = run_model("-m", str(store), "-p", "ab", "-n", "4", "--temp", "0", "--head",
+                      "shortlist")
+    assert short.returncode == 0, short.stderr
+    assert "the best 1024 are computed exactly" in short.stderr
+    exact = run_model("-m", str(store), "-p", "ab", "-n", "4", "--temp", "0", "--head", "exact")
+    assert exact.returncode == 0 and "shortlist" not in exact.stderr
+    assert short.stdout == exact.stdout  # a full-rank proxy: the same greedy text
+    plain = convert(tiny_gguf("gemma3"), tmp_path / "plain.store")
+    assert_clean_error(run_model("-m", str(plain), "-p", "a", "--head", "shortlist"),
+                       "no output-layer proxy")
 
 
 def test_impossible_budget_names_the_smallest(tiny_gguf):
