@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from ..config import ModelConfig
 from ..errors import FlashInferError
 from ..store.format import align_up, layer_key
+from ..store.head_proxy import SCORES
 from ..store.reader import Store
 
 OUTPUT_CHUNK = 4 << 20  # bytes of output-layer rows streamed as one unit
@@ -231,11 +232,11 @@ def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transi
                       0 if shortlist else min(OUTPUT_CHUNK, tensors[head].nbytes))
         min_caches = 0 if sparse is None else MIN_CACHE_ROWS * bundle * config.n_layers
         # Generation needs the KV cache, scratch and I/O buffers; encoding a prompt needs the
-        # vocabulary instead, while the I/O buffers' and the shortlist's read pages are
-        # released (StreamedWeights.release_io_buffers), so the two share that room.
+        # vocabulary instead, while the I/O buffers' pages and the shortlist's scores and read
+        # pages are released (StreamedWeights.release_io_buffers), so the two share that room.
         generation = plan.kv_bytes + plan.scratch_bytes + MARGIN
         encoding = transient + MARGIN // 2
-        released = SHORTLIST_SCRATCH if shortlist else 0
+        released = SHORTLIST_SCRATCH + store.head_proxy[SCORES].nbytes if shortlist else 0
         base = overhead + sum(tensors[n].nbytes for n in vectors) + plan.shortlist_bytes \
             + generation
         weights = sum(e.nbytes for n, e in tensors.items() if n not in vectors

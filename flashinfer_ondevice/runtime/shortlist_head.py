@@ -13,19 +13,28 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..store.io import DirectReader, aligned_buffer
+from ..store.format import align_up
+from ..store.head_proxy import BASIS, RESIDUAL, SCORES
+from ..store.io import DirectReader, aligned_buffer, release_pages
 from ..store.reader import TensorEntry
 from .stored import StoredMatrix
 
 
 class ShortlistHead:
-    def __init__(self, basis: np.ndarray, residual: np.ndarray, scores: StoredMatrix,
-                 resident: StoredMatrix,
+    def __init__(self, proxy: dict[str, TensorEntry], resident: StoredMatrix,
                  entry: TensorEntry, reader: DirectReader, candidates: int,
                  scratch_nbytes: int):
-        self.basis = basis  # (rank, hidden) float32
-        self.residual = residual  # (hidden, hidden) float32: the proxy error's second moment
-        self.scores = scores  # (vocab, rank) codec bytes
+        # the proxy's own file, read on this reader (its bytes counted with the model's)
+        self._proxy_reader = DirectReader(proxy[SCORES].path, threads=8, stats=reader.stats)
+        self.basis = self._read_f32(proxy[BASIS])  # (rank, hidden)
+        self.residual = self._read_f32(proxy[RESIDUAL])  # (hidden, hidden): error moment
+        self._scores_entry = proxy[SCORES]
+        self._scores_buffer = aligned_buffer(align_up(self._scores_entry.nbytes))
+        self._load_scores()
+        self.scores = StoredMatrix(  # (vocab, rank) codec bytes
+            self._scores_buffer[:self._scores_entry.nbytes].reshape(self._scores_entry.rows, -1),
+            self._scores_entry.codec, self._scores_entry.cols)
+        self._released = False
         self.resident = resident  # the output layer's first rows, in DRAM
         self.entry, self.reader = entry, reader
         self.candidates = min(candidates, entry.rows)
@@ -33,7 +42,25 @@ class ShortlistHead:
         self._raw = np.empty((self.candidates, entry.row_nbytes), np.uint8)
         self.scratch = aligned_buffer(scratch_nbytes)  # pages the candidates are read into
 
+    def _read_f32(self, entry: TensorEntry) -> np.ndarray:
+        raw = self._proxy_reader.read(entry.offset, entry.nbytes)
+        return raw.view(np.float32).reshape(entry.rows, entry.cols)
+
+    def _load_scores(self) -> None:
+        self._proxy_reader.submit([(self._scores_entry.offset, len(self._scores_buffer), 0)],
+                                  self._scores_buffer).wait()
+
+    def release(self) -> None:
+        """Give the scores' and read buffer's pages back while no forward pass runs (encoding
+        a prompt uses their room, planner.py); the next apply reads the scores again."""
+        release_pages(self._scores_buffer)
+        release_pages(self.scratch)
+        self._released = True
+
     def apply(self, x: np.ndarray) -> np.ndarray:
+        if self._released:
+            self._load_scores()
+            self._released = False
         x = np.ascontiguousarray(x, dtype=np.float32)
         logits = self.scores.apply(x @ self.basis.T)
         # lognormal correction: the tail's softmax mass stays unbiased (store/head_proxy.py)

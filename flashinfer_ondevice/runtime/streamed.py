@@ -21,7 +21,6 @@ from ..sparsity.neuron_cache import NeuronCache
 from ..sparsity.record import load_predictors
 from ..sparsity.selectors import GateFirstSelector, PredictedSelector
 from ..store.format import ALIGN, LAYER_VECTORS, align_up, layer_key
-from ..store.head_proxy import BASIS, RESIDUAL, SCORES
 from ..store.io import DirectReader, PendingRead, aligned_buffer, release_pages
 from ..store.reader import Store, TensorEntry
 from .planner import NEURON_SCRATCH, OUTPUT_CHUNK, SHORTLIST_SCRATCH, Plan
@@ -131,18 +130,9 @@ class StreamedWeights:
             self._make_sparse_ffns()
 
     def _shortlist_head(self) -> ShortlistHead:
-        proxy = self.store.head_proxy
-        reader = DirectReader(proxy[BASIS].path, threads=4)  # the proxy's own file, read once
-        try:
-            raw = {name: reader.read(e.offset, e.nbytes).reshape(e.rows, -1)
-                   for name, e in proxy.items()}
-        finally:
-            reader.close()
-        scores = proxy[SCORES]
-        return ShortlistHead(raw[BASIS].view(np.float32), raw[RESIDUAL].view(np.float32),
-                             StoredMatrix(raw[SCORES], scores.codec, scores.cols),
-                             self._head_resident, self.store.tensors[self.plan.head],
-                             self.reader, self.plan.shortlist, SHORTLIST_SCRATCH)
+        return ShortlistHead(self.store.head_proxy, self._head_resident,
+                             self.store.tensors[self.plan.head], self.reader,
+                             self.plan.shortlist, SHORTLIST_SCRATCH)
 
     def _make_sparse_ffns(self) -> None:
         from ..model import ACTIVATIONS
@@ -189,15 +179,15 @@ class StreamedWeights:
         return gates
 
     def release_io_buffers(self) -> None:
-        """Drop the pages of the I/O buffers (prefetched units, the shortlist's read pages)
-        while no forward pass runs, so encoding a prompt can use their room (planner.py);
-        the next pass reads its first units again."""
+        """Drop the pages of the I/O buffers (prefetched units; the shortlist's scores and
+        read pages) while no forward pass runs, so encoding a prompt can use their room
+        (planner.py); the next pass reads them again."""
         while self._queue:
             self._queue.popleft()[2].wait()
         for buffer in self._buffers:
             release_pages(buffer)
         if isinstance(self.lm_head, ShortlistHead):
-            release_pages(self.lm_head.scratch)
+            self.lm_head.release()
 
     def resident_ffn(self, layer: int) -> BundledFFN | None:
         return self._resident.get(layer_key(layer, "ffn"))

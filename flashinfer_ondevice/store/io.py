@@ -70,7 +70,7 @@ class DirectReader:
 
     `submit` is called from one thread (the forward pass); the pool only does the reads."""
 
-    def __init__(self, path, threads: int = 32):
+    def __init__(self, path, threads: int = 32, stats: IOStats | None = None):
         self.path = str(path)
         flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
         try:
@@ -81,7 +81,7 @@ class DirectReader:
             self.direct = False
         if not self.direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
-        self.stats = IOStats()
+        self.stats = IOStats() if stats is None else stats  # shared with other readers
         self.threads = threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="fi-io")
 
