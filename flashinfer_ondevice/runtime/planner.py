@@ -40,6 +40,7 @@ NEURON_SCRATCH = 4 << 20  # aligned buffer the neuron caches read pages into
 MIN_CACHE_ROWS = 64  # fewer cached neurons per layer than this is not worth planning
 SHORTLIST = 1024  # output-layer candidates computed exactly per position (shortlist plan)
 SHORTLIST_SCRATCH = 4 << 20  # aligned buffer the candidates' pages are read through
+RING_SCRATCH = 1 << 20  # a ring buffer this large serves as that buffer instead
 HEAD_PLANS = ("auto", "exact", "shortlist")
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 1024, "mib": 1 << 20, "gib": 1 << 30}
@@ -99,6 +100,7 @@ class Plan:
     cache_rows: int = 0  # neurons per layer the neuron caches hold (sparse, under a budget)
     shortlist: int = 0  # output-layer candidates read exactly per position; 0: exact head
     shortlist_bytes: int = 0  # the resident proxy and the candidates' read buffers
+    ring_scratch: bool = False  # the candidates' pages are read into a free ring buffer
 
     @property
     def ffn_cached(self) -> bool:
@@ -236,7 +238,6 @@ def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transi
         # pages are released (StreamedWeights.release_io_buffers), so the two share that room.
         generation = plan.kv_bytes + plan.scratch_bytes + MARGIN
         encoding = transient + MARGIN // 2
-        released = SHORTLIST_SCRATCH + store.head_proxy[SCORES].nbytes if shortlist else 0
         base = overhead + sum(tensors[n].nbytes for n in vectors) + plan.shortlist_bytes \
             + generation
         weights = sum(e.nbytes for n, e in tensors.items() if n not in vectors
@@ -251,6 +252,12 @@ def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transi
             weights + sum(tensors[n].nbytes for (n,) in ffn) - min_caches
         plan.buffers = _ring_size(budget, base, all_weights, plan.buffer_unit, stream_all)
         plan.buffer_bytes = plan.buffers * plan.buffer_unit
+        if shortlist and sparse is None and plan.buffers and plan.buffer_unit >= RING_SCRATCH:
+            plan.ring_scratch = True  # no read buffer of its own (shortlist_head.py)
+            plan.shortlist_bytes -= SHORTLIST_SCRATCH
+            base -= SHORTLIST_SCRATCH
+        released = 0 if not shortlist else store.head_proxy[SCORES].nbytes \
+            + SHORTLIST_SCRATCH * (not plan.ring_scratch)
 
         def peak(ring: int) -> int:
             return base + ring + max(0, encoding - generation - ring - released)

@@ -11,19 +11,22 @@ outside the shortlist is measured with `run-model eval --compare-dense` (docs/be
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ..store.format import align_up
 from ..store.head_proxy import BASIS, RESIDUAL, SCORES
 from ..store.io import DirectReader, aligned_buffer, release_pages
 from ..store.reader import TensorEntry
+from .planner import SHORTLIST_SCRATCH
 from .stored import StoredMatrix
 
 
 class ShortlistHead:
     def __init__(self, proxy: dict[str, TensorEntry], resident: StoredMatrix,
                  entry: TensorEntry, reader: DirectReader, candidates: int,
-                 scratch_nbytes: int):
+                 free_buffer: Callable[[], np.ndarray] | None):
         # the proxy's own file, read on this reader (its bytes counted with the model's)
         self._proxy_reader = DirectReader(proxy[SCORES].path, threads=8, stats=reader.stats)
         self.basis = self._read_f32(proxy[BASIS])  # (rank, hidden)
@@ -40,7 +43,10 @@ class ShortlistHead:
         self.candidates = min(candidates, entry.rows)
         self.rows = entry.rows
         self._raw = np.empty((self.candidates, entry.row_nbytes), np.uint8)
-        self.scratch = aligned_buffer(scratch_nbytes)  # pages the candidates are read into
+        # pages the candidates are read into: a free buffer of the I/O ring when the plan
+        # streams (planner.py), else a buffer of our own
+        self._own_scratch = None if free_buffer else aligned_buffer(SHORTLIST_SCRATCH)
+        self._free_buffer = free_buffer
 
     def _read_f32(self, entry: TensorEntry) -> np.ndarray:
         raw = self._proxy_reader.read(entry.offset, entry.nbytes)
@@ -54,7 +60,8 @@ class ShortlistHead:
         """Give the scores' and read buffer's pages back while no forward pass runs (encoding
         a prompt uses their room, planner.py); the next apply reads the scores again."""
         release_pages(self._scores_buffer)
-        release_pages(self.scratch)
+        if self._own_scratch is not None:
+            release_pages(self._own_scratch)
         self._released = True
 
     def apply(self, x: np.ndarray) -> np.ndarray:
@@ -66,12 +73,13 @@ class ShortlistHead:
         # lognormal correction: the tail's softmax mass stays unbiased (store/head_proxy.py)
         logits += 0.5 * np.einsum("ij,jk,ik->i", x, self.residual, x)[:, None]
         k = self.candidates
+        scratch = self._own_scratch if self._free_buffer is None else self._free_buffer()
         for t in range(len(x)):
             best = np.sort(np.argpartition(logits[t], -k)[-k:])
             split = int(np.searchsorted(best, self.resident.rows))
             self._raw[:split] = self.resident.raw[best[:split]]
             self.reader.read_rows(self.entry.offset, self.entry.row_nbytes, best[split:],
-                                  self.scratch, self._raw[split:])
+                                  scratch, self._raw[split:])
             exact = StoredMatrix(self._raw, self.entry.codec, self.entry.cols)
             logits[t, best] = exact.apply(x[t:t + 1])[0]
         return logits

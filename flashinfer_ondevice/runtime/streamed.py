@@ -23,7 +23,7 @@ from ..sparsity.selectors import GateFirstSelector, PredictedSelector
 from ..store.format import ALIGN, LAYER_VECTORS, align_up, layer_key
 from ..store.io import DirectReader, PendingRead, aligned_buffer, release_pages
 from ..store.reader import Store, TensorEntry
-from .planner import NEURON_SCRATCH, OUTPUT_CHUNK, SHORTLIST_SCRATCH, Plan
+from .planner import NEURON_SCRATCH, OUTPUT_CHUNK, Plan
 from .shortlist_head import ShortlistHead
 from .sparse_ffn import SparseFFN
 from .stored import BundledFFN, StoredMatrix
@@ -120,6 +120,7 @@ class StreamedWeights:
         self._buffers = [aligned_buffer(largest) for _ in range(plan.buffers)] if largest else []
         self._queue: deque[tuple[int, int, PendingRead]] = deque()  # (unit, buffer, read)
         self._next_buffer = 0
+        self._handed_out: int | None = None  # ring buffer of the unit acquired last
         self.final_norm = self._vectors["final_norm"]
         self.rope_freq_factors = self._vectors.get("rope_freqs")
         self.lm_head = _StreamedHead(self) if not plan.shortlist else self._shortlist_head()
@@ -132,7 +133,14 @@ class StreamedWeights:
     def _shortlist_head(self) -> ShortlistHead:
         return ShortlistHead(self.store.head_proxy, self._head_resident,
                              self.store.tensors[self.plan.head], self.reader,
-                             self.plan.shortlist, SHORTLIST_SCRATCH)
+                             self.plan.shortlist,
+                             self._free_buffer if self.plan.ring_scratch and self._units
+                             else None)
+
+    def _free_buffer(self) -> np.ndarray:
+        """The ring buffer whose unit was computed last: free until the next pass's first
+        acquire (the output layer runs in between, so it reads its candidates there)."""
+        return self._buffers[self._handed_out]
 
     def _make_sparse_ffns(self) -> None:
         from ..model import ACTIVATIONS
@@ -232,6 +240,7 @@ class StreamedWeights:
         while len(self._queue) < min(len(self._buffers) - 1, len(self._units)):
             following = (following + 1) % len(self._units)
             self._submit(following)
+        self._handed_out = buffer_index
         buffer = self._buffers[buffer_index]
         tensors = {}
         for p in self._units[unit_index].parts:
