@@ -73,7 +73,8 @@ def test_planner_picks_the_shortlist_only_when_the_head_does_not_fit(proxy_store
     gemma = open_store(gemma_store)
     assert make_plan(gemma, None, 256, 0).shortlist == 0  # everything fits: exact
     half = gemma.nbytes // 2
-    assert make_plan(gemma, half, 256, 0).shortlist > 0
+    plan = make_plan(gemma, half, 256, 0)
+    assert plan.shortlist > 0 and plan.ring_scratch  # candidates read via the I/O ring
     assert make_plan(gemma, half, 256, 0, head="exact").shortlist == 0
     # where the proxy itself does not fit but the exact plan does, the exact plan
     store = open_store(proxy_store)
