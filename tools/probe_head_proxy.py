@@ -39,7 +39,7 @@ def main() -> None:
 
     model = fi.load(args.store or ensure_store(default_model_path()), selector="dense")
     head = model.weights.lm_head
-    exact_rows = model.weights._head_resident
+    exact_rows = model.weights.lm_head_rows
     table = exact_rows.codec.decode(exact_rows.raw, exact_rows.cols)  # (vocab, hidden)
     captured: list[np.ndarray] = []
 

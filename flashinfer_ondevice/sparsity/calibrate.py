@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..errors import FlashInferError
+from ..store.convert import write_manifest
 from ..store.format import MANIFEST
 from .record import (
     SPARSITY_FILE,
@@ -153,15 +154,6 @@ def calibrate(store_path: str | Path, text: str | None = None, tokens: int = TOK
     return record
 
 
-def _write_manifest(store_path: Path, manifest: dict) -> None:
-    tmp = store_path / (MANIFEST + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, store_path / MANIFEST)
-
-
 def write_record(store_path: Path, record: SparsityRecord, config: ModelConfig) -> None:
     """Replace the store's calibration: manifest without it, the new file, manifest with it.
     The record is validated as a reader will validate it before anything is written."""
@@ -173,7 +165,7 @@ def write_record(store_path: Path, record: SparsityRecord, config: ModelConfig) 
     manifest = json.loads((store_path / MANIFEST).read_text(encoding="utf-8"))
     manifest.pop("sparsity", None)
     manifest["files"].pop(SPARSITY_FILE, None)
-    _write_manifest(store_path, manifest)
+    write_manifest(store_path, manifest)
     partial = store_path / (SPARSITY_FILE + ".partial")
     write_predictors(partial, record.layers)
     os.replace(partial, store_path / SPARSITY_FILE)
@@ -181,4 +173,4 @@ def write_record(store_path: Path, record: SparsityRecord, config: ModelConfig) 
     manifest["files"][SPARSITY_FILE] = {"size": (store_path / SPARSITY_FILE).stat().st_size,
                                         "sha256": digest}
     manifest["sparsity"] = record.manifest()
-    _write_manifest(store_path, manifest)
+    write_manifest(store_path, manifest)

@@ -158,22 +158,25 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
             "chat_template": checkpoint.chat_template, "source": source.name,
             "files": files, "tensors": out.tensors,
         }
-        _write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest)
         rank = proxy_rank(config) if head_proxy_rank is None else head_proxy_rank
         if rank is not None:
             _add_head_proxy(tmp, manifest, rank, progress)
-            _write_manifest(tmp, manifest)
+            write_manifest(tmp, manifest)
         os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _write_manifest(folder: Path, manifest: dict) -> None:
-    with open(folder / MANIFEST, "w", encoding="utf-8") as f:
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Replace folder's manifest atomically: a partial file, synced, then renamed over it."""
+    tmp = folder / (MANIFEST + ".partial")
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
 
 
 def _add_head_proxy(folder: Path, manifest: dict, rank: int, progress: bool) -> None:
