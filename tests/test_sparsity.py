@@ -75,6 +75,24 @@ def test_calibration_is_recorded_and_validated(calibrated):
     assert all(k >= record.recall * (1 - t) - 0.01
                for k, t in zip(kept, record.targets, strict=True))
     assert not [p for p in path.iterdir() if p.name.startswith(".calibration")]
+    # defaults: the sparsest held-out setting that met the quality bar (else the lightest)
+    scored = record.calibration["holdout"]
+    assert scored and record.calibration["holdout_tokens"] > 0
+    met = [s for s in scored if s["meets_bar"]]
+    for selector in ("gate", "predicted"):  # scored in increasing order up to a first miss
+        tried = [s for s in scored if s["selector"] == selector]
+        assert [s["sparsity"] for s in tried] == record.targets[:len(tried)]
+        assert all(s["meets_bar"] for s in tried[:-1])
+    best = max((s["sparsity"] for s in met), default=record.targets[0])
+    assert record.defaults["sparsity"] == best
+    assert record.defaults["window"] == calibration.WINDOW
+
+
+def test_quality_bar_keeps_a_standard_error_in_hand():
+    assert calibration.meets_bar(1.0, 0.0, 100)
+    assert not calibration.meets_bar(0.975, 0.0, 500)  # 97.5% +- 0.7%: not surely >= 97%
+    assert calibration.meets_bar(0.99, 0.029, 500)
+    assert not calibration.meets_bar(0.99, 0.031, 500)
 
 
 def test_gate_first_selects_the_calibrated_fraction(calibrated):
@@ -212,18 +230,18 @@ def test_sparsity_settings_are_checked(calibrated):
     with pytest.raises(FlashInferError, match="unknown selector"):
         fi.load(path, selector="oracle")
     # asked for: the store's defaults fill in what was not given
+    defaults = open_store(path).sparsity.defaults
     assert fi.load(path, selector="gate").plan.sparse == SparseSettings(
-        "gate", calibration.DEFAULTS["sparsity"], calibration.DEFAULTS["window"])
+        "gate", defaults["sparsity"], defaults["window"])
     assert fi.load(path, selector="dense").plan.sparse is None
 
 
 def test_default_sparsity_runs_unasked_only_where_it_pays(calibrated, tmp_path):
     path = shutil.copytree(calibrated("llama"), tmp_path / "store")
-    assert calibration.DEFAULTS["sparsity"] < 0.25
+    _edit(lambda m: m["sparsity"]["defaults"].update(selector="gate", sparsity=0.05))(path)
     assert fi.load(path).plan.sparse is None  # 5% saves too little to pay its overhead
     _edit(lambda m: m["sparsity"]["defaults"].update(sparsity=0.5))(path)
-    assert fi.load(path).plan.sparse == SparseSettings("gate", 0.5,
-                                                       calibration.DEFAULTS["window"])
+    assert fi.load(path).plan.sparse == SparseSettings("gate", 0.5, calibration.WINDOW)
     # under a budget neurons are read by the page: these 204-byte bundles share pages with
     # ~20 others, so skipping half the neurons skips no page
     assert fi.load(path, memory_budget="2GB").plan.sparse is None
@@ -259,7 +277,8 @@ def test_convert_calibrate_cli(tiny_gguf, tmp_path):
                                        "--calibrate", "-f", str(text),
                                        "--calibration-tokens", "300"])
     assert result.exit_code == 0, result.output
-    assert open_store(out).sparsity.calibration["tokens"] >= 300
+    calibration_record = open_store(out).sparsity.calibration
+    assert calibration_record["tokens"] + calibration_record["holdout_tokens"] >= 300
     again = CliRunner().invoke(main, ["convert", str(out)])
     assert again.exit_code == 1 and "already a flash store" in again.output
 

@@ -7,10 +7,10 @@ neuron cache's reads per window under a memory budget.
 
 Quality (fully resident, so only sparsity changes the result): perplexity, top-1 agreement
 with the dense model and mean KL(dense || sparse) for each selector x target sparsity.
-Windows do not change results (the same neurons are computed), only what is read: each
-selector x sparsity x window runs in a child process under the budget and reports neurons
-needed / cached / read and bytes read per token, with the time split into I/O wait, cache
-management and the rest (compute). Writes a markdown table and JSON.
+Windows do not change results (the same neurons are computed), only what is read: the dense
+streaming runtime and each selector x sparsity x window run in a child process under the
+budget, reporting neurons needed / cached / read and bytes read per token, with the time
+split into I/O wait, cache management and the rest (compute). Writes a markdown table and JSON.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def io_worker(store: str, text: str, selector: str, sparsity: float, window: int
     import flashinfer_ondevice as fi
     from flashinfer_ondevice.evaluate import evaluate
 
-    model = fi.load(store, memory_budget=budget, selector=selector, sparsity=sparsity,
-                    window=window, ctx_size=512, threads=2)
+    sparse = {} if selector == "dense" else {"sparsity": sparsity, "window": window}
+    model = fi.load(store, memory_budget=budget, selector=selector, ctx_size=512, threads=2,
+                    **sparse)
     report = evaluate(model, text, 512, tokens)
     ms = report.seconds / report.tokens * 1000
     return {"cache_rows": model.plan.cache_rows, "tps": report.tokens / report.seconds,
@@ -89,6 +90,13 @@ def main() -> None:
     quality = (json.loads(args.quality_from.read_text())["quality"] if args.quality_from
                else measure_quality(store, text, args.tokens))
     io = []
+    dense = subprocess.run(
+        [sys.executable, __file__, "--store", store, "-f", args.file, "--io-tokens",
+         str(args.io_tokens), "--worker", "dense", "0", "1", args.budget],
+        capture_output=True, text=True, check=True)
+    io.append({"selector": "dense", "sparsity": 0.0, "window": 0,
+               **json.loads(dense.stdout.strip().splitlines()[-1])})
+    print(json.dumps(io[-1]), flush=True)
     for selector in SELECTORS:
         for sparsity in IO_SPARSITIES:
             for window in WINDOWS:
@@ -120,14 +128,17 @@ def render(result: dict) -> str:
     lines += ["", f"Neuron cache under a {result['budget']} budget "
               f"({result['io'][0]['tokens']} tokens, per token):", "",
               "| selector | sparsity | window | cache rows/layer | needed | cached | read | "
-              "MB read | ms/token | I/O wait ms | cache ms | compute ms |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "MB read | vs dense | ms/token | I/O wait ms | cache ms | compute ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    dense_bytes = next(r["bytes_read_per_token"] for r in result["io"]
+                       if r["selector"] == "dense")
     for r in result["io"]:
         compute = r["ms_per_token"] - r["io_wait_ms_per_token"] - r["cache_ms_per_token"]
-        lines.append(f"| {r['selector']} | {r['sparsity']:.0%} | {r['window']} | "
+        lines.append(f"| {r['selector']} | {r['sparsity']:.0%} | {r['window'] or '-'} | "
                      f"{r['cache_rows']} | {r['neurons_needed_per_token']:.0f} | "
                      f"{r['neuron_hits_per_token']:.0f} | {r['neurons_read_per_token']:.0f} | "
-                     f"{r['bytes_read_per_token'] / 1e6:.1f} | {r['ms_per_token']:.1f} | "
+                     f"{r['bytes_read_per_token'] / 1e6:.1f} | "
+                     f"{r['bytes_read_per_token'] / dense_bytes:.2f}x | {r['ms_per_token']:.1f} | "
                      f"{r['io_wait_ms_per_token']:.1f} | {r['cache_ms_per_token']:.1f} | "
                      f"{compute:.1f} |")
     return "\n".join(lines)

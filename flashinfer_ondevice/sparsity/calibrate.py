@@ -9,7 +9,12 @@ a-flash predictors), and record the results in the store.
    calibration inputs: whiten x by its SVD, truncate the SVD of the whitened targets); and,
    per target, the threshold on the predicted |act| that keeps `recall` of the truly active
    neurons (biased toward recall, as the paper does).
-3. Write sparsity.bin and then the manifest atomically: an interrupted run leaves the store
+3. Choose the defaults on held-out calibration tokens (the text's last quarter, at most
+   HOLDOUT tokens, not used for fitting): each selector's targets in increasing order are
+   scored against the dense model until one misses the quality bar (top-1 agreement >= 97%
+   with one standard error to spare, perplexity <= +3%); the default is the sparsest
+   setting that met it (gate-first on a tie), else gate-first at the lightest target.
+4. Write sparsity.bin and then the manifest atomically: an interrupted run leaves the store
    as it was (or without calibration), never inconsistent.
 """
 
@@ -28,9 +33,11 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..errors import FlashInferError
+from ..runtime.sparse_ffn import SparseFFN
 from ..store.convert import write_manifest
 from ..store.format import MANIFEST
 from .record import (
+    SELECTORS,
     SPARSITY_FILE,
     LayerSparsity,
     SparsityRecord,
@@ -38,6 +45,7 @@ from .record import (
     predictor_nbytes,
     write_predictors,
 )
+from .selectors import GateFirstSelector, PredictedSelector
 
 TARGETS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7]
 RANK = 128
@@ -46,7 +54,9 @@ TOKENS = 4096
 CHUNK = 512  # tokens per forward pass (each chunk starts a fresh context)
 MIN_TOKENS = 256
 DECODE_ROWS = 512
-DEFAULTS = {"selector": "gate", "sparsity": 0.05, "window": 4}
+HOLDOUT = 512  # held-out calibration tokens that choose the defaults
+TOP1_BAR, PERPLEXITY_BAR = 0.97, 0.03
+WINDOW = 4  # default window of the neuron caches (LLM in a flash: 2 for Llama-2, 4-5 for OPT)
 
 
 def default_text() -> str:
@@ -112,6 +122,8 @@ def calibrate(store_path: str | Path, text: str | None = None, tokens: int = TOK
     if len(ids) < MIN_TOKENS:
         raise FlashInferError(f"calibration text has {len(ids)} tokens; at least {MIN_TOKENS} "
                               "are needed")
+    held_out = min(HOLDOUT, len(ids) // 4)
+    ids, holdout_ids = ids[:len(ids) - held_out], ids[len(ids) - held_out:]
     bos = [model.tokenizer.bos_id] if model.tokenizer.bos_id is not None else []
     chunks = [bos + ids[i:i + CHUNK - len(bos)] for i in range(0, len(ids), CHUNK - len(bos))]
     n = sum(len(c) for c in chunks)
@@ -142,16 +154,86 @@ def calibrate(store_path: str | Path, text: str | None = None, tokens: int = TOK
             layers.append(layer)
             kept.append(layer_kept)
             del rec.inputs, rec.gates
+        weights.ffns.clear()
+        holdout = [bos + holdout_ids[i:i + CHUNK - len(bos)]
+                   for i in range(0, len(holdout_ids) - 1, CHUNK - len(bos))]
+        defaults, scored = choose_defaults(model, layers, holdout, len(bos), progress)
     finally:
         weights.ffns.clear()
         shutil.rmtree(tmp, ignore_errors=True)
     calibration = {"tokens": n, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
                    "predicted_kept": [float(np.mean([k[j] for k in kept]))
-                                      for j in range(len(TARGETS))]}
-    record = SparsityRecord(rank, list(TARGETS), float(recall), layers, dict(DEFAULTS),
-                            calibration)
+                                      for j in range(len(TARGETS))],
+                   "holdout_tokens": len(holdout_ids), "holdout": scored}
+    record = SparsityRecord(rank, list(TARGETS), float(recall), layers, defaults, calibration)
     write_record(store_path, record, config)
     return record
+
+
+def _log_probs(model, chunks: list[list[int]], skip: int) -> list[np.ndarray]:
+    """Next-token log-probabilities at every position after the first `skip` of each chunk."""
+    out = []
+    for chunk in chunks:
+        logits = model.engine.forward(np.asarray(chunk), model.engine.new_cache(len(chunk)),
+                                      all_logits=True)[skip:-1].astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        out.append(logits - np.log(np.exp(logits).sum(axis=1, keepdims=True)))
+    return out
+
+
+def meets_bar(top1: float, perplexity_change: float, tokens: int) -> bool:
+    """The defaults' quality bar, with one standard error of the top-1 estimate to spare."""
+    margin = (top1 * (1 - top1) / tokens) ** 0.5
+    return top1 - margin >= TOP1_BAR and perplexity_change <= PERPLEXITY_BAR
+
+
+def choose_defaults(model, layers: list[LayerSparsity], chunks: list[list[int]], skip: int,
+                    progress: bool = False) -> tuple[dict, list[dict]]:
+    """Score each selector's targets (increasing, until one misses the bar) on `chunks`
+    against the dense model; the defaults and every scored setting."""
+    from ..model import ACTIVATIONS
+
+    config, weights = model.config, model.weights
+    activation = config.traits.activation
+    targets = [np.asarray(c[skip + 1:], dtype=np.int64) for c in chunks]
+    tokens = sum(len(t) for t in targets)
+    dense = _log_probs(model, chunks, skip)
+    def nll(log_probs: list[np.ndarray]) -> float:
+        return -sum(float(lp[np.arange(len(t)), t].sum())
+                    for lp, t in zip(log_probs, targets, strict=True))
+
+    dense_nll = nll(dense)
+    scored = []
+    with tqdm(total=len(SELECTORS) * len(TARGETS), desc="calibration: choosing defaults",
+              disable=not progress) as bar:
+        for selector in SELECTORS:
+            for k, target in enumerate(TARGETS):
+                for i, layer in enumerate(layers):
+                    bundles = weights.resident_ffn(i)
+                    pick = (GateFirstSelector(bundles, layer.thresholds[k], activation)
+                            if selector == "gate" else
+                            PredictedSelector(layer.a, layer.b, layer.predictor_thresholds[k],
+                                              ACTIVATIONS[activation]))
+                    weights.ffns[i] = SparseFFN(pick, config.hidden_size, model.reader.stats,
+                                                bundles)
+                sparse = _log_probs(model, chunks, skip)
+                top1 = sum(int((a.argmax(1) == b.argmax(1)).sum())
+                           for a, b in zip(sparse, dense, strict=True)) / tokens
+                change = float(np.exp((nll(sparse) - dense_nll) / tokens) - 1)
+                scored.append({"selector": selector, "sparsity": target, "top1": top1,
+                               "perplexity_change": change,
+                               "meets_bar": meets_bar(top1, change, tokens)})
+                bar.update(1)
+                if not scored[-1]["meets_bar"]:
+                    bar.update(len(TARGETS) - 1 - k)
+                    break
+    weights.ffns.clear()
+    met = [s for s in scored if s["meets_bar"]]
+    best = max(met, key=lambda s: (s["sparsity"], s["selector"] == "gate"), default=None)
+    defaults = {"selector": "gate", "sparsity": TARGETS[0], "window": WINDOW}
+    if best is not None:
+        defaults.update(selector=best["selector"], sparsity=best["sparsity"])
+    return defaults, scored
 
 
 def write_record(store_path: Path, record: SparsityRecord, config: ModelConfig) -> None:
