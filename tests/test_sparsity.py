@@ -24,6 +24,7 @@ from flashinfer_ondevice.sparsity import calibrate as calibration
 from flashinfer_ondevice.sparsity.calibrate import calibrate
 from flashinfer_ondevice.sparsity.neuron_cache import NeuronCache
 from flashinfer_ondevice.store.convert import convert
+from flashinfer_ondevice.store.format import ALIGN
 from flashinfer_ondevice.store.io import DirectReader, aligned_buffer
 from flashinfer_ondevice.store.reader import StoreError, open_store
 
@@ -145,7 +146,8 @@ def test_neuron_cache_keeps_the_window_and_the_right_bytes(calibrated):
     path = calibrated("gemma3")
     entry = open_store(path).tensors["layers.2.ffn"]
     reader = DirectReader(path / "weights.bin")
-    cache = NeuronCache(entry, reader, capacity=100, window=2, scratch=aligned_buffer(1 << 16))
+    cache = NeuronCache(entry, reader, capacity=100, window=2, scratch=aligned_buffer(1 << 16),
+                        spill=np.zeros((8, entry.row_nbytes), np.uint8))
     bundles = np.fromfile(entry.path, np.uint8, entry.nbytes, offset=entry.offset).reshape(
         entry.rows, -1)
     rng = np.random.default_rng(0)
@@ -169,11 +171,16 @@ def test_a_cache_smaller_than_a_token_uses_its_hits_before_evicting(calibrated):
     x = np.random.default_rng(1).standard_normal(entry.cols).astype(np.float32)
     needed = np.arange(3, entry.rows, 2)  # 62 neurons
     gate_act = np.random.default_rng(2).standard_normal(len(needed)).astype(np.float32)
+    spill = np.zeros((10, entry.row_nbytes), np.uint8)
     full = NeuronCache(entry, DirectReader(path / "weights.bin"), entry.rows, 1,
-                       aligned_buffer(1 << 16))
+                       aligned_buffer(1 << 16), spill)
     expected = full.apply(x, needed, "gelu_tanh", gate_act)
     reader = DirectReader(path / "weights.bin")
-    small = NeuronCache(entry, reader, capacity=25, window=1, scratch=aligned_buffer(1 << 16))
+    small = NeuronCache(entry, reader, capacity=25, window=1, scratch=aligned_buffer(1 << 16),
+                        spill=spill)
+    first = (entry.offset + needed * entry.row_nbytes) // ALIGN
+    last = (entry.offset + (needed + 1) * entry.row_nbytes - 1) // ALIGN
+    pages = len(set(first.tolist()) | set(last.tolist()))
     for step in range(3):
         before = reader.stats.snapshot()
         got = small.apply(x, needed, "gelu_tanh", gate_act)
@@ -182,6 +189,11 @@ def test_a_cache_smaller_than_a_token_uses_its_hits_before_evicting(calibrated):
         assert s.neuron_hits == (0 if step == 0 else small.capacity)
         assert s.neurons_read == len(needed) - s.neuron_hits
         assert s.bytes_read >= s.neurons_read * entry.row_nbytes
+        # the overflow goes through the 10 spill rows: cache reads plus one batch per 10
+        # neurons, each page read at most once per batch
+        batches = 1 + -(-(len(needed) - small.capacity) // len(spill))
+        assert s.bytes_read <= batches * pages * ALIGN
+        assert set(small.ids[:small.size].tolist()) <= set(needed.tolist())
 
 
 def test_interrupted_calibration_leaves_a_working_store(calibrated, tmp_path, monkeypatch):

@@ -37,6 +37,7 @@ OUTPUT_CHUNK = 4 << 20  # bytes of output-layer rows streamed as one unit
 BUFFERS = (6, 4, 3, 2)  # streaming ring sizes to try: one unit computing, the others reading
 MARGIN = 12 << 20  # prefill activations, Python objects, allocator slack
 NEURON_SCRATCH = 4 << 20  # aligned buffer the neuron caches read pages into
+NEURON_SPILL = 4 << 20  # rows a token's neurons beyond a cache's capacity are read into
 MIN_CACHE_ROWS = 64  # fewer cached neurons per layer than this is not worth planning
 SHORTLIST = 1024  # output-layer candidates computed exactly per position (shortlist plan)
 SHORTLIST_SCRATCH = 4 << 20  # aligned buffer the candidates' pages are read through
@@ -224,7 +225,7 @@ def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transi
         plan.selector_bytes = selector_bytes(store, sparse, ffn_resident=True)
     elif sparse is not None:
         plan.selector_bytes = selector_bytes(store, sparse, ffn_resident=False)
-        plan.scratch_bytes += NEURON_SCRATCH
+        plan.scratch_bytes += NEURON_SCRATCH + NEURON_SPILL
     if budget is None:
         for names in units:
             plan.resident |= set(names)

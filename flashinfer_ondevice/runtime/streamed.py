@@ -23,7 +23,7 @@ from ..sparsity.selectors import GateFirstSelector, PredictedSelector
 from ..store.format import ALIGN, LAYER_VECTORS, align_up, layer_key
 from ..store.io import DirectReader, PendingRead, aligned_buffer, release_pages
 from ..store.reader import Store, TensorEntry
-from .planner import NEURON_SCRATCH, OUTPUT_CHUNK, Plan
+from .planner import NEURON_SCRATCH, NEURON_SPILL, OUTPUT_CHUNK, Plan
 from .shortlist_head import ShortlistHead
 from .sparse_ffn import SparseFFN
 from .stored import BundledFFN, StoredMatrix
@@ -152,6 +152,9 @@ class StreamedWeights:
         if sparse.selector == "predicted":
             load_predictors(record, config, self.store.path)
         scratch = aligned_buffer(NEURON_SCRATCH) if self.plan.ffn_cached else None
+        bundle = self.store.tensors[layer_key(0, "ffn")].row_nbytes
+        spill = np.zeros((max(1, min(config.ffn_size, NEURON_SPILL // bundle)), bundle),
+                         np.uint8) if self.plan.ffn_cached else None
         for i in range(config.n_layers):
             entry = self.store.tensors[layer_key(i, "ffn")]
             layer = record.layers[i]
@@ -167,7 +170,7 @@ class StreamedWeights:
             cache = None
             if bundles is None:
                 cache = NeuronCache(entry, self.reader, self.plan.cache_rows, sparse.window,
-                                    scratch)
+                                    scratch, spill)
             self.ffns[i] = SparseFFN(selector, config.hidden_size, self.reader.stats,
                                      bundles, cache)
 

@@ -21,12 +21,17 @@ _NEVER = np.iinfo(np.int64).min // 2
 
 
 class NeuronCache:
+    """`scratch`: aligned buffer pages are read into; `spill`: (n, row_nbytes) rows that a
+    token's neurons beyond the capacity are read into and computed from, uncached (both
+    shared by every layer's cache: layers run one after another)."""
+
     def __init__(self, entry: TensorEntry, reader: DirectReader, capacity: int, window: int,
-                 scratch: np.ndarray):
+                 scratch: np.ndarray, spill: np.ndarray):
         self.entry, self.reader, self.window, self.scratch = entry, reader, window, scratch
         self.capacity = capacity
         self.rows = np.zeros((capacity, entry.row_nbytes), np.uint8)
         self.ffn = BundledFFN(self.rows, entry.codec, entry.cols)
+        self.spill = BundledFFN(spill, entry.codec, entry.cols)
         self.ids = np.zeros(capacity, np.int64)  # neuron held by each row
         self.row_of = np.full(entry.rows, -1, np.int64)  # row of each neuron, -1 if absent
         self.last_used = np.full(entry.rows, _NEVER, np.int64)  # token step of last use
@@ -36,39 +41,44 @@ class NeuronCache:
     def apply(self, x: np.ndarray, needed: np.ndarray, activation: str,
               gate_act: np.ndarray | None = None) -> np.ndarray:
         """FFN output for one token over the neurons `needed` (sorted ids); `gate_act`:
-        their act(gate . x), if the selector computed them. Counts needed = hits + read."""
+        their act(gate . x), if the selector computed them. Counts needed = hits + read.
+
+        Cached neurons are used where they are; missing ones are read into the cache as far
+        as it holds them (evicting the least recently used neurons this token does not
+        need), the rest through the spill rows, all in sorted batches of coalesced pages."""
         stats = self.reader.stats
         start = time.perf_counter()
         self.step += 1
         self.last_used[needed] = self.step
         stale = self.last_used[self.ids[:self.size]] <= self.step - self.window
         self._delete(np.flatnonzero(stale))
+        cached = self.row_of[needed] >= 0
+        hits = int(cached.sum())
         stats.neurons_needed += len(needed)
-        if len(needed) > self.capacity:
-            # more than fits: in parts, the cached neurons first, so that they are used
-            # before reading the others can evict them
-            order = np.argsort(self.row_of[needed] < 0, kind="stable")
-            needed = needed[order]
-            gate_act = None if gate_act is None else gate_act[order]
-        out = np.zeros(self.entry.cols, np.float32)
-        for first in range(0, len(needed), self.capacity):
-            part = needed[first:first + self.capacity]
-            missing = part[self.row_of[part] < 0]  # sorted: the order above is stable
-            stats.neuron_hits += len(part) - len(missing)
-            overflow = self.size + len(missing) - self.capacity
-            if overflow > 0:  # evict the least recently used rows outside this part
-                keep = np.zeros(self.size, bool)
-                keep[self.row_of[part][self.row_of[part] >= 0]] = True
-                candidates = np.flatnonzero(~keep)
-                order = np.argsort(self.last_used[self.ids[candidates]], kind="stable")
-                self._delete(candidates[order[:overflow]])
-            stats.cache_seconds += time.perf_counter() - start
-            self._read(missing)
-            start = time.perf_counter()
-            part_act = None if gate_act is None else gate_act[first:first + self.capacity]
-            out += self.ffn.apply_rows(x, self.row_of[part], activation, part_act)
+        stats.neuron_hits += hits
+        missing = np.flatnonzero(~cached)  # positions in `needed`
+        admitted, spilled = missing[:self.capacity - hits], missing[self.capacity - hits:]
+        overflow = self.size + len(admitted) - self.capacity
+        if overflow > 0:  # evict the least recently used rows this token does not need
+            keep = np.zeros(self.size, bool)
+            keep[self.row_of[needed[cached]]] = True
+            candidates = np.flatnonzero(~keep)
+            order = np.argsort(self.last_used[self.ids[candidates]], kind="stable")
+            self._delete(candidates[order[:overflow]])
+        stats.cache_seconds += time.perf_counter() - start
+        self._read(needed[admitted])
+        held = np.sort(np.concatenate([np.flatnonzero(cached), admitted]))
+        out = self.ffn.apply_rows(x, self.row_of[needed[held]], activation,
+                                  None if gate_act is None else gate_act[held])
+        per_spill = len(self.spill.raw)
+        for first in range(0, len(spilled), per_spill):
+            part = spilled[first:first + per_spill]
+            self.reader.read_rows(self.entry.offset, self.entry.row_nbytes, needed[part],
+                                  self.scratch, self.spill.raw)
+            stats.neurons_read += len(part)
+            out += self.spill.apply_rows(x, np.arange(len(part)), activation,
+                                         None if gate_act is None else gate_act[part])
         return out
-
     def _delete(self, rows: np.ndarray) -> None:
         """Remove the neurons in `rows`, filling the holes with the last rows."""
         if not len(rows):
