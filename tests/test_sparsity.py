@@ -372,3 +372,13 @@ def test_sparsity_needs_a_compressed_store_and_eval_a_real_context(tiny_gguf, ca
     result = CliRunner().invoke(main, ["eval", "-m", str(calibrated("llama")), "-f", str(text),
                                        "-c", "2"])
     assert result.exit_code == 1 and "evaluation context must be within 3.." in result.output
+
+
+def test_plan_notes_caches_smaller_than_a_token(calibrated):
+    store = open_store(calibrated("gemma3"))
+    sparse = SparseSettings("gate", 0.3, 1)
+    roomy = make_plan(store, 10**12, 64, 0, sparse=sparse)
+    tight = make_plan(store, roomy.fixed_bytes, 64, 0, sparse=sparse)
+    assert tight.cache_rows == MIN_CACHE_ROWS < 0.7 * store.config.ffn_size
+    assert "more than the caches hold" in tight.describe(store)
+    assert "note" not in roomy.describe(store)

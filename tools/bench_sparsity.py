@@ -2,7 +2,7 @@
 neuron cache's reads per window under a memory budget.
 
     python tools/bench_sparsity.py [--store STORE] [-f data/eval/apache-2.0.txt]
-        [--tokens 1000] [--io-tokens 128] [--budget 50%] [--out docs/sparsity.json]
+        [--tokens 1000] [--io-tokens 64] [--budget 50%] [--out bench-results/sparsity]
         [--quality-from OLD.json]   # keep measured quality, redo only the I/O runs
 
 Quality (fully resident, so only sparsity changes the result): perplexity, top-1 agreement
@@ -68,9 +68,10 @@ def main() -> None:
     parser.add_argument("--store", default=None, help="calibrated store [default model's]")
     parser.add_argument("-f", "--file", default=str(ROOT / "data/eval/apache-2.0.txt"))
     parser.add_argument("--tokens", type=int, default=1000)
-    parser.add_argument("--io-tokens", type=int, default=128)
+    parser.add_argument("--io-tokens", type=int, default=64)
     parser.add_argument("--budget", default="50%")
-    parser.add_argument("--out", default=str(ROOT / "docs/sparsity.json"))
+    parser.add_argument("--out", default=str(ROOT / "bench-results/sparsity"),
+                        help="writes OUT.json and OUT.md")
     parser.add_argument("--quality-from", type=Path, default=None,
                         help="take the quality rows from this earlier result")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
@@ -110,7 +111,9 @@ def main() -> None:
     targets = open_store(store).sparsity.targets
     result = {"store": store, "text": args.file, "budget": args.budget, "targets": targets,
               "date": time.strftime("%Y-%m-%d"), "quality": quality, "io": io}
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(render(result) + "\n")
     print(render(result))
 
 

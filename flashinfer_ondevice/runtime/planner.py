@@ -130,7 +130,15 @@ class Plan:
                    f"{self.selector_bytes / mb:.1f} MB, "
                    + ("all neurons resident" if not self.cache_rows else
                       f"neuron caches of {self.cache_rows} of {store.config.ffn_size} neurons "
-                      "per layer, the rest read on demand")))
+                      "per layer, the rest read on demand" + self._cache_warning(store))))
+
+    def _cache_warning(self, store: Store) -> str:
+        """A note when a token's neurons (at the target sparsity) outnumber the cache's."""
+        needed = round((1 - self.sparse.sparsity) * store.config.ffn_size)
+        if self.cache_rows >= needed:
+            return ""
+        return (f"\n  note: a token needs about {needed} neurons per layer, more than the "
+                "caches hold, so most are read every token (dense streaming may read less)")
 
 
 def _ring_size(budget: int, base: int, weights: int, buffer: int, stream_all: bool) -> int:
