@@ -215,6 +215,14 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens):
                              zip(record.targets, record.calibration["predicted_kept"], strict=True))
             click.echo(f"calibrated on {record.calibration['tokens']} tokens; the predicted "
                        f"selector keeps (target sparsity: neurons kept) {kept}", err=True)
+            scored = "; ".join(
+                f"{s['selector']} {s['sparsity']:.0%}: top-1 {s['top1']:.1%}, perplexity "
+                f"{s['perplexity_change']:+.1%}{'' if s['meets_bar'] else ' (misses the bar)'}"
+                for s in record.calibration["holdout"])
+            d = record.defaults
+            click.echo(f"on {record.calibration['holdout_tokens']} held-out tokens: {scored}\n"
+                       f"defaults: {d['selector']} selector at {d['sparsity']:.0%} sparsity, "
+                       f"window {d['window']}", err=True)
         click.echo(str(target))
     except FlashInferError as exc:
         raise click.ClickException(str(exc)) from None

@@ -289,8 +289,10 @@ def test_convert_calibrate_cli(tiny_gguf, tmp_path):
                                        "--calibrate", "-f", str(text),
                                        "--calibration-tokens", "300"])
     assert result.exit_code == 0, result.output
-    calibration_record = open_store(out).sparsity.calibration
-    assert calibration_record["tokens"] + calibration_record["holdout_tokens"] >= 300
+    record = open_store(out).sparsity
+    assert record.calibration["tokens"] + record.calibration["holdout_tokens"] >= 300
+    assert (f"defaults: {record.defaults['selector']} selector at "
+            f"{record.defaults['sparsity']:.0%} sparsity") in result.output
     again = CliRunner().invoke(main, ["convert", str(out)])
     assert again.exit_code == 1 and "already a flash store" in again.output
 
