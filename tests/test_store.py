@@ -16,7 +16,7 @@ from flashinfer_ondevice.quant.codecs import codec
 from flashinfer_ondevice.runtime.planner import BudgetError, make_plan, parse_budget
 from flashinfer_ondevice.runtime.streamed import StreamedWeights
 from flashinfer_ondevice.store.convert import convert
-from flashinfer_ondevice.store.io import DirectReader
+from flashinfer_ondevice.store.io import DirectReader, aligned_buffer
 from flashinfer_ondevice.store.reader import StoreError, open_store
 from flashinfer_ondevice.weights import LayerWeights, Weights
 
@@ -201,3 +201,29 @@ def _edit_manifest(change):
 ])
 def test_corrupt_stores_are_refused(stores, tmp_path, edit, message):
     assert message in _corrupt(stores, tmp_path, edit)
+
+
+@pytest.mark.parametrize("row_nbytes, scratch_pages", [(1000, 3), (5000, 4), (4096, 320)])
+def test_read_rows_returns_exactly_the_rows_asked_for(tmp_path, row_nbytes, scratch_pages):
+    data = np.random.default_rng(0).integers(0, 256, 300 * row_nbytes + 777, np.uint8)
+    path = tmp_path / "rows.bin"
+    path.write_bytes(data.tobytes() + bytes(-len(data) % 4096))  # stores are page-padded
+    offset = 777  # rows not page-aligned: some straddle two pages
+    rows = data[offset:].reshape(300, row_nbytes)
+    reader = DirectReader(path)
+    scratch = aligned_buffer(scratch_pages * 4096)
+    for ids in (np.arange(300), np.array([0, 1, 2, 150, 298, 299]),
+                np.sort(np.random.default_rng(1).choice(300, 97, replace=False))):
+        out = np.zeros((len(ids), row_nbytes), np.uint8)
+        before = reader.stats.snapshot()
+        reader.read_rows(offset, row_nbytes, ids, scratch, out)
+        np.testing.assert_array_equal(out, rows[ids])
+        pages = {p for i in ids for p in range((offset + i * row_nbytes) // 4096,
+                                               (offset + (i + 1) * row_nbytes - 1) // 4096 + 1)}
+        # each distinct page read once, but for a page shared across a batch boundary
+        read = reader.stats.since(before).bytes_read
+        assert len(pages) * 4096 <= read <= (len(pages) + len(ids) - 1) * 4096
+        if scratch_pages * 4096 >= 300 * row_nbytes + 2 * 4096:  # one batch: each page once
+            assert read == len(pages) * 4096
+    with pytest.raises(ValueError, match="cannot hold"):
+        reader.read_rows(offset, row_nbytes, np.arange(10), aligned_buffer(4096), out)

@@ -132,24 +132,32 @@ class DirectReader:
                   out: np.ndarray) -> None:
         """Read rows `ids` (sorted, unique) of a tensor starting at `offset` into
         out[:len(ids)]: each row's byte range widened to pages, the pages coalesced into
-        runs, in batches that fit `scratch` (aligned)."""
-        per_batch = max(1, len(scratch) // (row_nbytes + 2 * ALIGN))
-        for first in range(0, len(ids), per_batch):
-            batch = ids[first:first + per_batch]
-            starts = offset + batch * row_nbytes
-            first_page, last_page = starts // ALIGN, (starts + row_nbytes - 1) // ALIGN
-            spans = last_page - first_page + 1
-            pages = np.unique(np.repeat(first_page, spans)
-                              + np.arange(spans.sum()) - np.repeat(np.cumsum(spans) - spans,
-                                                                   spans))
-            # contiguous page runs become single reads; page k lands at scratch[k * ALIGN]
-            breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-            runs = np.split(np.arange(len(pages)), breaks)
-            ranges = [(int(pages[r[0]]) * ALIGN, len(r) * ALIGN, int(r[0]) * ALIGN)
-                      for r in runs]
-            self.submit(ranges, scratch).wait()
-            where = np.searchsorted(pages, first_page) * ALIGN + starts % ALIGN
-            out[first:first + len(batch)] = scratch[where[:, None] + np.arange(row_nbytes)]
+        runs, in as few batches as `scratch` (aligned) holds the distinct pages of."""
+        if not len(ids):
+            return
+        starts = offset + np.asarray(ids, np.int64) * row_nbytes
+        first_page, last_page = starts // ALIGN, (starts + row_nbytes - 1) // ALIGN
+        spans = last_page - first_page + 1
+        pages = np.unique(np.repeat(first_page, spans)
+                          + np.arange(spans.sum()) - np.repeat(np.cumsum(spans) - spans, spans))
+        first_at, last_at = np.searchsorted(pages, first_page), np.searchsorted(pages, last_page)
+        capacity = len(scratch) // ALIGN  # pages per batch
+        if capacity < spans.max():
+            raise ValueError(f"scratch of {len(scratch)} bytes cannot hold a {row_nbytes}-byte row")
+        rows_view = np.lib.stride_tricks.sliding_window_view(scratch, row_nbytes)
+        begin = 0
+        while begin < len(ids):
+            base = first_at[begin]  # rows whose pages all fit after this one
+            end = int(np.searchsorted(last_at, base + capacity, side="left"))
+            batch = pages[base:last_at[end - 1] + 1]
+            # contiguous page runs become single reads; page k lands at scratch[(k-base)*ALIGN]
+            breaks = np.flatnonzero(np.diff(batch) != 1) + 1
+            runs = np.split(np.arange(len(batch)), breaks)
+            self.submit([(int(batch[r[0]]) * ALIGN, len(r) * ALIGN, int(r[0]) * ALIGN)
+                         for r in runs], scratch).wait()
+            where = (first_at[begin:end] - base) * ALIGN + starts[begin:end] % ALIGN
+            out[begin:end] = rows_view[where]
+            begin = end
 
     def read(self, file_offset: int, nbytes: int) -> np.ndarray:
         """Synchronously read any byte range (widened to alignment); returns exactly it."""
