@@ -121,7 +121,12 @@ def run_limited(system: str, model: str, cold: str, limit: int, fraction: float,
     if result.returncode == 0 and lines:
         row.update(json.loads(lines[-1]))
     else:
-        row["error"] = (result.stderr.strip().splitlines() or ["?"])[-1][-200:]
+        # the worker's own last words (a budget refusal, a traceback's last line) before
+        # memlimit's report
+        said = [line for line in result.stderr.strip().splitlines()
+                if line.strip() and not line.startswith("memlimit:")]
+        report_line = (result.stderr.strip().splitlines() or ["?"])[-1]
+        row["error"] = ((said[-1] + "; ") if said else "")[-300:] + report_line[-120:]
     return row
 
 
