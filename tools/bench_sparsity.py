@@ -90,24 +90,17 @@ def main() -> None:
     store = args.store or str(ensure_store(default_model_path()))
     quality = (json.loads(args.quality_from.read_text())["quality"] if args.quality_from
                else measure_quality(store, text, args.tokens))
+    settings = [("dense", 0.0, 0)] + [(selector, sparsity, window) for selector in SELECTORS
+                                      for sparsity in IO_SPARSITIES for window in WINDOWS]
     io = []
-    dense = subprocess.run(
-        [sys.executable, __file__, "--store", store, "-f", args.file, "--io-tokens",
-         str(args.io_tokens), "--worker", "dense", "0", "1", args.budget],
-        capture_output=True, text=True, check=True)
-    io.append({"selector": "dense", "sparsity": 0.0, "window": 0,
-               **json.loads(dense.stdout.strip().splitlines()[-1])})
-    print(json.dumps(io[-1]), flush=True)
-    for selector in SELECTORS:
-        for sparsity in IO_SPARSITIES:
-            for window in WINDOWS:
-                out = subprocess.run(
-                    [sys.executable, __file__, "--store", store, "-f", args.file,
-                     "--io-tokens", str(args.io_tokens), "--worker", selector, str(sparsity),
-                     str(window), args.budget], capture_output=True, text=True, check=True)
-                io.append({"selector": selector, "sparsity": sparsity, "window": window,
-                           **json.loads(out.stdout.strip().splitlines()[-1])})
-                print(json.dumps(io[-1]), flush=True)
+    for selector, sparsity, window in settings:  # dense streaming first, for the ratios
+        out = subprocess.run(
+            [sys.executable, __file__, "--store", store, "-f", args.file, "--io-tokens",
+             str(args.io_tokens), "--worker", selector, str(sparsity), str(window),
+             args.budget], capture_output=True, text=True, check=True)
+        io.append({"selector": selector, "sparsity": sparsity, "window": window,
+                   **json.loads(out.stdout.strip().splitlines()[-1])})
+        print(json.dumps(io[-1]), flush=True)
     targets = open_store(store).sparsity.targets
     result = {"store": store, "text": args.file, "budget": args.budget, "targets": targets,
               "date": time.strftime("%Y-%m-%d"), "quality": quality, "io": io}

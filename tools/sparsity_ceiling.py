@@ -34,15 +34,6 @@ CALIBRATION_TOKENS = 2048
 TOP1_BAR, PPL_BAR = 0.97, 0.03
 
 
-def least_squares_low_rank(x: np.ndarray, y: np.ndarray, rank: int) -> tuple[np.ndarray, ...]:
-    """A (hidden, rank), B (rank, out): the rank-`rank` map minimising |x A B - y|."""
-    u, s, vt = np.linalg.svd(x, full_matrices=False)
-    keep = s > s[0] * 1e-6
-    p, sigma, qt = np.linalg.svd(u[:, keep].T @ y, full_matrices=False)
-    a = vt[keep].T @ (p[:, :rank] / s[keep][:, None])
-    return a.astype(np.float32), (sigma[:rank, None] * qt[:rank]).astype(np.float32)
-
-
 def quantized(w: np.ndarray, bits: int) -> np.ndarray:
     """Round-to-nearest symmetric `bits`-bit copy of w with one scale per row."""
     q = 2 ** (bits - 1) - 1
@@ -100,7 +91,11 @@ def main() -> None:
     from flashinfer_ondevice.api import ensure_store
     from flashinfer_ondevice.default_model import default_model_path
     from flashinfer_ondevice.model import ACTIVATIONS
-    from flashinfer_ondevice.sparsity.calibrate import default_text
+    from flashinfer_ondevice.sparsity.calibrate import (
+        default_text,
+        fit_low_rank,
+        next_token_log_probs,
+    )
 
     store = args.store or str(ensure_store(default_model_path()))
     model = fi.load(store, selector="dense", ctx_size=CHUNK, threads=2)
@@ -121,13 +116,7 @@ def main() -> None:
         return [bos + ids[i:i + step] for i in range(0, len(ids), step)]
 
     def log_probs(chunk_list: list[list[int]]) -> list[np.ndarray]:
-        out = []
-        for c in chunk_list:
-            z = model.engine.forward(np.asarray(c), model.engine.new_cache(len(c)),
-                                     all_logits=True)[len(bos):-1].astype(np.float64)
-            z -= z.max(axis=1, keepdims=True)
-            out.append(z - np.log(np.exp(z).sum(axis=1, keepdims=True)))
-        return out
+        return next_token_log_probs(model, chunk_list, len(bos))
 
     for f in ffns:
         f.recorded = []
@@ -156,8 +145,8 @@ def main() -> None:
         f, x = ffns[i], calibration[i]
         if kind.startswith("lowrank"):
             rank = int(kind.split("-")[1])
-            return (least_squares_low_rank(x, x @ f.gate.T, rank),
-                    least_squares_low_rank(x, x @ f.up.T, rank))
+            return (tuple(m.astype(np.float32) for m in fit_low_rank(x, x @ f.gate.T, rank)),
+                    tuple(m.astype(np.float32) for m in fit_low_rank(x, x @ f.up.T, rank)))
         if kind == "int3":
             return quantized(f.gate, 3), quantized(f.up, 3)
         return None

@@ -83,20 +83,28 @@ class _Recorder:
         return self.bundles.apply(x, activation, activation_fn)
 
 
+def fit_low_rank(x: np.ndarray, y: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (in, r), B (r, out), r = min(rank, what the samples support): the rank-r map
+    minimising |x A B - y| over samples x (n, in), y (n, out) (whiten x by its SVD, truncate
+    the SVD of the whitened targets)."""
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    keep = s > s[0] * 1e-6
+    p, sigma, qt = np.linalg.svd(u[:, keep].T @ y, full_matrices=False)
+    r = min(rank, len(sigma))
+    return vt[keep].T @ (p[:, :r] / s[keep][:, None]), sigma[:r, None] * qt[:r]
+
+
 def fit_layer(x: np.ndarray, g: np.ndarray, activation_fn, rank: int, recall: float,
               targets: list[float]) -> tuple[LayerSparsity, list[float]]:
     """Thresholds and predictor of one layer from samples x (n, hidden), g (n, ffn); also
     the fraction of neurons the predicted selector keeps at each target."""
     act = np.abs(activation_fn(g))
     thresholds = [float(np.quantile(act, t)) for t in targets]
-    u, s, vt = np.linalg.svd(x, full_matrices=False)
-    keep = s > s[0] * 1e-6
-    p, sigma, qt = np.linalg.svd(u[:, keep].T @ g, full_matrices=False)
-    r = min(rank, len(sigma))
-    a = np.zeros((x.shape[1], rank), np.float32)
+    fitted_a, fitted_b = fit_low_rank(x, g, rank)
+    r = fitted_b.shape[0]
+    a = np.zeros((x.shape[1], rank), np.float32)  # zero-padded to the record's rank
     b = np.zeros((rank, g.shape[1]), np.float32)
-    a[:, :r] = vt[keep].T @ (p[:, :r] / s[keep][:, None])
-    b[:r] = sigma[:r, None] * qt[:r]
+    a[:, :r], b[:r] = fitted_a, fitted_b
     predicted = np.abs(activation_fn((x @ a) @ b))
     predictor_thresholds, kept = [], []
     for t in thresholds:
@@ -170,7 +178,7 @@ def calibrate(store_path: str | Path, text: str | None = None, tokens: int = TOK
     return record
 
 
-def _log_probs(model, chunks: list[list[int]], skip: int) -> list[np.ndarray]:
+def next_token_log_probs(model, chunks: list[list[int]], skip: int) -> list[np.ndarray]:
     """Next-token log-probabilities at every position after the first `skip` of each chunk."""
     out = []
     for chunk in chunks:
@@ -197,7 +205,8 @@ def choose_defaults(model, layers: list[LayerSparsity], chunks: list[list[int]],
     activation = config.traits.activation
     targets = [np.asarray(c[skip + 1:], dtype=np.int64) for c in chunks]
     tokens = sum(len(t) for t in targets)
-    dense = _log_probs(model, chunks, skip)
+    dense = next_token_log_probs(model, chunks, skip)
+
     def nll(log_probs: list[np.ndarray]) -> float:
         return -sum(float(lp[np.arange(len(t)), t].sum())
                     for lp, t in zip(log_probs, targets, strict=True))
@@ -216,7 +225,7 @@ def choose_defaults(model, layers: list[LayerSparsity], chunks: list[list[int]],
                                               ACTIVATIONS[activation]))
                     weights.ffns[i] = SparseFFN(pick, config.hidden_size, model.reader.stats,
                                                 bundles)
-                sparse = _log_probs(model, chunks, skip)
+                sparse = next_token_log_probs(model, chunks, skip)
                 top1 = sum(int((a.argmax(1) == b.argmax(1)).sum())
                            for a, b in zip(sparse, dense, strict=True)) / tokens
                 change = float(np.exp((nll(sparse) - dense_nll) / tokens) - 1)

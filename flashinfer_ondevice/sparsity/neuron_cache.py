@@ -79,6 +79,7 @@ class NeuronCache:
             out += self.spill.apply_rows(x, np.arange(len(part)), activation,
                                          None if gate_act is None else gate_act[part])
         return out
+
     def _delete(self, rows: np.ndarray) -> None:
         """Remove the neurons in `rows`, filling the holes with the last rows."""
         if not len(rows):
