@@ -48,7 +48,9 @@ def _read_prompt(prompt: str | None, file: str | None) -> str:
 
 
 def _print_stats(model, first, last, seed: int) -> None:
-    from .api import BASELINE_RSS
+    from .runtime.engine import process_baseline
+
+    baseline = process_baseline()
 
     def line(label: str, value: str) -> None:
         click.echo(f"{label:<14}= {value}", err=True)
@@ -61,8 +63,8 @@ def _print_stats(model, first, last, seed: int) -> None:
     gen_ms = decoded / last.generation_tps * 1000 if last.generation_tps else 0.0
     line("generation", f"{gen_ms:9.2f} ms / {decoded:5d} tokens "
                        f"({last.generation_tps:8.2f} tokens per second)")
-    line("peak memory", f"{last.peak_memory / _MiB:9.1f} MiB (baseline {BASELINE_RSS / _MiB:.1f} "
-                        f"MiB, above baseline {(last.peak_memory - BASELINE_RSS) / _MiB:.1f} MiB)")
+    line("peak memory", f"{last.peak_memory / _MiB:9.1f} MiB (baseline {baseline / _MiB:.1f} "
+                        f"MiB, above baseline {(last.peak_memory - baseline) / _MiB:.1f} MiB)")
     if model.reader is not None:
         n = max(last.generation_tokens + 1, 1)  # the prefill pass reads the weights too
         line("storage reads", f"{last.bytes_read / n / 1e6:9.1f} MB per token, "
@@ -75,6 +77,14 @@ def _print_stats(model, first, last, seed: int) -> None:
                             f"{last.neurons_read / n:.0f} read; cache management "
                             f"{last.cache_time / n * 1000:.1f} ms per token")
     line("finish", f"{last.finish_reason} (seed {seed})")
+
+def codec_option(help_text: str):
+    """--codec, its choices from the codec registry."""
+    from .quant.codecs import CODECS
+
+    return click.option("--codec", type=click.Choice(list(CODECS)), default="int8",
+                        show_default=True, envvar="FLASHINFER_CODEC", help=help_text)
+
 
 def sparsity_options(command):
     """--selector/--sparsity/--window and --head, shared by generate and eval."""
@@ -126,9 +136,7 @@ def sparsity_options(command):
 @click.option("--memory-budget", default=None, envvar="FLASHINFER_MEMORY_BUDGET",
               help="memory above the interpreter's baseline: bytes, e.g. 120MB, 1.5GB, or a "
               "percentage of the store, e.g. 50%  [default: everything resident]")
-@click.option("--codec", type=click.Choice(["int8", "int4", "f16"]), default="int8",
-              show_default=True, envvar="FLASHINFER_CODEC",
-              help="codec of the flash store made on first use")
+@codec_option("codec of the flash store made on first use")
 @click.option("--verify", is_flag=True, help="check the store's checksums before running")
 @sparsity_options
 @click.option("--system-prompt", default=None, help="system message for chat models")
@@ -142,16 +150,12 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
     The model runs from a flash store, converted into the models folder on first use."""
     try:
         text = _read_prompt(prompt, prompt_file)
-        from .api import ensure_store, load
-        from .default_model import default_model_path
+        from .api import load
 
-        progress = sys.stderr.isatty()
-        source = Path(model_path) if model_path else default_model_path(progress=progress)
-        store = ensure_store(source, codec, progress=progress)
-        model = load(store, memory_budget=memory_budget, ctx_size=ctx_size, threads=threads,
-                     verify=verify, on_plan=lambda text: click.echo(text, err=True),
-                     selector=selector, sparsity=sparsity, window=window,
-                     head=head)
+        model = load(model_path, memory_budget=memory_budget, ctx_size=ctx_size,
+                     threads=threads, codec=codec, verify=verify, progress=sys.stderr.isatty(),
+                     on_plan=lambda text: click.echo(text, err=True), selector=selector,
+                     sparsity=sparsity, window=window, head=head)
         if model.chat_template and not no_chat_template:
             ids = model.chat_prompt_ids(text, system_prompt)
         else:
@@ -178,8 +182,7 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
 @click.argument("source", type=click.Path())
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="store folder to write  [default: in the models folder]")
-@click.option("--codec", type=click.Choice(["int8", "int4", "f16"]), default="int8",
-              show_default=True, help="how weights are encoded")
+@codec_option("how weights are encoded")
 @click.option("--calibrate", is_flag=True,
               help="also calibrate FFN activation sparsity (thresholds, predictors)")
 @click.option("-f", "--file", "text_file", default=None,
@@ -190,8 +193,8 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens):
     """Convert a GGUF file or Hugging Face folder into a flash store (a store: calibrate it)."""
     try:
         from .api import store_path_for
-        from .sparsity.calibrate import calibrate as calibrate_store
-        from .store.convert import convert as convert_store
+        from .build.calibrate import calibrate as calibrate_store
+        from .build.convert import convert as convert_store
         from .store.reader import is_store
 
         source = Path(source)
@@ -246,9 +249,7 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens):
               show_default=True, envvar="FLASHINFER_THREADS", help="CPU threads")
 @click.option("--memory-budget", default=None, envvar="FLASHINFER_MEMORY_BUDGET",
               help="memory above the interpreter's baseline (as for generate)")
-@click.option("--codec", type=click.Choice(["int8", "int4", "f16"]), default="int8",
-              show_default=True, envvar="FLASHINFER_CODEC",
-              help="codec of the flash store made on first use")
+@codec_option("codec of the flash store made on first use")
 @sparsity_options
 def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_tokens, threads,
                  memory_budget, codec, selector, sparsity, window, head):

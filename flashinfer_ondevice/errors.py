@@ -15,3 +15,11 @@ class UnsupportedModelError(FlashInferError):
 
 class ContextLengthError(FlashInferError):
     """The prompt (plus the requested generation) does not fit in the context window."""
+
+
+def error_kind(name: str) -> type[FlashInferError]:
+    """The error class called `name` (an error raised in a child process comes back as the
+    same class); FlashInferError for any other name."""
+    kinds = {cls.__name__: cls for cls in (FlashInferError, ModelFileError,
+                                           UnsupportedModelError, ContextLengthError)}
+    return kinds.get(name, FlashInferError)

@@ -18,7 +18,7 @@ from .loader.tokenizer import Tokenizer
 from .memory import peak_rss_bytes
 from .model import Transformer
 from .sampling import LogitsProcessor, Sampler
-from .store.io import IOStats
+from .stats import IOStats
 
 PREFILL_BATCH = 512  # prompt tokens per forward pass; bounds the attention score matrix
 
@@ -81,12 +81,17 @@ def stream_generate(engine: Transformer, tokenizer: Tokenizer, prompt: Sequence[
                     cache: KVCache, sampler: Sampler, processors: Sequence[LogitsProcessor],
                     max_tokens: int, stop: Sequence[str] = (),
                     io_stats: IOStats | None = None) -> Iterator[GenerationResponse]:
+    """Responses for each sampled token. Text is detokenized as it streams (O(1) work per
+    token) and held back while it could be the start of a stop string."""
     stops = [s for s in stop if s]
+    keep = max((len(s) for s in stops), default=1) - 1  # handed-out text a stop may span
     io_start = io_stats.snapshot() if io_stats is not None else IOStats()
     steps = generate_step(engine, prompt, cache, sampler, processors)
+    detokenizer = tokenizer.detokenizer()
     start = time.perf_counter()
-    generated: list[int] = []
-    emitted = ""  # text already handed out
+    generated = 0
+    pending = ""  # final text not handed out yet (it may be the start of a stop string)
+    tail = ""  # the last `keep` characters handed out
     prompt_tps = 0.0
     decode_start = start
     for token in steps:
@@ -98,26 +103,26 @@ def stream_generate(engine: Transformer, tokenizer: Tokenizer, prompt: Sequence[
         if token in tokenizer.eog_ids:
             finish = "stop"
         else:
-            generated.append(token)
-        text = tokenizer.decode(generated)
-        if text.endswith("\ufffd") and finish is None:
-            text = text[:-1]  # an incomplete UTF-8 character: wait for its next bytes
-        hit = min((i for i in (text.find(s, max(0, len(emitted) - len(s))) for s in stops)
-                   if i >= 0), default=-1)
+            generated += 1
+            pending += detokenizer.add(token)
+        window = tail + pending  # a stop string never starts inside `tail` (held back)
+        hit = min((i for i in (window.find(s) for s in stops) if i >= 0), default=-1)
         if hit >= 0:
-            text, finish = text[:hit], "stop"
-        if finish is None and (len(generated) >= max_tokens
-                               or cache.length + 1 >= cache.max_tokens):
+            pending, finish = window[len(tail):hit], "stop"
+        elif finish is None and (generated >= max_tokens
+                                 or cache.length + 1 >= cache.max_tokens):
             finish = "length"
-        visible = len(text) if finish else len(text) - _held_back(text, stops)
-        new_text = text[len(emitted):visible] if visible > len(emitted) else ""
-        emitted += new_text
-        n_decoded = max(len(generated) - 1, 0)  # the first token came from the prefill
+        if finish and hit < 0:
+            pending += detokenizer.finish()  # incomplete UTF-8 at the end becomes U+FFFD
+        held = 0 if finish else min(len(pending), _held_back(window, stops))
+        new_text, pending = pending[:len(pending) - held], pending[len(pending) - held:]
+        tail = (tail + new_text)[-keep:] if keep else ""
+        n_decoded = max(generated - 1, 0)  # the first token came from the prefill
         elapsed = time.perf_counter() - decode_start
         io = io_stats.since(io_start) if io_stats is not None else IOStats()
         yield GenerationResponse(
             text=new_text, token=token, prompt_tokens=len(prompt), prompt_tps=prompt_tps,
-            generation_tokens=len(generated),
+            generation_tokens=generated,
             generation_tps=n_decoded / elapsed if n_decoded and elapsed > 0 else 0.0,
             peak_memory=peak_rss_bytes(), finish_reason=finish, bytes_read=io.bytes_read,
             reads=io.reads, io_wait=io.wait_seconds, neurons_needed=io.neurons_needed,

@@ -24,6 +24,12 @@ class KVCache:
         self.keys = [np.empty((0, *self._shape), dtype) for _ in range(config.n_layers)]
         self.values = [np.empty((0, *self._shape), dtype) for _ in range(config.n_layers)]
 
+    @staticmethod
+    def planned_nbytes(config: ModelConfig, max_tokens: int, dtype: type = np.float16) -> int:
+        """What a cache of `max_tokens` holds once full (the planner reserves this)."""
+        per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim
+        return per_token * max_tokens * np.dtype(dtype).itemsize
+
     def reserve(self, n_new: int) -> None:
         """Make room for `n_new` more tokens, or fail if the context would overflow."""
         needed = self.length + n_new

@@ -15,6 +15,13 @@ Sampler = Callable[[np.ndarray], int]
 LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 
 
+def scratch_nbytes(vocab_size: int) -> int:
+    """Transient memory of one decode step's logits and sampling: float32 logits, float64
+    probabilities, their sort order and cumulative sums (24 bytes per vocabulary entry),
+    plus 4 MB for the step's activations. The planner reserves it."""
+    return vocab_size * 4 * 6 + (4 << 20)
+
+
 def top_k_mask(probs: np.ndarray, k: int) -> np.ndarray:
     if k <= 0 or k >= len(probs):
         return np.ones(len(probs), bool)

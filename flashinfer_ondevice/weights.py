@@ -1,21 +1,82 @@
-"""Weights: the float32 tensors of one model, in one canonical layout whatever the source file.
+"""Weights: what the forward pass reads (the interfaces), and a checkpoint's float32 tensors.
 
-Matrices are (out_features, in_features), as in PyTorch checkpoints; rope pairs are the
+The forward pass (model.py) sees only the interfaces below: a `Matrix` it multiplies by, a
+`FeedForward` it applies, a `Block` per layer and `ModelWeights` for the whole model. Three
+kinds of weights implement them: the float32 reference (`DenseWeights`, from `Weights`
+below), a flash store's resident and streamed weights (runtime/streamed.py), and sparse FFNs
+(runtime/sparse_ffn.py). No attribute sniffing: each implementation says what it is by the
+methods it has.
+
+`Weights` and `LayerWeights` hold a checkpoint in one canonical layout whatever the source
+file: matrices are (out_features, in_features), as in PyTorch checkpoints; rope pairs are the
 "rotate half" layout; norm weights multiply directly (Gemma's `1 + w` is folded in by the
-loader). Loaders translate their source format into this; the forward pass only reads it.
+loader). Loaders translate their source format into them; convert encodes them into a store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Protocol
 
 import numpy as np
+
+from .quant.activations import ROUNDERS
+
+
+class Matrix(Protocol):
+    """A (rows, cols) weight matrix; apply(x) = x @ W.T for x of shape (tokens, cols)."""
+
+    rows: int
+
+    def apply(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class FeedForward(Protocol):
+    """A layer's FFN, with its activation; apply(x) for x of shape (tokens, hidden)."""
+
+    def apply(self, x: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class Block:
+    """What the forward pass reads of one transformer block. Optional vectors are None
+    where the architecture has none."""
+
+    wq: Matrix
+    wk: Matrix
+    wv: Matrix
+    wo: Matrix
+    ffn: FeedForward
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    bq: np.ndarray | None = None
+    bk: np.ndarray | None = None
+    bv: np.ndarray | None = None
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+    post_attn_norm: np.ndarray | None = None
+    post_ffn_norm: np.ndarray | None = None
+
+
+class ModelWeights(Protocol):
+    """The whole model as the forward pass reads it."""
+
+    final_norm: np.ndarray
+    rope_freq_factors: np.ndarray | None
+    lm_head: Matrix
+
+    def embedding(self, tokens: np.ndarray) -> np.ndarray: ...
+
+    def blocks(self) -> Iterator[Block]:
+        """The layers in order; a streamed implementation reads each when it is reached."""
+        ...
 
 
 @dataclass
 class LayerWeights:
-    """One transformer block. Optional fields are None where the architecture has none."""
+    """One transformer block of a checkpoint, float32. Optional fields are None where the
+    architecture has none."""
 
     attn_norm: np.ndarray  # (hidden,)
     wq: np.ndarray  # (n_heads * head_dim, hidden)
@@ -44,7 +105,7 @@ class LayerWeights:
 
 @dataclass
 class Weights:
-    """The whole model."""
+    """A whole checkpoint, float32."""
 
     embed: np.ndarray  # (vocab, hidden) input embeddings
     layers: Sequence[LayerWeights]  # a list, or blocks decoded on access (lazy GGUF load)
@@ -52,9 +113,6 @@ class Weights:
     output: np.ndarray | None = None  # (vocab, hidden); None = tied to `embed`
     rope_freq_factors: np.ndarray | None = None  # (head_dim / 2,) Llama 3 style, or None
     lm_head_format: str | None = None  # activation rounding of the output projection
-
-    def embedding(self, tokens: np.ndarray) -> np.ndarray:
-        return self.embed[tokens]
 
     @property
     def lm_head(self) -> np.ndarray:
@@ -64,3 +122,56 @@ class Weights:
         extra = 0 if self.output is None else self.output.nbytes
         return self.embed.nbytes + self.final_norm.nbytes + extra + sum(
             layer.nbytes() for layer in self.layers)
+
+
+# The float32 reference implementation of the interfaces -------------------------------------
+@dataclass
+class DenseMatrix:
+    """A float32 matrix; x is first rounded as the weight's source kernel would (if it does)."""
+
+    w: np.ndarray
+    input_format: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.w.shape[0]
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        if self.input_format:
+            x = ROUNDERS[self.input_format](x)
+        return x @ self.w.T
+
+
+@dataclass
+class DenseFFN:
+    gate: DenseMatrix
+    up: DenseMatrix
+    down: DenseMatrix
+    activation: Callable[[np.ndarray], np.ndarray]
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return self.down.apply(self.activation(self.gate.apply(x)) * self.up.apply(x))
+
+
+class DenseWeights:
+    """A checkpoint's float32 `Weights` behind the forward pass's interfaces."""
+
+    def __init__(self, weights: Weights, activation: Callable[[np.ndarray], np.ndarray]):
+        self.weights = weights
+        self.activation = activation
+        self.final_norm = weights.final_norm
+        self.rope_freq_factors = weights.rope_freq_factors
+        self.lm_head = DenseMatrix(weights.lm_head, weights.lm_head_format)
+
+    def embedding(self, tokens: np.ndarray) -> np.ndarray:
+        return self.weights.embed[tokens]
+
+    def blocks(self) -> Iterator[Block]:
+        for layer in self.weights.layers:
+            def matrix(name: str, layer: LayerWeights = layer) -> DenseMatrix:
+                return DenseMatrix(getattr(layer, name), layer.input_formats.get(name))
+
+            ffn = DenseFFN(matrix("w_gate"), matrix("w_up"), matrix("w_down"), self.activation)
+            yield Block(matrix("wq"), matrix("wk"), matrix("wv"), matrix("wo"), ffn,
+                        layer.attn_norm, layer.ffn_norm, layer.bq, layer.bk, layer.bv,
+                        layer.q_norm, layer.k_norm, layer.post_attn_norm, layer.post_ffn_norm)

@@ -140,10 +140,10 @@ def test_memory_budget_run_prints_plan_and_io(tiny_gguf):
 
 def test_head_plan_flag(tiny_gguf, tmp_path):
     import flashinfer_ondevice as fi
-    from flashinfer_ondevice.store.convert import convert
+    from flashinfer_ondevice.build.convert import convert
 
-    with pytest.raises(FlashInferError, match="output-layer plans need a flash store"):
-        fi.load(tiny_gguf("llama"), head="exact")  # the API runs a GGUF dense (no store)
+    with pytest.raises(FlashInferError, match="head: flash-store settings"):
+        fi.load(tiny_gguf("llama"), backend="numpy", head="exact")
     store = convert(tiny_gguf("gemma3"), tmp_path / "g.store", head_proxy_rank=64)
     short = run_model("-m", str(store), "-p", "ab", "-n", "4", "--temp", "0", "--head",
                       "shortlist")

@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 import flashinfer_ondevice as fi
+from flashinfer_ondevice.build.calibrate import calibrate
 from flashinfer_ondevice.evaluate import evaluate
-from flashinfer_ondevice.sparsity.calibrate import calibrate
 from flashinfer_ondevice.store.reader import open_store
 
 EVAL_TEXT = Path(__file__).resolve().parents[1] / "data" / "eval" / "apache-2.0.txt"

@@ -56,14 +56,21 @@ def test_stop_string_cuts_output(tiny):
 
 def test_eos_ends_generation(tiny):
     eos = next(iter(tiny.tokenizer.eog_ids))
-    biased = tiny.engine.weights.lm_head.copy()
-    original = tiny.engine.weights.output
-    tiny.engine.weights.output = biased
+    head = tiny.engine.weights.lm_head
+
+    class EosFirst:  # the output layer with EOS made the argmax everywhere
+        rows = head.rows
+
+        def apply(self, x):
+            logits = head.apply(x)
+            logits[:, eos] = logits.max() + 50
+            return logits
+
+    tiny.engine.weights.lm_head = EosFirst()
     try:
-        biased[eos] = tiny.engine.weights.final_norm * 50  # make EOS the argmax everywhere
         responses = list(tiny.stream("abc", max_tokens=10, temperature=0))
     finally:
-        tiny.engine.weights.output = original
+        tiny.engine.weights.lm_head = head
     assert responses[-1].finish_reason == "stop" and responses[-1].text == ""
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flashinfer_ondevice.build.convert import convert
 from flashinfer_ondevice.errors import FlashInferError
 from flashinfer_ondevice.generate import prefill
 from flashinfer_ondevice.model import Transformer
 from flashinfer_ondevice.runtime.planner import make_plan
 from flashinfer_ondevice.runtime.shortlist_head import ShortlistHead
 from flashinfer_ondevice.runtime.streamed import StreamedWeights
-from flashinfer_ondevice.store.convert import convert
 from flashinfer_ondevice.store.head_proxy import FILE
 from flashinfer_ondevice.store.io import DirectReader
 from flashinfer_ondevice.store.reader import StoreError, open_store

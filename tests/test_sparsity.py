@@ -15,15 +15,15 @@ import pytest
 from click.testing import CliRunner
 
 import flashinfer_ondevice as fi
+from flashinfer_ondevice.build import calibrate as calibration
+from flashinfer_ondevice.build.calibrate import calibrate
+from flashinfer_ondevice.build.convert import convert
 from flashinfer_ondevice.cli import main
 from flashinfer_ondevice.errors import FlashInferError
 from flashinfer_ondevice.model import Transformer
+from flashinfer_ondevice.runtime.neuron_cache import NeuronCache
 from flashinfer_ondevice.runtime.planner import MIN_CACHE_ROWS, SparseSettings, make_plan
 from flashinfer_ondevice.runtime.streamed import StreamedWeights
-from flashinfer_ondevice.sparsity import calibrate as calibration
-from flashinfer_ondevice.sparsity.calibrate import calibrate
-from flashinfer_ondevice.sparsity.neuron_cache import NeuronCache
-from flashinfer_ondevice.store.convert import convert
 from flashinfer_ondevice.store.format import ALIGN
 from flashinfer_ondevice.store.io import DirectReader, aligned_buffer
 from flashinfer_ondevice.store.reader import StoreError, open_store
@@ -300,7 +300,7 @@ def test_convert_calibrate_cli(tiny_gguf, tmp_path):
 def test_sparse_ffn_matches_numpy_on_the_selected_neurons(calibrated):
     """Kernel path (resident rows and permuted cache rows, gate activations passed in or
     recomputed) against float32 numpy on the same decoded weights."""
-    from flashinfer_ondevice.model import gelu_tanh
+    from flashinfer_ondevice.functional import gelu_tanh
     from flashinfer_ondevice.quant.codecs import codec
 
     path = calibrated("gemma3")
@@ -341,8 +341,8 @@ def test_every_sparse_budget_plans_a_ring_when_something_streams(calibrated):
 
 
 def test_predictor_fit_recovers_a_low_rank_gate():
-    from flashinfer_ondevice.model import gelu_tanh
-    from flashinfer_ondevice.sparsity.calibrate import fit_layer
+    from flashinfer_ondevice.build.calibrate import fit_layer
+    from flashinfer_ondevice.functional import gelu_tanh
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((800, 32)).astype(np.float32)

@@ -9,13 +9,13 @@ import shutil
 import numpy as np
 import pytest
 
+from flashinfer_ondevice.build.convert import convert
 from flashinfer_ondevice.errors import FlashInferError
 from flashinfer_ondevice.generate import prefill
 from flashinfer_ondevice.model import Transformer
 from flashinfer_ondevice.quant.codecs import codec
 from flashinfer_ondevice.runtime.planner import BudgetError, make_plan, parse_budget
 from flashinfer_ondevice.runtime.streamed import StreamedWeights
-from flashinfer_ondevice.store.convert import convert
 from flashinfer_ondevice.store.io import DirectReader, aligned_buffer
 from flashinfer_ondevice.store.reader import StoreError, open_store
 from flashinfer_ondevice.weights import LayerWeights, Weights
@@ -147,7 +147,7 @@ def test_budget_parsing_and_refusal(stores):
 
 
 def test_interrupted_convert_leaves_nothing(tiny_gguf, tmp_path, monkeypatch):
-    from flashinfer_ondevice.store import convert as convert_module
+    from flashinfer_ondevice.build import convert as convert_module
 
     calls = {"n": 0}
     original = convert_module._WeightsWriter.put

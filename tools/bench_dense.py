@@ -7,19 +7,20 @@ the fast path with the output layer's shortlist plan (approximate logits outside
 1024 candidates; quality in docs/benchmarks.md) and, for a calibrated store, the fast path
 with gate-first FFN sparsity at the store's calibrated default level. Each run times every
 engine back to back (order alternating) on the same prompt and greedy 64-token
-decode, so machine noise hits all alike. Reports medians and ratios to llama.cpp.
+decode, so machine noise hits all alike. Reports medians and ratios to llama.cpp, with the
+machine they were measured on (tools/machine.py) in the JSON and above the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe_machine, machine_summary
 
 PROMPT = ("Python is a programming language that lets you work quickly and integrate systems "
           "more effectively. It is used for web development, data analysis, scripting and ")
@@ -60,10 +61,11 @@ def main() -> None:
     from flashinfer_ondevice.default_model import default_model_path
     from flashinfer_ondevice.store.reader import open_store
 
+    machine = describe_machine()
     gguf = Path(args.model) if args.model else default_model_path()
     store = ensure_store(gguf, "int8")
     engines = {
-        "numpy reference (GGUF)": fi.load(gguf, threads=args.threads),
+        "numpy reference (GGUF)": fi.load(gguf, backend="numpy", threads=args.threads),
         "fast path (int8 store, numba)": fi.load(store, threads=args.threads,
                                                  selector="dense"),
         "fast path + shortlist output layer": fi.load(store, threads=args.threads,
@@ -96,7 +98,7 @@ def main() -> None:
              for n in samples}
     result = {"model": gguf.name, "threads": args.threads, "runs": args.runs,
               "prompt_tokens": len(ids), "decode_tokens": args.decode_tokens,
-              "machine": platform.processor() or platform.machine(), "samples": samples,
+              "machine": machine, "samples": samples,
               "median": med, "ratio_vs_llama_cpp": ratio}
     rows = ["| engine | test | t/s median | t/s sd | ratio vs llama.cpp |",
             "|---|---|---:|---:|---:|"]
@@ -104,8 +106,8 @@ def main() -> None:
         for name in samples:
             rows.append(f"| {name} | {test} | {med[name][kind]:.1f} | {sd[name][kind]:.1f} | "
                         f"{ratio[name][kind]:.2f}x |")
-    table = (f"{gguf.name}, {args.threads} threads, {args.runs} runs each, alternating "
-             "order\n\n" + "\n".join(rows) + "\n")
+    table = (f"Machine: {machine_summary(machine)}\n\n{gguf.name}, {args.threads} threads, "
+             f"{args.runs} runs each, alternating order\n\n" + "\n".join(rows) + "\n")
     for path, text in ((args.json, json.dumps(result, indent=2)), (args.md, table)):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -12,7 +12,9 @@ same interpreter baseline (RSS after `import flashinfer_ondevice`), cold cache, 
   llama.cpp llama-cpp-python with mmap (its default) on the GGUF
   naive     our runtime with nothing resident: every weight read every token
 Also probes the device's direct-read bandwidth at the runtime's read size and reports the
-runtime's achieved read bandwidth next to it. Writes a markdown table and JSON.
+runtime's achieved read bandwidth next to it. Writes a markdown table and JSON, both with the
+machine they were measured on (tools/machine.py); --render rewrites the table of a saved
+JSON under the machine recorded in it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import describe_machine, machine_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMLIMIT = ROOT.parent / "shared" / "tools" / "memlimit"
@@ -157,10 +161,14 @@ def main() -> None:
                                 args.threads)))
         return
 
-    from flashinfer_ondevice.api import BASELINE_RSS, ensure_store
+    from flashinfer_ondevice.api import ensure_store
     from flashinfer_ondevice.default_model import default_model_path
+    from flashinfer_ondevice.runtime.engine import process_baseline
     from flashinfer_ondevice.store.reader import open_store
 
+    baseline = process_baseline()
+
+    machine = describe_machine()
     gguf = Path(args.model) if args.model else default_model_path()
     store = ensure_store(gguf, args.codec, progress=True)
     store_size = (store / "weights.bin").stat().st_size
@@ -172,8 +180,8 @@ def main() -> None:
     # The issue's wording: the same interpreter baseline added to every limit. Ours includes
     # numba's JIT; llama.cpp's own process needs far less, so the "own" variant gives each
     # system exactly fraction x its model size above its own baseline.
-    baselines = {"same": {s: BASELINE_RSS for s in args.systems},
-                 "own": {s: BASELINE_RSS for s in args.systems}}
+    baselines = {"same": {s: baseline for s in args.systems},
+                 "own": {s: baseline for s in args.systems}}
     baselines["own"]["llama.cpp"] = int(subprocess.check_output(
         [sys.executable, "-c", "import llama_cpp, psutil; llama_cpp.llama_backend_init(); "
          "print(psutil.Process().memory_info().rss)"]))
@@ -204,8 +212,9 @@ def main() -> None:
                 row["sparse"] = ok[0]["sparse"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
-    result = {"model": gguf.name, "codec": args.codec, "sizes": sizes, "baseline": BASELINE_RSS,
-              "probe_gbps": probe, "threads": args.threads, "runs": args.runs, "rows": rows}
+    result = {"model": gguf.name, "codec": args.codec, "sizes": sizes, "baseline": baseline,
+              "probe_gbps": probe, "threads": args.threads, "runs": args.runs,
+              "machine": machine, "rows": rows}
     write_outputs(result, args.out)
 
 
@@ -222,7 +231,8 @@ def render(result: dict) -> str:
                  if peer["bytes_per_token"] else "(peer reads 0)")
         return f"{r['tps'] / peer['tps']:.2f}x | {reads}"
 
-    lines = [f"model {result['model']} (GGUF {sizes['llama.cpp'] / 1e6:.0f} MB, store "
+    lines = [f"Machine: {machine_summary(result.get('machine'))}", "",
+             f"model {result['model']} (GGUF {sizes['llama.cpp'] / 1e6:.0f} MB, store "
              f"{sizes['ours'] / 1e6:.0f} MB {result.get('codec', 'int8')}); "
              f"baseline {result['baseline'] / 1e6:.0f} MB; "
              f"{result['threads']} threads; {result.get('runs', 3)} cold runs each, median; "

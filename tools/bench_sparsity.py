@@ -10,7 +10,10 @@ with the dense model and mean KL(dense || sparse) for each selector x target spa
 Windows do not change results (the same neurons are computed), only what is read: the dense
 streaming runtime and each selector x sparsity x window run in a child process under the
 budget, reporting neurons needed / cached / read and bytes read per token, with the time
-split into I/O wait, cache management and the rest (compute). Writes a markdown table and JSON.
+split into I/O wait, cache management and the rest (compute). Writes a markdown table and JSON,
+both with the machine they were measured on (tools/machine.py). Quality taken --quality-from
+another machine, or from a result that does not say which, keeps its quality figures (the same
+anywhere up to float rounding) but not their timings; the table names the machine it came from.
 """
 
 from __future__ import annotations
@@ -22,10 +25,14 @@ import sys
 import time
 from pathlib import Path
 
+from machine import describe_machine, machine_summary, same_machine
+
 ROOT = Path(__file__).resolve().parents[1]
 SELECTORS = ("gate", "predicted")
 WINDOWS = (1, 2, 4, 8)
 IO_SPARSITIES = (0.05, 0.3, 0.5, 0.7)  # the default, and the issue's three
+# The timings in a quality row: unlike its quality figures, they depend on the machine.
+QUALITY_TIMINGS = ("seconds", "io_wait_ms_per_token", "cache_ms_per_token")
 
 
 def io_worker(store: str, text: str, selector: str, sparsity: float, window: int,
@@ -63,6 +70,20 @@ def measure_quality(store: str, text: str, tokens: int) -> list[dict]:
     return quality
 
 
+def earlier_quality(path: Path, machine: dict) -> tuple[list[dict], dict | None]:
+    """The quality rows of an earlier result and the machine that measured them (None where
+    the result does not say). Rows from any other machine lose their timings."""
+    earlier = json.loads(path.read_text())
+    origin = earlier.get("quality_machine")
+    if same_machine(origin, machine):
+        return earlier["quality"], origin
+    print(f"{path}: quality measured on {machine_summary(origin)}, this machine is "
+          f"{machine_summary(machine)}; keeping the quality figures, dropping their timings",
+          file=sys.stderr)
+    return [{k: v for k, v in q.items() if k not in QUALITY_TIMINGS}
+            for q in earlier["quality"]], origin
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", default=None, help="calibrated store [default model's]")
@@ -87,9 +108,12 @@ def main() -> None:
     from flashinfer_ondevice.default_model import default_model_path
     from flashinfer_ondevice.store.reader import open_store
 
+    machine = describe_machine()
     store = args.store or str(ensure_store(default_model_path()))
-    quality = (json.loads(args.quality_from.read_text())["quality"] if args.quality_from
-               else measure_quality(store, text, args.tokens))
+    if args.quality_from:
+        quality, quality_machine = earlier_quality(args.quality_from, machine)
+    else:
+        quality, quality_machine = measure_quality(store, text, args.tokens), machine
     settings = [("dense", 0.0, 0)] + [(selector, sparsity, window) for selector in SELECTORS
                                       for sparsity in IO_SPARSITIES for window in WINDOWS]
     io = []
@@ -103,7 +127,8 @@ def main() -> None:
         print(json.dumps(io[-1]), flush=True)
     targets = open_store(store).sparsity.targets
     result = {"store": store, "text": args.file, "budget": args.budget, "targets": targets,
-              "date": time.strftime("%Y-%m-%d"), "quality": quality, "io": io}
+              "date": time.strftime("%Y-%m-%d"), "machine": machine,
+              "quality_machine": quality_machine, "quality": quality, "io": io}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(render(result) + "\n")
@@ -111,11 +136,15 @@ def main() -> None:
 
 
 def render(result: dict) -> str:
-    lines = [f"Quality on {Path(result['text']).name} ({result['quality'][0]['tokens']} tokens "
-             f"scored), fully resident; dense perplexity "
-             f"{result['quality'][0]['reference_perplexity']:.3f}", "",
-             "| selector | target sparsity | neurons kept | perplexity | ppl change | "
-             "top-1 agreement | mean KL |", "|---|---|---|---|---|---|---|"]
+    lines = [f"Machine: {machine_summary(result['machine'])}", ""]
+    if not same_machine(result["quality_machine"], result["machine"]):
+        lines += ["Quality rows taken from an earlier run (their timings dropped), measured on: "
+                  f"{machine_summary(result['quality_machine'])}", ""]
+    lines += [f"Quality on {Path(result['text']).name} ({result['quality'][0]['tokens']} tokens "
+              f"scored), fully resident; dense perplexity "
+              f"{result['quality'][0]['reference_perplexity']:.3f}", "",
+              "| selector | target sparsity | neurons kept | perplexity | ppl change | "
+              "top-1 agreement | mean KL |", "|---|---|---|---|---|---|---|"]
     for q in result["quality"]:
         change = (q["perplexity"] / q["reference_perplexity"] - 1) * 100
         lines.append(f"| {q['selector']} | {q['sparsity']:.0%} | {q['kept']:.1%} | "

@@ -34,8 +34,8 @@ def main() -> None:
 
     import flashinfer_ondevice as fi
     from flashinfer_ondevice.api import ensure_store
+    from flashinfer_ondevice.build.calibrate import default_text
     from flashinfer_ondevice.default_model import default_model_path
-    from flashinfer_ondevice.sparsity.calibrate import default_text
 
     model = fi.load(args.store or ensure_store(default_model_path()), selector="dense")
     head = model.weights.lm_head

@@ -89,13 +89,13 @@ def main() -> None:
 
     import flashinfer_ondevice as fi
     from flashinfer_ondevice.api import ensure_store
-    from flashinfer_ondevice.default_model import default_model_path
-    from flashinfer_ondevice.model import ACTIVATIONS
-    from flashinfer_ondevice.sparsity.calibrate import (
+    from flashinfer_ondevice.build.calibrate import (
         default_text,
         fit_low_rank,
         next_token_log_probs,
     )
+    from flashinfer_ondevice.default_model import default_model_path
+    from flashinfer_ondevice.functional import ACTIVATIONS
 
     store = args.store or str(ensure_store(default_model_path()))
     model = fi.load(store, selector="dense", ctx_size=CHUNK, threads=2)

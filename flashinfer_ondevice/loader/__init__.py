@@ -8,23 +8,10 @@ the file (sizes, offsets, names, shapes) before allocating, and reports problems
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ModelConfig
 from ..errors import ModelFileError
-from ..weights import Weights
-from .tokenizer import Tokenizer
-
-
-@dataclass
-class Checkpoint:
-    config: ModelConfig
-    weights: Weights
-    tokenizer: Tokenizer
-    chat_template: str | None  # Jinja template from the model, or None
-    source: Path
-    ggml_numerics: bool = False  # compute as llama.cpp's CPU backend rounds (GGUF sources)
+from .checkpoint import Checkpoint
 
 
 def load_checkpoint(path: str | Path, progress: bool = False, lazy: bool = False) -> Checkpoint:

@@ -18,23 +18,11 @@ from ..config import ModelConfig, traits_for
 from ..errors import ModelFileError, UnsupportedModelError
 from ..quant.activations import input_format_for
 from ..quant.ggml import dequantize, stored_nbytes
+from ..schema import LAYER_TENSORS, expected_shapes, layer_tensor_name
 from ..weights import LayerWeights, Weights
-from . import Checkpoint
+from .checkpoint import Checkpoint
 from .gguf_header import GGUFHeader, TensorRecord, read_header
 from .tokenizer import GGUFTokenizer
-
-# GGUF tensor suffix of each block -> LayerWeights field
-LAYER_TENSORS = {
-    "attn_norm": "attn_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv",
-    "attn_output": "wo", "ffn_norm": "ffn_norm", "ffn_gate": "w_gate", "ffn_up": "w_up",
-    "ffn_down": "w_down", "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv",
-    "attn_q_norm": "q_norm", "attn_k_norm": "k_norm",
-    "post_attention_norm": "post_attn_norm", "post_ffw_norm": "post_ffn_norm",
-}
-
-
-def layer_tensor_name(layer: int, suffix: str) -> str:
-    return f"blk.{layer}.{suffix}" + ("" if suffix.endswith(".bias") else ".weight")
 
 
 def read_config(header: GGUFHeader) -> ModelConfig:
@@ -90,34 +78,6 @@ def read_config(header: GGUFHeader) -> ModelConfig:
     )
     config.validate()
     return config
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """numpy-order shape of every tensor the config implies, by GGUF tensor name."""
-    h, d = config.hidden_size, config.head_dim
-    q_out, kv_out = config.n_heads * d, config.n_kv_heads * d
-    traits = config.traits
-    shapes: dict[str, tuple[int, ...]] = {
-        "token_embd.weight": (config.vocab_size, h), "output_norm.weight": (h,)}
-    if not config.tie_embeddings:
-        shapes["output.weight"] = (config.vocab_size, h)
-    for i in range(config.n_layers):
-        layer = {
-            "attn_norm": (h,), "attn_q": (q_out, h), "attn_k": (kv_out, h),
-            "attn_v": (kv_out, h), "attn_output": (h, q_out), "ffn_norm": (h,),
-            "ffn_gate": (config.ffn_size, h), "ffn_up": (config.ffn_size, h),
-            "ffn_down": (h, config.ffn_size),
-        }
-        if traits.qkv_bias:
-            layer.update({"attn_q.bias": (q_out,), "attn_k.bias": (kv_out,),
-                          "attn_v.bias": (kv_out,)})
-        if traits.qk_norm:
-            layer.update({"attn_q_norm": (d,), "attn_k_norm": (d,)})
-        if traits.post_norms:
-            layer.update({"post_attention_norm": (h,), "post_ffw_norm": (h,)})
-        for suffix, shape in layer.items():
-            shapes[layer_tensor_name(i, suffix)] = shape
-    return shapes
 
 
 def check_tensor(record: TensorRecord, shape: tuple[int, ...], file_size: int) -> int:

@@ -13,9 +13,9 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..errors import ModelFileError, UnsupportedModelError
 from ..weights import LayerWeights, Weights
-from . import Checkpoint
+from .checkpoint import Checkpoint
 from .safetensors_file import SafetensorsFile
-from .tokenizer import HFTokenizer, _read_json
+from .tokenizer import HFTokenizer, read_json
 
 _MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2",
                 "gemma3_text": "gemma3", "gemma3": "gemma3"}
@@ -83,7 +83,7 @@ def _config_from_hf(raw: dict) -> ModelConfig:
 
 
 def _shard_files(folder: Path) -> list[Path]:
-    index = _read_json(folder / "model.safetensors.index.json")
+    index = read_json(folder / "model.safetensors.index.json")
     if index is None:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
@@ -97,7 +97,7 @@ def _shard_files(folder: Path) -> list[Path]:
 
 
 def load_hf_folder(folder: Path, progress: bool = False) -> Checkpoint:
-    raw = _read_json(folder / "config.json")
+    raw = read_json(folder / "config.json")
     if raw is None:
         raise ModelFileError(f"{folder} is a folder without config.json (not a model folder)")
     config = _config_from_hf(raw)
@@ -148,7 +148,7 @@ def load_hf_folder(folder: Path, progress: bool = False) -> Checkpoint:
 
 
 def _check_shapes(config: ModelConfig, weights: Weights) -> None:
-    from .gguf_file import LAYER_TENSORS, expected_shapes, layer_tensor_name
+    from ..schema import LAYER_TENSORS, expected_shapes, layer_tensor_name
 
     shapes = expected_shapes(config)
     checks = [("embed_tokens", weights.embed, shapes["token_embd.weight"])]

@@ -14,7 +14,9 @@ from typing import Protocol
 
 import numpy as np
 
+from ..detokenize import ByteDetokenizer, IncrementalDetokenizer, StreamingDetokenizer
 from ..errors import ModelFileError
+from .llama_backend import check_vocabulary, load_llama_cpp
 
 
 class Tokenizer(Protocol):
@@ -26,31 +28,21 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
+    def detokenizer(self) -> StreamingDetokenizer:
+        """A fresh streaming detokenizer (O(1) work per generated token)."""
+        ...
+
     def special_text(self, token: int) -> str:
         """The literal text of a token, special tokens included (e.g. "<bos>")."""
         ...
-
-
-@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
-def _discard_log(level, text, user_data):
-    """llama.cpp log sink: the vocabulary loader's chatter is not for our users."""
-
-
-def init_llama_backend() -> None:
-    """Load llama.cpp (the GGUF tokenizer) and silence its logging; once per process."""
-    import llama_cpp
-
-    llama_cpp.llama_log_set(_discard_log, None)
-    llama_cpp.llama_backend_init()
 
 
 class GGUFTokenizer:
     """Tokenizes exactly as llama.cpp does, from the vocabulary stored in the GGUF file."""
 
     def __init__(self, path: Path):
-        import llama_cpp
-
-        self._lib = llama_cpp
+        check_vocabulary(path)  # in a child first: llama.cpp must not crash this process
+        llama_cpp = self._lib = load_llama_cpp()
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
@@ -99,6 +91,9 @@ class GGUFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
 
+    def detokenizer(self) -> StreamingDetokenizer:
+        return ByteDetokenizer(self.token_bytes)
+
     def __del__(self):
         if getattr(self, "_model", None):
             self._lib.llama_model_free(self._model)
@@ -134,10 +129,14 @@ class LeanGGUFTokenizer:
             del tokenizer
             release_freed_memory()
 
+    def token_bytes(self, token: int) -> bytes:
+        return self._pieces[self._offsets[token]:self._offsets[token + 1]].tobytes()
+
     def decode(self, ids: list[int]) -> str:
-        off = self._offsets
-        return b"".join(self._pieces[off[t]:off[t + 1]].tobytes() for t in ids).decode(
-            "utf-8", errors="replace")
+        return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
+
+    def detokenizer(self) -> StreamingDetokenizer:
+        return ByteDetokenizer(self.token_bytes)
 
     def special_text(self, token: int) -> str:
         return self._bos_text if token == self.bos_id else self.decode([token])
@@ -163,8 +162,8 @@ class HFTokenizer:
         except Exception as exc:  # the Rust library raises plain Exception on bad files
             raise ModelFileError(f"{path}: unreadable tokenizer ({exc})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        tok_config = _read_json(folder / "tokenizer_config.json") or {}
-        gen_config = _read_json(folder / "generation_config.json") or {}
+        tok_config = read_json(folder / "tokenizer_config.json") or {}
+        gen_config = read_json(folder / "generation_config.json") or {}
         self.bos_id = self._special_id(tok_config.get("bos_token"), config.get("bos_token_id"))
         eos = gen_config.get("eos_token_id", config.get("eos_token_id"))
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -189,11 +188,14 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def detokenizer(self) -> StreamingDetokenizer:
+        return IncrementalDetokenizer(self.decode)
+
     def special_text(self, token: int) -> str:
         return self._tok.id_to_token(token) or ""
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:

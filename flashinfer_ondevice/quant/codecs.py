@@ -1,81 +1,193 @@
-"""Store codecs: how a float32 matrix row becomes bytes on flash, and back.
+"""Store codecs: how a float32 matrix row becomes bytes on flash, and how to compute with them.
 
 Every codec encodes rows independently (one FFN neuron's gate row, up row and down column can
-be bundled together, an embedding row read alone). A row is `[scales][payload]`:
+be bundled together, an embedding row read alone). A codec is a registered class (gguf-py's
+quants.py is the model) that owns its byte layout, encode/decode and its kernels for one
+token; the store, the planner, the runtime and the CLI learn codecs from `CODECS`:
 
   f16   payload = float16 values, no scales                          16 bits/weight
   int8  scale = amax/127 per group of 64 (float32), int8 values       8.5 bits/weight
   int4  scale = amax/7 per group of 64 (float32), values in -8..7
         packed two per byte (low nibble first, stored +8)             4.5 bits/weight
 
-Scales are float32 (not float16) so the numba kernels in kernels.py can read them directly.
-Palettization (k-means look-up tables) and BitStack blocks will join through the same interface.
+A row of a grouped codec is `[scales][payload]`; scales are float32 (not float16) so the
+numba kernels (quant/kernels.py) read them directly. Codecs without fused kernels (f16)
+compute one token by decoding a block of rows at a time (the base class's kernels).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-GROUP = 64
+from ..functional import ACTIVATIONS
+from . import kernels
+from .kernels import GROUP
+
+_DECODE_ROWS = 256  # rows decoded to float32 at a time by the decoding kernels
+ACTIVATION_KINDS = {"gelu_tanh": 0, "silu": 1}  # the kernels' activation codes
 
 
-@dataclass(frozen=True)
 class Codec:
-    name: str
-    bits: int  # bits per stored value (16, 8 or 4)
+    """Base class: the byte layout of one encoded row, and computing from encoded rows.
+
+    The kernels work on one token: `matvec` for a matrix, `bundle_ffn` and
+    `gate_activations` for row-column FFN bundles ([gate row | up row | down column], each
+    `row_nbytes(cols)` bytes). This base class computes them by decoding; codecs with fused
+    kernels override them."""
+
+    name: ClassVar[str]
+    bits: ClassVar[int]  # bits per stored value
 
     def supports(self, cols: int) -> bool:
-        return self.name == "f16" or cols % GROUP == 0
-
-    def groups(self, cols: int) -> int:
-        return 0 if self.name == "f16" else cols // GROUP
+        return True
 
     def row_nbytes(self, cols: int) -> int:
-        return 4 * self.groups(cols) + cols * self.bits // 8
+        raise NotImplementedError
 
     def encode(self, rows: np.ndarray) -> np.ndarray:
         """(n, cols) float32 -> (n, row_nbytes) uint8."""
+        raise NotImplementedError
+
+    def decode(self, raw: np.ndarray, cols: int) -> np.ndarray:
+        """(n, row_nbytes) uint8 -> (n, cols) float32."""
+        raise NotImplementedError
+
+    def matvec(self, raw: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+        """out[r] = decode(raw[r]) . x for every row (x: (cols,) float32)."""
+        for start in range(0, len(raw), _DECODE_ROWS):
+            end = min(start + _DECODE_ROWS, len(raw))
+            out[start:end] = self.decode(raw[start:end], len(x)) @ x
+
+    def gate_activations(self, raw: np.ndarray, x: np.ndarray, activation: str,
+                         out: np.ndarray) -> None:
+        """out[i] = act(gate_i . x), gate_i being the first row of raw[i]."""
+        self.matvec(raw[:, :self.row_nbytes(len(x))], x, out)
+        out[:] = ACTIVATIONS[activation](out)
+
+    def bundle_ffn(self, raw: np.ndarray, rows: np.ndarray, x: np.ndarray, activation: str,
+                   gate_act: np.ndarray | None, hidden_act: np.ndarray, out: np.ndarray) -> None:
+        """FFN output of one token over the bundles raw[rows] (other neurons count as zero).
+        gate_act: act(gate . x) of each of rows when already known, else None; hidden_act[j]
+        receives act(gate . x) * (up . x) of rows[j]; out (cols,) the FFN output."""
+        cols = len(x)
+        rb = self.row_nbytes(cols)
+        out[:] = 0.0
+        for start in range(0, len(rows), _DECODE_ROWS):
+            chunk = raw[rows[start:start + _DECODE_ROWS]]
+            if gate_act is None:
+                act = ACTIVATIONS[activation](self.decode(chunk[:, :rb], cols) @ x)
+            else:
+                act = gate_act[start:start + len(chunk)]
+            h = act * (self.decode(chunk[:, rb:2 * rb], cols) @ x)
+            hidden_act[start:start + len(chunk)] = h
+            out += h @ self.decode(chunk[:, 2 * rb:], cols)
+
+
+class F16(Codec):
+    name, bits = "f16", 16
+
+    def row_nbytes(self, cols: int) -> int:
+        return 2 * cols
+
+    def encode(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        return rows.astype(np.float16).view(np.uint8).reshape(len(rows), -1)
+
+    def decode(self, raw: np.ndarray, cols: int) -> np.ndarray:
+        raw = np.ascontiguousarray(raw)
+        return raw.view(np.float16).reshape(len(raw), cols).astype(np.float32)
+
+
+class _Grouped(Codec):
+    """Symmetric integers with a float32 scale per group of GROUP values; fused kernels."""
+
+    limit: ClassVar[int]  # largest magnitude stored
+
+    def supports(self, cols: int) -> bool:
+        return cols % GROUP == 0
+
+    def row_nbytes(self, cols: int) -> int:
+        return 4 * (cols // GROUP) + cols * self.bits // 8
+
+    def encode(self, rows: np.ndarray) -> np.ndarray:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         n, cols = rows.shape
-        if self.name == "f16":
-            return rows.astype(np.float16).view(np.uint8).reshape(n, -1)
         if not self.supports(cols):
             raise ValueError(f"{self.name} needs rows in whole groups of {GROUP}, got {cols}")
         grouped = rows.reshape(n, -1, GROUP)
-        limit = 127 if self.bits == 8 else 7
-        scales = np.abs(grouped).max(axis=-1) / limit
+        scales = np.abs(grouped).max(axis=-1) / self.limit
         safe = np.where(scales > 0, scales, 1.0)[..., None]
-        q = np.clip(np.rint(grouped / safe), -limit - (self.bits == 4), limit).astype(np.int8)
-        if self.bits == 8:
-            payload = q.reshape(n, cols).view(np.uint8)
-        else:
-            nibbles = (q.reshape(n, cols) + 8).astype(np.uint8)
-            payload = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+        lowest = -self.limit - (self.bits == 4)
+        q = np.clip(np.rint(grouped / safe), lowest, self.limit).astype(np.int8)
+        payload = self._pack(q.reshape(n, cols))
         return np.concatenate([scales.astype(np.float32).view(np.uint8).reshape(n, -1),
                                payload], axis=1)
 
     def decode(self, raw: np.ndarray, cols: int) -> np.ndarray:
-        """(n, row_nbytes) uint8 -> (n, cols) float32."""
         raw = np.ascontiguousarray(raw)
-        n = raw.shape[0]
-        if self.name == "f16":
-            return raw.view(np.float16).reshape(n, cols).astype(np.float32)
-        ng = self.groups(cols)
+        n, ng = raw.shape[0], cols // GROUP
         scales = raw[:, :4 * ng].view(np.float32).reshape(n, ng, 1)
-        payload = raw[:, 4 * ng:]
-        if self.bits == 8:
-            q = payload.view(np.int8).reshape(n, ng, GROUP)
-        else:
-            q = np.empty((n, cols), np.int8)
-            q[:, 0::2] = (payload & 0x0F).astype(np.int8) - 8
-            q[:, 1::2] = (payload >> 4).astype(np.int8) - 8
-            q = q.reshape(n, ng, GROUP)
+        q = self._unpack(raw[:, 4 * ng:], cols).reshape(n, ng, GROUP)
         return (q * scales).reshape(n, cols)
 
+    def _pack(self, q: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
-CODECS = {c.name: c for c in (Codec("f16", 16), Codec("int8", 8), Codec("int4", 4))}
+    def _unpack(self, payload: np.ndarray, cols: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def matvec(self, raw, x, out) -> None:
+        kernels.matvec(raw, x, len(x) // GROUP, self.bits, out)
+
+    def gate_activations(self, raw, x, activation, out) -> None:
+        kernels.gate_activations(raw, x, len(x) // GROUP, self.bits,
+                                 ACTIVATION_KINDS[activation], out)
+
+    def bundle_ffn(self, raw, rows, x, activation, gate_act, hidden_act, out) -> None:
+        known = _NONE if gate_act is None else np.ascontiguousarray(gate_act, np.float32)
+        kernels.bundled_ffn(raw, rows, x, len(x) // GROUP, self.bits, self.row_nbytes(len(x)),
+                            ACTIVATION_KINDS[activation], known, hidden_act, out)
+
+
+class Int8(_Grouped):
+    name, bits, limit = "int8", 8, 127
+
+    def _pack(self, q: np.ndarray) -> np.ndarray:
+        return q.view(np.uint8)
+
+    def _unpack(self, payload: np.ndarray, cols: int) -> np.ndarray:
+        return payload.view(np.int8)
+
+
+class Int4(_Grouped):
+    name, bits, limit = "int4", 4, 7
+
+    def _pack(self, q: np.ndarray) -> np.ndarray:
+        nibbles = (q + 8).astype(np.uint8)
+        return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+    def _unpack(self, payload: np.ndarray, cols: int) -> np.ndarray:
+        q = np.empty((len(payload), cols), np.int8)
+        q[:, 0::2] = (payload & 0x0F).astype(np.int8) - 8
+        q[:, 1::2] = (payload >> 4).astype(np.int8) - 8
+        return q
+
+
+_NONE = np.zeros(0, np.float32)  # "gate activations not known" for the fused kernel
+
+CODECS: dict[str, Codec] = {}
+
+
+def register(codec_class: type[Codec]) -> type[Codec]:
+    """Make a codec known to the store, the runtime and the CLI by its name."""
+    CODECS[codec_class.name] = codec_class()
+    return codec_class
+
+
+for _codec_class in (F16, Int8, Int4):
+    register(_codec_class)
 
 
 def codec(name: str) -> Codec:

@@ -9,6 +9,12 @@ FFN bundles, then a prefix of the output layer's rows (62% of Gemma 3). Everythi
 read from the store every token, so bytes streamed per token = store size - resident size.
 Input embedding rows are always read on demand.
 
+Run memory has one owner per buffer: the code that allocates a buffer also says how large it
+is (KVCache.planned_nbytes, units.unit_capacity, NeuronCache.planned_nbytes,
+ShortlistHead.planned_nbytes, selectors.*_nbytes, sampling.scratch_nbytes), and the planner
+asks it instead of re-deriving sizes. `Plan.ledger` lists the result per component; the
+runtime allocates exactly the sizes the plan holds (tests/test_ledger.py checks both agree).
+
 When the output layer does not fit and the store has its low-rank proxy, the head gets a
 *shortlist* plan instead (runtime/shortlist_head.py): the proxy is resident, scores every
 token, and only the best `shortlist` candidates' rows are read exactly (those not among the
@@ -25,23 +31,24 @@ then attention, then the caches (all rows if they fit), then output-layer rows.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..config import ModelConfig
 from ..errors import FlashInferError
-from ..store.format import align_up, layer_key
-from ..store.head_proxy import SCORES
-from ..store.reader import Store
+from ..kv_cache import KVCache
+from ..sampling import scratch_nbytes
+from ..schema import LAYER_MATRICES, layer_key
+from ..store.format import align_up
+from ..store.reader import Store, TensorEntry
+from . import neuron_cache, shortlist_head
+from .neuron_cache import NeuronCache
+from .selectors import gate_rows_nbytes, predictor_nbytes
+from .shortlist_head import ShortlistHead
+from .units import unit_capacity
 
-OUTPUT_CHUNK = 4 << 20  # bytes of output-layer rows streamed as one unit
 BUFFERS = (6, 4, 3, 2)  # streaming ring sizes to try: one unit computing, the others reading
 MARGIN = 12 << 20  # prefill activations, Python objects, allocator slack
-NEURON_SCRATCH = 4 << 20  # aligned buffer the neuron caches read pages into
-NEURON_SPILL = 4 << 20  # rows a token's neurons beyond a cache's capacity are read into
 MIN_CACHE_ROWS = 64  # fewer cached neurons per layer than this is not worth planning
-SHORTLIST = 1024  # output-layer candidates computed exactly per position (shortlist plan)
-SHORTLIST_SCRATCH = 4 << 20  # aligned buffer the candidates' pages are read through
-RING_SCRATCH = 1 << 20  # a ring buffer this large serves as that buffer instead
 HEAD_PLANS = ("auto", "exact", "shortlist")
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 1024, "mib": 1 << 20, "gib": 1 << 30}
@@ -86,11 +93,11 @@ class Plan:
     head: str  # tensor holding the output layer ("embed" when tied, else "output")
     resident: set[str] = field(default_factory=set)  # whole tensors kept in DRAM
     head_resident_rows: int = 0  # rows of the output layer kept in DRAM
-    kv_bytes: int = 0
-    scratch_bytes: int = 0
+    kv_bytes: int = 0  # the KV cache, full (KVCache.planned_nbytes)
+    scratch_bytes: int = 0  # a decode step's logits, sampling and activations (transient)
     buffer_bytes: int = 0
     buffers: int = 0  # size of the streaming ring
-    buffer_unit: int = 0  # bytes of one ring buffer (the largest streamed unit, aligned)
+    buffer_unit: int = 0  # bytes of one ring buffer (units.unit_capacity)
     overhead_bytes: int = 0  # already in use above baseline when planning (tokenizer, ...)
     transient_bytes: int = 0  # briefly needed outside generation (loading the vocabulary)
     fixed_bytes: int = 0  # everything but resident weights: the smallest workable budget
@@ -99,9 +106,20 @@ class Plan:
     sparse: SparseSettings | None = None
     selector_bytes: int = 0  # predictors or gate rows (sparse)
     cache_rows: int = 0  # neurons per layer the neuron caches hold (sparse, under a budget)
+    cache_bytes: int = 0  # the neuron caches and the buffers they share
     shortlist: int = 0  # output-layer candidates read exactly per position; 0: exact head
-    shortlist_bytes: int = 0  # the resident proxy and the candidates' read buffers
+    shortlist_bytes: int = 0  # ShortlistHead.planned_nbytes: proxy, candidate rows, scratch
     ring_scratch: bool = False  # the candidates' pages are read into a free ring buffer
+    weight_bytes: int = 0  # resident tensors and output-layer rows
+
+    @property
+    def ledger(self) -> dict[str, int]:
+        """Planned bytes of each part of run memory above the baseline."""
+        return {"resident weights": self.weight_bytes, "KV cache": self.kv_bytes,
+                "I/O ring": self.buffer_bytes, "shortlist head": self.shortlist_bytes,
+                "selectors": self.selector_bytes, "neuron caches": self.cache_bytes,
+                "scratch": self.scratch_bytes, "margin": MARGIN,
+                "tokenizer and runtime": self.overhead_bytes}
 
     @property
     def ffn_cached(self) -> bool:
@@ -141,46 +159,38 @@ class Plan:
                 "caches hold, so most are read every token (dense streaming may read less)")
 
 
-def _ring_size(budget: int, base: int, weights: int, buffer: int, stream_all: bool) -> int:
+def _ring_size(budget: int, fixed: Callable[[int], int], weights: int, buffer: int,
+               stream_all: bool) -> int:
     """Streaming ring size: none if every weight fits; else the deepest ring whose extra
     buffers (beyond two) cost at most a tenth of what then streams per token, since each
-    byte of buffer is a byte less of resident weights."""
-    if not stream_all and base + weights <= budget:
+    byte of buffer is a byte less of resident weights. `fixed(depth)`: the memory everything
+    but the weights needs with a ring that deep."""
+    if not stream_all and fixed(0) + weights <= budget:
         return 0
-    streamed_with_two = weights - max(0, budget - base - 2 * buffer) * (not stream_all)
+    streamed_with_two = weights - max(0, budget - fixed(2)) * (not stream_all)
     for depth in sorted(BUFFERS, reverse=True):
         extra = (depth - 2) * buffer
-        if base + depth * buffer <= budget and extra <= streamed_with_two / 10:
+        if fixed(depth) <= budget and extra <= streamed_with_two / 10:
             return depth
     return min(BUFFERS)
-
-
-def kv_bytes(config: ModelConfig, ctx: int) -> int:
-    return 2 * 2 * config.n_layers * config.n_kv_heads * config.head_dim * ctx  # fp16 K and V
 
 
 def selector_bytes(store: Store, sparse: SparseSettings, ffn_resident: bool) -> int:
     """DRAM the selectors take: float32 predictors, or gate rows unless the FFN is resident."""
     config = store.config
     if sparse.selector == "predicted":
-        return 4 * store.sparsity.rank * (config.hidden_size + config.ffn_size) * config.n_layers
+        return config.n_layers * predictor_nbytes(config.hidden_size, config.ffn_size,
+                                                  store.sparsity.rank)
     if ffn_resident:
         return 0
-    return sum(store.tensors[layer_key(i, "ffn")].nbytes // 3 for i in range(config.n_layers))
-
-
-def shortlist_bytes(store: Store, candidates: int) -> int:
-    """DRAM a shortlist head takes: the proxy, candidate rows and the pages they are read
-    through."""
-    row = store.tensors["embed" if store.config.tie_embeddings else "output"].row_nbytes
-    proxy = sum(e.nbytes for e in store.head_proxy.values())
-    return proxy + candidates * row + SHORTLIST_SCRATCH
+    return sum(gate_rows_nbytes(store.tensors[layer_key(i, "ffn")])
+               for i in range(config.n_layers))
 
 
 def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
               transient: int = 0, stream_all: bool = False,
               sparse: SparseSettings | None = None, head: str = "auto",
-              candidates: int = SHORTLIST) -> Plan:
+              candidates: int = shortlist_head.CANDIDATES) -> Plan:
     """`overhead`: bytes above baseline in use now; `transient`: bytes needed briefly while
     no generation runs (encoding a prompt loads the vocabulary), sharing the room that the
     KV cache, scratch and margin take during generation. `stream_all` keeps no weight
@@ -218,61 +228,77 @@ def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transi
     head = "embed" if config.tie_embeddings else "output"
     tensors = store.tensors
     vectors = {n for n, e in tensors.items() if e.codec == "f32"}
-    attention = [[layer_key(i, f) for f in ("wq", "wk", "wv", "wo")]
-                 for i in range(config.n_layers)]
+    attention = [[layer_key(i, f) for f in LAYER_MATRICES] for i in range(config.n_layers)]
     ffn = [[layer_key(i, "ffn")] for i in range(config.n_layers)]
-    plan = Plan(budget, head, kv_bytes=kv_bytes(config, ctx),
-                scratch_bytes=config.vocab_size * 4 * 6 + (4 << 20), overhead_bytes=overhead,
+    ffn_entry = tensors[layer_key(0, "ffn")]
+    plan = Plan(budget, head, kv_bytes=KVCache.planned_nbytes(config, ctx),
+                scratch_bytes=scratch_nbytes(config.vocab_size), overhead_bytes=overhead,
                 transient_bytes=transient, sparse=sparse, shortlist=shortlist)
     if shortlist:
-        plan.shortlist_bytes = shortlist_bytes(store, shortlist)
+        plan.shortlist_bytes = ShortlistHead.planned_nbytes(store.head_proxy, tensors[head],
+                                                            shortlist, own_scratch=True)
     plan.resident |= vectors
-    bundle = tensors[layer_key(0, "ffn")].row_nbytes
-    units = attention + ffn if sparse is None or budget is None else attention
-    if sparse is not None and budget is None:
-        plan.selector_bytes = selector_bytes(store, sparse, ffn_resident=True)
-    elif sparse is not None:
-        plan.selector_bytes = selector_bytes(store, sparse, ffn_resident=False)
-        plan.scratch_bytes += NEURON_SCRATCH + NEURON_SPILL
+    ffn_cached = sparse is not None and budget is not None
+    units = attention if ffn_cached else attention + ffn
+    if sparse is not None:
+        plan.selector_bytes = selector_bytes(store, sparse, ffn_resident=budget is None)
     if budget is None:
         for names in units:
             plan.resident |= set(names)
         plan.head_resident_rows = tensors[head].rows
     else:
-        largest = max(max(sum(tensors[n].nbytes for n in u) for u in units),
-                      0 if shortlist else min(OUTPUT_CHUNK, tensors[head].nbytes))
-        min_caches = 0 if sparse is None else MIN_CACHE_ROWS * bundle * config.n_layers
+        # a layer streams as one unit: its attention (and FFN unless cached) read together
+        layer_units = [attention[i] + ([] if ffn_cached else ffn[i])
+                       for i in range(config.n_layers)]
+        plan.buffer_unit = align_up(_unit_capacity(tensors, layer_units, head, shortlist))
+        caches_fixed = caches_per_row = 0
+        if ffn_cached:  # every layer's cache, and the read scratch and spill rows they share
+            caches_fixed = config.n_layers * NeuronCache.planned_nbytes(ffn_entry, 0) \
+                + neuron_cache.shared_nbytes(ffn_entry)
+            caches_per_row = config.n_layers * (NeuronCache.planned_nbytes(ffn_entry, 1)
+                                                - NeuronCache.planned_nbytes(ffn_entry, 0))
+        min_caches = caches_fixed + MIN_CACHE_ROWS * caches_per_row
         # Generation needs the KV cache, scratch and I/O buffers; encoding a prompt needs the
         # vocabulary instead, while the I/O buffers' pages and the shortlist's scores and read
         # pages are released (StreamedWeights.release_io_buffers), so the two share that room.
         generation = plan.kv_bytes + plan.scratch_bytes + MARGIN
         encoding = transient + MARGIN // 2
-        base = overhead + sum(tensors[n].nbytes for n in vectors) + plan.shortlist_bytes \
-            + generation
+        # everything but the weights, the ring and the shortlist head (which depends on it)
+        base = overhead + sum(tensors[n].nbytes for n in vectors) + generation + min_caches \
+            + plan.selector_bytes
         weights = sum(e.nbytes for n, e in tensors.items() if n not in vectors
                       and n != ("output" if head == "embed" else "embed")
                       and not (shortlist and n == head))
-        if sparse is not None:  # FFNs go to the neuron caches, never through the ring
+        if ffn_cached:  # FFNs go to the neuron caches, never through the ring
             weights -= sum(tensors[n].nbytes for (n,) in ffn)
-            base += min_caches + plan.selector_bytes
-        plan.buffer_unit = align_up(largest + 4096)
         # with sparsity, no ring only if the caches can also hold every neuron
-        all_weights = weights if sparse is None else \
-            weights + sum(tensors[n].nbytes for (n,) in ffn) - min_caches
-        plan.buffers = _ring_size(budget, base, all_weights, plan.buffer_unit, stream_all)
-        plan.buffer_bytes = plan.buffers * plan.buffer_unit
-        if shortlist and sparse is None and plan.buffers and plan.buffer_unit >= RING_SCRATCH:
-            plan.ring_scratch = True  # no read buffer of its own (shortlist_head.py)
-            plan.shortlist_bytes -= SHORTLIST_SCRATCH
-            base -= SHORTLIST_SCRATCH
-        released = 0 if not shortlist else store.head_proxy[SCORES].nbytes \
-            + SHORTLIST_SCRATCH * (not plan.ring_scratch)
+        all_weights = weights if not ffn_cached else \
+            weights + sum(tensors[n].nbytes for (n,) in ffn) - MIN_CACHE_ROWS * caches_per_row
 
-        def peak(ring: int) -> int:
-            return base + ring + max(0, encoding - generation - ring - released)
+        def uses_ring_scratch(depth: int) -> bool:
+            """The shortlist reads its candidates into a free ring buffer (no own scratch)."""
+            return bool(shortlist and not ffn_cached and depth
+                        and plan.buffer_unit >= shortlist_head.RING_SCRATCH)
 
-        fixed = peak(plan.buffer_bytes)
-        plan.fixed_bytes = peak(min(BUFFERS) * plan.buffer_unit)
+        def peak(depth: int, unit: int) -> int:
+            """Fixed memory with a ring of `depth` buffers of `unit` bytes: generation's,
+            or encoding's where that is more (it reuses the ring's and shortlist's room)."""
+            own = not uses_ring_scratch(depth)
+            head_bytes = 0 if not shortlist else ShortlistHead.planned_nbytes(
+                store.head_proxy, tensors[head], shortlist, own_scratch=own)
+            released = 0 if not shortlist else \
+                ShortlistHead.released_nbytes(store.head_proxy, own)
+            ring = depth * unit
+            return base + head_bytes + ring + max(0, encoding - generation - ring - released)
+
+        plan.buffers = _ring_size(budget, lambda depth: peak(depth, plan.buffer_unit),
+                                  all_weights, plan.buffer_unit, stream_all)
+        plan.ring_scratch = uses_ring_scratch(plan.buffers)  # shortlist_head.py
+        if shortlist:
+            plan.shortlist_bytes = ShortlistHead.planned_nbytes(
+                store.head_proxy, tensors[head], shortlist, own_scratch=not plan.ring_scratch)
+        fixed = peak(plan.buffers, plan.buffer_unit)
+        plan.fixed_bytes = peak(min(BUFFERS), plan.buffer_unit)
         if fixed > budget:
             raise BudgetError(
                 f"memory budget {budget / 1e6:.1f} MB is too small: the smallest that works "
@@ -285,16 +311,22 @@ def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transi
             if size <= room:
                 plan.resident |= set(names)
                 room -= size
-        if sparse is not None:
-            room += min_caches
-            plan.cache_rows = min(config.ffn_size, room // (bundle * config.n_layers))
-            room -= plan.cache_rows * bundle * config.n_layers
-        plan.head_resident_rows = min(tensors[head].rows, room // tensors[head].row_nbytes)
-    plan.resident_bytes = (sum(tensors[n].nbytes for n in plan.resident)
-                           + plan.head_resident_rows * tensors[head].row_nbytes
-                           + plan.shortlist_bytes)
-    if plan.cache_rows:
-        plan.resident_bytes += plan.cache_rows * bundle * config.n_layers
+        if plan.buffers and not stream_all:  # buffers need hold only what really streams
+            streamed = [[n for n in names if n not in plan.resident] for names in layer_units]
+            unit = align_up(_unit_capacity(tensors, streamed, head, shortlist))
+            room += fixed - peak(plan.buffers, unit)
+            plan.buffer_unit = unit
+        plan.buffer_bytes = plan.buffers * plan.buffer_unit
+        if ffn_cached:
+            room += min_caches - caches_fixed
+            plan.cache_rows = min(config.ffn_size, max(0, room) // caches_per_row)
+            plan.cache_bytes = caches_fixed + plan.cache_rows * caches_per_row
+            room -= plan.cache_bytes - caches_fixed
+        plan.head_resident_rows = min(tensors[head].rows,
+                                      max(0, room) // tensors[head].row_nbytes)
+    plan.weight_bytes = sum(tensors[n].nbytes for n in plan.resident) \
+        + plan.head_resident_rows * tensors[head].row_nbytes
+    plan.resident_bytes = plan.weight_bytes + plan.shortlist_bytes + plan.cache_bytes
     streamed = [n for n in tensors if n not in plan.resident and n not in ("embed", "output")
                 and not (plan.cache_rows and n.endswith(".ffn"))]
     plan.streamed_bytes = sum(tensors[n].nbytes for n in streamed)
@@ -302,3 +334,11 @@ def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transi
         plan.streamed_bytes += (tensors[head].rows - plan.head_resident_rows) \
             * tensors[head].row_nbytes
     return plan
+
+
+def _unit_capacity(tensors: dict[str, TensorEntry], layer_units: list[list[str]], head: str,
+                   shortlist: int) -> int:
+    """units.unit_capacity for these layer units (empty ones never stream) and the output
+    layer's chunks (none under a shortlist plan)."""
+    layers = [[tensors[n] for n in names] for names in layer_units if names]
+    return unit_capacity(layers or [[]], None if shortlist else tensors[head])

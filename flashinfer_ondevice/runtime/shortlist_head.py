@@ -19,8 +19,11 @@ from ..store.format import align_up
 from ..store.head_proxy import BASIS, RESIDUAL, SCORES
 from ..store.io import DirectReader, aligned_buffer, release_pages
 from ..store.reader import TensorEntry
-from .planner import SHORTLIST_SCRATCH
 from .stored import StoredMatrix
+
+CANDIDATES = 1024  # output-layer candidates computed exactly per position
+SCRATCH = 4 << 20  # aligned buffer the candidates' pages are read through
+RING_SCRATCH = 1 << 20  # a free I/O ring buffer this large serves as that buffer instead
 
 
 class ShortlistHead:
@@ -45,8 +48,28 @@ class ShortlistHead:
         self._raw = np.empty((self.candidates, entry.row_nbytes), np.uint8)
         # pages the candidates are read into: a free buffer of the I/O ring when the plan
         # streams (planner.py), else a buffer of our own
-        self._own_scratch = None if free_buffer else aligned_buffer(SHORTLIST_SCRATCH)
+        self._own_scratch = None if free_buffer else aligned_buffer(SCRATCH)
         self._free_buffer = free_buffer
+
+    @staticmethod
+    def planned_nbytes(proxy: dict[str, TensorEntry], entry: TensorEntry, candidates: int,
+                       own_scratch: bool) -> int:
+        """What a shortlist head allocates: the proxy (basis, residual moment, scores), the
+        candidates' rows and, without a free ring buffer, its own read scratch."""
+        proxy_nbytes = proxy[BASIS].nbytes + proxy[RESIDUAL].nbytes \
+            + align_up(proxy[SCORES].nbytes)
+        return proxy_nbytes + min(candidates, entry.rows) * entry.row_nbytes \
+            + SCRATCH * own_scratch
+
+    @staticmethod
+    def released_nbytes(proxy: dict[str, TensorEntry], own_scratch: bool) -> int:
+        """What `release` gives back while a prompt is encoded."""
+        return align_up(proxy[SCORES].nbytes) + SCRATCH * own_scratch
+
+    def nbytes(self) -> int:
+        own = 0 if self._own_scratch is None else len(self._own_scratch)
+        return self.basis.nbytes + self.residual.nbytes + len(self._scores_buffer) \
+            + self._raw.nbytes + own
 
     def _read_f32(self, entry: TensorEntry) -> np.ndarray:
         raw = self._proxy_reader.read(entry.offset, entry.nbytes)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..sparsity.neuron_cache import NeuronCache
-from ..sparsity.selectors import GateFirstSelector, PredictedSelector
-from ..store.io import IOStats
+from ..stats import IOStats
+from .neuron_cache import NeuronCache
+from .selectors import GateFirstSelector, PredictedSelector
 from .stored import BundledFFN
 
 
@@ -22,15 +22,15 @@ class SparseFFN:
         self.selector, self.hidden, self.stats = selector, hidden, stats
         self.bundles, self.cache = bundles, cache
 
-    def apply(self, x: np.ndarray, activation: str, activation_fn=None) -> np.ndarray:
+    def apply(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((len(x), self.hidden), np.float32)
         for t, row in enumerate(x):
             needed, gate_act = self.selector.select(row)
             if self.cache is not None:
-                out[t] = self.cache.apply(row, needed, activation, gate_act)
+                out[t] = self.cache.apply(row, needed, gate_act)
             else:
                 self.stats.neurons_needed += len(needed)
                 self.stats.neuron_hits += len(needed)
-                out[t] = self.bundles.apply_rows(row, needed, activation, gate_act)
+                out[t] = self.bundles.apply_rows(row, needed, gate_act)
         return out

@@ -1,21 +1,20 @@
 """Weights kept as codec bytes: matrices and FFN row-column bundles that compute directly.
 
-One token (decode) runs the fused numba kernels on the bytes; several tokens (prefill)
-decode a few hundred rows at a time to float32 and use BLAS, which bounds the temporary
-memory. Resident and streamed weights use these same objects, so a streamed forward pass
-computes exactly what a fully resident one does.
+One token (decode) runs the codec's kernels on the bytes (fused numba kernels for int8/int4);
+several tokens (prefill) decode a few hundred rows at a time to float32 and use BLAS, which
+bounds the temporary memory. Resident and streamed weights use these same objects, so a
+streamed forward pass computes exactly what a fully resident one does. They implement the
+`Matrix` and `FeedForward` interfaces of weights.py.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .. import kernels
+from ..functional import ACTIVATIONS
 from ..quant.codecs import Codec, codec
 
 _DECODE_ROWS = 256  # rows decoded to float32 at a time in prefill
-ACTIVATION_KIND = {"gelu_tanh": 0, "silu": 1}
-_NONE = np.zeros(0, np.float32)  # "gate activations not known" for the kernel
 
 
 class StoredMatrix:
@@ -33,8 +32,8 @@ class StoredMatrix:
     def apply(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((len(x), self.rows), np.float32)
-        if len(x) == 1 and self.codec.name != "f16":
-            kernels.matvec(self.raw, x[0], self.codec.groups(self.cols), self.codec.bits, out[0])
+        if len(x) == 1:
+            self.codec.matvec(self.raw, x[0], out[0])
             return out
         for start in range(0, self.rows, _DECODE_ROWS):
             end = min(start + _DECODE_ROWS, self.rows)
@@ -43,42 +42,40 @@ class StoredMatrix:
 
 
 class BundledFFN:
-    """An FFN whose neuron i is raw[i] = [gate row | up row | down column] (codec bytes)."""
+    """An FFN whose neuron i is raw[i] = [gate row | up row | down column] (codec bytes),
+    with the architecture's activation ("gelu_tanh" or "silu")."""
 
-    def __init__(self, raw: np.ndarray, codec_name: str, hidden: int):
+    def __init__(self, raw: np.ndarray, codec_name: str, hidden: int, activation: str):
         self.raw = raw
         self.codec = codec(codec_name)
         self.hidden = hidden
+        self.activation = activation
         self.row_nbytes = self.codec.row_nbytes(hidden)
 
-    def apply(self, x: np.ndarray, activation: str, activation_fn) -> np.ndarray:
+    def apply(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if len(x) == 1 and self.codec.name != "f16":
-            return self.apply_rows(x[0], np.arange(len(self.raw)), activation)[None]
+        if len(x) == 1:
+            return self.apply_rows(x[0], np.arange(len(self.raw)))[None]
         out = np.zeros((len(x), self.hidden), np.float32)
-        rb = self.row_nbytes
+        rb, act = self.row_nbytes, ACTIVATIONS[self.activation]
         for start in range(0, len(self.raw), _DECODE_ROWS):
             chunk = self.raw[start:start + _DECODE_ROWS]
             gate = x @ self.codec.decode(chunk[:, :rb], self.hidden).T
             up = x @ self.codec.decode(chunk[:, rb:2 * rb], self.hidden).T
-            out += (activation_fn(gate) * up) @ self.codec.decode(chunk[:, 2 * rb:], self.hidden)
+            out += (act(gate) * up) @ self.codec.decode(chunk[:, 2 * rb:], self.hidden)
         return out
 
-    def apply_rows(self, x: np.ndarray, rows: np.ndarray, activation: str,
+    def apply_rows(self, x: np.ndarray, rows: np.ndarray,
                    gate_act: np.ndarray | None = None) -> np.ndarray:
         """The FFN output of one token (x: (hidden,)) counting only neurons raw[rows];
         `gate_act`: their act(gate . x), when the caller has them already."""
         out = np.empty(self.hidden, np.float32)
         hidden_act = np.empty(len(rows), np.float32)
-        known = _NONE if gate_act is None else np.ascontiguousarray(gate_act, np.float32)
-        kernels.bundled_ffn(self.raw, rows, x, self.codec.groups(self.hidden), self.codec.bits,
-                            self.row_nbytes, ACTIVATION_KIND[activation], known, hidden_act,
-                            out)
+        self.codec.bundle_ffn(self.raw, rows, x, self.activation, gate_act, hidden_act, out)
         return out
 
-    def gate_activations(self, x: np.ndarray, activation: str) -> np.ndarray:
+    def gate_activations(self, x: np.ndarray) -> np.ndarray:
         """act(gate . x) of every neuron for one token (x: (hidden,))."""
         out = np.empty(len(self.raw), np.float32)
-        kernels.gate_activations(self.raw, x, self.codec.groups(self.hidden), self.codec.bits,
-                                 ACTIVATION_KIND[activation], out)
+        self.codec.gate_activations(self.raw, x, self.activation, out)
         return out

@@ -1,90 +1,49 @@
 """Weights of a flash store under a plan: resident parts in DRAM, the rest streamed.
 
-Every forward pass walks the same cycle of streamed *units* (a layer's non-resident tensors,
-then the output layer's non-resident rows in chunks). A ring of aligned buffers (its size
-set by the plan) is used in turn: while unit k is computed from one, the following units are
-being read into the others (Fuyou/FlexGen-style prefetch), and the next pass's first units
-are read while the last ones compute.
+Every forward pass walks the same cycle of streamed *units* (runtime/units.py: a layer's
+non-resident tensors, then the output layer's non-resident rows in chunks). A ring of aligned
+buffers (as many and as large as the plan says) is used in turn: while unit k is computed
+from one, the following units are being read into the others (Fuyou/FlexGen-style
+prefetch), and the next pass's first units are read while the last ones compute.
 Under a shortlist plan the output layer is a ShortlistHead instead (no streamed units).
-The forward pass in model.py sees the usual attributes (layers, lm_head, final_norm, ...).
+Implements the `ModelWeights` interface of weights.py; `allocated()` reports the run memory
+it holds per component, in the terms of `Plan.ledger`.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 
 import numpy as np
 
 from ..config import ModelConfig
-from ..sparsity.neuron_cache import NeuronCache
-from ..sparsity.record import load_predictors
-from ..sparsity.selectors import GateFirstSelector, PredictedSelector
-from ..store.format import ALIGN, LAYER_VECTORS, align_up, layer_key
+from ..functional import ACTIVATIONS
+from ..schema import LAYER_MATRICES, LAYER_VECTORS, layer_key
+from ..store.format import ALIGN, align_up
 from ..store.io import DirectReader, PendingRead, aligned_buffer, release_pages
 from ..store.reader import Store, TensorEntry
-from .planner import NEURON_SCRATCH, NEURON_SPILL, OUTPUT_CHUNK, Plan
+from ..store.sparsity_record import load_predictors
+from ..weights import Block, FeedForward
+from . import neuron_cache
+from .neuron_cache import NeuronCache
+from .planner import Plan
+from .selectors import GateFirstSelector, PredictedSelector
 from .shortlist_head import ShortlistHead
 from .sparse_ffn import SparseFFN
 from .stored import BundledFFN, StoredMatrix
-
-
-@dataclass
-class _Part:
-    """One tensor (or a row range of one) inside a unit's buffer."""
-
-    entry: TensorEntry
-    row_start: int
-    row_end: int
-    buffer_offset: int  # where the aligned read of these rows starts in the buffer
-    skip: int  # bytes between the aligned read start and the first row
-
-    @property
-    def file_start(self) -> int:
-        return self.entry.offset + self.row_start * self.entry.row_nbytes - self.skip
-
-    @property
-    def read_nbytes(self) -> int:
-        end = self.entry.offset + self.row_end * self.entry.row_nbytes
-        return -(-(end - self.file_start) // ALIGN) * ALIGN
-
-
-@dataclass
-class _Unit:
-    parts: list[_Part] = field(default_factory=list)
-    nbytes: int = 0  # aligned bytes read
-
-    def add(self, entry: TensorEntry, row_start: int, row_end: int) -> None:
-        start = entry.offset + row_start * entry.row_nbytes
-        part = _Part(entry, row_start, row_end, self.nbytes, start % ALIGN)
-        self.parts.append(part)
-        self.nbytes += part.read_nbytes
-
-
-@dataclass
-class StoredLayer:
-    """What the forward pass reads of one layer (the LayerWeights attributes it uses)."""
-
-    wq: StoredMatrix
-    wk: StoredMatrix
-    wv: StoredMatrix
-    wo: StoredMatrix
-    bundles: BundledFFN | SparseFFN
-    vectors: dict[str, np.ndarray]
-    input_formats: dict = field(default_factory=dict)
-
-    def __getattr__(self, name: str):
-        if name in LAYER_VECTORS:
-            return self.vectors.get(name)
-        raise AttributeError(name)
+from .units import Unit, head_chunk_rows
 
 
 class StreamedWeights:
     """`ffns[i]`, when set, replaces layer i's FFN (sparse FFNs, calibration recorders)."""
 
+    lm_head: _StreamedHead | ShortlistHead
+
     def __init__(self, store: Store, plan: Plan, reader: DirectReader):
         self.store, self.plan, self.reader = store, plan, reader
         self.config: ModelConfig = store.config
+        self.activation = self.config.traits.activation
         t = store.tensors
         self._resident: dict[str, StoredMatrix | BundledFFN] = {}
         self._vectors = {n: self._read_all(e).view(np.float32).reshape(-1)
@@ -95,38 +54,44 @@ class StreamedWeights:
         head = t[plan.head]
         self._head_resident = StoredMatrix(
             self._read_rows(head, 0, plan.head_resident_rows), head.codec, head.cols)
-        self._units: list[_Unit] = []
+        self._units: list[Unit] = []
         self._layer_unit: dict[int, int] = {}
         for i in range(self.config.n_layers):
-            fields = ("wq", "wk", "wv", "wo") + (() if plan.ffn_cached else ("ffn",))
+            fields = LAYER_MATRICES + (() if plan.ffn_cached else ("ffn",))
             names = [layer_key(i, f) for f in fields]
             streamed = [n for n in names if n not in plan.resident]
             if streamed:
-                unit = _Unit()
+                unit = Unit()
                 for n in streamed:
                     unit.add(t[n], 0, t[n].rows)
                 self._layer_unit[i] = len(self._units)
                 self._units.append(unit)
-        rows_per_chunk = max(1, OUTPUT_CHUNK // head.row_nbytes)
+        rows_per_chunk = head_chunk_rows(head)
         self._head_units: list[int] = []
         streamed_rows = range(plan.head_resident_rows, 0 if plan.shortlist else head.rows,
                               rows_per_chunk)
         for start in streamed_rows:
-            unit = _Unit()
+            unit = Unit()
             unit.add(head, start, min(start + rows_per_chunk, head.rows))
             self._head_units.append(len(self._units))
             self._units.append(unit)
         largest = max((u.nbytes for u in self._units), default=0)
-        self._buffers = [aligned_buffer(largest) for _ in range(plan.buffers)] if largest else []
+        if largest > plan.buffer_unit:
+            raise AssertionError(f"a streamed unit of {largest} bytes exceeds the planned "
+                                 f"ring buffer of {plan.buffer_unit}")
+        self._buffers = [aligned_buffer(plan.buffer_unit)
+                         for _ in range(plan.buffers)] if self._units else []
         self._queue: deque[tuple[int, int, PendingRead]] = deque()  # (unit, buffer, read)
         self._next_buffer = 0
         self._handed_out: int | None = None  # ring buffer of the unit acquired last
         self.final_norm = self._vectors["final_norm"]
         self.rope_freq_factors = self._vectors.get("rope_freqs")
         self.lm_head = _StreamedHead(self) if not plan.shortlist else self._shortlist_head()
-        self.lm_head_format = None
         self.lm_head_rows = self._head_resident  # the output layer's resident rows
-        self.ffns: dict[int, object] = {}
+        self.ffns: dict[int, FeedForward] = {}
+        self._caches: list[NeuronCache] = []
+        self._shared_cache_nbytes = 0
+        self._selector_arrays: list[np.ndarray] = []
         if plan.sparse is not None:
             self._make_sparse_ffns()
 
@@ -143,18 +108,18 @@ class StreamedWeights:
         return self._buffers[self._handed_out]
 
     def _make_sparse_ffns(self) -> None:
-        from ..model import ACTIVATIONS
-
         sparse, config, record = self.plan.sparse, self.config, self.store.sparsity
-        activation = config.traits.activation
-        activation_fn = ACTIVATIONS[activation]
+        activation_fn = ACTIVATIONS[self.activation]
         k = record.target_index(sparse.sparsity)
         if sparse.selector == "predicted":
             load_predictors(record, config, self.store.path)
-        scratch = aligned_buffer(NEURON_SCRATCH) if self.plan.ffn_cached else None
-        bundle = self.store.tensors[layer_key(0, "ffn")].row_nbytes
-        spill = np.zeros((max(1, min(config.ffn_size, NEURON_SPILL // bundle)), bundle),
-                         np.uint8) if self.plan.ffn_cached else None
+            self._selector_arrays = [a for layer in record.layers for a in (layer.a, layer.b)]
+        first = self.store.tensors[layer_key(0, "ffn")]
+        scratch = spill = None
+        if self.plan.ffn_cached:
+            scratch = aligned_buffer(neuron_cache.SCRATCH)
+            spill = np.zeros((neuron_cache.spill_rows(first), first.row_nbytes), np.uint8)
+            self._shared_cache_nbytes = len(scratch) + spill.nbytes
         for i in range(config.n_layers):
             entry = self.store.tensors[layer_key(i, "ffn")]
             layer = record.layers[i]
@@ -165,12 +130,15 @@ class StreamedWeights:
             else:
                 gates = bundles
                 if gates is None:  # gate rows only, read once from the bundles
-                    gates = BundledFFN(self._gate_rows(entry, scratch), entry.codec, entry.cols)
-                selector = GateFirstSelector(gates, layer.thresholds[k], activation)
+                    gates = BundledFFN(self._gate_rows(entry, scratch), entry.codec, entry.cols,
+                                       self.activation)
+                    self._selector_arrays.append(gates.raw)
+                selector = GateFirstSelector(gates, layer.thresholds[k])
             cache = None
             if bundles is None:
                 cache = NeuronCache(entry, self.reader, self.plan.cache_rows, sparse.window,
-                                    scratch, spill)
+                                    scratch, spill, self.activation)
+                self._caches.append(cache)
             self.ffns[i] = SparseFFN(selector, config.hidden_size, self.reader.stats,
                                      bundles, cache)
 
@@ -203,6 +171,18 @@ class StreamedWeights:
     def resident_ffn(self, layer: int) -> BundledFFN | None:
         return self._resident.get(layer_key(layer, "ffn"))
 
+    def allocated(self) -> dict[str, int]:
+        """Bytes of run memory this holds per component, in the terms of `Plan.ledger`."""
+        weights = sum(a.nbytes for a in self._vectors.values()) + self._head_resident.raw.nbytes
+        weights += sum(w.raw.nbytes for w in self._resident.values())
+        shortlist = self.lm_head.nbytes() if isinstance(self.lm_head, ShortlistHead) else 0
+        return {"resident weights": weights,
+                "I/O ring": sum(len(b) for b in self._buffers),
+                "shortlist head": shortlist,
+                "selectors": sum(a.nbytes for a in self._selector_arrays),
+                "neuron caches": self._shared_cache_nbytes
+                + sum(c.nbytes() for c in self._caches)}
+
     # reading ---------------------------------------------------------------------------
     def _read_rows(self, entry: TensorEntry, start: int, end: int) -> np.ndarray:
         if end <= start:
@@ -214,9 +194,9 @@ class StreamedWeights:
     def _read_all(self, entry: TensorEntry) -> np.ndarray:
         return self._read_rows(entry, 0, entry.rows)
 
-    def _wrap(self, entry: TensorEntry, raw: np.ndarray):
+    def _wrap(self, entry: TensorEntry, raw: np.ndarray) -> StoredMatrix | BundledFFN:
         if entry.name.endswith(".ffn"):
-            return BundledFFN(raw, entry.codec, entry.cols)
+            return BundledFFN(raw, entry.codec, entry.cols, self.activation)
         return StoredMatrix(raw, entry.codec, entry.cols)
 
     def _submit(self, unit_index: int) -> None:
@@ -254,19 +234,17 @@ class StreamedWeights:
         return tensors
 
     # what the forward pass reads -----------------------------------------------------
-    @property
-    def layers(self):
+    def blocks(self) -> Iterator[Block]:
         for i in range(self.config.n_layers):
             streamed = self.acquire(self._layer_unit[i]) if i in self._layer_unit else {}
 
-            def get(field, streamed=streamed, i=i):
+            def get(field: str, streamed=streamed, i=i):
                 key = layer_key(i, field)
                 return self._resident.get(key) or streamed[key]
 
-            vectors = {f: self._vectors[layer_key(i, f)] for f in LAYER_VECTORS
-                       if layer_key(i, f) in self._vectors}
+            vectors = {f: self._vectors.get(layer_key(i, f)) for f in LAYER_VECTORS}
             ffn = self.ffns[i] if i in self.ffns else get("ffn")
-            yield StoredLayer(get("wq"), get("wk"), get("wv"), get("wo"), ffn, vectors)
+            yield Block(get("wq"), get("wk"), get("wv"), get("wo"), ffn, **vectors)
 
     def embedding(self, tokens: np.ndarray) -> np.ndarray:
         """Input embedding rows, read on demand (from DRAM if that row is resident)."""
@@ -282,7 +260,7 @@ class StreamedWeights:
 
 
 class _StreamedHead:
-    """The output layer: resident rows, then streamed chunks of rows."""
+    """The output layer (a `Matrix`): resident rows, then streamed chunks of rows."""
 
     def __init__(self, weights: StreamedWeights):
         self.weights = weights

@@ -13,6 +13,10 @@ encoded row). Vectors (norms, biases) are single f32 rows.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 FORMAT = "flashinfer-ondevice-store"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -20,15 +24,15 @@ WEIGHTS = "weights.bin"
 ALIGN = 4096
 MAX_MANIFEST_BYTES = 64 << 20
 
-# ModelConfig fields of each layer kept in the store, by kind
-LAYER_MATRICES = ("wq", "wk", "wv", "wo")
-LAYER_VECTORS = ("attn_norm", "ffn_norm", "bq", "bk", "bv", "q_norm", "k_norm",
-                 "post_attn_norm", "post_ffn_norm")
-
-
-def layer_key(layer: int, field: str) -> str:
-    return f"layers.{layer}.{field}"
-
-
 def align_up(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Replace folder's manifest atomically: a partial file, synced, then renamed over it."""
+    tmp = folder / (MANIFEST + ".partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)

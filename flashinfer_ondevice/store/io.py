@@ -12,10 +12,10 @@ import mmap
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
+from ..stats import IOStats
 from .format import ALIGN
 
 READ_CHUNK = 256 << 10  # bytes per read; 256 KiB reaches full bandwidth here (research-notes)
@@ -30,25 +30,6 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
 def release_pages(buffer: np.ndarray) -> None:
     """Return an aligned_buffer's pages to the OS; it reads as zeros until written again."""
     buffer.base.obj.madvise(mmap.MADV_DONTNEED)
-
-
-@dataclass
-class IOStats:
-    """Counters of a run from a store: reads, and the sparse FFN's neuron bookkeeping."""
-
-    bytes_read: int = 0
-    reads: int = 0
-    wait_seconds: float = 0.0  # waiting for reads
-    neurons_needed: int = 0  # FFN neurons the selectors chose
-    neuron_hits: int = 0  # of those, already in a neuron cache
-    neurons_read: int = 0  # read from the store into a neuron cache
-    cache_seconds: float = 0.0  # selecting neurons and managing the caches (not reads)
-
-    def snapshot(self) -> IOStats:
-        return replace(self)
-
-    def since(self, earlier: IOStats) -> IOStats:
-        return IOStats(*(getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)))
 
 
 class PendingRead:

@@ -15,10 +15,11 @@ from pathlib import Path
 from ..config import ModelConfig
 from ..errors import FlashInferError
 from ..quant.codecs import CODECS
-from ..sparsity.record import SparsityRecord, parse_record
-from .format import ALIGN, FORMAT, MANIFEST, MAX_MANIFEST_BYTES, VERSION, layer_key
+from ..schema import expected_tensors
+from .format import ALIGN, FORMAT, MANIFEST, MAX_MANIFEST_BYTES, VERSION
 from .head_proxy import expected_shapes as proxy_expected_shapes
 from .head_proxy import parse_rank
+from .sparsity_record import SparsityRecord, parse_record
 
 
 class StoreError(FlashInferError):
@@ -75,26 +76,6 @@ def _config(path: Path, raw) -> ModelConfig:
     except (TypeError, FlashInferError) as exc:
         _fail(path, f"invalid config ({exc})")
     return config
-
-
-def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(rows, cols) of every tensor a store of this config must hold: the tensors a GGUF of
-    this config holds (one table, loader/gguf_file.py), under store names, with each layer's
-    gate/up/down joined into one bundle tensor and vectors as single rows."""
-    from ..loader.gguf_file import LAYER_TENSORS, expected_shapes, layer_tensor_name
-
-    gguf = expected_shapes(config)
-    as_rows = {"token_embd.weight": "embed", "output.weight": "output",
-               "output_norm.weight": "final_norm"}
-    for i in range(config.n_layers):
-        as_rows.update({layer_tensor_name(i, suffix): layer_key(i, field)
-                        for suffix, field in LAYER_TENSORS.items()
-                        if field not in ("w_gate", "w_up", "w_down")})
-    shapes = {as_rows[name]: shape if len(shape) == 2 else (1, shape[0])
-              for name, shape in gguf.items() if name in as_rows}
-    for i in range(config.n_layers):
-        shapes[layer_key(i, "ffn")] = (config.ffn_size, config.hidden_size)
-    return shapes
 
 
 def _row_nbytes(codec_name: str, cols: int, bundle: bool) -> int | None:

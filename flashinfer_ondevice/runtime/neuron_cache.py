@@ -13,32 +13,52 @@ import time
 
 import numpy as np
 
-from ..runtime.stored import BundledFFN
 from ..store.io import DirectReader
 from ..store.reader import TensorEntry
+from .stored import BundledFFN
 
 _NEVER = np.iinfo(np.int64).min // 2
+SCRATCH = 4 << 20  # aligned buffer the neuron caches read pages into (shared by all layers)
+SPILL = 4 << 20  # rows a token's neurons beyond a cache's capacity are read into (shared)
+
+
+def spill_rows(entry: TensorEntry) -> int:
+    """Rows of the shared spill buffer for FFN bundles like `entry`'s."""
+    return max(1, min(entry.rows, SPILL // entry.row_nbytes))
+
+
+def shared_nbytes(entry: TensorEntry) -> int:
+    """Bytes of the buffers every layer's cache shares: the read scratch and the spill rows."""
+    return SCRATCH + spill_rows(entry) * entry.row_nbytes
 
 
 class NeuronCache:
-    """`scratch`: aligned buffer pages are read into; `spill`: (n, row_nbytes) rows that a
-    token's neurons beyond the capacity are read into and computed from, uncached (both
-    shared by every layer's cache: layers run one after another)."""
+    """`scratch`: aligned buffer pages are read into; `spill`: (spill_rows, row_nbytes) rows
+    that a token's neurons beyond the capacity are read into and computed from, uncached
+    (both shared by every layer's cache: layers run one after another)."""
 
     def __init__(self, entry: TensorEntry, reader: DirectReader, capacity: int, window: int,
-                 scratch: np.ndarray, spill: np.ndarray):
+                 scratch: np.ndarray, spill: np.ndarray, activation: str):
         self.entry, self.reader, self.window, self.scratch = entry, reader, window, scratch
         self.capacity = capacity
         self.rows = np.zeros((capacity, entry.row_nbytes), np.uint8)
-        self.ffn = BundledFFN(self.rows, entry.codec, entry.cols)
-        self.spill = BundledFFN(spill, entry.codec, entry.cols)
+        self.ffn = BundledFFN(self.rows, entry.codec, entry.cols, activation)
+        self.spill = BundledFFN(spill, entry.codec, entry.cols, activation)
         self.ids = np.zeros(capacity, np.int64)  # neuron held by each row
         self.row_of = np.full(entry.rows, -1, np.int64)  # row of each neuron, -1 if absent
         self.last_used = np.full(entry.rows, _NEVER, np.int64)  # token step of last use
         self.size = 0
         self.step = 0
 
-    def apply(self, x: np.ndarray, needed: np.ndarray, activation: str,
+    @staticmethod
+    def planned_nbytes(entry: TensorEntry, capacity: int) -> int:
+        """What a cache of `capacity` bundles of `entry` allocates (rows and bookkeeping)."""
+        return capacity * (entry.row_nbytes + 8) + 2 * 8 * entry.rows
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.rows, self.ids, self.row_of, self.last_used))
+
+    def apply(self, x: np.ndarray, needed: np.ndarray,
               gate_act: np.ndarray | None = None) -> np.ndarray:
         """FFN output for one token over the neurons `needed` (sorted ids); `gate_act`:
         their act(gate . x), if the selector computed them. Counts needed = hits + read.
@@ -68,7 +88,7 @@ class NeuronCache:
         stats.cache_seconds += time.perf_counter() - start
         self._read(needed[admitted])
         held = np.sort(np.concatenate([np.flatnonzero(cached), admitted]))
-        out = self.ffn.apply_rows(x, self.row_of[needed[held]], activation,
+        out = self.ffn.apply_rows(x, self.row_of[needed[held]],
                                   None if gate_act is None else gate_act[held])
         per_spill = len(self.spill.raw)
         for first in range(0, len(spilled), per_spill):
@@ -76,7 +96,7 @@ class NeuronCache:
             self.reader.read_rows(self.entry.offset, self.entry.row_nbytes, needed[part],
                                   self.scratch, self.spill.raw)
             stats.neurons_read += len(part)
-            out += self.spill.apply_rows(x, np.arange(len(part)), activation,
+            out += self.spill.apply_rows(x, np.arange(len(part)),
                                          None if gate_act is None else gate_act[part])
         return out
 

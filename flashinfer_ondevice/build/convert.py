@@ -13,27 +13,20 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from ..config import ModelConfig
-from ..errors import FlashInferError
+from ..errors import FlashInferError, error_kind
 from ..loader import load_checkpoint
 from ..quant.codecs import CODECS, Codec, codec
+from ..schema import LAYER_MATRICES, LAYER_VECTORS, layer_key
+from ..store.format import ALIGN, FORMAT, VERSION, WEIGHTS, align_up, write_manifest
 from . import head_proxy
-from .format import (
-    ALIGN,
-    FORMAT,
-    LAYER_MATRICES,
-    LAYER_VECTORS,
-    MANIFEST,
-    VERSION,
-    WEIGHTS,
-    align_up,
-    layer_key,
-)
 from .head_proxy import proxy_rank
 
 _CHUNK_ROWS = 16384  # rows encoded at a time: bounds convert's extra memory
@@ -169,23 +162,13 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
     return target
 
 
-def write_manifest(folder: Path, manifest: dict) -> None:
-    """Replace folder's manifest atomically: a partial file, synced, then renamed over it."""
-    tmp = folder / (MANIFEST + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MANIFEST)
-
-
 def _add_head_proxy(folder: Path, manifest: dict, rank: int, progress: bool) -> None:
     """Fit the output layer's proxy (store/head_proxy.py) by running the new store on the
     packaged calibration text, write head_proxy.bin and record it in `manifest`."""
-    from ..api import load
-    from ..sparsity.calibrate import default_text
+    from ..runtime.engine import open_store_session
+    from .calibrate import default_text
 
-    model = load(folder, head="exact", progress=False)
+    model = open_store_session(folder, head="exact")
     parameters = sum(t["rows"] * t["cols"] * (3 if name.endswith(".ffn") else 1)
                      for name, t in manifest["tensors"].items())  # a bundle holds 3 rows
     tokens = head_proxy.calibration_tokens(parameters)
@@ -223,3 +206,38 @@ def _copy_tokenizer(source: Path, folder: Path) -> dict:
     return {"kind": "gguf", "files": ["tokenizer.gguf", "pieces.bin", "pieces.idx"],
             "bos_id": bos, "eog_ids": sorted(tokenizer.eog_ids),
             "bos_text": tokenizer.special_text(bos) if bos is not None else ""}
+
+
+def convert_in_child(source: Path, target: Path, codec_name: str, progress: bool) -> None:
+    """`convert` in a child process, so that its memory (the embeddings and a block in
+    float32) never counts in the caller's; its progress bar goes to this stderr, a
+    FlashInferError it raises comes back as one."""
+    child = subprocess.run(
+        [sys.executable, "-m", "flashinfer_ondevice.build.convert", str(source), str(target),
+         codec_name, "--progress" if progress else "--quiet"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    lines = child.stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        result = {}
+    if child.returncode != 0 or result.get("store") != str(target):
+        kind = error_kind(str(result.get("kind")))
+        raise kind(result.get("error") or f"conversion of {source} failed (exit status "
+                   f"{child.returncode})")
+
+
+def _child_main(argv: list[str]) -> int:
+    """Entry of convert_in_child's process: one JSON line on stdout, {"store"} or {"error"}."""
+    source, target, codec_name, flag = argv
+    try:
+        convert(source, target, codec_name, progress=flag == "--progress")
+    except FlashInferError as exc:
+        print(json.dumps({"error": str(exc), "kind": type(exc).__name__}))
+        return 1
+    print(json.dumps({"store": target}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

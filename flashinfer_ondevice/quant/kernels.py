@@ -13,7 +13,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .quant.codecs import GROUP
+GROUP = 64  # values per scale group of the grouped codecs (quant/codecs.py)
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 

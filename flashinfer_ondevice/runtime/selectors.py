@@ -12,18 +12,29 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..runtime.stored import BundledFFN
+from ..store.reader import TensorEntry
+from .stored import BundledFFN
+
+
+def gate_rows_nbytes(entry: TensorEntry) -> int:
+    """DRAM a gate-first selector takes when the FFN is not resident: every bundle's gate row."""
+    return entry.rows * (entry.row_nbytes // 3)
+
+
+def predictor_nbytes(hidden: int, ffn: int, rank: int) -> int:
+    """DRAM a predicted selector takes: its float32 A (hidden x rank) and B (rank x ffn)."""
+    return 4 * rank * (hidden + ffn)
 
 
 class GateFirstSelector:
     """`gates`: rows whose first encoded row is a neuron's gate (the bundles, or gate rows)."""
 
-    def __init__(self, gates: BundledFFN, threshold: float, activation: str):
-        self.gates, self.threshold, self.activation = gates, threshold, activation
+    def __init__(self, gates: BundledFFN, threshold: float):
+        self.gates, self.threshold = gates, threshold
 
     def select(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The selected neurons (sorted ids) and their act(gate . x)."""
-        act = self.gates.gate_activations(x, self.activation)
+        act = self.gates.gate_activations(x)
         ids = np.flatnonzero(np.abs(act) > self.threshold)
         return ids, act[ids]
 

@@ -33,10 +33,12 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..errors import FlashInferError
+from ..functional import ACTIVATIONS
+from ..runtime.engine import Session, open_store_session
+from ..runtime.selectors import GateFirstSelector, PredictedSelector
 from ..runtime.sparse_ffn import SparseFFN
-from ..store.convert import write_manifest
-from ..store.format import MANIFEST
-from .record import (
+from ..store.format import MANIFEST, write_manifest
+from ..store.sparsity_record import (
     SELECTORS,
     SPARSITY_FILE,
     LayerSparsity,
@@ -45,7 +47,6 @@ from .record import (
     predictor_nbytes,
     write_predictors,
 )
-from .selectors import GateFirstSelector, PredictedSelector
 
 TARGETS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7]
 RANK = 128
@@ -72,7 +73,7 @@ class _Recorder:
         self.bundles, self.inputs, self.gates = bundles, inputs, gates
         self.filled = 0
 
-    def apply(self, x: np.ndarray, activation: str, activation_fn) -> np.ndarray:
+    def apply(self, x: np.ndarray) -> np.ndarray:
         b = self.bundles
         end = self.filled + len(x)
         self.inputs[self.filled:end] = x
@@ -80,7 +81,7 @@ class _Recorder:
             gate_rows = b.codec.decode(b.raw[start:start + DECODE_ROWS, :b.row_nbytes], b.hidden)
             self.gates[self.filled:end, start:start + DECODE_ROWS] = x @ gate_rows.T
         self.filled = end
-        return self.bundles.apply(x, activation, activation_fn)
+        return self.bundles.apply(x)
 
 
 def fit_low_rank(x: np.ndarray, y: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,15 +119,12 @@ def fit_layer(x: np.ndarray, g: np.ndarray, activation_fn, rank: int, recall: fl
 def calibrate(store_path: str | Path, text: str | None = None, tokens: int = TOKENS,
               rank: int = RANK, recall: float = RECALL, progress: bool = False) -> SparsityRecord:
     """Calibrate the store at `store_path` and record the results in it."""
-    from ..api import load
-    from ..model import ACTIVATIONS
-
     store_path = Path(store_path)
-    model = load(store_path, selector="dense")
+    model = open_store_session(store_path, selector="dense")
     config = model.config
     rank = min(rank, config.hidden_size)
     text = default_text() if text is None else text
-    ids = model.tokenize(text, add_special=False)[:tokens]
+    ids = model.tokenizer.encode(text, add_special=False)[:tokens]
     if len(ids) < MIN_TOKENS:
         raise FlashInferError(f"calibration text has {len(ids)} tokens; at least {MIN_TOKENS} "
                               "are needed")
@@ -178,7 +176,7 @@ def calibrate(store_path: str | Path, text: str | None = None, tokens: int = TOK
     return record
 
 
-def next_token_log_probs(model, chunks: list[list[int]], skip: int) -> list[np.ndarray]:
+def next_token_log_probs(model: Session, chunks: list[list[int]], skip: int) -> list[np.ndarray]:
     """Next-token log-probabilities at every position after the first `skip` of each chunk."""
     out = []
     for chunk in chunks:
@@ -195,12 +193,10 @@ def meets_bar(top1: float, perplexity_change: float, tokens: int) -> bool:
     return top1 - margin >= TOP1_BAR and perplexity_change <= PERPLEXITY_BAR
 
 
-def choose_defaults(model, layers: list[LayerSparsity], chunks: list[list[int]], skip: int,
+def choose_defaults(model: Session, layers: list[LayerSparsity], chunks: list[list[int]], skip: int,
                     progress: bool = False) -> tuple[dict, list[dict]]:
     """Score each selector's targets (increasing, until one misses the bar) on `chunks`
     against the dense model; the defaults and every scored setting."""
-    from ..model import ACTIVATIONS
-
     config, weights = model.config, model.weights
     activation = config.traits.activation
     targets = [np.asarray(c[skip + 1:], dtype=np.int64) for c in chunks]
@@ -219,7 +215,7 @@ def choose_defaults(model, layers: list[LayerSparsity], chunks: list[list[int]],
             for k, target in enumerate(TARGETS):
                 for i, layer in enumerate(layers):
                     bundles = weights.resident_ffn(i)
-                    pick = (GateFirstSelector(bundles, layer.thresholds[k], activation)
+                    pick = (GateFirstSelector(bundles, layer.thresholds[k])
                             if selector == "gate" else
                             PredictedSelector(layer.a, layer.b, layer.predictor_thresholds[k],
                                               ACTIVATIONS[activation]))

@@ -1,0 +1,156 @@
+"""Open a flash store as a running model: validate it, plan its memory under a budget, read
+the resident weights, build the tokenizer and the forward pass.
+
+The API (`fi.load`) and the store builders (build/: calibration, the output-layer proxy fit)
+open stores through `open_store_session`, so there is one engine behind both. The process's
+memory baseline, which every budget is counted above, is taken here on first use
+(`process_baseline`), after the kernels and llama.cpp's library are loaded, so that importing
+the package does nothing but import.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import FlashInferError
+from ..loader.llama_backend import llama_cpp_available, load_llama_cpp
+from ..loader.tokenizer import (
+    GGUFTokenizer,
+    HFTokenizer,
+    LeanGGUFTokenizer,
+    Tokenizer,
+    read_json,
+    release_freed_memory,
+)
+from ..memory import current_rss_bytes
+from ..model import Transformer
+from ..quant import kernels
+from ..schema import layer_key
+from ..store.format import ALIGN
+from ..store.io import DirectReader
+from ..store.reader import Store, open_store
+from ..store.sparsity_record import MAX_WINDOW, SELECTORS
+from .planner import Plan, SparseSettings, make_plan, parse_budget
+from .streamed import StreamedWeights
+
+DEFAULT_CTX = 4096
+BUDGET_DEFAULT_CTX = 1024  # default context under a memory budget (its KV cache is resident)
+# Sparsity runs unasked only where it skips at least this share of the FFN's work (resident)
+# or of its pages (under a budget). Measured on Gemma 3 270M at its calibrated 5%: resident
+# decode 0.85x dense, and under a 50% budget neuron caches read more than dense streaming
+# (255 vs 227 MB/token) at 0.35x its speed (docs/benchmarks.md).
+MIN_DEFAULT_SAVING = 0.25
+
+
+@dataclass
+class Session:
+    """A model ready to run: tokenizer, forward pass and, from a store, its plan and reader."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer
+    chat_template: str | None
+    engine: Transformer
+    ctx_size: int
+    path: Path
+    plan: Plan | None = None  # memory plan when running from a flash store
+    reader: DirectReader | None = None  # its direct-I/O reader (counters in reader.stats)
+    weights: StreamedWeights | None = None  # its weights (None for the numpy reference)
+
+
+@functools.cache
+def process_baseline() -> int:
+    """The process's resident memory with the runtime loaded: numpy, the compiled kernels
+    and llama.cpp's library (when installed). Budgets count memory above it. Taken once."""
+    kernels.warm_up()
+    if llama_cpp_available():
+        load_llama_cpp()
+    return current_rss_bytes()
+
+
+def _sparsity_pays(store: Store, budget: int | None, sparsity: float) -> bool:
+    """Whether the calibrated default sparsity saves enough to be used without being asked.
+    Under a budget neurons are read in whole pages, and a page is skipped only when none of
+    the bundles on it is selected."""
+    if budget is None:
+        return sparsity >= MIN_DEFAULT_SAVING
+    per_page = max(1.0, ALIGN / store.tensors[layer_key(0, "ffn")].row_nbytes)
+    return 1.0 - sparsity ** per_page <= 1.0 - MIN_DEFAULT_SAVING
+
+
+def sparse_settings(store: Store, budget: int | None, selector: str | None,
+                    sparsity: float | None, window: int | None) -> SparseSettings | None:
+    """The FFN sparsity to run with: the arguments, else the store's calibrated defaults where
+    they pay (see _sparsity_pays), else none."""
+    record = store.sparsity
+    asked = not (selector is None and sparsity is None and window is None)
+    if selector == "dense" or (not asked and (
+            record is None or not _sparsity_pays(store, budget, record.defaults["sparsity"]))):
+        return None
+    if record is None:
+        raise FlashInferError(f"store {store.path} has no sparsity calibration (convert it "
+                              "with run-model convert MODEL --calibrate)")
+    if store.tensors[layer_key(0, "ffn")].codec == "f16":
+        raise FlashInferError("FFN sparsity runs on int8 or int4 stores; this one is f16")
+    if selector is None:
+        selector = "gate" if budget is None else record.defaults["selector"]
+    if selector not in SELECTORS:
+        raise FlashInferError(f"unknown selector {selector!r} (use gate, predicted or dense)")
+    sparsity = record.defaults["sparsity"] if sparsity is None else float(sparsity)
+    record.target_index(sparsity)
+    window = record.defaults["window"] if window is None else int(window)
+    if not 1 <= window <= MAX_WINDOW:
+        raise FlashInferError(f"window must be within 1..{MAX_WINDOW} tokens, got {window}")
+    return SparseSettings(selector, sparsity, window)
+
+
+def _tokenizer(store: Store, lean: bool) -> tuple[Tokenizer, int]:
+    """The store's tokenizer and the bytes it briefly needs to encode (lean GGUF tokenizers
+    load llama.cpp's vocabulary only while encoding, freeing it after)."""
+    path, record = store.path, store.tokenizer
+    if record["kind"] == "hf":
+        return HFTokenizer(path, read_json(path / "config.json") or {}), 0
+    if not lean:
+        return GGUFTokenizer(path / "tokenizer.gguf"), 0
+    before = current_rss_bytes()
+    GGUFTokenizer(path / "tokenizer.gguf")  # measure what encoding will briefly need
+    transient = current_rss_bytes() - before
+    release_freed_memory()
+    pieces = np.fromfile(path / "pieces.bin", dtype=np.uint8)
+    offsets = np.fromfile(path / "pieces.idx", dtype="<u4").astype(np.int64)
+    return LeanGGUFTokenizer(path / "tokenizer.gguf", pieces, offsets, record.get("bos_id"),
+                             record.get("eog_ids", []), record.get("bos_text", "")), transient
+
+
+def open_store_session(path: str | Path, memory_budget: str | int | None = None,
+                       ctx_size: int | None = None, verify: bool = False,
+                       on_plan: Callable[[str], None] | None = None, stream_all: bool = False,
+                       selector: str | None = None, sparsity: float | None = None,
+                       window: int | None = None, head: str = "auto") -> Session:
+    """A session on the flash store at `path` (the arguments are load()'s, see api.py)."""
+    baseline = process_baseline()
+    store = open_store(path, verify=verify)
+    tokenizer, transient = _tokenizer(store, lean=memory_budget is not None)
+    limit = store.config.context_length
+    ctx = ctx_size or min(limit, DEFAULT_CTX if memory_budget is None else BUDGET_DEFAULT_CTX)
+    if not 1 <= ctx <= limit:
+        raise FlashInferError(f"context size {ctx} is outside 1..{limit}, the model's trained "
+                              "context")
+    budget = None if memory_budget is None else parse_budget(memory_budget, store.nbytes)
+    sparse = sparse_settings(store, budget, selector, sparsity, window)
+    plan = make_plan(store, budget, ctx, max(0, current_rss_bytes() - baseline), transient,
+                     stream_all, sparse, head)
+    if on_plan is not None:
+        on_plan(plan.describe(store))
+    reader = DirectReader(store.path / "weights.bin")
+    weights = StreamedWeights(store, plan, reader)
+    if isinstance(tokenizer, LeanGGUFTokenizer):
+        tokenizer.before_encode = weights.release_io_buffers
+    engine = Transformer(store.config, weights)
+    return Session(store.config, tokenizer, store.chat_template, engine, ctx, store.path, plan,
+                   reader, weights)

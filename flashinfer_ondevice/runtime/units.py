@@ -1,0 +1,66 @@
+"""Streamed units: the byte ranges one buffer of the I/O ring receives, and how large a ring
+buffer must be to hold any of them.
+
+Every forward pass walks the same cycle of units: a layer's non-resident tensors, then the
+output layer's non-resident rows in chunks of `OUTPUT_CHUNK` bytes. Each tensor (or row range)
+is read page-aligned, so a unit's size is the sum of its parts' aligned spans. The planner
+sizes the ring with `unit_capacity` before it knows which tensors stay resident; the
+streamed weights lay out the real units and check that each fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..store.format import ALIGN, align_up
+from ..store.reader import TensorEntry
+
+OUTPUT_CHUNK = 4 << 20  # bytes of output-layer rows streamed as one unit
+
+
+@dataclass
+class Part:
+    """One tensor (or a row range of one) inside a unit's buffer."""
+
+    entry: TensorEntry
+    row_start: int
+    row_end: int
+    buffer_offset: int  # where the aligned read of these rows starts in the buffer
+    skip: int  # bytes between the aligned read start and the first row
+
+    @property
+    def file_start(self) -> int:
+        return self.entry.offset + self.row_start * self.entry.row_nbytes - self.skip
+
+    @property
+    def read_nbytes(self) -> int:
+        end = self.entry.offset + self.row_end * self.entry.row_nbytes
+        return align_up(end - self.file_start)
+
+
+@dataclass
+class Unit:
+    parts: list[Part] = field(default_factory=list)
+    nbytes: int = 0  # aligned bytes read
+
+    def add(self, entry: TensorEntry, row_start: int, row_end: int) -> None:
+        start = entry.offset + row_start * entry.row_nbytes
+        part = Part(entry, row_start, row_end, self.nbytes, start % ALIGN)
+        self.parts.append(part)
+        self.nbytes += part.read_nbytes
+
+
+def head_chunk_rows(head: TensorEntry) -> int:
+    """Rows of the output layer streamed as one unit."""
+    return max(1, OUTPUT_CHUNK // head.row_nbytes)
+
+
+def unit_capacity(layer_units: list[list[TensorEntry]], head: TensorEntry | None) -> int:
+    """Bytes a ring buffer needs to hold any unit: a layer's tensors read whole (each starts
+    page-aligned in the store), or a chunk of output-layer rows starting anywhere in a page
+    (`head` None: the output layer never streams)."""
+    largest = max(sum(align_up(e.nbytes) for e in entries) for entries in layer_units)
+    if head is not None:
+        rows = min(head.rows, head_chunk_rows(head))
+        largest = max(largest, align_up(ALIGN - 1 + rows * head.row_nbytes))
+    return largest

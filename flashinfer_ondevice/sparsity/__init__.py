@@ -1,1 +1,0 @@
-"""Activation sparsity for GeGLU/SwiGLU FFNs: calibration, neuron selectors, neuron cache."""

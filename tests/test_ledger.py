@@ -1,0 +1,77 @@
+"""The run-memory ledger: what the planner reserves for each component is what the runtime
+allocates, at several budgets and contexts, dense, sparse and with the shortlist head, and a
+KV cache past half its context holds what the plan counted (float16, as planned)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tiny_models import write_hf_folder
+
+from flashinfer_ondevice.build.calibrate import calibrate
+from flashinfer_ondevice.build.convert import convert
+from flashinfer_ondevice.generate import prefill
+from flashinfer_ondevice.runtime.engine import open_store_session
+from flashinfer_ondevice.runtime.planner import BudgetError
+
+TEXT = ("The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. " * 40)
+
+
+@pytest.fixture(scope="module")
+def hf_stores(tmp_path_factory):
+    """Tiny Hugging Face models as stores (no llama.cpp needed): plain, with an output-layer
+    proxy, and calibrated for sparsity."""
+    folder = tmp_path_factory.mktemp("ledger")
+    source = write_hf_folder(folder / "hf", "gemma3")
+    plain = convert(source, folder / "plain.store", "int8")
+    proxy = convert(source, folder / "proxy.store", "int4", head_proxy_rank=64)
+    sparse = convert(source, folder / "sparse.store", "int8")
+    calibrate(sparse, TEXT, tokens=600)
+    return {"plain": plain, "proxy": proxy, "sparse": sparse}
+
+
+def smallest_budget(store, **settings) -> int:
+    try:
+        open_store_session(store, memory_budget=1, **settings)
+    except BudgetError as error:
+        return error.smallest
+    raise AssertionError("a 1-byte budget was accepted")
+
+
+def assert_ledger_matches(session, ctx: int) -> None:
+    planned, allocated = session.plan.ledger, session.weights.allocated()
+    for component, nbytes in allocated.items():
+        assert nbytes == planned[component], (component, nbytes, planned[component])
+    cache = session.engine.new_cache(ctx)
+    ids = [1, *(5 + np.arange(ctx // 2 + 1) % 200).tolist()]  # past half the context
+    prefill(session.engine, ids, cache)
+    assert cache.dtype == np.float16
+    assert cache.nbytes() == planned["KV cache"], (cache.nbytes(), planned["KV cache"])
+
+
+@pytest.mark.parametrize("kind,settings", [
+    ("plain", {}), ("plain", {"head": "exact"}), ("proxy", {"head": "shortlist"}),
+    ("sparse", {"selector": "gate", "sparsity": 0.5}),
+    ("sparse", {"selector": "predicted", "sparsity": 0.3}),
+])
+@pytest.mark.parametrize("ctx", [96, 256])
+@pytest.mark.parametrize("extra", [None, 0.0, 0.3, 2.0])
+def test_planned_equals_allocated(hf_stores, kind, settings, ctx, extra):
+    """extra: None runs unlimited; else the budget is the smallest that works plus this
+    fraction of the store's weights."""
+    store = hf_stores[kind]
+    budget = None
+    if extra is not None:
+        weights = (store / "weights.bin").stat().st_size
+        budget = smallest_budget(store, ctx_size=ctx, **settings) + int(extra * weights)
+    session = open_store_session(store, memory_budget=budget, ctx_size=ctx, **settings)
+    assert_ledger_matches(session, ctx)
+    if budget is not None:
+        assert sum(session.plan.ledger.values()) <= budget + session.plan.transient_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", ["50%", "40%", None])
+def test_gemma_ledger_at_its_default_context(gemma_store, budget):
+    session = open_store_session(gemma_store, memory_budget=budget, ctx_size=1024)
+    assert_ledger_matches(session, 1024)
