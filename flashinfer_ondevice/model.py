@@ -34,6 +34,8 @@ from .functional import (
 from .kv_cache import KVCache
 from .weights import Block, DenseWeights, ModelWeights, Weights
 
+QUERY_BLOCK = 128  # queries whose attention scores are computed at once (bounds prefill memory)
+
 
 def attention_mask(q_positions: np.ndarray, n_keys: int, window: int | None) -> np.ndarray:
     """Boolean (queries, keys): causal, and within `window` tokens for local layers."""
@@ -118,13 +120,19 @@ class Transformer:
         q = q * np.float32(cfg.softmax_scale)
         if self.ggml_numerics:
             q = to_f16(q)
-        scores = q @ keys.transpose(1, 2, 0)[:, None]
-        mask = attention_mask(positions, len(keys), cfg.sliding_window if local else None)
-        scores = softmax(np.where(mask, scores, np.float32(-np.inf)))
-        if self.ggml_numerics:
-            scores = to_f16(scores)
-        out = scores @ values.transpose(1, 0, 2)[:, None]  # (kv_heads, group, tokens, head_dim)
-        out = out.transpose(2, 0, 1, 3).reshape(n_tokens, cfg.n_heads * cfg.head_dim)
+        keys_t, values_t = keys.transpose(1, 2, 0)[:, None], values.transpose(1, 0, 2)[:, None]
+        window = cfg.sliding_window if local else None
+        out = np.empty((n_tokens, cfg.n_heads * cfg.head_dim), np.float32)
+        # queries a block at a time: the score matrices stay a few MB at any prompt length
+        for start in range(0, n_tokens, QUERY_BLOCK):
+            end = min(start + QUERY_BLOCK, n_tokens)
+            scores = q[:, :, start:end] @ keys_t
+            mask = attention_mask(positions[start:end], len(keys), window)
+            scores = softmax(np.where(mask, scores, np.float32(-np.inf)))
+            if self.ggml_numerics:
+                scores = to_f16(scores)
+            block = scores @ values_t  # (kv_heads, group, block, head_dim)
+            out[start:end] = block.transpose(2, 0, 1, 3).reshape(end - start, -1)
         return layer.wo.apply(out)
 
 

@@ -54,6 +54,7 @@ def test_prompt_from_stdin_and_file(tiny_gguf, tmp_path):
     assert from_stdin.stdout == from_file.stdout
 
 
+@pytest.mark.slow  # a GGUF: llama.cpp's tokenizer
 def test_chat_template_is_applied(tmp_path):
     template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}[assistant]"
     path = write_gguf(tmp_path / "chat.gguf", "llama", chat_template=template)

@@ -3,24 +3,15 @@ and does O(1) work per token. No model files, no network: tokenizers are built i
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
 from itertools import combinations
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-# Loaded from its file, so the test does not depend on what importing the package pulls in.
-_PATH = Path(__file__).resolve().parents[1] / "flashinfer_ondevice" / "detokenize.py"
-_spec = importlib.util.spec_from_file_location("_fi_detokenize", _PATH)
-detok = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = detok
-_spec.loader.exec_module(detok)
+from flashinfer_ondevice import detokenize as detok
+from flashinfer_ondevice.detokenize import ByteDetokenizer, IncrementalDetokenizer
 
-ByteDetokenizer = detok.ByteDetokenizer
-IncrementalDetokenizer = detok.IncrementalDetokenizer
 FFFD = "\ufffd"
 
 SENTENCES = [

@@ -18,11 +18,17 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, llama_cpp_model
+from conftest import SHARED_DATA, check_llama_cpp_runs, llama_cpp_model
 
 N_POSITIONS = 300
 NEAR_TIE = 0.5  # logits; llama.cpp's own batch-vs-sequential difference has median ~0.15
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+
+
+def test_llama_cpp_runs_the_real_model(gemma_path):
+    """The reference itself must run on this CPU: if the llama-cpp-python build does not
+    (an illegal instruction), this fails with the reason, never skips."""
+    check_llama_cpp_runs(gemma_path)
 
 
 @pytest.fixture(scope="module")

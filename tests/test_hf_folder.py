@@ -13,6 +13,7 @@ from flashinfer_ondevice.loader import load_checkpoint
 from flashinfer_ondevice.model import reference_engine
 
 
+@pytest.mark.slow  # a GGUF: llama.cpp's tokenizer
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_hf_folder_equals_gguf(arch, tmp_path):
     gguf_model = load_checkpoint(write_gguf(tmp_path / "m.gguf", arch))

@@ -1,8 +1,9 @@
 """The memory promise under a real limit: shared/tools/memlimit, page cache counted, cold.
 
 run-model on the real Gemma 3 270M store at a 50% budget, with limit = budget + the
-interpreter's baseline, must finish a 64-token generation without an OOM kill, and its
-peak resident memory must stay within budget + baseline.
+process's baseline, must finish a 64-token generation without an OOM kill, and its peak
+resident memory must stay within budget + baseline; and a generation that fills the whole
+default context (1024 tokens: the KV cache at its planned size) must finish the same way.
 """
 
 from __future__ import annotations
@@ -16,18 +17,25 @@ from pathlib import Path
 MEMLIMIT = Path(__file__).resolve().parents[2] / "shared" / "tools" / "memlimit"
 
 
-def test_run_model_within_50_percent_budget_under_memlimit(gemma_store):
+def run_limited(store: Path, *args: str) -> tuple[subprocess.CompletedProcess, int]:
+    """run-model at a 50% budget under memlimit with limit = budget + baseline."""
     assert MEMLIMIT.is_file(), f"{MEMLIMIT} is missing"
     baseline = int(subprocess.check_output(
-        [sys.executable, "-c", "from flashinfer_ondevice.runtime.engine import process_baseline; "
-         "print(process_baseline())"]))
-    budget = (gemma_store / "weights.bin").stat().st_size // 2
-    limit = budget + baseline
+        [sys.executable, "-c", "from flashinfer_ondevice.runtime.engine import "
+         "process_baseline; print(process_baseline())"]))
+    limit = (store / "weights.bin").stat().st_size // 2 + baseline
     run_model = shutil.which("run-model") or str(Path(sys.executable).parent / "run-model")
     result = subprocess.run(
-        [str(MEMLIMIT), str(limit), "--cold", str(gemma_store), "--", run_model, "-m",
-         str(gemma_store), "--memory-budget", "50%", "-n", "64", "--temp", "0", "-p",
-         "The capital of France is"], capture_output=True, text=True, timeout=600)
+        [str(MEMLIMIT), str(limit), "--cold", str(store), "--", run_model, "-m", str(store),
+         "--memory-budget", "50%", *args], capture_output=True, text=True, timeout=900)
+    return result, limit
+
+
+def test_run_model_within_50_percent_budget_under_memlimit(gemma_store):
+    result, limit = run_limited(gemma_store, "-n", "64", "--temp", "0", "-p",
+                                "The capital of France is")
+    baseline = limit - (gemma_store / "weights.bin").stat().st_size // 2
+    budget = limit - baseline
     report = re.search(r"memlimit: rc=(\d+) limit=(\d+) peak=(\d+) oom_kills=(\d+)",
                        result.stderr)
     assert report, result.stderr
@@ -39,3 +47,26 @@ def test_run_model_within_50_percent_budget_under_memlimit(gemma_store):
           f"{baseline / 1e6:.1f}); process peak {peak_bytes / 1e6:.1f} MB; cgroup peak "
           f"{int(report.group(3)) / 1e6:.1f} MB (page cache included)")
     assert peak_bytes <= limit
+
+
+def test_a_generation_filling_the_default_context_stays_within_the_limit(gemma_store, tmp_path):
+    """~900 prompt tokens, then generation until the 1024-token context is full: the KV cache
+    reaches its planned size (float16) and the process still fits the limit."""
+    from flashinfer_ondevice.loader.tokenizer import GGUFTokenizer
+
+    tokenizer = GGUFTokenizer(gemma_store / "tokenizer.gguf")
+    text = (Path(__file__).resolve().parents[1] / "data" / "eval" / "apache-2.0.txt").read_text()
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(tokenizer.decode(tokenizer.encode(text, add_special=False)[:900]))
+    result, limit = run_limited(gemma_store, "-f", str(prompt), "--no-chat-template",
+                                "-n", "1024", "--temp", "0.7", "--seed", "3")
+    report = re.search(r"memlimit: rc=(\d+) limit=(\d+) peak=(\d+) oom_kills=(\d+)",
+                       result.stderr)
+    assert report, result.stderr
+    assert int(report.group(1)) == 0 and int(report.group(4)) == 0, result.stderr
+    prompt_tokens = int(re.search(r"prompt eval .*/ +(\d+) tokens", result.stderr).group(1))
+    generated = int(re.search(r"generation .*/ +(\d+) tokens", result.stderr).group(1))
+    assert "finish        = length" in result.stderr, result.stderr[-500:]
+    assert prompt_tokens + generated + 2 >= 1024  # the context is full
+    peak = float(re.search(r"peak memory += +([\d.]+) MiB", result.stderr).group(1))
+    assert peak * (1 << 20) <= limit

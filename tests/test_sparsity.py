@@ -119,6 +119,9 @@ def test_zero_threshold_gate_first_is_the_dense_ffn(calibrated):
 
 @pytest.mark.parametrize("selector", ["gate", "predicted"])
 def test_neuron_caches_compute_what_resident_sparse_does(calibrated, selector):
+    """Same neurons, same kernels; cached rows are summed in another order, and the fp16 KV
+    cache can turn that 1e-7 difference into one fp16 step (2^-11 relative) of a key, so
+    later positions agree to 1e-3 of the largest logit, not bitwise."""
     path = calibrated("gemma3")
     resident, _, _ = engine_for(path, None, SparseSettings(selector, 0.5, 1))
     expected = decode(resident)
@@ -133,7 +136,10 @@ def test_neuron_caches_compute_what_resident_sparse_does(calibrated, selector):
                                                                            window))
             assert plan.cache_rows == cache_rows
             got = decode(engine)
-            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * abs(expected).max())
+            np.testing.assert_allclose(got[:8], expected[:8], rtol=0,
+                                       atol=1e-5 * abs(expected).max())
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3 * abs(expected).max())
+            assert (got.argmax(1) == expected.argmax(1)).all()
             s = reader.stats
             assert s.neurons_needed > 0 and s.neurons_read > 0
             assert s.neuron_hits + s.neurons_read == s.neurons_needed
@@ -147,7 +153,7 @@ def test_neuron_cache_keeps_the_window_and_the_right_bytes(calibrated):
     entry = open_store(path).tensors["layers.2.ffn"]
     reader = DirectReader(path / "weights.bin")
     cache = NeuronCache(entry, reader, capacity=100, window=2, scratch=aligned_buffer(1 << 16),
-                        spill=np.zeros((8, entry.row_nbytes), np.uint8))
+                        spill=np.zeros((8, entry.row_nbytes), np.uint8), activation="gelu_tanh")
     bundles = np.fromfile(entry.path, np.uint8, entry.nbytes, offset=entry.offset).reshape(
         entry.rows, -1)
     rng = np.random.default_rng(0)
@@ -156,7 +162,7 @@ def test_neuron_cache_keeps_the_window_and_the_right_bytes(calibrated):
     for _ in range(12):
         needed = np.sort(rng.choice(entry.rows, rng.integers(10, 60), replace=False))
         history.append(set(needed.tolist()))
-        cache.apply(x, needed, "gelu_tanh")
+        cache.apply(x, needed)
         held = cache.ids[:cache.size]
         assert len(set(held.tolist())) == cache.size <= cache.capacity
         assert set(held.tolist()) <= history[-1] | history[-2] if len(history) > 1 else True
@@ -173,17 +179,17 @@ def test_a_cache_smaller_than_a_token_uses_its_hits_before_evicting(calibrated):
     gate_act = np.random.default_rng(2).standard_normal(len(needed)).astype(np.float32)
     spill = np.zeros((10, entry.row_nbytes), np.uint8)
     full = NeuronCache(entry, DirectReader(path / "weights.bin"), entry.rows, 1,
-                       aligned_buffer(1 << 16), spill)
-    expected = full.apply(x, needed, "gelu_tanh", gate_act)
+                       aligned_buffer(1 << 16), spill, "gelu_tanh")
+    expected = full.apply(x, needed, gate_act)
     reader = DirectReader(path / "weights.bin")
     small = NeuronCache(entry, reader, capacity=25, window=1, scratch=aligned_buffer(1 << 16),
-                        spill=spill)
+                        spill=spill, activation="gelu_tanh")
     first = (entry.offset + needed * entry.row_nbytes) // ALIGN
     last = (entry.offset + (needed + 1) * entry.row_nbytes - 1) // ALIGN
     pages = len(set(first.tolist()) | set(last.tolist()))
     for step in range(3):
         before = reader.stats.snapshot()
-        got = small.apply(x, needed, "gelu_tanh", gate_act)
+        got = small.apply(x, needed, gate_act)
         s = reader.stats.since(before)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * abs(expected).max())
         assert s.neuron_hits == (0 if step == 0 else small.capacity)
@@ -322,7 +328,7 @@ def test_sparse_ffn_matches_numpy_on_the_selected_neurons(calibrated):
                                           np.flatnonzero((np.abs(act) > ffn.selector.threshold)
                                                          & clear))
             expected = (act[ids] * (x[0] @ up[ids].T)) @ down[ids]
-            got = ffn.apply(x, "gelu_tanh")[0]
+            got = ffn.apply(x)[0]
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * abs(expected).max())
 
 

@@ -12,7 +12,7 @@ import pytest
 from flashinfer_ondevice.build.convert import convert
 from flashinfer_ondevice.errors import FlashInferError
 from flashinfer_ondevice.generate import prefill
-from flashinfer_ondevice.model import Transformer
+from flashinfer_ondevice.model import Transformer, reference_engine
 from flashinfer_ondevice.quant.codecs import codec
 from flashinfer_ondevice.runtime.planner import BudgetError, make_plan, parse_budget
 from flashinfer_ondevice.runtime.streamed import StreamedWeights
@@ -37,9 +37,9 @@ def stores(tiny_gguf, tmp_path_factory):
     return get
 
 
-def streamed_logits(path, budget: int | None, ids=IDS):
+def streamed_logits(path, budget: int | None, ids=IDS, stream_all: bool = False):
     store = open_store(path)
-    plan = make_plan(store, budget, ctx=64, overhead=0)
+    plan = make_plan(store, budget, ctx=64, overhead=0, stream_all=stream_all)
     reader = DirectReader(path / "weights.bin")
     engine = Transformer(store.config, StreamedWeights(store, plan, reader))
     before = reader.stats.snapshot()
@@ -91,23 +91,29 @@ def test_streaming_is_exact_at_every_budget(stores, arch, codec_name):
     resident_steps = decode_logits(engine, IDS[:16])
     assert full_plan.streamed_bytes == 0
     roomy = make_plan(open_store(path), 10**12, 64, 0)
-    # budgets between the smallest workable and "all fits" (tiny models: the two ring
-    # buffers are most of the model, so that range is narrow)
+    # budgets between the smallest workable and "all fits" (tiny models: two ring buffers
+    # hold most of the model, so that range is narrow, for llama and qwen2 empty), and a
+    # plan that streams everything
     streamable = roomy.resident_bytes - 2 * roomy.buffer_unit
-    for fraction in (0.0, 0.3, 0.6):
-        budget = roomy.fixed_bytes + int(fraction * streamable)
-        logits, plan, _, engine = streamed_logits(path, budget)
-        assert plan.streamed_bytes > 0
+    cases = [(roomy.fixed_bytes + int(f * streamable), False) for f in (0.0, 0.3, 0.6)]
+    streaming = 0
+    for budget, stream_all in [*cases, (roomy.fixed_bytes, True)]:
+        logits, plan, _, engine = streamed_logits(path, budget, stream_all=stream_all)
+        if plan.streamed_bytes == 0:
+            assert plan.buffers == 0 and not stream_all  # everything fits: nothing to test
+            continue
+        streaming += 1
         assert np.abs(logits - resident).max() <= 1e-5 * np.abs(resident).max()
         if codec_name != "f16":  # f16 has no fused kernel: it decodes and uses BLAS
             np.testing.assert_array_equal(decode_logits(engine, IDS[:16]), resident_steps)
+    assert streaming >= (4 if arch == "gemma3" else 1)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_store_matches_reference_engine_on_the_same_codec(stores, arch):
     path = stores(arch, "int8")
     store = open_store(path)
-    reference = Transformer(store.config, decoded_weights(path))
+    reference = reference_engine(store.config, decoded_weights(path))
     expected = reference.forward(np.array(IDS), reference.new_cache(64), all_logits=True)
     ours, _, _, engine = streamed_logits(path, None)
     # float rounding only: BLAS on decoded rows vs the same rows (prefill)

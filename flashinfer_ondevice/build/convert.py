@@ -208,13 +208,17 @@ def _copy_tokenizer(source: Path, folder: Path) -> dict:
             "bos_text": tokenizer.special_text(bos) if bos is not None else ""}
 
 
+_CHILD = ("import sys; from flashinfer_ondevice.build.convert import child_main; "
+          "sys.exit(child_main(sys.argv[1:]))")
+
+
 def convert_in_child(source: Path, target: Path, codec_name: str, progress: bool) -> None:
     """`convert` in a child process, so that its memory (the embeddings and a block in
     float32) never counts in the caller's; its progress bar goes to this stderr, a
     FlashInferError it raises comes back as one."""
     child = subprocess.run(
-        [sys.executable, "-m", "flashinfer_ondevice.build.convert", str(source), str(target),
-         codec_name, "--progress" if progress else "--quiet"],
+        [sys.executable, "-c", _CHILD, str(source), str(target), codec_name,
+         "--progress" if progress else "--quiet"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     lines = child.stdout.strip().splitlines()
     try:
@@ -227,7 +231,7 @@ def convert_in_child(source: Path, target: Path, codec_name: str, progress: bool
                    f"{child.returncode})")
 
 
-def _child_main(argv: list[str]) -> int:
+def child_main(argv: list[str]) -> int:
     """Entry of convert_in_child's process: one JSON line on stdout, {"store"} or {"error"}."""
     source, target, codec_name, flag = argv
     try:
@@ -238,6 +242,3 @@ def _child_main(argv: list[str]) -> int:
     print(json.dumps({"store": target}))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))

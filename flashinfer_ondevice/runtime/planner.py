@@ -222,8 +222,30 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
     return exact
 
 
+class _UnitTooSmall(Exception):
+    """A ring buffer sized from a guess cannot hold what then streams."""
+
+
 def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transient: int,
                stream_all: bool, sparse: SparseSettings | None, shortlist: int) -> Plan:
+    """The ring's buffers must hold the largest unit that streams, which depends on what
+    stays resident, which depends on the ring. First pass: buffers sized for a whole layer;
+    second: sized for what the first pass streams (kept if it fits and streams no more)."""
+    args = (store, budget, ctx, overhead, transient, stream_all, sparse, shortlist)
+    first = _place(*args, unit_hint=None)
+    if budget is None or not first.buffers or stream_all:
+        return first
+    try:
+        second = _place(*args, unit_hint=first.buffer_unit)
+    except _UnitTooSmall:
+        return first
+    return second if second.streamed_bytes <= first.streamed_bytes else first
+
+
+def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient: int,
+           stream_all: bool, sparse: SparseSettings | None, shortlist: int,
+           unit_hint: int | None) -> Plan:
+    """One placement; `unit_hint`: the ring buffer's size (else one fitting any layer)."""
     config = store.config
     head = "embed" if config.tie_embeddings else "output"
     tensors = store.tensors
@@ -250,7 +272,8 @@ def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transi
         # a layer streams as one unit: its attention (and FFN unless cached) read together
         layer_units = [attention[i] + ([] if ffn_cached else ffn[i])
                        for i in range(config.n_layers)]
-        plan.buffer_unit = align_up(_unit_capacity(tensors, layer_units, head, shortlist))
+        plan.buffer_unit = unit_hint or align_up(_unit_capacity(tensors, layer_units, head,
+                                                                 shortlist))
         caches_fixed = caches_per_row = 0
         if ffn_cached:  # every layer's cache, and the read scratch and spill rows they share
             caches_fixed = config.n_layers * NeuronCache.planned_nbytes(ffn_entry, 0) \
@@ -314,6 +337,8 @@ def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transi
         if plan.buffers and not stream_all:  # buffers need hold only what really streams
             streamed = [[n for n in names if n not in plan.resident] for names in layer_units]
             unit = align_up(_unit_capacity(tensors, streamed, head, shortlist))
+            if unit > plan.buffer_unit:
+                raise _UnitTooSmall
             room += fixed - peak(plan.buffers, unit)
             plan.buffer_unit = unit
         plan.buffer_bytes = plan.buffers * plan.buffer_unit
