@@ -28,7 +28,13 @@ from .generate import GenerationResponse, prefill, stream_generate
 from .loader import load_checkpoint
 from .model import reference_engine
 from .quant.codecs import CODECS
-from .runtime.engine import DEFAULT_CTX, Session, open_store_session, process_baseline
+from .runtime.engine import (
+    DEFAULT_CTX,
+    Session,
+    context_size,
+    open_store_session,
+    process_baseline,
+)
 from .sampling import make_logits_processors, make_sampler
 from .store.reader import is_store
 
@@ -189,11 +195,7 @@ def _reference_session(path: Path, ctx_size: int | None, progress: bool) -> Sess
     process_baseline()
     checkpoint = load_checkpoint(path, progress=progress)
     config = checkpoint.config
-    limit = config.context_length
-    ctx = min(DEFAULT_CTX, limit) if ctx_size is None else ctx_size
-    if not 1 <= ctx <= limit:
-        raise FlashInferError(f"context size {ctx} is outside 1..{limit}, the model's trained "
-                              "context")
+    ctx = context_size(config, ctx_size, DEFAULT_CTX)
     engine = reference_engine(config, checkpoint.weights, checkpoint.ggml_numerics)
     return Session(config, checkpoint.tokenizer, checkpoint.chat_template, engine, ctx,
                    checkpoint.source)

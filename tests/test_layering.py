@@ -110,3 +110,19 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     assert imports(f"{PACKAGE}.store.reader", source, known) == {
         f"{PACKAGE}.api", f"{PACKAGE}.store.reader"}
     assert layer_of(f"{PACKAGE}.api") > layer_of(f"{PACKAGE}.store.reader")
+
+
+def test_import_has_no_side_effects():
+    """Importing the package loads no llama.cpp, runs no kernel and measures nothing: the
+    baseline is taken when a model is first loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys, flashinfer_ondevice as fi\n"
+            "from flashinfer_ondevice.runtime.engine import process_baseline\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith('llama_cpp'))\n"
+            "print(loaded, process_baseline.cache_info().currsize)")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split() == ["[]", "0"]

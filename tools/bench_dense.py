@@ -1,6 +1,7 @@
 """Prompt and decode speed with all memory available: our engines against llama.cpp.
 
     python tools/bench_dense.py [-m MODEL] [--runs 5] [-t 2] [--json out.json] [--md out.md]
+                                [--llama-python PEER_VENV/bin/python]
 
 Engines: the numpy reference on the GGUF, the fast path (numba kernels on the int8 store),
 the fast path with the output layer's shortlist plan (approximate logits outside the best
@@ -16,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 from machine import describe_machine, machine_summary
 
 PROMPT = ("Python is a programming language that lets you work quickly and integrate systems "
@@ -31,7 +32,17 @@ def time_ours(model, ids: list[int], n_decode: int) -> tuple[float, float]:
     return responses[-1].prompt_tps, responses[-1].generation_tps
 
 
-def time_llama_cpp(llm, ids: list[int], n_decode: int) -> tuple[float, float]:
+# llama.cpp runs in a child process of the Python given by --llama-python, so the peer can be
+# a faster build than the portable one this environment has (tools/bench_llama_builds.py).
+LLAMA_WORKER = """
+import json, sys, time
+import numpy as np
+from llama_cpp import Llama
+llm = Llama(sys.argv[1], n_ctx=512, n_batch=512, n_threads=int(sys.argv[2]),
+            n_threads_batch=int(sys.argv[2]), verbose=False)
+for line in sys.stdin:
+    request = json.loads(line)
+    ids, n_decode = request["ids"], request["n"]
     llm.reset()
     start = time.perf_counter()
     llm.eval(ids)
@@ -41,7 +52,30 @@ def time_llama_cpp(llm, ids: list[int], n_decode: int) -> tuple[float, float]:
     for _ in range(n_decode):
         llm.eval([token])
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    return len(ids) / prompt_s, n_decode / (time.perf_counter() - start)
+    decode_s = time.perf_counter() - start
+    print(json.dumps([len(ids) / prompt_s, n_decode / decode_s]), flush=True)
+"""
+
+
+class LlamaWorker:
+    """llama.cpp on the GGUF, loaded once in a child process that times requests."""
+
+    def __init__(self, python: str, gguf: Path, threads: int):
+        self.child = subprocess.Popen([python, "-c", LLAMA_WORKER, str(gguf), str(threads)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def time(self, ids: list[int], n_decode: int) -> tuple[float, float]:
+        self.child.stdin.write(json.dumps({"ids": ids, "n": n_decode}) + "\n")
+        self.child.stdin.flush()
+        line = self.child.stdout.readline()
+        if not line:
+            raise SystemExit(f"the llama.cpp worker died (exit {self.child.wait()})")
+        prompt_tps, decode_tps = json.loads(line)
+        return prompt_tps, decode_tps
+
+
+def time_llama_cpp(worker: LlamaWorker, ids: list[int], n_decode: int) -> tuple[float, float]:
+    return worker.time(ids, n_decode)
 
 
 def main() -> None:
@@ -52,16 +86,17 @@ def main() -> None:
     parser.add_argument("-n", "--decode-tokens", type=int, default=64)
     parser.add_argument("--json", type=Path, default=Path("bench-results/dense.json"))
     parser.add_argument("--md", type=Path, default=Path("bench-results/dense.md"))
+    parser.add_argument("--llama-python", default=sys.executable,
+                        help="Python of a venv whose llama-cpp-python build is the peer "
+                        "(default: this one's); see tools/bench_llama_builds.py")
     args = parser.parse_args()
-
-    from llama_cpp import Llama
 
     import flashinfer_ondevice as fi
     from flashinfer_ondevice.api import ensure_store
     from flashinfer_ondevice.default_model import default_model_path
     from flashinfer_ondevice.store.reader import open_store
 
-    machine = describe_machine()
+    machine = describe_machine(args.llama_python)
     gguf = Path(args.model) if args.model else default_model_path()
     store = ensure_store(gguf, "int8")
     engines = {
@@ -76,8 +111,7 @@ def main() -> None:
         sparsity = record.defaults["sparsity"]
         engines[f"fast path + gate-first {sparsity:.0%} sparsity"] = fi.load(
             store, threads=args.threads, selector="gate", sparsity=sparsity)
-    llm = Llama(str(gguf), n_ctx=512, n_batch=512, n_threads=args.threads,
-                n_threads_batch=args.threads, verbose=False)
+    llm = LlamaWorker(args.llama_python, gguf, args.threads)
     ids = engines["numpy reference (GGUF)"].tokenize(PROMPT)
     timers = {name: (time_ours, model) for name, model in engines.items()}
     timers["llama.cpp"] = (time_llama_cpp, llm)

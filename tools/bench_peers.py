@@ -1,10 +1,11 @@
 """Decode speed and storage reads per token under a hard memory limit, against the peers.
 
     python tools/bench_peers.py [-m MODEL.gguf] [--codec int8|int4] [--fractions 100 50 25]
-                                [--runs 3] [-n 16]
+                                [--runs 3] [-n 16] [--llama-python PEER_VENV/bin/python]
 
 Systems, each under shared/tools/memlimit with limit = fraction x its own model size + the
-same interpreter baseline (RSS after `import flashinfer_ondevice`), cold cache, 2 threads:
+same baseline (our process with the runtime loaded: runtime.engine.process_baseline), cold
+cache, 2 threads:
   ours      flash store (--codec), planner + direct I/O + prefetch (--memory-budget fraction%),
             with the runtime's default choices (dense FFNs unless calibrated sparsity pays)
   sparse    the same with gate-first FFN sparsity at the store's calibrated level and
@@ -103,8 +104,9 @@ def probe_bandwidth(path: Path, seconds: float = 3.0) -> float:
 
 
 def run_limited(system: str, model: str, cold: str, limit: int, fraction: float, n: int,
-                threads: int, timeout: float) -> dict:
-    cmd = [str(MEMLIMIT), str(limit), "--cold", cold, "--", sys.executable, __file__,
+                threads: int, timeout: float, llama_python: str) -> dict:
+    python = llama_python if system == "llama.cpp" else sys.executable
+    cmd = [str(MEMLIMIT), str(limit), "--cold", cold, "--", python, __file__,
            "--worker", system, "-m", model, "--fraction", str(fraction), "-n", str(n),
            "-t", str(threads)]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -146,6 +148,9 @@ def main() -> None:
                         help="codec of our store (int4 is the size class of Q4_K_M)")
     parser.add_argument("-n", type=int, default=16, help="decode tokens per run")
     parser.add_argument("-t", "--threads", type=int, default=2)
+    parser.add_argument("--llama-python", default=sys.executable,
+                        help="Python of a venv whose llama-cpp-python build runs the llama.cpp "
+                        "peer (default: this one's); see tools/bench_llama_builds.py")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "peers")
     parser.add_argument("--render", type=Path, default=None,
@@ -168,7 +173,7 @@ def main() -> None:
 
     baseline = process_baseline()
 
-    machine = describe_machine()
+    machine = describe_machine(args.llama_python)
     gguf = Path(args.model) if args.model else default_model_path()
     store = ensure_store(gguf, args.codec, progress=True)
     store_size = (store / "weights.bin").stat().st_size
@@ -183,8 +188,8 @@ def main() -> None:
     baselines = {"same": {s: baseline for s in args.systems},
                  "own": {s: baseline for s in args.systems}}
     baselines["own"]["llama.cpp"] = int(subprocess.check_output(
-        [sys.executable, "-c", "import llama_cpp, psutil; llama_cpp.llama_backend_init(); "
-         "print(psutil.Process().memory_info().rss)"]))
+        [args.llama_python, "-c", "import os, llama_cpp; llama_cpp.llama_backend_init(); "
+         "print(int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'))"]))
     rows = []
     for fraction, variant, system in [(f, v, s) for f in args.fractions
                                       for v in args.baselines for s in args.systems]:
@@ -196,7 +201,7 @@ def main() -> None:
         runs = []
         for _ in range(args.runs):
             runs.append(run_limited(system, model, cold, limit, fraction, args.n,
-                                    args.threads, args.timeout))
+                                    args.threads, args.timeout, args.llama_python))
             if runs[-1].get("timed_out"):
                 break  # one timeout says enough; do not spend another
         ok = [r for r in runs if "tps" in r]

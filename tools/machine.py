@@ -14,10 +14,9 @@ from __future__ import annotations
 import os
 import platform
 import re
+import subprocess
 from importlib import metadata
 from pathlib import Path
-
-import psutil
 
 # The SIMD features that numba's kernels, numpy's BLAS and llama.cpp dispatch on, spelled as
 # in /proc/cpuinfo (which writes "avx512vbmi" but "avx512_vnni").
@@ -41,8 +40,18 @@ def _first_processor() -> dict[str, str]:
     return fields
 
 
-def _llama_cpp() -> tuple[str | None, str | None]:
-    """llama-cpp-python's version and its build's system info, or Nones where it does not load."""
+def _llama_cpp(python: str | None = None) -> tuple[str | None, str | None]:
+    """llama-cpp-python's version and its build's system info, or Nones where it does not load;
+    `python`: of another environment (the peer's build), asked in a child process."""
+    if python is not None:
+        code = ("import llama_cpp; print(llama_cpp.__version__); "
+                "print(llama_cpp.llama_print_system_info().decode().strip())")
+        child = subprocess.run([python, "-c", code], capture_output=True, text=True,
+                               timeout=120)
+        if child.returncode != 0:
+            return None, None
+        version, info = child.stdout.strip().split("\n", 1)
+        return version, info
     try:
         import llama_cpp
     except (ImportError, OSError, RuntimeError):  # not installed; its library does not load
@@ -57,11 +66,14 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def describe_machine() -> dict:
-    """This machine's CPU, memory, software and llama.cpp build, as stored with results."""
+def describe_machine(llama_python: str | None = None) -> dict:
+    """This machine's CPU, memory, software and llama.cpp build (that of `llama_python`'s
+    environment when given: the peer's), as stored with results."""
+    import psutil
+
     cpu = _first_processor()
     flags = set(cpu.get("flags", "").split())
-    llama_version, llama_info = _llama_cpp()
+    llama_version, llama_info = _llama_cpp(llama_python)
     return {
         "cpu_model": cpu.get("model name") or platform.processor() or platform.machine(),
         "vendor": cpu.get("vendor_id"),

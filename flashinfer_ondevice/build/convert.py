@@ -105,7 +105,7 @@ def _file_sha256(path: Path) -> str:
 def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
             progress: bool = False, head_proxy_rank: int | None = None) -> Path:
     """Write the flash store of `source` to `target` (which must not exist yet).
-    `head_proxy_rank`: the output-layer proxy's rank (default: store/head_proxy.py's rule)."""
+    `head_proxy_rank`: the output-layer proxy's rank (default: build/head_proxy.py's rule)."""
     source, target = Path(source), Path(target)
     try:
         chosen = codec(codec_name)
@@ -163,7 +163,7 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
 
 
 def _add_head_proxy(folder: Path, manifest: dict, rank: int, progress: bool) -> None:
-    """Fit the output layer's proxy (store/head_proxy.py) by running the new store on the
+    """Fit the output layer's proxy (build/head_proxy.py) by running the new store on the
     packaged calibration text, write head_proxy.bin and record it in `manifest`."""
     from ..runtime.engine import open_store_session
     from .calibrate import default_text

@@ -73,6 +73,16 @@ def process_baseline() -> int:
     return current_rss_bytes()
 
 
+def context_size(config: ModelConfig, asked: int | None, default: int) -> int:
+    """The context to run with: `asked`, else min(default, the model's), within the model's."""
+    limit = config.context_length
+    ctx = min(default, limit) if asked is None else asked
+    if not 1 <= ctx <= limit:
+        raise FlashInferError(f"context size {ctx} is outside 1..{limit}, the model's trained "
+                              "context")
+    return ctx
+
+
 def _sparsity_pays(store: Store, budget: int | None, sparsity: float) -> bool:
     """Whether the calibrated default sparsity saves enough to be used without being asked.
     Under a budget neurons are read in whole pages, and a page is skipped only when none of
@@ -136,11 +146,8 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
     baseline = process_baseline()
     store = open_store(path, verify=verify)
     tokenizer, transient = _tokenizer(store, lean=memory_budget is not None)
-    limit = store.config.context_length
-    ctx = ctx_size or min(limit, DEFAULT_CTX if memory_budget is None else BUDGET_DEFAULT_CTX)
-    if not 1 <= ctx <= limit:
-        raise FlashInferError(f"context size {ctx} is outside 1..{limit}, the model's trained "
-                              "context")
+    ctx = context_size(store.config, ctx_size,
+                       DEFAULT_CTX if memory_budget is None else BUDGET_DEFAULT_CTX)
     budget = None if memory_budget is None else parse_budget(memory_budget, store.nbytes)
     sparse = sparse_settings(store, budget, selector, sparsity, window)
     plan = make_plan(store, budget, ctx, max(0, current_rss_bytes() - baseline), transient,
