@@ -53,3 +53,26 @@ def test_a_passing_check_is_remembered(fresh_checks, monkeypatch):
     monkeypatch.setattr(llama_backend, "_checked", set())
     llama_backend.check_vocabulary(vocab)
     assert calls.read_text() == "xx"
+
+
+@pytest.mark.slow
+def test_the_installed_llama_cpp_build_is_portable():
+    """The README's build (-DGGML_NATIVE=OFF) holds no AVX-512 and no AMX instruction, so it
+    runs on every x86-64-v3 CPU, AMX-reporting Xeons included (objdump of its libraries)."""
+    import platform
+    import shutil
+    import subprocess
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 instruction sets only")
+    assert shutil.which("objdump"), "objdump (binutils) is needed to inspect the build"
+    libraries = sorted((Path(find_spec("llama_cpp").origin).parent / "lib").glob("*.so"))
+    assert libraries, "llama_cpp ships no shared libraries"
+    for library in libraries:
+        code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)],
+                              capture_output=True, text=True, check=True).stdout
+        assert "zmm" not in code, f"{library.name} uses AVX-512: not the README's build"
+        assert "tilezero" not in code and "tileloadd" not in code, \
+            f"{library.name} uses AMX: not the README's build"
