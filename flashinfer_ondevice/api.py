@@ -57,6 +57,16 @@ class Model:
         self.path = session.path
         self.load_seconds = load_seconds
 
+    def close(self) -> None:
+        """Release the store's reader threads and files; the model is unusable after."""
+        self.session.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # tokens ---------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special=add_special)

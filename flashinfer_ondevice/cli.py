@@ -134,7 +134,7 @@ def sparsity_options(command):
 @click.option("-t", "--threads", type=click.IntRange(min=1), default=os.cpu_count(),
               show_default=True, envvar="FLASHINFER_THREADS", help="CPU threads")
 @click.option("--memory-budget", default=None, envvar="FLASHINFER_MEMORY_BUDGET",
-              help="memory above the interpreter's baseline: bytes, e.g. 120MB, 1.5GB, or a "
+              help="memory above the process's baseline: bytes, e.g. 120MB, 1.5GB, or a "
               "percentage of the store, e.g. 50%  [default: everything resident]")
 @codec_option("codec of the flash store made on first use")
 @click.option("--verify", is_flag=True, help="check the store's checksums before running")
@@ -248,7 +248,7 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens):
 @click.option("-t", "--threads", type=click.IntRange(min=1), default=os.cpu_count(),
               show_default=True, envvar="FLASHINFER_THREADS", help="CPU threads")
 @click.option("--memory-budget", default=None, envvar="FLASHINFER_MEMORY_BUDGET",
-              help="memory above the interpreter's baseline (as for generate)")
+              help="memory above the process's baseline (as for generate)")
 @codec_option("codec of the flash store made on first use")
 @sparsity_options
 def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_tokens, threads,

@@ -2,7 +2,8 @@
 
 Read top to bottom: embed -> blocks (attention, FFN) -> final norm -> logits. Architecture
 differences come from `ModelConfig` and its `ArchTraits`; nothing here tests a model name.
-Prefill runs all prompt tokens as one batch; decode runs one token against the KV cache.
+Prefill runs the prompt in batches (generate.py), attention a block of queries at a time;
+decode runs one token against the KV cache.
 
 The weights are read through the interfaces of weights.py (a float32 checkpoint, or a flash
 store's resident/streamed/sparse weights): the forward pass never asks which it has.
@@ -50,8 +51,10 @@ def attention_mask(q_positions: np.ndarray, n_keys: int, window: int | None) -> 
 class Transformer:
     """Forward pass over `ModelWeights`; holds nothing that changes between calls."""
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, ggml_numerics: bool = False):
+    def __init__(self, config: ModelConfig, weights: ModelWeights, ggml_numerics: bool = False,
+                 kv_dtype: type = np.float16):
         self.config = config
+        self.kv_dtype = kv_dtype  # float16 (what the planner counts, and llama.cpp stores)
         self.weights = weights
         self.traits = config.traits
         self.ggml_numerics = ggml_numerics
@@ -64,7 +67,7 @@ class Transformer:
                                        if self.traits.scale_embeddings else 1.0)
 
     def new_cache(self, max_tokens: int) -> KVCache:
-        return KVCache(self.config, max_tokens)
+        return KVCache(self.config, max_tokens, self.kv_dtype)
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Logits (n, vocab) for `tokens` appended to `cache`: every position or just the last."""
@@ -123,7 +126,8 @@ class Transformer:
         keys_t, values_t = keys.transpose(1, 2, 0)[:, None], values.transpose(1, 0, 2)[:, None]
         window = cfg.sliding_window if local else None
         out = np.empty((n_tokens, cfg.n_heads * cfg.head_dim), np.float32)
-        # queries a block at a time: the score matrices stay a few MB at any prompt length
+        # queries a block at a time: score matrices of heads x QUERY_BLOCK x keys, not
+        # heads x batch x keys (a few MB for Gemma 3 270M at its default context)
         for start in range(0, n_tokens, QUERY_BLOCK):
             end = min(start + QUERY_BLOCK, n_tokens)
             scores = q[:, :, start:end] @ keys_t
@@ -142,4 +146,4 @@ def reference_engine(config: ModelConfig, weights: Weights,
     sources (llama.cpp's roundings, see above)."""
     table = GGML_ACTIVATIONS if ggml_numerics else ACTIVATIONS
     return Transformer(config, DenseWeights(weights, table[config.traits.activation]),
-                       ggml_numerics)
+                       ggml_numerics, np.float16 if ggml_numerics else np.float32)

@@ -15,8 +15,12 @@ from tiny_models import write_hf_folder
 from flashinfer_ondevice.build.calibrate import calibrate
 from flashinfer_ondevice.build.convert import convert
 from flashinfer_ondevice.generate import prefill
+from flashinfer_ondevice.model import Transformer
 from flashinfer_ondevice.runtime.engine import open_store_session
-from flashinfer_ondevice.runtime.planner import BudgetError
+from flashinfer_ondevice.runtime.planner import BudgetError, SparseSettings, make_plan
+from flashinfer_ondevice.runtime.streamed import StreamedWeights
+from flashinfer_ondevice.store.io import DirectReader
+from flashinfer_ondevice.store.reader import open_store
 
 TEXT = ("The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. " * 40)
 
@@ -80,6 +84,7 @@ GEMMA_CHILD = """
 import json, sys
 import numpy as np
 from flashinfer_ondevice.generate import prefill
+from flashinfer_ondevice.model import Transformer
 from flashinfer_ondevice.runtime.engine import open_store_session
 budget = None if sys.argv[2] == "none" else sys.argv[2]
 session = open_store_session(sys.argv[1], memory_budget=budget, ctx_size=1024)
@@ -88,6 +93,47 @@ prefill(session.engine, [2, *range(1000, 1600)], cache)  # past half of the cont
 print(json.dumps({"planned": session.plan.ledger, "allocated": session.weights.allocated(),
                   "kv": cache.nbytes(), "dtype": str(cache.dtype)}))
 """
+
+
+@pytest.mark.parametrize("kind,settings", [
+    ("sparse", {"selector": "gate", "sparsity": 0.5}), ("proxy", {"head": "shortlist"}),
+    ("plain", {"head": "exact"})])
+def test_every_budget_from_the_smallest_to_all_fits_runs(hf_stores, kind, settings):
+    """A fine sweep of budgets across the range where the ring, the caches and the resident
+    rows trade places: each plan builds, runs a token and keeps its ledger."""
+    store = hf_stores[kind]
+    smallest = smallest_budget(store, ctx_size=96, **settings) + (1 << 20)
+    roomy = open_store_session(store, memory_budget=None, ctx_size=96, **settings).plan
+    top = smallest + sum(roomy.ledger.values())
+    for budget in np.linspace(smallest, top, 23).astype(int).tolist():
+        session = open_store_session(store, memory_budget=budget, ctx_size=96, **settings)
+        assert_ledger_matches(session, 96)
+
+
+@pytest.mark.parametrize("kind,sparse,head", [
+    ("sparse", SparseSettings("gate", 0.5, 4), "auto"), ("proxy", None, "shortlist"),
+    ("plain", None, "exact")])
+def test_budgets_where_the_ring_disappears(hf_stores, kind, sparse, head):
+    """Around the budget from which no ring is planned (everything that must stream fits
+    elsewhere), byte by byte: every plan's ring holds what streams and its ledger holds."""
+    store = open_store(hf_stores[kind])
+
+    def plan(budget: int):
+        return make_plan(store, budget, 96, 0, sparse=sparse, head=head)
+
+    low, high = plan(10**12).fixed_bytes, 10**9
+    while high - low > 1:  # the smallest budget planned without a ring
+        middle = (low + high) // 2
+        low, high = (middle, high) if plan(middle).buffers else (low, middle)
+    reader = DirectReader(store.path / "weights.bin")
+    for budget in range(high - 24 * 1024, high + 4096, 512):
+        p = plan(budget)
+        weights = StreamedWeights(store, p, reader)
+        engine = Transformer(store.config, weights)
+        prefill(engine, [1, 5, 6], engine.new_cache(8))
+        allocated = weights.allocated()
+        assert all(allocated[k] == p.ledger[k] for k in allocated), (budget, allocated)
+    reader.close()
 
 
 @pytest.mark.slow

@@ -15,8 +15,10 @@ CRASH = "import os, signal; os.kill(os.getpid(), signal.SIG{}); raise SystemExit
 
 @pytest.fixture
 def fresh_checks(monkeypatch, tmp_path):
-    """No remembered checks: markers go to an empty cache folder."""
+    """No remembered checks: markers go to an empty cache folder; the children below stand in
+    for llama.cpp, so it need not be installed."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(llama_backend, "llama_cpp_available", lambda: True)
     monkeypatch.setattr(llama_backend, "_checked", set())
     return tmp_path
 
@@ -76,3 +78,16 @@ def test_the_installed_llama_cpp_build_is_portable():
         assert "zmm" not in code, f"{library.name} uses AVX-512: not the README's build"
         assert "tilezero" not in code and "tileloadd" not in code, \
             f"{library.name} uses AMX: not the README's build"
+
+
+def test_models_that_need_no_llama_cpp_run_beside_a_broken_one(fresh_checks, monkeypatch):
+    """A build that crashes only fails GGUF tokenizers: the runtime's baseline is still
+    taken (Hugging Face models tokenize without llama.cpp)."""
+    from flashinfer_ondevice.runtime import engine
+
+    monkeypatch.setattr(llama_backend, "_CHILD", CRASH.format("ILL"))
+    monkeypatch.setattr(engine, "llama_cpp_available", lambda: True)
+    with pytest.raises(llama_backend.LlamaCppError, match="SIGILL"):
+        llama_backend.load_llama_cpp.__wrapped__()  # the library itself, checked in a child
+    monkeypatch.setattr(engine, "load_llama_cpp", llama_backend.load_llama_cpp.__wrapped__)
+    assert engine.process_baseline.__wrapped__() > 0

@@ -126,6 +126,7 @@ def calibrate(store_path: str | Path, text: str | None = None, tokens: int = TOK
     text = default_text() if text is None else text
     ids = model.tokenizer.encode(text, add_special=False)[:tokens]
     if len(ids) < MIN_TOKENS:
+        model.close()
         raise FlashInferError(f"calibration text has {len(ids)} tokens; at least {MIN_TOKENS} "
                               "are needed")
     held_out = min(HOLDOUT, len(ids) // 4)
@@ -167,6 +168,7 @@ def calibrate(store_path: str | Path, text: str | None = None, tokens: int = TOK
     finally:
         weights.ffns.clear()
         shutil.rmtree(tmp, ignore_errors=True)
+        model.close()
     calibration = {"tokens": n, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
                    "predicted_kept": [float(np.mean([k[j] for k in kept]))
                                       for j in range(len(TARGETS))],

@@ -173,15 +173,17 @@ def _add_head_proxy(folder: Path, manifest: dict, rank: int, progress: bool) -> 
                      for name, t in manifest["tensors"].items())  # a bundle holds 3 rows
     tokens = head_proxy.calibration_tokens(parameters)
     text = default_text()
-    states = head_proxy.final_hidden_states(model, text, tokens, progress)
-    head = model.weights.lm_head_rows
-    fitted = head_proxy.fit(head.decode_rows, head.rows, states, rank)
-    files, tensors = head_proxy.write(folder, head.decode_rows, head.rows, *fitted)
+    try:
+        states = head_proxy.final_hidden_states(model, text, tokens, progress)
+        head = model.weights.lm_head_rows
+        fitted = head_proxy.fit(head.decode_rows, head.rows, states, rank)
+        files, tensors = head_proxy.write(folder, head.decode_rows, head.rows, *fitted)
+    finally:
+        model.close()
     manifest["files"].update(files)
     manifest["tensors"].update(tensors)
     manifest["head_proxy"] = {"rank": rank, "calibration": {
         "tokens": len(states), "text_sha256": hashlib.sha256(text.encode()).hexdigest()}}
-    model.reader.close()
 
 
 def _copy_tokenizer(source: Path, folder: Path) -> dict:
@@ -238,6 +240,9 @@ def child_main(argv: list[str]) -> int:
         convert(source, target, codec_name, progress=flag == "--progress")
     except FlashInferError as exc:
         print(json.dumps({"error": str(exc), "kind": type(exc).__name__}))
+        return 1
+    except OSError as exc:  # disk full, permissions: the cause in one line, not a traceback
+        print(json.dumps({"error": f"conversion failed: {exc}", "kind": "FlashInferError"}))
         return 1
     print(json.dumps({"store": target}))
     return 0

@@ -67,9 +67,6 @@ def llama_cpp_available() -> bool:
 def load_llama_cpp():
     """The llama_cpp module, its library loaded, logging silenced and its backend initialised
     (once per process, after a child process showed that this does not crash here)."""
-    if not llama_cpp_available():
-        raise LlamaCppError("llama-cpp-python is not installed; GGUF tokenizers need it "
-                            "(pip install llama-cpp-python)")
     check_vocabulary(None)
     try:
         import llama_cpp
@@ -125,6 +122,9 @@ def check_vocabulary(path: Path | None) -> None:
     key = "" if path is None else str(Path(path).resolve())
     if key in _checked:
         return
+    if not llama_cpp_available():
+        raise LlamaCppError("llama-cpp-python is not installed; GGUF tokenizers need it "
+                            "(pip install llama-cpp-python)")
     what = "its library" if path is None else "the vocabulary"
     marker = _marker(path)
     if not marker.is_file():
@@ -137,7 +137,10 @@ def check_vocabulary(path: Path | None) -> None:
             raise LlamaCppError(f"llama.cpp took over {CHECK_TIMEOUT} s to load {what}"
                                 + ("" if path is None else f" of {path}")) from None
         if child.returncode < 0:
-            name = signal.Signals(-child.returncode).name
+            try:
+                name = signal.Signals(-child.returncode).name
+            except ValueError:
+                name = f"signal {-child.returncode}"
             hint = (f"its library was built for a different CPU than this one "
                     f"({cpu_description().split(' [')[0]}); {_INSTALL_HINT}"
                     if name == "SIGILL" else "the file may be hostile or corrupt")

@@ -10,6 +10,7 @@ the package does nothing but import.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import FlashInferError
-from ..loader.llama_backend import llama_cpp_available, load_llama_cpp
+from ..loader.llama_backend import LlamaCppError, llama_cpp_available, load_llama_cpp
 from ..loader.tokenizer import (
     GGUFTokenizer,
     HFTokenizer,
@@ -62,14 +63,21 @@ class Session:
     reader: DirectReader | None = None  # its direct-I/O reader (counters in reader.stats)
     weights: StreamedWeights | None = None  # its weights (None for the numpy reference)
 
+    def close(self) -> None:
+        """Stop the store's reader threads and close its files (idempotent)."""
+        if self.weights is not None:
+            self.weights.close()
+            self.weights = None
+
 
 @functools.cache
 def process_baseline() -> int:
     """The process's resident memory with the runtime loaded: numpy, the compiled kernels
     and llama.cpp's library (when installed). Budgets count memory above it. Taken once."""
     kernels.warm_up()
-    if llama_cpp_available():
-        load_llama_cpp()
+    if llama_cpp_available():  # only GGUF tokenizers need it; they report its errors
+        with contextlib.suppress(LlamaCppError):
+            load_llama_cpp()
     return current_rss_bytes()
 
 
@@ -155,7 +163,11 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
     if on_plan is not None:
         on_plan(plan.describe(store))
     reader = DirectReader(store.path / "weights.bin")
-    weights = StreamedWeights(store, plan, reader)
+    try:
+        weights = StreamedWeights(store, plan, reader)
+    except BaseException:
+        reader.close()
+        raise
     if isinstance(tokenizer, LeanGGUFTokenizer):
         tokenizer.before_encode = weights.release_io_buffers
     engine = Transformer(store.config, weights)

@@ -1,8 +1,8 @@
 """The residency planner: given a memory budget, decide what stays in DRAM and what streams.
 
-Budget = bytes of memory above the interpreter's baseline (the RSS after
-`import flashinfer_ondevice`). Always resident: norms, biases, the KV cache for the context,
-logits and sampling scratch, and the ring of I/O buffers streaming reads through (none when
+Budget = bytes of memory above the process's baseline (its RSS with the runtime loaded,
+runtime/engine.py's process_baseline). Always resident: norms, biases, the KV cache for the
+context, logits and sampling scratch, and the ring of I/O buffers streaming reads through (none when
 every weight fits; deeper than two only when that costs little, see _ring_size).
 Then, most valuable first, as long as they fit: each layer's attention matrices, each layer's
 FFN bundles, then a prefix of the output layer's rows (62% of Gemma 3). Everything else is
@@ -42,7 +42,7 @@ from ..store.format import align_up
 from ..store.reader import Store, TensorEntry
 from . import neuron_cache, shortlist_head
 from .neuron_cache import NeuronCache
-from .selectors import gate_rows_nbytes, predictor_nbytes
+from .selectors import gate_rows_nbytes, predictor_dram_nbytes
 from .shortlist_head import ShortlistHead
 from .units import unit_capacity
 
@@ -135,7 +135,7 @@ class Plan:
                           f"; shortlist: proxy {self.shortlist_bytes / mb:.1f} MB scores every "
                           f"token, the best {self.shortlist} are computed exactly"))
         return (f"memory plan: budget {budget} above baseline; store {total / mb:.1f} MB\n"
-                f"  resident weights {self.resident_bytes / mb:7.1f} MB ({head})\n"
+                f"  resident {self.resident_bytes / mb:7.1f} MB (weights, proxy, caches; {head})\n"
                 f"  KV cache {self.kv_bytes / mb:.1f} MB, I/O buffers "
                 f"{self.buffer_bytes / mb:.1f} MB, scratch {self.scratch_bytes / mb:.1f} MB, "
                 f"tokenizer and runtime {self.overhead_bytes / mb:.1f} MB "
@@ -179,7 +179,7 @@ def selector_bytes(store: Store, sparse: SparseSettings, ffn_resident: bool) -> 
     """DRAM the selectors take: float32 predictors, or gate rows unless the FFN is resident."""
     config = store.config
     if sparse.selector == "predicted":
-        return config.n_layers * predictor_nbytes(config.hidden_size, config.ffn_size,
+        return config.n_layers * predictor_dram_nbytes(config.hidden_size, config.ffn_size,
                                                   store.sparsity.rank)
     if ffn_resident:
         return 0
@@ -294,19 +294,20 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
                       and not (shortlist and n == head))
         if ffn_cached:  # FFNs go to the neuron caches, never through the ring
             weights -= sum(tensors[n].nbytes for (n,) in ffn)
-        # with sparsity, no ring only if the caches can also hold every neuron
+        # with sparsity, no ring only if the caches can also hold every neuron (at what a
+        # cache row costs, beyond the minimum caches already in `base`)
         all_weights = weights if not ffn_cached else \
-            weights + sum(tensors[n].nbytes for (n,) in ffn) - MIN_CACHE_ROWS * caches_per_row
+            weights + (config.ffn_size - MIN_CACHE_ROWS) * caches_per_row
 
-        def uses_ring_scratch(depth: int) -> bool:
+        def uses_ring_scratch(depth: int, unit: int) -> bool:
             """The shortlist reads its candidates into a free ring buffer (no own scratch)."""
             return bool(shortlist and not ffn_cached and depth
-                        and plan.buffer_unit >= shortlist_head.RING_SCRATCH)
+                        and unit >= shortlist_head.RING_SCRATCH)
 
         def peak(depth: int, unit: int) -> int:
             """Fixed memory with a ring of `depth` buffers of `unit` bytes: generation's,
             or encoding's where that is more (it reuses the ring's and shortlist's room)."""
-            own = not uses_ring_scratch(depth)
+            own = not uses_ring_scratch(depth, unit)
             head_bytes = 0 if not shortlist else ShortlistHead.planned_nbytes(
                 store.head_proxy, tensors[head], shortlist, own_scratch=own)
             released = 0 if not shortlist else \
@@ -316,10 +317,6 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
 
         plan.buffers = _ring_size(budget, lambda depth: peak(depth, plan.buffer_unit),
                                   all_weights, plan.buffer_unit, stream_all)
-        plan.ring_scratch = uses_ring_scratch(plan.buffers)  # shortlist_head.py
-        if shortlist:
-            plan.shortlist_bytes = ShortlistHead.planned_nbytes(
-                store.head_proxy, tensors[head], shortlist, own_scratch=not plan.ring_scratch)
         fixed = peak(plan.buffers, plan.buffer_unit)
         plan.fixed_bytes = peak(min(BUFFERS), plan.buffer_unit)
         if fixed > budget:
@@ -339,8 +336,13 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
             unit = align_up(_unit_capacity(tensors, streamed, head, shortlist))
             if unit > plan.buffer_unit:
                 raise _UnitTooSmall
-            room += fixed - peak(plan.buffers, unit)
-            plan.buffer_unit = unit
+            depth = plan.buffers if unit else 0  # nothing streams (shortlist plan): no ring
+            room += fixed - peak(depth, unit)
+            plan.buffers, plan.buffer_unit = depth, unit
+        plan.ring_scratch = uses_ring_scratch(plan.buffers, plan.buffer_unit)  # shortlist_head
+        if shortlist:
+            plan.shortlist_bytes = ShortlistHead.planned_nbytes(
+                store.head_proxy, tensors[head], shortlist, own_scratch=not plan.ring_scratch)
         plan.buffer_bytes = plan.buffers * plan.buffer_unit
         if ffn_cached:
             room += min_caches - caches_fixed

@@ -21,7 +21,7 @@ def gate_rows_nbytes(entry: TensorEntry) -> int:
     return entry.rows * (entry.row_nbytes // 3)
 
 
-def predictor_nbytes(hidden: int, ffn: int, rank: int) -> int:
+def predictor_dram_nbytes(hidden: int, ffn: int, rank: int) -> int:
     """DRAM a predicted selector takes: its float32 A (hidden x rank) and B (rank x ffn)."""
     return 4 * rank * (hidden + ffn)
 

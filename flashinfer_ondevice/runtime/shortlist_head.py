@@ -79,6 +79,9 @@ class ShortlistHead:
         self._proxy_reader.submit([(self._scores_entry.offset, len(self._scores_buffer), 0)],
                                   self._scores_buffer).wait()
 
+    def close(self) -> None:
+        self._proxy_reader.close()
+
     def release(self) -> None:
         """Give the scores' and read buffer's pages back while no forward pass runs (encoding
         a prompt uses their room, planner.py); the next apply reads the scores again."""

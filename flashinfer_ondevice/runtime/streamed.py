@@ -76,9 +76,9 @@ class StreamedWeights:
             self._head_units.append(len(self._units))
             self._units.append(unit)
         largest = max((u.nbytes for u in self._units), default=0)
-        if largest > plan.buffer_unit:
-            raise AssertionError(f"a streamed unit of {largest} bytes exceeds the planned "
-                                 f"ring buffer of {plan.buffer_unit}")
+        if largest > plan.buffer_unit or (self._units and not plan.buffers):
+            raise AssertionError(f"the plan's ring ({plan.buffers} x {plan.buffer_unit} bytes) "
+                                 f"cannot stream units of up to {largest} bytes")
         self._buffers = [aligned_buffer(plan.buffer_unit)
                          for _ in range(plan.buffers)] if self._units else []
         self._queue: deque[tuple[int, int, PendingRead]] = deque()  # (unit, buffer, read)
@@ -167,6 +167,14 @@ class StreamedWeights:
             release_pages(buffer)
         if isinstance(self.lm_head, ShortlistHead):
             self.lm_head.release()
+
+    def close(self) -> None:
+        """Wait for reads in flight, then close the reader (and the shortlist's)."""
+        while self._queue:
+            self._queue.popleft()[2].wait()
+        if isinstance(self.lm_head, ShortlistHead):
+            self.lm_head.close()
+        self.reader.close()
 
     def resident_ffn(self, layer: int) -> BundledFFN | None:
         return self._resident.get(layer_key(layer, "ffn"))

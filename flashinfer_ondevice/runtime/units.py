@@ -4,8 +4,8 @@ buffer must be to hold any of them.
 Every forward pass walks the same cycle of units: a layer's non-resident tensors, then the
 output layer's non-resident rows in chunks of `OUTPUT_CHUNK` bytes. Each tensor (or row range)
 is read page-aligned, so a unit's size is the sum of its parts' aligned spans. The planner
-sizes the ring with `unit_capacity` before it knows which tensors stay resident; the
-streamed weights lay out the real units and check that each fits.
+sizes the ring with `unit_capacity` (for whole layers first, then for what its placement
+streams); the streamed weights lay out the real units and check that each fits.
 """
 
 from __future__ import annotations
