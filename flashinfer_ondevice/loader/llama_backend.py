@@ -25,6 +25,8 @@ from pathlib import Path
 from ..errors import FlashInferError, ModelFileError
 
 CHECK_TIMEOUT = 120  # seconds a child may take to load a vocabulary
+_NOT_INSTALLED = ("llama-cpp-python is not installed; GGUF tokenizers need it "
+                  "(pip install llama-cpp-python)")
 _INSTALL_HINT = ("reinstall llama-cpp-python with the portable build the README's set-up "
                  "command makes")
 _CHILD = """
@@ -71,8 +73,7 @@ def load_llama_cpp():
     try:
         import llama_cpp
     except ImportError:
-        raise LlamaCppError("llama-cpp-python is not installed; GGUF tokenizers need it "
-                            "(pip install llama-cpp-python)") from None
+        raise LlamaCppError(_NOT_INSTALLED) from None
     except (OSError, RuntimeError) as exc:  # the shared library does not load
         raise LlamaCppError(f"llama.cpp's library does not load ({exc}); "
                             f"{_INSTALL_HINT}") from None
@@ -123,8 +124,7 @@ def check_vocabulary(path: Path | None) -> None:
     if key in _checked:
         return
     if not llama_cpp_available():
-        raise LlamaCppError("llama-cpp-python is not installed; GGUF tokenizers need it "
-                            "(pip install llama-cpp-python)")
+        raise LlamaCppError(_NOT_INSTALLED)
     what = "its library" if path is None else "the vocabulary"
     marker = _marker(path)
     if not marker.is_file():

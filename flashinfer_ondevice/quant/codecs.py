@@ -25,8 +25,9 @@ from ..functional import ACTIVATIONS
 from . import kernels
 from .kernels import GROUP
 
-_DECODE_ROWS = 256  # rows decoded to float32 at a time by the decoding kernels
+DECODE_ROWS = 256  # rows decoded to float32 at a time (bounds decoding's temporary memory)
 ACTIVATION_KINDS = {"gelu_tanh": 0, "silu": 1}  # the kernels' activation codes
+_NONE = np.zeros(0, np.float32)  # "gate activations not known" for the fused kernel
 
 
 class Codec:
@@ -56,8 +57,8 @@ class Codec:
 
     def matvec(self, raw: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         """out[r] = decode(raw[r]) . x for every row (x: (cols,) float32)."""
-        for start in range(0, len(raw), _DECODE_ROWS):
-            end = min(start + _DECODE_ROWS, len(raw))
+        for start in range(0, len(raw), DECODE_ROWS):
+            end = min(start + DECODE_ROWS, len(raw))
             out[start:end] = self.decode(raw[start:end], len(x)) @ x
 
     def gate_activations(self, raw: np.ndarray, x: np.ndarray, activation: str,
@@ -74,8 +75,8 @@ class Codec:
         cols = len(x)
         rb = self.row_nbytes(cols)
         out[:] = 0.0
-        for start in range(0, len(rows), _DECODE_ROWS):
-            chunk = raw[rows[start:start + _DECODE_ROWS]]
+        for start in range(0, len(rows), DECODE_ROWS):
+            chunk = raw[rows[start:start + DECODE_ROWS]]
             if gate_act is None:
                 act = ACTIVATIONS[activation](self.decode(chunk[:, :rb], cols) @ x)
             else:
@@ -85,6 +86,16 @@ class Codec:
             out += h @ self.decode(chunk[:, 2 * rb:], cols)
 
 
+CODECS: dict[str, Codec] = {}
+
+
+def register(codec_class: type[Codec]) -> type[Codec]:
+    """Make a codec known to the store, the runtime and the CLI by its name."""
+    CODECS[codec_class.name] = codec_class()
+    return codec_class
+
+
+@register
 class F16(Codec):
     name, bits = "f16", 16
 
@@ -151,6 +162,7 @@ class _Grouped(Codec):
                             ACTIVATION_KINDS[activation], known, hidden_act, out)
 
 
+@register
 class Int8(_Grouped):
     name, bits, limit = "int8", 8, 127
 
@@ -161,6 +173,7 @@ class Int8(_Grouped):
         return payload.view(np.int8)
 
 
+@register
 class Int4(_Grouped):
     name, bits, limit = "int4", 4, 7
 
@@ -174,20 +187,6 @@ class Int4(_Grouped):
         q[:, 1::2] = (payload >> 4).astype(np.int8) - 8
         return q
 
-
-_NONE = np.zeros(0, np.float32)  # "gate activations not known" for the fused kernel
-
-CODECS: dict[str, Codec] = {}
-
-
-def register(codec_class: type[Codec]) -> type[Codec]:
-    """Make a codec known to the store, the runtime and the CLI by its name."""
-    CODECS[codec_class.name] = codec_class()
-    return codec_class
-
-
-for _codec_class in (F16, Int8, Int4):
-    register(_codec_class)
 
 
 def codec(name: str) -> Codec:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..functional import ACTIVATIONS
-from ..quant.codecs import Codec, codec
-
-_DECODE_ROWS = 256  # rows decoded to float32 at a time in prefill
+from ..quant.codecs import DECODE_ROWS, Codec, codec
 
 
 class StoredMatrix:
@@ -35,8 +33,8 @@ class StoredMatrix:
         if len(x) == 1:
             self.codec.matvec(self.raw, x[0], out[0])
             return out
-        for start in range(0, self.rows, _DECODE_ROWS):
-            end = min(start + _DECODE_ROWS, self.rows)
+        for start in range(0, self.rows, DECODE_ROWS):
+            end = min(start + DECODE_ROWS, self.rows)
             out[:, start:end] = x @ self.decode_rows(start, end).T
         return out
 
@@ -58,8 +56,8 @@ class BundledFFN:
             return self.apply_rows(x[0], np.arange(len(self.raw)))[None]
         out = np.zeros((len(x), self.hidden), np.float32)
         rb, act = self.row_nbytes, ACTIVATIONS[self.activation]
-        for start in range(0, len(self.raw), _DECODE_ROWS):
-            chunk = self.raw[start:start + _DECODE_ROWS]
+        for start in range(0, len(self.raw), DECODE_ROWS):
+            chunk = self.raw[start:start + DECODE_ROWS]
             gate = x @ self.codec.decode(chunk[:, :rb], self.hidden).T
             up = x @ self.codec.decode(chunk[:, rb:2 * rb], self.hidden).T
             out += (act(gate) * up) @ self.codec.decode(chunk[:, 2 * rb:], self.hidden)
