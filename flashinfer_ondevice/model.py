@@ -73,7 +73,7 @@ class Transformer:
         """Logits (n, vocab) for `tokens` appended to `cache`: every position or just the last."""
         cache.reserve(len(tokens))
         positions = np.arange(cache.length, cache.length + len(tokens))
-        x = self.weights.embedding(tokens) * self._embed_scale
+        x = self.embed(tokens)
         for i, layer in enumerate(self.weights.blocks()):
             x = self.block(i, layer, x, positions, cache)
         cache.advance(len(tokens))
@@ -81,6 +81,10 @@ class Transformer:
             x = x[-1:]
         x = rms_norm(x, self.weights.final_norm, self.config.norm_eps)
         return self.weights.lm_head.apply(x)
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        """The first hidden states of `tokens`."""
+        return self.weights.embedding(tokens) * self._embed_scale
 
     def block(self, i: int, layer: Block, x: np.ndarray, positions: np.ndarray,
               cache: KVCache) -> np.ndarray:

@@ -144,9 +144,9 @@ class DenseMatrix:
 
 @dataclass
 class DenseFFN:
-    gate: DenseMatrix
-    up: DenseMatrix
-    down: DenseMatrix
+    gate: Matrix
+    up: Matrix
+    down: Matrix
     activation: Callable[[np.ndarray], np.ndarray]
 
     def apply(self, x: np.ndarray) -> np.ndarray:
@@ -168,10 +168,18 @@ class DenseWeights:
 
     def blocks(self) -> Iterator[Block]:
         for layer in self.weights.layers:
-            def matrix(name: str, layer: LayerWeights = layer) -> DenseMatrix:
-                return DenseMatrix(getattr(layer, name), layer.input_formats.get(name))
+            yield dense_block(layer, self.activation)
 
-            ffn = DenseFFN(matrix("w_gate"), matrix("w_up"), matrix("w_down"), self.activation)
-            yield Block(matrix("wq"), matrix("wk"), matrix("wv"), matrix("wo"), ffn,
-                        layer.attn_norm, layer.ffn_norm, layer.bq, layer.bk, layer.bv,
-                        layer.q_norm, layer.k_norm, layer.post_attn_norm, layer.post_ffn_norm)
+
+def dense_block(layer: LayerWeights, activation: Callable[[np.ndarray], np.ndarray],
+                wrap: Callable[[str, DenseMatrix], Matrix] | None = None) -> Block:
+    """A checkpoint layer as a `Block` of float32 matrices; `wrap(field, matrix)` may stand
+    in for each matrix (calibration records the inputs this way)."""
+    def matrix(name: str) -> Matrix:
+        dense = DenseMatrix(getattr(layer, name), layer.input_formats.get(name))
+        return dense if wrap is None else wrap(name, dense)
+
+    ffn = DenseFFN(matrix("w_gate"), matrix("w_up"), matrix("w_down"), activation)
+    return Block(matrix("wq"), matrix("wk"), matrix("wv"), matrix("wo"), ffn,
+                 layer.attn_norm, layer.ffn_norm, layer.bq, layer.bk, layer.bv,
+                 layer.q_norm, layer.k_norm, layer.post_attn_norm, layer.post_ffn_norm)

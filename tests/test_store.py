@@ -13,7 +13,7 @@ from flashinfer_ondevice.build.convert import convert
 from flashinfer_ondevice.errors import FlashInferError
 from flashinfer_ondevice.generate import prefill
 from flashinfer_ondevice.model import Transformer, reference_engine
-from flashinfer_ondevice.quant.codecs import codec
+from flashinfer_ondevice.quant.codecs import CODECS, codec
 from flashinfer_ondevice.runtime.planner import BudgetError, make_plan, parse_budget
 from flashinfer_ondevice.runtime.streamed import StreamedWeights
 from flashinfer_ondevice.store.io import DirectReader, aligned_buffer
@@ -81,7 +81,7 @@ def decode_logits(engine, ids):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-@pytest.mark.parametrize("codec_name", ["int8", "int4", "f16"])
+@pytest.mark.parametrize("codec_name", list(CODECS))
 def test_streaming_is_exact_at_every_budget(stores, arch, codec_name):
     """Decode (one token at a time, per-row kernels): bitwise identical to fully resident.
     Prefill (BLAS on decoded row blocks, whose blocking depends on where a streamed chunk
@@ -104,14 +104,15 @@ def test_streaming_is_exact_at_every_budget(stores, arch, codec_name):
             continue
         streaming += 1
         assert np.abs(logits - resident).max() <= 1e-5 * np.abs(resident).max()
-        if codec_name != "f16":  # f16 has no fused kernel: it decodes and uses BLAS
+        if codec(codec_name).fused:  # f16 has no fused kernel: it decodes and uses BLAS
             np.testing.assert_array_equal(decode_logits(engine, IDS[:16]), resident_steps)
     assert streaming >= (4 if arch == "gemma3" else 1)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_store_matches_reference_engine_on_the_same_codec(stores, arch):
-    path = stores(arch, "int8")
+@pytest.mark.parametrize(("arch", "codec_name"), [("llama", "int8"), ("gemma3", "int8"),
+                                                  ("gemma3", "pal3")])
+def test_store_matches_reference_engine_on_the_same_codec(stores, arch, codec_name):
+    path = stores(arch, codec_name)
     store = open_store(path)
     reference = reference_engine(store.config, decoded_weights(path))
     reference.kv_dtype = np.float16  # the store engine's KV cache rounding

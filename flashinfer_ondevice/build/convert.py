@@ -23,13 +23,18 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..errors import FlashInferError, error_kind
 from ..loader import load_checkpoint
-from ..quant.codecs import CODECS, Codec, codec
+from ..quant.codecs import CODECS, Codec, InputStats, codec
 from ..schema import LAYER_MATRICES, LAYER_VECTORS, layer_key
 from ..store.format import ALIGN, FORMAT, VERSION, WEIGHTS, align_up, write_manifest
 from . import head_proxy
+from .calibrate import default_text
 from .head_proxy import proxy_rank
+from .input_stats import InputStatsCollector
 
 _CHUNK_ROWS = 16384  # rows encoded at a time: bounds convert's extra memory
+STATS_TOKENS = 8192  # calibration tokens whose input statistics fit data-fitted codecs
+STATS_CHUNK = 512  # tokens per forward pass of the statistics (each chunk a fresh context)
+MIN_STATS_TOKENS = 256
 
 
 class _WeightsWriter:
@@ -65,9 +70,11 @@ class _WeightsWriter:
         self.put(name, values, "f32", values.shape[1] * 4, values.shape[1],
                  lambda v: v.astype(np.float32).view(np.uint8))
 
-    def put_matrix(self, name: str, matrix: np.ndarray, chosen: Codec) -> None:
+    def put_matrix(self, name: str, matrix: np.ndarray, chosen: Codec,
+                   stats: InputStats | None = None) -> None:
         c = chosen if chosen.supports(matrix.shape[1]) else CODECS["f16"]
-        self.put(name, matrix, c.name, c.row_nbytes(matrix.shape[1]), matrix.shape[1], c.encode)
+        self.put(name, matrix, c.name, c.row_nbytes(matrix.shape[1]), matrix.shape[1],
+                 lambda rows: c.encode(rows, stats))
 
     def finish(self) -> tuple[int, str]:
         self._write(b"\0" * (align_up(self.offset) - self.offset))
@@ -77,11 +84,12 @@ class _WeightsWriter:
         return self.offset, self.sha.hexdigest()
 
 
-def _bundles(layer, c: Codec) -> tuple[np.ndarray, Codec]:
-    """(ffn, 3 x row_nbytes): neuron i's gate row, up row and down column, encoded."""
+def _bundles(layer, c: Codec, stats: InputStats | None) -> tuple[np.ndarray, Codec]:
+    """(ffn, 3 x row_nbytes): neuron i's gate row, up row and down column, encoded; `stats`
+    of the FFN input (a down column's values all multiply one input: it needs none)."""
     hidden = layer.w_gate.shape[1]
     c = c if c.supports(hidden) else CODECS["f16"]
-    return np.concatenate([c.encode(layer.w_gate), c.encode(layer.w_up),
+    return np.concatenate([c.encode(layer.w_gate, stats), c.encode(layer.w_up, stats),
                            c.encode(np.ascontiguousarray(layer.w_down.T))], axis=1), c
 
 
@@ -103,9 +111,14 @@ def _file_sha256(path: Path) -> str:
 
 
 def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
-            progress: bool = False, head_proxy_rank: int | None = None) -> Path:
+            progress: bool = False, head_proxy_rank: int | None = None,
+            calibration_text: str | None = None,
+            calibration_tokens: int = STATS_TOKENS) -> Path:
     """Write the flash store of `source` to `target` (which must not exist yet).
-    `head_proxy_rank`: the output-layer proxy's rank (default: build/head_proxy.py's rule)."""
+    `head_proxy_rank`: the output-layer proxy's rank (default: build/head_proxy.py's rule).
+    Codecs that fit to data see the statistics of `calibration_tokens` tokens of
+    `calibration_text` (default: the packaged calibration text)."""
+    calibration_text = default_text() if calibration_text is None else calibration_text
     source, target = Path(source), Path(target)
     try:
         chosen = codec(codec_name)
@@ -121,27 +134,39 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
     tmp.mkdir()
     try:
+        tokenizer = _copy_tokenizer(checkpoint.source, tmp)
+        collector = None
+        if chosen.fits_inputs:
+            chunks = _calibration_chunks(tmp, tokenizer, calibration_text, calibration_tokens)
+            collector = InputStatsCollector(config, weights, chunks, progress)
         with tqdm(total=_estimated_bytes(config, chosen), unit="B", unit_scale=True,
                   desc=f"converting to {chosen.name}", disable=not progress) as bar:
             out = _WeightsWriter(tmp / WEIGHTS, bar)
             for i, layer in enumerate(weights.layers):
+                stats = {} if collector is None else collector.layer(i, layer)
                 for field in LAYER_MATRICES:
-                    out.put_matrix(layer_key(i, field), getattr(layer, field), chosen)
+                    out.put_matrix(layer_key(i, field), getattr(layer, field), chosen,
+                                   stats.get(field))
                 for field in LAYER_VECTORS:
                     if getattr(layer, field) is not None:
                         out.put_vector(layer_key(i, field), getattr(layer, field))
-                bundles, c = _bundles(layer, chosen)
+                bundles, c = _bundles(layer, chosen, stats.get("w_gate"))
                 out.put(layer_key(i, "ffn"), bundles, c.name, bundles.shape[1],
                         config.hidden_size, lambda rows: rows)
-            out.put_matrix("embed", weights.embed, chosen)
+            head_stats = None if collector is None else collector.head(weights.final_norm)
+            # a tied embedding is also looked up, not only multiplied: the output layer's
+            # E[x x^T] is the wrong objective for half its use (and refining 262k rows
+            # costs 100x a layer), so it is weighted by the second moment alone
+            tied = None if head_stats is None else InputStats(head_stats.second_moment)
+            out.put_matrix("embed", weights.embed, chosen,
+                           tied if weights.output is None else None)
             if weights.output is not None:
-                out.put_matrix("output", weights.output, chosen)
+                out.put_matrix("output", weights.output, chosen, head_stats)
             out.put_vector("final_norm", weights.final_norm)
             if weights.rope_freq_factors is not None:
                 out.put_vector("rope_freqs", weights.rope_freq_factors)
             size, sha = out.finish()
         files = {WEIGHTS: {"size": size, "sha256": sha}}
-        tokenizer = _copy_tokenizer(checkpoint.source, tmp)
         for name in tokenizer["files"]:
             files[name] = {"size": (tmp / name).stat().st_size,
                            "sha256": _file_sha256(tmp / name)}
@@ -151,6 +176,10 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
             "chat_template": checkpoint.chat_template, "source": source.name,
             "files": files, "tensors": out.tensors,
         }
+        if collector is not None:
+            manifest["input_statistics"] = {
+                "tokens": collector.tokens,
+                "text_sha256": hashlib.sha256(calibration_text.encode()).hexdigest()}
         write_manifest(tmp, manifest)
         rank = proxy_rank(config) if head_proxy_rank is None else head_proxy_rank
         if rank is not None:
@@ -162,11 +191,28 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
     return target
 
 
+def _calibration_chunks(folder: Path, tokenizer: dict, text: str, tokens: int
+                        ) -> list[np.ndarray]:
+    """The calibration text as token chunks of STATS_CHUNK tokens, each starting with BOS."""
+    from ..loader.tokenizer import GGUFTokenizer, HFTokenizer, read_json
+
+    if tokenizer["kind"] == "hf":
+        encoder = HFTokenizer(folder, read_json(folder / "config.json") or {})
+    else:
+        encoder = GGUFTokenizer(folder / "tokenizer.gguf")
+    ids = encoder.encode(text, add_special=False)[:tokens]
+    if len(ids) < MIN_STATS_TOKENS:
+        raise FlashInferError(f"calibration text has {len(ids)} tokens; at least "
+                              f"{MIN_STATS_TOKENS} are needed")
+    bos = [] if encoder.bos_id is None else [encoder.bos_id]
+    step = STATS_CHUNK - len(bos)
+    return [np.array(bos + ids[i:i + step]) for i in range(0, len(ids), step)]
+
+
 def _add_head_proxy(folder: Path, manifest: dict, rank: int, progress: bool) -> None:
     """Fit the output layer's proxy (build/head_proxy.py) by running the new store on the
     packaged calibration text, write head_proxy.bin and record it in `manifest`."""
     from ..runtime.engine import open_store_session
-    from .calibrate import default_text
 
     model = open_store_session(folder, head="exact")
     parameters = sum(t["rows"] * t["cols"] * (3 if name.endswith(".ffn") else 1)

@@ -9,25 +9,42 @@ token; the store, the planner, the runtime and the CLI learn codecs from `CODECS
   int8  scale = amax/127 per group of 64 (float32), int8 values       8.5 bits/weight
   int4  scale = amax/7 per group of 64 (float32), values in -8..7
         packed two per byte (low nibble first, stored +8)             4.5 bits/weight
+  pal4, pal3, pal2
+        a palette per row: a table of 2^b float16 values and a b-bit
+        index per weight (8 indices in b bytes)   b + 2^(b+4)/cols bits/weight
+        (4.4, 3.2, 2.1 on 640-wide rows)
 
 A row of a grouped codec is `[scales][payload]`; scales are float32 (not float16) so the
-numba kernels (quant/kernels.py) read them directly. Codecs without fused kernels (f16)
-compute one token by decoding a block of rows at a time (the base class's kernels).
+numba kernels (quant/kernels.py) read them directly. A palette row is `[table][indices]`;
+its tables are fitted to the inputs the matrix multiplies when calibration statistics are
+given (`InputStats`, see quant/palette_fit.py). Codecs without fused kernels (f16) compute
+one token by decoding a block of rows at a time (the base class's kernels). Several tokens
+(prefill) decode a block of rows to float32 and multiply with BLAS (`matmul`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from ..functional import ACTIVATIONS
-from . import kernels
+from . import kernels, palette_fit, palette_kernels
 from .kernels import GROUP
 
 DECODE_ROWS = 256  # rows decoded to float32 at a time (bounds decoding's temporary memory)
 ACTIVATION_KINDS = {"gelu_tanh": 0, "silu": 1}  # the kernels' activation codes
 _NONE = np.zeros(0, np.float32)  # "gate activations not known" for the fused kernel
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """What calibration measured of the inputs x a matrix multiplies: E[x_j^2] (cols,) and,
+    where collected, E[x x^T] (cols, cols). Codecs that fit to data use them."""
+
+    second_moment: np.ndarray
+    hessian: np.ndarray | None = None
 
 
 class Codec:
@@ -40,6 +57,8 @@ class Codec:
 
     name: ClassVar[str]
     bits: ClassVar[int]  # bits per stored value
+    fused: ClassVar[bool] = False  # whether its one-token kernels read the bytes directly
+    fits_inputs: ClassVar[bool] = False  # whether encode() uses calibration's InputStats
 
     def supports(self, cols: int) -> bool:
         return True
@@ -47,13 +66,39 @@ class Codec:
     def row_nbytes(self, cols: int) -> int:
         raise NotImplementedError
 
-    def encode(self, rows: np.ndarray) -> np.ndarray:
-        """(n, cols) float32 -> (n, row_nbytes) uint8."""
+    def encode(self, rows: np.ndarray, stats: InputStats | None = None) -> np.ndarray:
+        """(n, cols) float32 -> (n, row_nbytes) uint8; `stats` of the inputs the rows
+        multiply, for codecs that fit to them (others ignore it)."""
         raise NotImplementedError
 
     def decode(self, raw: np.ndarray, cols: int) -> np.ndarray:
         """(n, row_nbytes) uint8 -> (n, cols) float32."""
         raise NotImplementedError
+
+    def warm_up(self) -> None:
+        """Load (or compile) the codec's kernels now."""
+
+    def matmul(self, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """x @ decode(raw).T for several tokens x (tokens, cols): a block of rows decoded at
+        a time, multiplied with BLAS (bounded temporary memory)."""
+        out = np.empty((len(x), len(raw)), np.float32)
+        for start in range(0, len(raw), DECODE_ROWS):
+            end = min(start + DECODE_ROWS, len(raw))
+            out[:, start:end] = x @ self.decode(raw[start:end], x.shape[1]).T
+        return out
+
+    def bundle_ffn_matmul(self, raw: np.ndarray, x: np.ndarray, activation: str) -> np.ndarray:
+        """The dense FFN of several tokens x (tokens, hidden) over all bundles raw: a block of
+        bundles decoded at a time, multiplied with BLAS."""
+        hidden = x.shape[1]
+        rb, act = self.row_nbytes(hidden), ACTIVATIONS[activation]
+        out = np.zeros((len(x), hidden), np.float32)
+        for start in range(0, len(raw), DECODE_ROWS):
+            chunk = raw[start:start + DECODE_ROWS]
+            gate = x @ self.decode(chunk[:, :rb], hidden).T
+            up = x @ self.decode(chunk[:, rb:2 * rb], hidden).T
+            out += (act(gate) * up) @ self.decode(chunk[:, 2 * rb:], hidden)
+        return out
 
     def matvec(self, raw: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         """out[r] = decode(raw[r]) . x for every row (x: (cols,) float32)."""
@@ -102,7 +147,7 @@ class F16(Codec):
     def row_nbytes(self, cols: int) -> int:
         return 2 * cols
 
-    def encode(self, rows: np.ndarray) -> np.ndarray:
+    def encode(self, rows: np.ndarray, stats: InputStats | None = None) -> np.ndarray:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         return rows.astype(np.float16).view(np.uint8).reshape(len(rows), -1)
 
@@ -115,6 +160,8 @@ class _Grouped(Codec):
     """Symmetric integers with a float32 scale per group of GROUP values; fused kernels."""
 
     limit: ClassVar[int]  # largest magnitude stored
+    lowest: ClassVar[int]  # most negative value stored
+    fused = True
 
     def supports(self, cols: int) -> bool:
         return cols % GROUP == 0
@@ -122,7 +169,7 @@ class _Grouped(Codec):
     def row_nbytes(self, cols: int) -> int:
         return 4 * (cols // GROUP) + cols * self.bits // 8
 
-    def encode(self, rows: np.ndarray) -> np.ndarray:
+    def encode(self, rows: np.ndarray, stats: InputStats | None = None) -> np.ndarray:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         n, cols = rows.shape
         if not self.supports(cols):
@@ -130,8 +177,7 @@ class _Grouped(Codec):
         grouped = rows.reshape(n, -1, GROUP)
         scales = np.abs(grouped).max(axis=-1) / self.limit
         safe = np.where(scales > 0, scales, 1.0)[..., None]
-        lowest = -self.limit - (self.bits == 4)
-        q = np.clip(np.rint(grouped / safe), lowest, self.limit).astype(np.int8)
+        q = np.clip(np.rint(grouped / safe), self.lowest, self.limit).astype(np.int8)
         payload = self._pack(q.reshape(n, cols))
         return np.concatenate([scales.astype(np.float32).view(np.uint8).reshape(n, -1),
                                payload], axis=1)
@@ -149,6 +195,9 @@ class _Grouped(Codec):
     def _unpack(self, payload: np.ndarray, cols: int) -> np.ndarray:
         raise NotImplementedError
 
+    def warm_up(self) -> None:
+        kernels.warm_up(self.bits)
+
     def matvec(self, raw, x, out) -> None:
         kernels.matvec(raw, x, len(x) // GROUP, self.bits, out)
 
@@ -164,7 +213,7 @@ class _Grouped(Codec):
 
 @register
 class Int8(_Grouped):
-    name, bits, limit = "int8", 8, 127
+    name, bits, limit, lowest = "int8", 8, 127, -127
 
     def _pack(self, q: np.ndarray) -> np.ndarray:
         return q.view(np.uint8)
@@ -175,7 +224,7 @@ class Int8(_Grouped):
 
 @register
 class Int4(_Grouped):
-    name, bits, limit = "int4", 4, 7
+    name, bits, limit, lowest = "int4", 4, 7, -8
 
     def _pack(self, q: np.ndarray) -> np.ndarray:
         nibbles = (q + 8).astype(np.uint8)
@@ -187,6 +236,94 @@ class Int4(_Grouped):
         q[:, 1::2] = (payload >> 4).astype(np.int8) - 8
         return q
 
+
+class _Palette(Codec):
+    """A table of 2^bits float16 values per row and a bits-wide index per weight, packed
+    little-endian (8 indices in `bits` bytes); fused kernels in quant/palette_kernels.py."""
+
+    fused = True
+    fits_inputs = True
+
+    @property
+    def entries(self) -> int:
+        return 1 << self.bits
+
+    def supports(self, cols: int) -> bool:
+        return cols % 8 == 0
+
+    def row_nbytes(self, cols: int) -> int:
+        return 2 * self.entries + cols * self.bits // 8
+
+    def encode(self, rows: np.ndarray, stats: InputStats | None = None) -> np.ndarray:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        n, cols = rows.shape
+        if not self.supports(cols):
+            raise ValueError(f"{self.name} needs rows in whole groups of 8, got {cols}")
+        weight = None if stats is None else stats.second_moment
+        tables, indices = palette_fit.kmeans(rows, self.entries, weight)
+        if stats is not None and stats.hessian is not None:
+            tables = palette_fit.refine(rows, indices, tables, stats.hessian)
+        return np.concatenate([tables.astype(np.float16).view(np.uint8),
+                               self._pack(indices)], axis=1)
+
+    def _pack(self, indices: np.ndarray) -> np.ndarray:
+        """(n, cols) indices -> (n, cols * bits / 8) bytes: each run of 8 indices is one
+        little-endian integer of `bits` bytes, index i at bit bits * i."""
+        n, cols = indices.shape
+        words = np.zeros((n, cols // 8), np.uint32)
+        for i in range(8):
+            words |= indices[:, i::8].astype(np.uint32) << np.uint32(self.bits * i)
+        return words.view(np.uint8).reshape(n, cols // 8, 4)[:, :, :self.bits].reshape(n, -1)
+
+    def _unpack(self, payload: np.ndarray, cols: int) -> np.ndarray:
+        n = len(payload)
+        padded = np.zeros((n, cols // 8, 4), np.uint8)
+        padded[:, :, :self.bits] = payload.reshape(n, cols // 8, self.bits)
+        words = padded.view(np.uint32)[:, :, 0]
+        indices = np.empty((n, cols), np.int64)
+        for i in range(8):
+            indices[:, i::8] = (words >> np.uint32(self.bits * i)) & np.uint32(self.entries - 1)
+        return indices
+
+    def decode(self, raw: np.ndarray, cols: int) -> np.ndarray:
+        out = np.empty((len(raw), cols), np.float32)
+        palette_kernels.decode(np.ascontiguousarray(raw), self.bits, out)
+        return out
+
+    def decode_reference(self, raw: np.ndarray, cols: int) -> np.ndarray:
+        """`decode` in plain numpy (what the tests hold the kernels to)."""
+        raw = np.ascontiguousarray(raw)
+        tables = raw[:, :2 * self.entries].view(np.float16).astype(np.float32)
+        return np.take_along_axis(tables, self._unpack(raw[:, 2 * self.entries:], cols), axis=1)
+
+    def warm_up(self) -> None:
+        palette_kernels.warm_up(self.bits)
+
+    def matvec(self, raw, x, out) -> None:
+        palette_kernels.matvec(raw, x, self.bits, out)
+
+    def gate_activations(self, raw, x, activation, out) -> None:
+        palette_kernels.gate_activations(raw, x, self.bits, ACTIVATION_KINDS[activation], out)
+
+    def bundle_ffn(self, raw, rows, x, activation, gate_act, hidden_act, out) -> None:
+        known = _NONE if gate_act is None else np.ascontiguousarray(gate_act, np.float32)
+        palette_kernels.bundled_ffn(raw, rows, x, self.bits, self.row_nbytes(len(x)),
+                                    ACTIVATION_KINDS[activation], known, hidden_act, out)
+
+
+@register
+class Pal4(_Palette):
+    name, bits = "pal4", 4
+
+
+@register
+class Pal3(_Palette):
+    name, bits = "pal3", 3
+
+
+@register
+class Pal2(_Palette):
+    name, bits = "pal2", 2
 
 
 def codec(name: str) -> Codec:

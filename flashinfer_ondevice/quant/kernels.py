@@ -52,7 +52,7 @@ def matvec(raw, x, ng, bits, out):
 
 
 @njit(cache=True, inline="always", fastmath=True)
-def _activate(g, kind):
+def activate(g, kind):
     if kind == 0:  # gelu, tanh approximation
         return np.float32(0.5) * g * (np.float32(1.0) + math.tanh(
             np.float32(_SQRT_2_OVER_PI) * (g + np.float32(0.044715) * g * g * g)))
@@ -64,7 +64,7 @@ def gate_activations(raw, x, ng, bits, activation, out):
     """out[i] = act(gate_i . x), gate_i being the first row of raw[i] (a bundle or a gate row)."""
     row_nbytes = 4 * ng + GROUP * ng * bits // 8
     for i in prange(raw.shape[0]):
-        out[i] = _activate(_row_dot(raw[i, :row_nbytes], x, ng, bits), activation)
+        out[i] = activate(_row_dot(raw[i, :row_nbytes], x, ng, bits), activation)
 
 
 @njit(cache=True, inline="always", fastmath=True)
@@ -115,7 +115,7 @@ def bundled_ffn(raw, rows, x, ng, bits, row_nbytes, activation, gate_act, hidden
             if known:
                 act = gate_act[j]
             else:
-                act = _activate(_row_dot(raw[i, :row_nbytes], x, ng, bits), activation)
+                act = activate(_row_dot(raw[i, :row_nbytes], x, ng, bits), activation)
             h = act * _row_dot(raw[i, row_nbytes:2 * row_nbytes], x, ng, bits)
             hidden_act[j] = h
             if h != 0.0:
@@ -127,16 +127,16 @@ def bundled_ffn(raw, rows, x, ng, bits, row_nbytes, activation, gate_act, hidden
         out[k] = total
 
 
-def warm_up() -> None:
-    """Load (or compile) every kernel now, so the JIT runtime is part of the process baseline
-    rather than a surprise inside a memory budget."""
+def warm_up(bits: int) -> None:
+    """Load (or compile) every kernel for `bits` now, so the JIT runtime is part of the
+    process baseline rather than a surprise inside a memory budget."""
     x = np.zeros(GROUP, np.float32)
     out = np.zeros(1, np.float32)
-    for bits, nbytes in ((8, 4 + GROUP), (4, 4 + GROUP // 2)):
-        raw = np.zeros((1, nbytes), np.uint8)
-        matvec(raw, x, 1, bits, out)
-        bundles = np.zeros((1, 3 * nbytes), np.uint8)
-        for gate_act in (np.zeros(0, np.float32), np.zeros(1, np.float32)):
-            bundled_ffn(bundles, np.zeros(1, np.int64), x, 1, bits, nbytes, 0, gate_act,
-                        np.zeros(1, np.float32), np.zeros(GROUP, np.float32))
-        gate_activations(bundles, x, 1, bits, 0, out)
+    nbytes = 4 + GROUP * bits // 8
+    raw = np.zeros((1, nbytes), np.uint8)
+    matvec(raw, x, 1, bits, out)
+    bundles = np.zeros((1, 3 * nbytes), np.uint8)
+    for gate_act in (np.zeros(0, np.float32), np.zeros(1, np.float32)):
+        bundled_ffn(bundles, np.zeros(1, np.int64), x, 1, bits, nbytes, 0, gate_act,
+                    np.zeros(1, np.float32), np.zeros(GROUP, np.float32))
+    gate_activations(bundles, x, 1, bits, 0, out)

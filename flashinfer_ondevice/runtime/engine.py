@@ -31,7 +31,7 @@ from ..loader.tokenizer import (
 )
 from ..memory import current_rss_bytes
 from ..model import Transformer
-from ..quant import kernels
+from ..quant.codecs import CODECS, codec
 from ..schema import layer_key
 from ..store.format import ALIGN
 from ..store.io import DirectReader
@@ -74,7 +74,8 @@ class Session:
 def process_baseline() -> int:
     """The process's resident memory with the runtime loaded: numpy, the compiled kernels
     and llama.cpp's library (when installed). Budgets count memory above it. Taken once."""
-    kernels.warm_up()
+    for known in CODECS.values():
+        known.warm_up()
     if llama_cpp_available():  # only GGUF tokenizers need it; they report its errors
         with contextlib.suppress(LlamaCppError):
             load_llama_cpp()
@@ -113,8 +114,10 @@ def sparse_settings(store: Store, budget: int | None, selector: str | None,
     if record is None:
         raise FlashInferError(f"store {store.path} has no sparsity calibration (convert it "
                               "with run-model convert MODEL --calibrate)")
-    if store.tensors[layer_key(0, "ffn")].codec == "f16":
-        raise FlashInferError("FFN sparsity runs on int8 or int4 stores; this one is f16")
+    ffn_codec = store.tensors[layer_key(0, "ffn")].codec
+    if not codec(ffn_codec).fused:
+        raise FlashInferError(f"FFN sparsity needs a codec with fused kernels; this store's "
+                              f"FFN is {ffn_codec}")
     if selector is None:
         selector = "gate" if budget is None else record.defaults["selector"]
     if selector not in SELECTORS:

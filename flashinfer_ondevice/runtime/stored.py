@@ -1,18 +1,17 @@
 """Weights kept as codec bytes: matrices and FFN row-column bundles that compute directly.
 
-One token (decode) runs the codec's kernels on the bytes (fused numba kernels for int8/int4);
-several tokens (prefill) decode a few hundred rows at a time to float32 and use BLAS, which
-bounds the temporary memory. Resident and streamed weights use these same objects, so a
-streamed forward pass computes exactly what a fully resident one does. They implement the
-`Matrix` and `FeedForward` interfaces of weights.py.
+One token (decode) runs the codec's kernels on the bytes (fused numba kernels where the codec
+has them); several tokens (prefill) run its batched kernel (a few hundred rows decoded to
+float32 at a time and BLAS, which bounds the temporary memory). Resident and streamed
+weights use these same objects, so a streamed forward pass computes exactly what a fully
+resident one does. They implement the `Matrix` and `FeedForward` interfaces of weights.py.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..functional import ACTIVATIONS
-from ..quant.codecs import DECODE_ROWS, Codec, codec
+from ..quant.codecs import Codec, codec
 
 
 class StoredMatrix:
@@ -29,13 +28,10 @@ class StoredMatrix:
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.empty((len(x), self.rows), np.float32)
-        if len(x) == 1:
-            self.codec.matvec(self.raw, x[0], out[0])
-            return out
-        for start in range(0, self.rows, DECODE_ROWS):
-            end = min(start + DECODE_ROWS, self.rows)
-            out[:, start:end] = x @ self.decode_rows(start, end).T
+        if len(x) > 1:
+            return self.codec.matmul(self.raw, x)
+        out = np.empty((1, self.rows), np.float32)
+        self.codec.matvec(self.raw, x[0], out[0])
         return out
 
 
@@ -54,14 +50,7 @@ class BundledFFN:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if len(x) == 1:
             return self.apply_rows(x[0], np.arange(len(self.raw)))[None]
-        out = np.zeros((len(x), self.hidden), np.float32)
-        rb, act = self.row_nbytes, ACTIVATIONS[self.activation]
-        for start in range(0, len(self.raw), DECODE_ROWS):
-            chunk = self.raw[start:start + DECODE_ROWS]
-            gate = x @ self.codec.decode(chunk[:, :rb], self.hidden).T
-            up = x @ self.codec.decode(chunk[:, rb:2 * rb], self.hidden).T
-            out += (act(gate) * up) @ self.codec.decode(chunk[:, 2 * rb:], self.hidden)
-        return out
+        return self.codec.bundle_ffn_matmul(self.raw, x, self.activation)
 
     def apply_rows(self, x: np.ndarray, rows: np.ndarray,
                    gate_act: np.ndarray | None = None) -> np.ndarray:

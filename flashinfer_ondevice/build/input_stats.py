@@ -1,0 +1,107 @@
+"""Calibration statistics of the inputs each matrix multiplies, for codecs that fit to data.
+
+Runs the float32 checkpoint over calibration text one layer at a time (the hidden states of
+every chunk are kept, a layer is loaded once: a lazy GGUF stays lazy), recording for each
+distinct matrix input its second moment E[x_j^2] and E[x x^T] (damped, as GPTQ does: a
+percent of the mean diagonal added, so that least squares stays well posed with few
+tokens). Inputs, by what multiplies them:
+
+  attn_in   wq, wk, wv (the normed block input)        ffn_in    w_gate, w_up
+  attn_out  wo (the attention heads' output)           head_in   the output layer (and the
+                                                                 tied embedding)
+The FFN's down projection is stored by columns (one per neuron, see store/format.py): all the
+values of such a row multiply the same input, so its palette needs no input statistics.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from ..config import ModelConfig
+from ..functional import ACTIVATIONS, rms_norm
+from ..model import Transformer
+from ..quant.codecs import InputStats
+from ..weights import DenseMatrix, DenseWeights, LayerWeights, Weights, dense_block
+
+DAMPING = 0.01  # fraction of the mean diagonal added to E[x x^T]
+INPUT_OF = {"wq": "attn_in", "wo": "attn_out", "w_gate": "ffn_in"}  # one recorder per input
+MATRIX_INPUT = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "attn_out",
+                "w_gate": "ffn_in", "w_up": "ffn_in"}
+
+
+class _Moments:
+    """Running sum of x^T x over the tokens seen (float64)."""
+
+    def __init__(self) -> None:
+        self.sum: np.ndarray | None = None
+        self.count = 0
+
+    def add(self, x: np.ndarray) -> None:
+        x64 = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        outer = x64.T @ x64
+        self.sum = outer if self.sum is None else self.sum + outer
+        self.count += len(x64)
+
+    def stats(self) -> InputStats:
+        hessian = self.sum / max(self.count, 1)
+        diagonal = np.diag(hessian).copy()
+        damped = hessian + DAMPING * max(float(diagonal.mean()), 1e-30) * np.eye(len(diagonal))
+        return InputStats(diagonal.astype(np.float32), damped.astype(np.float32))
+
+
+class _Recorder:
+    """Stands in for a matrix: records its inputs, then multiplies."""
+
+    def __init__(self, matrix: DenseMatrix, moments: _Moments):
+        self.matrix, self.moments = matrix, moments
+        self.rows = matrix.rows
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        self.moments.add(x)
+        return self.matrix.apply(x)
+
+
+class InputStatsCollector:
+    """Feed it the checkpoint's layers in order; it returns each layer's input statistics
+    and moves the calibration tokens' hidden states past that layer."""
+
+    def __init__(self, config: ModelConfig, weights: Weights, chunks: list[np.ndarray],
+                 progress: bool = False):
+        activation = ACTIVATIONS[config.traits.activation]
+        shell = Weights(weights.embed, (), weights.final_norm, None, weights.rope_freq_factors)
+        self.config = config
+        self.activation = activation
+        self.engine = Transformer(config, DenseWeights(shell, activation), kv_dtype=np.float32)
+        self.chunks = chunks
+        self.hidden = [self.engine.embed(np.asarray(c)) for c in chunks]
+        self.bar = tqdm(total=config.n_layers, desc="input statistics", unit="layer",
+                        disable=not progress)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+    def layer(self, i: int, layer: LayerWeights) -> dict[str, InputStats]:
+        """Statistics of layer i's inputs, by matrix field (see MATRIX_INPUT)."""
+        moments = {name: _Moments() for name in INPUT_OF.values()}
+
+        def wrap(field: str, matrix: DenseMatrix):
+            return _Recorder(matrix, moments[INPUT_OF[field]]) if field in INPUT_OF else matrix
+
+        block = dense_block(layer, self.activation, wrap)
+        for c, x in enumerate(self.hidden):
+            cache = self.engine.new_cache(len(x))
+            cache.reserve(len(x))
+            self.hidden[c] = self.engine.block(i, block, x, np.arange(len(x)), cache)
+        self.bar.update()
+        stats = {name: m.stats() for name, m in moments.items()}
+        return {field: stats[name] for field, name in MATRIX_INPUT.items()}
+
+    def head(self, final_norm: np.ndarray) -> InputStats:
+        """Statistics of the output layer's input (after the last layer)."""
+        self.bar.close()
+        moments = _Moments()
+        for x in self.hidden:
+            moments.add(rms_norm(x, final_norm, self.config.norm_eps))
+        return moments.stats()

@@ -1,0 +1,195 @@
+"""Codecs: round trips within each codec's stated error, every kernel against the codec's
+numpy decode, palette fitting (weighted k-means, least-squares tables) and the input
+statistics calibration collects for it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flashinfer_ondevice.functional import ACTIVATIONS, rms_norm
+from flashinfer_ondevice.quant import palette_fit
+from flashinfer_ondevice.quant.codecs import CODECS, GROUP, InputStats, codec
+
+FUSED = [name for name, c in CODECS.items() if c.fused]
+PALETTES = [name for name in CODECS if name.startswith("pal")]
+
+
+def rows(n: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Heavy-tailed rows, like real weights (a few large values per row)."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_t(4, (n, cols)) * 0.02).astype(np.float32)
+
+
+def reference_decode(c, raw: np.ndarray, cols: int) -> np.ndarray:
+    """The codec's decode in plain numpy where it has one besides its kernel."""
+    return c.decode_reference(raw, cols) if hasattr(c, "decode_reference") else \
+        c.decode(raw, cols)
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+def test_round_trip_within_the_stated_error(name):
+    c = codec(name)
+    w = rows(64, 640)
+    raw = c.encode(w)
+    assert raw.shape == (64, c.row_nbytes(640)) and raw.dtype == np.uint8
+    decoded = c.decode(raw, 640)
+    np.testing.assert_array_equal(decoded, reference_decode(c, raw, 640))
+    if name == "f16":
+        np.testing.assert_array_equal(decoded, w.astype(np.float16).astype(np.float32))
+    elif name.startswith("int"):  # within half a step of each group's scale
+        scale = np.abs(w.reshape(64, -1, GROUP)).max(-1, keepdims=True) / c.limit
+        err = np.abs((decoded - w).reshape(64, -1, GROUP))
+        assert (err <= scale / 2 * (1 + 1e-5)).all()
+    else:  # every value decodes to its row's nearest table entry (unweighted k-means)
+        tables = raw[:, :2 * c.entries].view(np.float16).astype(np.float32)
+        assert (np.diff(tables, axis=1) >= 0).all()  # ascending
+        nearest = np.abs(w[:, :, None] - tables[:, None, :]).min(-1)
+        np.testing.assert_allclose(np.abs(decoded - w), nearest, atol=2e-3 * np.abs(w).max())
+
+
+def test_palettes_spend_their_bits_better_than_uniform_steps():
+    """Per row, a 4-bit palette fits a heavy-tailed row better than int4's uniform steps
+    at fewer bytes, and each bit less costs error."""
+    w = rows(256, 640)
+    error = {n: float(np.sqrt(((codec(n).decode(codec(n).encode(w), 640) - w) ** 2).mean()))
+             for n in ("int4", "pal4", "pal3", "pal2")}
+    assert codec("pal4").row_nbytes(640) < codec("int4").row_nbytes(640)
+    assert error["pal4"] < error["int4"]
+    assert error["pal4"] < error["pal3"] < error["pal2"]
+
+
+@pytest.mark.parametrize("name", PALETTES)
+def test_index_packing_round_trips(name):
+    c = codec(name)
+    rng = np.random.default_rng(1)
+    indices = rng.integers(0, c.entries, (5, 64)).astype(np.uint8)
+    packed = c._pack(indices)
+    assert packed.shape == (5, 64 * c.bits // 8)
+    np.testing.assert_array_equal(c._unpack(packed, 64), indices)
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_kernels_match_the_numpy_decode(name):
+    c = codec(name)
+    hidden, ffn = 128, 96
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(hidden).astype(np.float32)
+    xs = rng.standard_normal((5, hidden)).astype(np.float32)
+    raw = c.encode(rows(ffn, hidden))
+    dense = reference_decode(c, raw, hidden)
+    out = np.empty(ffn, np.float32)
+    c.matvec(raw, x, out)
+    np.testing.assert_allclose(out, dense @ x, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(c.matmul(raw, xs), xs @ dense.T, rtol=1e-4, atol=1e-5)
+
+    gate, up, down_t = rows(ffn, hidden, 3), rows(ffn, hidden, 4), rows(ffn, hidden, 5)
+    bundles = np.concatenate([c.encode(gate), c.encode(up), c.encode(down_t)], axis=1)
+    g, u, d = (reference_decode(c, c.encode(m), hidden) for m in (gate, up, down_t))
+    act = ACTIVATIONS["gelu_tanh"]
+    selected = np.array([0, 5, 17, 40, 95])
+    hidden_act = np.empty(len(selected), np.float32)
+    out = np.empty(hidden, np.float32)
+    c.bundle_ffn(bundles, selected, x, "gelu_tanh", None, hidden_act, out)
+    expected_h = act(g[selected] @ x) * (u[selected] @ x)
+    np.testing.assert_allclose(hidden_act, expected_h, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out, expected_h @ d[selected], rtol=1e-4, atol=1e-6)
+    gates = np.empty(ffn, np.float32)
+    c.gate_activations(bundles, x, "gelu_tanh", gates)
+    np.testing.assert_allclose(gates, act(g @ x), rtol=1e-4, atol=1e-6)
+    c.bundle_ffn(bundles, selected, x, "gelu_tanh", gates[selected], hidden_act, out)
+    np.testing.assert_allclose(out, expected_h @ d[selected], rtol=1e-4, atol=1e-6)
+    full = c.bundle_ffn_matmul(bundles, xs, "gelu_tanh")
+    np.testing.assert_allclose(full, (act(xs @ g.T) * (xs @ u.T)) @ d, rtol=1e-4, atol=1e-5)
+
+
+def test_weighted_kmeans_spends_the_palette_where_inputs_are_large():
+    w = rows(32, 256)
+    weight = np.ones(256)
+    weight[:16] = 1000.0  # inputs of the first 16 columns are large
+    _, plain = palette_fit.kmeans(w, 4)
+    tables_w, weighted = palette_fit.kmeans(w, 4, weight)
+    tables_p, _ = palette_fit.kmeans(w, 4)
+    err_plain = np.take_along_axis(tables_p, plain.astype(np.int64), 1) - w
+    err_weighted = np.take_along_axis(tables_w, weighted.astype(np.int64), 1) - w
+    weighted_cost = lambda e: float((e ** 2 * weight).sum())  # noqa: E731
+    assert weighted_cost(err_weighted) < 0.5 * weighted_cost(err_plain)
+
+
+def test_least_squares_tables_lower_the_output_error():
+    """For fixed assignments the refined tables minimise E|x.(w - w_hat)|^2 over correlated
+    inputs: never worse than k-means, and at the optimum the gradient vanishes."""
+    rng = np.random.default_rng(6)
+    mix = rng.standard_normal((64, 64))
+    x = rng.standard_normal((4096, 64)) @ mix  # strongly correlated inputs
+    h = (x.T @ x / len(x)).astype(np.float32)
+    w = rows(16, 64)
+    tables, indices = palette_fit.kmeans(w, 4, np.diag(h))
+    refined = palette_fit.refine(w, indices, tables, h)
+
+    def output_error(t):
+        delta = np.take_along_axis(t, indices.astype(np.int64), 1) - w
+        return np.einsum("ri,ij,rj->r", delta, h, delta)
+
+    assert (output_error(refined) <= output_error(tables) * (1 + 1e-4)).all()
+    assert output_error(refined).sum() < 0.97 * output_error(tables).sum()
+    onehot = np.eye(4)[indices]  # (rows, cols, k)
+    delta = np.take_along_axis(refined, indices.astype(np.int64), 1) - w
+    gradient = np.einsum("rjk,jl,rl->rk", onehot, h, delta)
+    assert np.abs(gradient).max() < 1e-3 * np.abs(np.einsum("rjk,jl,rl->rk", onehot, h, w)).max()
+
+
+def test_palette_encode_uses_the_statistics():
+    """With statistics of correlated inputs the encoded rows have a lower output error."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4096, 64)) @ rng.standard_normal((64, 64))
+    x[:, :4] *= 20  # a few large input channels, as in real models
+    h = (x.T @ x / len(x)).astype(np.float32)
+    w = rows(32, 64)
+    c = codec("pal3")
+    plain = c.decode(c.encode(w), 64) - w
+    fitted = c.decode(c.encode(w, InputStats(np.diag(h).copy(), h)), 64) - w
+    error = lambda e: float(np.einsum("ri,ij,rj->", e, h, e))  # noqa: E731
+    assert error(fitted) < 0.5 * error(plain)
+
+
+def test_input_statistics_of_the_first_layer():
+    """The collector's attention-input statistics of layer 0 are E[x x^T] of the normed
+    embeddings (plus the stated damping), and E[x_j^2] is their diagonal."""
+    from flashinfer_ondevice.build.input_stats import DAMPING, InputStatsCollector
+
+    config, weights = _tiny_float_model()
+    chunks = [np.array([1, 5, 9, 3, 7]), np.array([1, 2, 2, 8])]
+    collector = InputStatsCollector(config, weights, chunks)
+    stats = collector.layer(0, weights.layers[0])
+    x = np.concatenate([rms_norm(weights.embed[c] * np.float32(np.sqrt(config.hidden_size)),
+                                 weights.layers[0].attn_norm, config.norm_eps)
+                        for c in chunks]).astype(np.float64)
+    expected = x.T @ x / len(x)
+    np.testing.assert_allclose(stats["wq"].second_moment, np.diag(expected), rtol=1e-4)
+    damped = expected + DAMPING * np.diag(expected).mean() * np.eye(len(expected))
+    np.testing.assert_allclose(stats["wk"].hessian, damped, rtol=1e-4, atol=1e-7)
+    assert stats["wq"] is stats["wv"]  # one input, one record
+    assert set(stats) == {"wq", "wk", "wv", "wo", "w_gate", "w_up"}
+    assert collector.tokens == 9
+
+
+def _tiny_float_model():
+    """A random Gemma 3 geometry small enough to run in a test, as float32 Weights."""
+    from flashinfer_ondevice.config import ModelConfig
+    from flashinfer_ondevice.weights import LayerWeights, Weights
+
+    config = ModelConfig(arch="gemma3", vocab_size=16, hidden_size=32, n_layers=2, n_heads=2,
+                         n_kv_heads=1, head_dim=16, ffn_size=48, norm_eps=1e-6,
+                         rope_theta=10000.0, context_length=64, sliding_window=4,
+                         sliding_window_pattern=2, rope_theta_local=10000.0,
+                         tie_embeddings=True)
+    rng = np.random.default_rng(8)
+    m = lambda *shape: (rng.standard_normal(shape) * 0.2).astype(np.float32)  # noqa: E731
+    ones = lambda n: np.ones(n, np.float32) + m(n)  # noqa: E731
+    layers = [LayerWeights(attn_norm=ones(32), wq=m(32, 32), wk=m(16, 32), wv=m(16, 32),
+                           wo=m(32, 32), ffn_norm=ones(32), w_gate=m(48, 32), w_up=m(48, 32),
+                           w_down=m(32, 48), q_norm=ones(16), k_norm=ones(16),
+                           post_attn_norm=ones(32), post_ffn_norm=ones(32))
+              for _ in range(2)]
+    return config, Weights(embed=m(16, 32), layers=layers, final_norm=ones(32))
