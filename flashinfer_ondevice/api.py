@@ -27,7 +27,7 @@ from .errors import ContextLengthError, FlashInferError
 from .generate import GenerationResponse, prefill, stream_generate
 from .loader import load_checkpoint
 from .model import reference_engine
-from .quant.codecs import CODECS
+from .quant.codecs import parse_codec_spec
 from .runtime.engine import (
     DEFAULT_CTX,
     Session,
@@ -155,7 +155,9 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
       (of the store). None runs the store fully resident.
     ctx_size: context window in tokens (default min(4096, the model's); 1024 under a budget).
     threads: CPU threads for matrix products (default: all cores).
-    codec: store codec when converting (see quant/codecs.py: "int8", "int4", "f16").
+    codec: store codec when converting (see quant/codecs.py: "int8", "int4", "pal4", "pal3",
+      "pal2", "f16"), optionally per tensor group: "pal4,embed=int4" (groups: embed, attn,
+      ffn).
     verify: check the store's checksums before running.
     progress: show progress bars (default: when stderr is a terminal).
     on_plan: called with the memory plan's description before any weight is read.
@@ -218,7 +220,8 @@ def store_path_for(source: Path, codec: str) -> Path:
     stat = source.stat()
     identity = f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
     tag = hashlib.sha256(identity).hexdigest()[:10]
-    return models_dir() / f"{source.name.removesuffix('.gguf')}-{tag}.{codec}.store"
+    spec = codec.replace(",", "+").replace("=", "-")
+    return models_dir() / f"{source.name.removesuffix('.gguf')}-{tag}.{spec}.store"
 
 
 def ensure_store(source: Path, codec: str = "int8", progress: bool = False) -> Path:
@@ -229,8 +232,10 @@ def ensure_store(source: Path, codec: str = "int8", progress: bool = False) -> P
         raise FlashInferError(f"model not found: {source}")
     if is_store(source):
         return source
-    if codec not in CODECS:
-        raise FlashInferError(f"unknown codec {codec!r} (known: {', '.join(CODECS)})")
+    try:
+        parse_codec_spec(codec)
+    except ValueError as exc:
+        raise FlashInferError(str(exc)) from None
     target = store_path_for(source, codec)
     if not is_store(target):
         if progress:

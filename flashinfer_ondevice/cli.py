@@ -78,12 +78,25 @@ def _print_stats(model, first, last, seed: int) -> None:
                             f"{last.cache_time / n * 1000:.1f} ms per token")
     line("finish", f"{last.finish_reason} (seed {seed})")
 
-def codec_option(help_text: str):
-    """--codec, its choices from the codec registry."""
-    from .quant.codecs import CODECS
+def _codec_spec(ctx, param, value: str) -> str:
+    from .quant.codecs import parse_codec_spec
 
-    return click.option("--codec", type=click.Choice(list(CODECS)), default="int8",
-                        show_default=True, envvar="FLASHINFER_CODEC", help=help_text)
+    try:
+        parse_codec_spec(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def codec_option(help_text: str):
+    """--codec: a codec from the registry, optionally per tensor group."""
+    from .quant.codecs import CODECS, TENSOR_GROUPS
+
+    return click.option("--codec", default="int8", show_default=True,
+                        envvar="FLASHINFER_CODEC", callback=_codec_spec,
+                        help=f"{help_text}: one of {', '.join(CODECS)}, optionally per "
+                             f"tensor group ({', '.join(TENSOR_GROUPS)}), e.g. "
+                             "pal4,embed=int4")
 
 
 def sparsity_options(command):

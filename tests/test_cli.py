@@ -174,6 +174,14 @@ def test_convert_command_and_reuse(tiny_gguf, tmp_path):
     assert run.returncode == 0, run.stderr
 
 
+def test_bad_codec_spec_is_one_line(tiny_gguf, tmp_path):
+    result = run_model("convert", str(tiny_gguf("llama")), "-o", str(tmp_path / "s"),
+                       "--codec", "pal4,embedding=int4")
+    assert result.returncode != 0
+    assert "GROUP=CODEC with GROUP one of embed, attn, ffn" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_corrupt_store_is_one_line(tiny_gguf, tmp_path):
     out = tmp_path / "s"
     assert run_model("convert", str(tiny_gguf("llama")), "-o", str(out)).returncode == 0

@@ -211,6 +211,39 @@ def test_corrupt_stores_are_refused(stores, tmp_path, edit, message):
     assert message in _corrupt(stores, tmp_path, edit)
 
 
+def test_codec_per_tensor_group(tiny_gguf, tmp_path):
+    """A codec spec sets each group's codec; the manifest records it; the store runs."""
+    path = convert(tiny_gguf("gemma3"), tmp_path / "mixed", "int8,ffn=pal3,embed=int4")
+    store = open_store(path)
+    assert store.tensors["layers.0.ffn"].codec == "pal3"
+    assert store.tensors["layers.1.wo"].codec == "int8"
+    assert store.tensors["embed"].codec == "int4"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["codecs"] == {"embed": "int4", "attn": "int8", "ffn": "pal3"}
+    assert manifest["input_statistics"]["tokens"] >= 256  # pal3 fitted to calibration
+    logits, _, _, _ = streamed_logits(path, None)
+    assert np.isfinite(logits).all()
+    for bad, message in (("int8,ffn=zip", "unknown codec"), ("int8,mlp=int4", "GROUP=CODEC"),
+                         ("pal5", "unknown codec")):
+        with pytest.raises(FlashInferError, match=message):
+            convert(tiny_gguf("gemma3"), tmp_path / "bad", bad)
+
+
+def test_a_corrupt_palette_table_is_caught_by_the_checksum(stores, tmp_path):
+    """One flipped bit in a palette row's float16 table: --verify refuses the store."""
+    path = tmp_path / "store"
+    shutil.copytree(stores("gemma3", "pal4"), path)
+    entry = open_store(path).tensors["layers.0.wq"]
+    with open(path / "weights.bin", "r+b") as f:
+        f.seek(entry.offset + 3 * entry.row_nbytes + 1)  # row 3, table entry 0, high byte
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x40]))
+    open_store(path)  # sizes and offsets are intact: only the checksum can tell
+    with pytest.raises(StoreError, match="checksum mismatch in weights.bin"):
+        open_store(path, verify=True)
+
+
 @pytest.mark.parametrize("row_nbytes, scratch_pages", [(1000, 3), (5000, 4), (4096, 320)])
 def test_read_rows_returns_exactly_the_rows_asked_for(tmp_path, row_nbytes, scratch_pages):
     data = np.random.default_rng(0).integers(0, 256, 300 * row_nbytes + 777, np.uint8)

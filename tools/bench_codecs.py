@@ -1,7 +1,7 @@
 """Quality per byte: our codecs against llama.cpp's own quantization ladder, on held-out text.
 
-    python tools/bench_codecs.py [-m MODEL.gguf] [--ours int8,int4,pal4,pal3,pal2]
-                                 [--llama q8_0,q5_0,...] [--tokens 20480] [-t 2]
+    python tools/bench_codecs.py [-m MODEL.gguf] [--ours int8 int4 pal4 pal4,embed=int4 ...]
+                                 [--llama q8_0 q5_0 ...] [--tokens 20480] [-t 2]
                                  [--out bench-results/codecs]
 
 Protocol (llama.cpp's perplexity tool): the held-out text (data/eval/*.txt, see its NOTICE)
@@ -37,9 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 EVAL_DIR = ROOT / "data" / "eval"
 LADDER_DIR = ROOT / "models" / "ladder"
 CTX = 512
-DEFAULT_OURS = "int8,int4,pal4,pal3,pal2"
-# name -> (ftype, pure); llama.cpp's mixtures and, with "pure-", everything in one type
-DEFAULT_LLAMA = "q8_0,q5_0,q4_1,q4_0,iq4_nl,q3_k_m,q2_k,pure-q4_0,pure-iq4_nl,pure-q2_0"
+DEFAULT_OURS = ["int8", "int4", "pal4", "pal3", "pal2", "pal4,embed=int4", "pal3,embed=int4"]
+# llama.cpp's types with their own mixture rules and, with "pure-", everything in one type
+DEFAULT_LLAMA = ["q8_0", "q5_0", "q4_1", "q4_0", "iq4_nl", "q3_k_m", "q2_k", "pure-q4_0",
+                 "pure-iq4_nl", "pure-q2_0"]
 
 
 def eval_text() -> str:
@@ -129,8 +130,9 @@ class Score:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-m", "--model", default=None, help="source GGUF (default model)")
-    parser.add_argument("--ours", default=DEFAULT_OURS, help="our codecs (comma-separated)")
-    parser.add_argument("--llama", default=DEFAULT_LLAMA, help="llama.cpp types")
+    parser.add_argument("--ours", nargs="*", default=DEFAULT_OURS,
+                        help="our codec specs (see run-model convert --codec)")
+    parser.add_argument("--llama", nargs="*", default=DEFAULT_LLAMA, help="llama.cpp types")
     parser.add_argument("--tokens", type=int, default=20480, help="held-out tokens evaluated")
     parser.add_argument("-t", "--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "bench-results" / "codecs"))
@@ -145,7 +147,7 @@ def main() -> None:
     reference = fi.load(source, backend="numpy", threads=args.threads)
     systems: dict[str, object] = {}
     info: dict[str, dict] = {}
-    for name in [n for n in args.ours.split(",") if n]:
+    for name in args.ours:
         store_path = ensure_store(source, name, progress=True)
         store = open_store(store_path)
         nbytes = sum(e.nbytes for e in store.tensors.values())
@@ -155,7 +157,7 @@ def main() -> None:
         systems[f"ours {name}"] = OurSystem(fi.load(store_path, head="exact",
                                                     threads=args.threads))
         info[f"ours {name}"] = {"weight_bytes": nbytes, "by_codec": by_codec}
-    for name in [n for n in args.llama.split(",") if n]:
+    for name in args.llama:
         path = quantize(source, name, args.threads)
         if isinstance(path, str):
             info[f"llama.cpp {name}"] = {"error": path}

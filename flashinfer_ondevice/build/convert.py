@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..errors import FlashInferError, error_kind
 from ..loader import load_checkpoint
-from ..quant.codecs import CODECS, Codec, InputStats, codec
+from ..quant.codecs import CODECS, Codec, InputStats, parse_codec_spec
 from ..schema import LAYER_MATRICES, LAYER_VECTORS, layer_key
 from ..store.format import ALIGN, FORMAT, VERSION, WEIGHTS, align_up, write_manifest
 from . import head_proxy
@@ -93,13 +93,14 @@ def _bundles(layer, c: Codec, stats: InputStats | None) -> tuple[np.ndarray, Cod
                            c.encode(np.ascontiguousarray(layer.w_down.T))], axis=1), c
 
 
-def _estimated_bytes(config: ModelConfig, c: Codec) -> int:
+def _estimated_bytes(config: ModelConfig, chosen: dict[str, Codec]) -> int:
     """Bytes the store's matrices will take, from the config (the blocks may not be loaded)."""
     h, q_out, kv_out = config.hidden_size, config.n_heads * config.head_dim, \
         config.n_kv_heads * config.head_dim
-    per_layer = 2 * h * q_out + 2 * h * kv_out + 3 * h * config.ffn_size
-    embeddings = config.vocab_size * h * (1 if config.tie_embeddings else 2)
-    return int((config.n_layers * per_layer + embeddings) * (c.bits + 0.5) / 8)
+    values = {"attn": config.n_layers * (2 * h * q_out + 2 * h * kv_out),
+              "ffn": config.n_layers * 3 * h * config.ffn_size,
+              "embed": config.vocab_size * h * (1 if config.tie_embeddings else 2)}
+    return int(sum(n * (chosen[group].bits + 0.5) / 8 for group, n in values.items()))
 
 
 def _file_sha256(path: Path) -> str:
@@ -121,7 +122,7 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
     calibration_text = default_text() if calibration_text is None else calibration_text
     source, target = Path(source), Path(target)
     try:
-        chosen = codec(codec_name)
+        chosen = parse_codec_spec(codec_name)
     except ValueError as exc:
         raise FlashInferError(str(exc)) from None
     if target.exists():
@@ -136,21 +137,21 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
     try:
         tokenizer = _copy_tokenizer(checkpoint.source, tmp)
         collector = None
-        if chosen.fits_inputs:
+        if any(c.fits_inputs for c in chosen.values()):
             chunks = _calibration_chunks(tmp, tokenizer, calibration_text, calibration_tokens)
             collector = InputStatsCollector(config, weights, chunks, progress)
         with tqdm(total=_estimated_bytes(config, chosen), unit="B", unit_scale=True,
-                  desc=f"converting to {chosen.name}", disable=not progress) as bar:
+                  desc=f"converting to {codec_name}", disable=not progress) as bar:
             out = _WeightsWriter(tmp / WEIGHTS, bar)
             for i, layer in enumerate(weights.layers):
                 stats = {} if collector is None else collector.layer(i, layer)
                 for field in LAYER_MATRICES:
-                    out.put_matrix(layer_key(i, field), getattr(layer, field), chosen,
+                    out.put_matrix(layer_key(i, field), getattr(layer, field), chosen["attn"],
                                    stats.get(field))
                 for field in LAYER_VECTORS:
                     if getattr(layer, field) is not None:
                         out.put_vector(layer_key(i, field), getattr(layer, field))
-                bundles, c = _bundles(layer, chosen, stats.get("w_gate"))
+                bundles, c = _bundles(layer, chosen["ffn"], stats.get("w_gate"))
                 out.put(layer_key(i, "ffn"), bundles, c.name, bundles.shape[1],
                         config.hidden_size, lambda rows: rows)
             head_stats = None if collector is None else collector.head(weights.final_norm)
@@ -158,10 +159,10 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
             # E[x x^T] is the wrong objective for half its use (and refining 262k rows
             # costs 100x a layer), so it is weighted by the second moment alone
             tied = None if head_stats is None else InputStats(head_stats.second_moment)
-            out.put_matrix("embed", weights.embed, chosen,
+            out.put_matrix("embed", weights.embed, chosen["embed"],
                            tied if weights.output is None else None)
             if weights.output is not None:
-                out.put_matrix("output", weights.output, chosen, head_stats)
+                out.put_matrix("output", weights.output, chosen["embed"], head_stats)
             out.put_vector("final_norm", weights.final_norm)
             if weights.rope_freq_factors is not None:
                 out.put_vector("rope_freqs", weights.rope_freq_factors)
@@ -171,7 +172,8 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
             files[name] = {"size": (tmp / name).stat().st_size,
                            "sha256": _file_sha256(tmp / name)}
         manifest = {
-            "format": FORMAT, "version": VERSION, "codec": chosen.name, "alignment": ALIGN,
+            "format": FORMAT, "version": VERSION, "codec": chosen["ffn"].name,
+            "codecs": {group: c.name for group, c in chosen.items()}, "alignment": ALIGN,
             "config": dataclasses.asdict(config), "tokenizer": tokenizer,
             "chat_template": checkpoint.chat_template, "source": source.name,
             "files": files, "tensors": out.tensors,

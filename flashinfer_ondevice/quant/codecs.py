@@ -330,3 +330,22 @@ def codec(name: str) -> Codec:
     if name not in CODECS:
         raise ValueError(f"unknown codec '{name}' (known: {', '.join(CODECS)})")
     return CODECS[name]
+
+
+TENSOR_GROUPS = ("embed", "attn", "ffn")  # what a codec spec can set on its own
+
+
+def parse_codec_spec(spec: str) -> dict[str, Codec]:
+    """A store's codecs from "CODEC[,GROUP=CODEC...]" (e.g. "pal4,embed=int4"): the codec of
+    each tensor group (the embedding and output layer, attention, FFN); one raises
+    ValueError naming what is wrong."""
+    base, *overrides = [part.strip() for part in spec.split(",")]
+    chosen = dict.fromkeys(TENSOR_GROUPS, codec(base))
+    for override in overrides:
+        group, _, name = override.partition("=")
+        if group not in TENSOR_GROUPS or not name:
+            raise ValueError(f"codec spec {spec!r}: {override!r} is not GROUP=CODEC with GROUP "
+                             f"one of {', '.join(TENSOR_GROUPS)}")
+        chosen[group] = codec(name)
+    return chosen
+
