@@ -191,6 +191,36 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
         sys.exit(130)
 
 
+def _choose_codecs(ctx, source: Path, bits: float | None, target_size: str | None,
+                   progress: bool) -> tuple[str, dict]:
+    """--bits / --target-size: the measured codec mix (build/codec_choice.py), printed."""
+    from click.core import ParameterSource
+
+    from .build.codec_choice import CANDIDATES
+    from .build.convert import choose_spec
+    from .runtime.planner import parse_budget
+
+    if bits is not None and target_size is not None:
+        raise click.UsageError("give --bits or --target-size, not both")
+    if ctx.get_parameter_source("codec") is not ParameterSource.DEFAULT:
+        raise click.UsageError("--bits/--target-size choose the codecs: leave out --codec")
+    nbytes = None
+    if target_size is not None:
+        if target_size.strip().endswith("%"):
+            raise click.UsageError("--target-size is a size (120MB), not a percentage")
+        nbytes = parse_budget(target_size, 0)
+    spec, record = choose_spec(source, nbytes, bits, progress=progress)
+    nbytes = record["target_matrix_bytes"]
+    click.echo(f"measured loss (mean KL, nats per token) and size of each tensor group by "
+               f"codec, on {record['tokens']} calibration tokens:", err=True)
+    for group, row in record["measured"].items():
+        cells = "  ".join(f"{name} {row[name]['kl']:.4f} {row[name]['bytes'] / 1e6:.1f}MB"
+                          for name in CANDIDATES)
+        click.echo(f"  {group:5s} {cells}", err=True)
+    click.echo(f"chosen for {nbytes / 1e6:.1f} MB of matrices: {spec}", err=True)
+    return spec, record
+
+
 @main.command()
 @click.argument("source", type=click.Path())
 @click.option("-o", "--output", type=click.Path(), default=None,
@@ -202,7 +232,13 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
               help="calibration text  [default: the packaged Python tutorial]")
 @click.option("--calibration-tokens", type=click.IntRange(min=256), default=4096,
               show_default=True, help="tokens of calibration text to run")
-def convert(source, output, codec, calibrate, text_file, calibration_tokens):
+@click.option("--bits", type=click.FloatRange(min=1.0, max=16.0), default=None,
+              help="choose the codec of each tensor group by measured loss so that the "
+                   "matrices average this many bits per weight (instead of --codec)")
+@click.option("--target-size", default=None,
+              help="like --bits, with a size for the matrices: 120MB, 0.2GB, bytes")
+def convert(source, output, codec, calibrate, text_file, calibration_tokens, bits,
+            target_size):
     """Convert a GGUF file or Hugging Face folder into a flash store (a store: calibrate it)."""
     try:
         from .api import store_path_for
@@ -223,8 +259,12 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens):
                                       "to calibrate it)")
             target = source
         else:
+            choice = None
+            if bits is not None or target_size is not None:
+                codec, choice = _choose_codecs(click.get_current_context(), source, bits,
+                                               target_size, progress)
             target = Path(output) if output else store_path_for(source, codec)
-            convert_store(source, target, codec, progress=progress)
+            convert_store(source, target, codec, progress=progress, codec_choice_record=choice)
         if calibrate:
             record = calibrate_store(target, text, calibration_tokens, progress=progress)
             kept = ", ".join(f"{t:.0%}: {k:.0%}" for t, k in

@@ -182,6 +182,17 @@ def test_bad_codec_spec_is_one_line(tiny_gguf, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_convert_by_bits_prints_the_measurement_and_its_choice(tiny_gguf, tmp_path):
+    out = tmp_path / "chosen"
+    result = run_model("convert", str(tiny_gguf("gemma3")), "-o", str(out), "--bits", "6")
+    assert result.returncode == 0, result.stderr
+    assert "measured loss" in result.stderr and "chosen for" in result.stderr
+    assert "codec_choice" in (out / "manifest.json").read_text()
+    both = run_model("convert", str(tiny_gguf("gemma3")), "-o", str(tmp_path / "x"),
+                     "--bits", "6", "--codec", "pal4")
+    assert both.returncode != 0 and "leave out --codec" in both.stderr
+
+
 def test_corrupt_store_is_one_line(tiny_gguf, tmp_path):
     out = tmp_path / "s"
     assert run_model("convert", str(tiny_gguf("llama")), "-o", str(out)).returncode == 0

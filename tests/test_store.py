@@ -3,6 +3,7 @@ and clear errors on corrupt, truncated or hostile stores."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -227,6 +228,39 @@ def test_codec_per_tensor_group(tiny_gguf, tmp_path):
                          ("pal5", "unknown codec")):
         with pytest.raises(FlashInferError, match=message):
             convert(tiny_gguf("gemma3"), tmp_path / "bad", bad)
+
+
+def test_codec_mix_chosen_by_measurement_meets_the_target(tiny_gguf, tmp_path):
+    """--bits/--target-size: every (group, codec) measured; the choice fits the target with
+    the least summed loss; the store has the chosen codecs and records the measurement."""
+    from flashinfer_ondevice.build import codec_choice
+    from flashinfer_ondevice.build.convert import choose_spec
+
+    source = tiny_gguf("gemma3")
+    spec, record = choose_spec(source, bits=5.0)
+    table = record["measured"]
+    assert set(table) == {"embed", "attn", "ffn"}
+    assert all(set(row) == set(codec_choice.CANDIDATES) for row in table.values())
+    for row in table.values():  # int8 is within rounding of the float model
+        assert row["int8"]["kl"] < row["pal2"]["kl"]
+        assert row["int8"]["bytes"] > row["int4"]["bytes"] > row["pal2"]["bytes"]
+    choice = record["choice"]
+    chosen_bytes = sum(table[g][n]["bytes"] for g, n in choice.items())
+    assert chosen_bytes <= record["target_matrix_bytes"]
+    loss = sum(table[g][n]["kl"] for g, n in choice.items())
+    for names in itertools.product(*(table[g] for g in table)):  # nothing better fits
+        cells = [table[g][n] for g, n in zip(table, names, strict=True)]
+        if sum(c["bytes"] for c in cells) <= record["target_matrix_bytes"]:
+            assert sum(c["kl"] for c in cells) >= loss - 1e-12
+    path = convert(source, tmp_path / "chosen", spec, codec_choice_record=record)
+    store = open_store(path)
+    assert store.tensors["layers.0.ffn"].codec == choice["ffn"]
+    assert store.tensors["embed"].codec == choice["embed"]
+    matrices = sum(e.nbytes for n, e in store.tensors.items() if e.codec != "f32")
+    assert matrices <= record["target_matrix_bytes"]
+    assert json.loads((path / "manifest.json").read_text())["codec_choice"] == record
+    with pytest.raises(FlashInferError, match="the smallest is"):
+        choose_spec(source, matrix_nbytes=1000)
 
 
 def test_a_corrupt_palette_table_is_caught_by_the_checksum(stores, tmp_path):

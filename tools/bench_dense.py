@@ -1,12 +1,13 @@
 """Prompt and decode speed with all memory available: our engines against llama.cpp.
 
     python tools/bench_dense.py [-m MODEL] [--runs 5] [-t 2] [--json out.json] [--md out.md]
-                                [--llama-python PEER_VENV/bin/python]
+                                [--llama-python PEER_VENV/bin/python] [--codecs int4 pal4 ...]
 
 Engines: the numpy reference on the GGUF, the fast path (numba kernels on the int8 store),
 the fast path with the output layer's shortlist plan (approximate logits outside the best
 1024 candidates; quality in docs/benchmarks.md) and, for a calibrated store, the fast path
-with gate-first FFN sparsity at the store's calibrated default level. Each run times every
+with gate-first FFN sparsity at the store's calibrated default level; `--codecs` adds the fast
+path on stores of other codecs (their quality: tools/bench_codecs.py). Each run times every
 engine back to back (order alternating) on the same prompt and greedy 64-token
 decode, so machine noise hits all alike. Reports medians and ratios to llama.cpp, with the
 machine they were measured on (tools/machine.py) in the JSON and above the table.
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--llama-python", default=sys.executable,
                         help="Python of a venv whose llama-cpp-python build is the peer "
                         "(default: this one's); see tools/bench_llama_builds.py")
+    parser.add_argument("--codecs", nargs="*", default=[],
+                        help="also time the fast path on stores of these codec specs")
     args = parser.parse_args()
 
     import flashinfer_ondevice as fi
@@ -106,6 +109,9 @@ def main() -> None:
         "fast path + shortlist output layer": fi.load(store, threads=args.threads,
                                                       selector="dense", head="shortlist"),
     }
+    for spec in args.codecs:
+        engines[f"fast path ({spec} store)"] = fi.load(ensure_store(gguf, spec),
+                                                       threads=args.threads, selector="dense")
     record = open_store(store).sparsity
     if record is not None:  # asked for explicitly: by default this store runs dense
         sparsity = record.defaults["sparsity"]

@@ -23,10 +23,11 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..errors import FlashInferError, error_kind
 from ..loader import load_checkpoint
+from ..loader.tokenizer import Tokenizer
 from ..quant.codecs import CODECS, Codec, InputStats, parse_codec_spec
 from ..schema import LAYER_MATRICES, LAYER_VECTORS, layer_key
 from ..store.format import ALIGN, FORMAT, VERSION, WEIGHTS, align_up, write_manifest
-from . import head_proxy
+from . import codec_choice, head_proxy
 from .calibrate import default_text
 from .head_proxy import proxy_rank
 from .input_stats import InputStatsCollector
@@ -114,11 +115,13 @@ def _file_sha256(path: Path) -> str:
 def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
             progress: bool = False, head_proxy_rank: int | None = None,
             calibration_text: str | None = None,
-            calibration_tokens: int = STATS_TOKENS) -> Path:
+            calibration_tokens: int = STATS_TOKENS,
+            codec_choice_record: dict | None = None) -> Path:
     """Write the flash store of `source` to `target` (which must not exist yet).
     `head_proxy_rank`: the output-layer proxy's rank (default: build/head_proxy.py's rule).
     Codecs that fit to data see the statistics of `calibration_tokens` tokens of
-    `calibration_text` (default: the packaged calibration text)."""
+    `calibration_text` (default: the packaged calibration text). `codec_choice_record`: how
+    `codec_name` was chosen (choose_spec), kept in the manifest."""
     calibration_text = default_text() if calibration_text is None else calibration_text
     source, target = Path(source), Path(target)
     try:
@@ -138,7 +141,8 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
         tokenizer = _copy_tokenizer(checkpoint.source, tmp)
         collector = None
         if any(c.fits_inputs for c in chosen.values()):
-            chunks = _calibration_chunks(tmp, tokenizer, calibration_text, calibration_tokens)
+            chunks, _ = _calibration_chunks(_store_tokenizer(tmp, tokenizer), calibration_text,
+                                            calibration_tokens)
             collector = InputStatsCollector(config, weights, chunks, progress)
         with tqdm(total=_estimated_bytes(config, chosen), unit="B", unit_scale=True,
                   desc=f"converting to {codec_name}", disable=not progress) as bar:
@@ -178,6 +182,8 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
             "chat_template": checkpoint.chat_template, "source": source.name,
             "files": files, "tensors": out.tensors,
         }
+        if codec_choice_record is not None:
+            manifest["codec_choice"] = codec_choice_record
         if collector is not None:
             manifest["input_statistics"] = {
                 "tokens": collector.tokens,
@@ -193,22 +199,57 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
     return target
 
 
-def _calibration_chunks(folder: Path, tokenizer: dict, text: str, tokens: int
-                        ) -> list[np.ndarray]:
-    """The calibration text as token chunks of STATS_CHUNK tokens, each starting with BOS."""
+def _store_tokenizer(folder: Path, record: dict) -> Tokenizer:
     from ..loader.tokenizer import GGUFTokenizer, HFTokenizer, read_json
 
-    if tokenizer["kind"] == "hf":
-        encoder = HFTokenizer(folder, read_json(folder / "config.json") or {})
-    else:
-        encoder = GGUFTokenizer(folder / "tokenizer.gguf")
-    ids = encoder.encode(text, add_special=False)[:tokens]
-    if len(ids) < MIN_STATS_TOKENS:
+    if record["kind"] == "hf":
+        return HFTokenizer(folder, read_json(folder / "config.json") or {})
+    return GGUFTokenizer(folder / "tokenizer.gguf")
+
+
+def _calibration_chunks(tokenizer: Tokenizer, text: str, tokens: int, extra: int = 0
+                        ) -> tuple[list[np.ndarray], np.ndarray]:
+    """The first `tokens` tokens of the calibration text as chunks of STATS_CHUNK tokens,
+    each starting with BOS; and one chunk of up to `extra` further tokens (the statistics
+    never see them)."""
+    ids = tokenizer.encode(text, add_special=False)[:tokens + extra]
+    if len(ids) < MIN_STATS_TOKENS + extra:
         raise FlashInferError(f"calibration text has {len(ids)} tokens; at least "
-                              f"{MIN_STATS_TOKENS} are needed")
-    bos = [] if encoder.bos_id is None else [encoder.bos_id]
+                              f"{MIN_STATS_TOKENS + extra} are needed")
+    held_out = ids[len(ids) - extra:] if extra else []
+    ids = ids[:len(ids) - extra]
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     step = STATS_CHUNK - len(bos)
-    return [np.array(bos + ids[i:i + step]) for i in range(0, len(ids), step)]
+    chunks = [np.array(bos + ids[i:i + step]) for i in range(0, len(ids), step)]
+    return chunks, np.array(bos + held_out[:step])
+
+
+def choose_spec(source: str | Path, matrix_nbytes: int | None = None,
+                bits: float | None = None, calibration_text: str | None = None,
+                progress: bool = False) -> tuple[str, dict]:
+    """The codec spec whose matrices fit `matrix_nbytes` (or average `bits` per weight) at
+    the least measured loss (build/codec_choice.py), and the record of the measurement for
+    the manifest. Loads the whole checkpoint in float32 (every group is tried against the
+    same model)."""
+    text = default_text() if calibration_text is None else calibration_text
+    checkpoint = load_checkpoint(source, progress=progress)
+    config, weights = checkpoint.config, checkpoint.weights
+    if matrix_nbytes is None:
+        if bits is None:
+            raise FlashInferError("give a size or bits per weight for the codec choice")
+        matrix_nbytes = int(bits * codec_choice.matrix_parameters(config) / 8)
+    chunks, held_out = _calibration_chunks(checkpoint.tokenizer, text, STATS_TOKENS,
+                                           STATS_CHUNK)
+    collector = InputStatsCollector(config, weights, chunks, progress)
+    layer_stats = [collector.layer(i, layer) for i, layer in enumerate(weights.layers)]
+    head_stats = collector.head(weights.final_norm)
+    table = codec_choice.measure(config, weights, layer_stats, head_stats, held_out,
+                                 progress=progress)
+    choice = codec_choice.choose(table, matrix_nbytes)
+    record = {"target_matrix_bytes": matrix_nbytes, "tokens": len(held_out), "choice": choice,
+              "measured": {g: {n: {"kl": m.kl, "bytes": m.nbytes} for n, m in row.items()}
+                           for g, row in table.items()}}
+    return codec_choice.spec_of(choice), record
 
 
 def _add_head_proxy(folder: Path, manifest: dict, rank: int, progress: bool) -> None:

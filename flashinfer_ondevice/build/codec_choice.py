@@ -1,0 +1,143 @@
+"""Mixed precision by measurement: the codec of each tensor group (embedding, attention, FFN)
+that meets a size target at the least measured quality loss.
+
+For every group and candidate codec, the group alone is encoded (fitted to the calibration
+inputs exactly as convert fits it) and decoded, the float32 model runs with it on
+calibration tokens that the input statistics did not use, and the mean KL divergence of its
+next-token distributions from the float model's is recorded with the group's bytes. Losses of
+different groups are taken as additive (they are small perturbations of different tensors),
+so the best mix under a target is the cheapest-loss combination whose bytes fit, found by
+trying them all (a handful of groups and codecs). The table is kept in the manifest; the
+final store's quality is measured by `run-model eval` and tools/bench_codecs.py, not assumed.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from ..config import ModelConfig
+from ..errors import FlashInferError
+from ..functional import ACTIVATIONS
+from ..model import Transformer
+from ..quant.codecs import CODECS, TENSOR_GROUPS, Codec, InputStats
+from ..weights import DenseWeights, Weights
+
+CANDIDATES = ("int8", "int4", "pal4", "pal3", "pal2")
+GROUP_FIELDS = {"attn": ("wq", "wk", "wv", "wo"), "ffn": ("w_gate", "w_up", "w_down")}
+
+
+@dataclass(frozen=True)
+class Measured:
+    kl: float  # mean KL(float model || model with this group encoded), nats per token
+    nbytes: int  # the group's bytes in this codec
+
+
+def matrix_parameters(config: ModelConfig) -> int:
+    """Weights in the model's matrices (the embedding counted once when tied)."""
+    h = config.hidden_size
+    per_layer = (2 * h * config.n_heads * config.head_dim
+                 + 2 * h * config.n_kv_heads * config.head_dim + 3 * h * config.ffn_size)
+    return config.n_layers * per_layer + config.vocab_size * h * (
+        1 if config.tie_embeddings else 2)
+
+
+def stored_codec(c: Codec, cols: int) -> Codec:
+    """The codec a tensor of `cols` columns is stored in (convert's rule: f16 where the
+    chosen codec cannot take the width)."""
+    return c if c.supports(cols) else CODECS["f16"]
+
+
+def group_nbytes(config: ModelConfig, group: str, c: Codec) -> int:
+    h, q, kv = config.hidden_size, config.n_heads * config.head_dim, \
+        config.n_kv_heads * config.head_dim
+    if group == "embed":
+        tables = 1 if config.tie_embeddings else 2
+        return tables * config.vocab_size * stored_codec(c, h).row_nbytes(h)
+    if group == "attn":
+        per_layer = (q + 2 * kv) * stored_codec(c, h).row_nbytes(h) + \
+            h * stored_codec(c, q).row_nbytes(q)
+        return config.n_layers * per_layer
+    return config.n_layers * config.ffn_size * 3 * stored_codec(c, h).row_nbytes(h)
+
+
+def _round_trip(matrix: np.ndarray, c: Codec, stats: InputStats | None) -> np.ndarray:
+    c = stored_codec(c, matrix.shape[1])
+    return c.decode(c.encode(matrix, stats), matrix.shape[1])
+
+
+def _with_group(weights: Weights, group: str, c: Codec, layer_stats: list[dict],
+                head_stats: InputStats) -> Weights:
+    """`weights` with one group encoded and decoded by `c` (as convert encodes it)."""
+    variant = copy.copy(weights)
+    if group == "embed":
+        tied = weights.output is None
+        variant.embed = _round_trip(weights.embed, c,
+                                    InputStats(head_stats.second_moment) if tied else None)
+        if not tied:
+            variant.output = _round_trip(weights.output, c, head_stats)
+        return variant
+    variant.layers = []
+    for layer, stats in zip(weights.layers, layer_stats, strict=True):
+        layer = copy.copy(layer)
+        for field in GROUP_FIELDS[group]:
+            if field == "w_down":  # stored by columns, no statistics (see input_stats)
+                down_t = np.ascontiguousarray(layer.w_down.T)
+                layer.w_down = np.ascontiguousarray(_round_trip(down_t, c, None).T)
+            else:
+                setattr(layer, field, _round_trip(getattr(layer, field), c, stats.get(field)))
+        variant.layers.append(layer)
+    return variant
+
+
+def _log_probs(config: ModelConfig, weights: Weights, tokens: np.ndarray) -> np.ndarray:
+    engine = Transformer(config, DenseWeights(weights, ACTIVATIONS[config.traits.activation]),
+                         kv_dtype=np.float32)
+    logits = engine.forward(tokens, engine.new_cache(len(tokens)), all_logits=True)
+    logits = logits.astype(np.float64)
+    logits -= logits.max(axis=-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+
+
+def measure(config: ModelConfig, weights: Weights, layer_stats: list[dict],
+            head_stats: InputStats, tokens: np.ndarray, candidates=CANDIDATES,
+            progress: bool = False) -> dict[str, dict[str, Measured]]:
+    """The loss and bytes of every (group, codec) on `tokens` (one chunk, BOS first)."""
+    reference = _log_probs(config, weights, tokens)
+    table: dict[str, dict[str, Measured]] = {g: {} for g in TENSOR_GROUPS}
+    cells = list(itertools.product(TENSOR_GROUPS, candidates))
+    for group, name in tqdm(cells, desc="measuring codecs", unit="cell",
+                            disable=not progress):
+        c = CODECS[name]
+        logp = _log_probs(config, _with_group(weights, group, c, layer_stats, head_stats),
+                          tokens)
+        kl = float((np.exp(reference) * (reference - logp)).sum(axis=-1).mean())
+        table[group][name] = Measured(max(kl, 0.0), group_nbytes(config, group, c))
+    return table
+
+
+def choose(table: dict[str, dict[str, Measured]], budget_nbytes: int) -> dict[str, str]:
+    """The codec of each group with the least summed loss whose bytes fit the budget."""
+    groups = list(table)
+    best, best_loss = None, float("inf")
+    for names in itertools.product(*(table[g] for g in groups)):
+        cells = [table[g][n] for g, n in zip(groups, names, strict=True)]
+        if sum(c.nbytes for c in cells) <= budget_nbytes:
+            loss = sum(c.kl for c in cells)
+            if loss < best_loss:
+                best, best_loss = dict(zip(groups, names, strict=True)), loss
+    if best is None:
+        smallest = sum(min(c.nbytes for c in table[g].values()) for g in groups)
+        raise FlashInferError(f"no codec mix fits {budget_nbytes / 1e6:.1f} MB of matrices; "
+                              f"the smallest is {smallest / 1e6:.1f} MB")
+    return best
+
+
+def spec_of(choice: dict[str, str]) -> str:
+    """A codec spec (quant/codecs.parse_codec_spec) for a choice: the FFN's codec first."""
+    base = choice["ffn"]
+    return ",".join([base, *(f"{g}={n}" for g, n in choice.items() if n != base)])
