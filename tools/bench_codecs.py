@@ -13,8 +13,9 @@ plus each system's perplexity.
 
 The ladder is made by llama.cpp's own quantizer from the shipped file (requantized,
 `allow_requantize`), one child process per type (a type that cannot quantize these 640-wide
-tensors fails there, not here): each type with llama.cpp's own mixture rules (the embedding
-type they pick), and "pure" variants where every tensor has the type. Sizes count every
+tensors fails there, not here): each type with llama.cpp's own mixture rules (they keep the
+embedding in Q8_0), "pure" variants where every tensor has the type, and mixtures with the
+embedding's type overridden. Sizes count every
 weight byte: for GGUF files the tensor data (the file minus its metadata and vocabulary), for
 our stores the tensor records (scales, tables, the embedding; not the optional output-layer
 proxy or sparsity record, which fit budgets and are reported separately by bench_peers).
@@ -24,10 +25,13 @@ Writes a markdown table and JSON (with the machine, tools/machine.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +42,10 @@ EVAL_DIR = ROOT / "data" / "eval"
 LADDER_DIR = ROOT / "models" / "ladder"
 CTX = 512
 DEFAULT_OURS = ["int8", "int4", "pal4", "pal3", "pal2", "pal4,embed=int4", "pal3,embed=int4"]
-# llama.cpp's types with their own mixture rules and, with "pure-", everything in one type
-DEFAULT_LLAMA = ["q8_0", "q5_0", "q4_1", "q4_0", "iq4_nl", "q3_k_m", "q2_k", "pure-q4_0",
-                 "pure-iq4_nl", "pure-q2_0"]
+# llama.cpp's types with their own mixture rules, with "pure-" everything in one type, with
+# ":emb=TYPE" the token embedding (tied: also the output layer) overridden
+DEFAULT_LLAMA = ["q5_0", "q4_0", "iq4_nl", "q3_k_m", "q2_k", "pure-q4_0", "pure-iq4_nl",
+                 "pure-q2_0", "q3_k_m:emb=iq4_nl", "q2_k:emb=q4_0", "q2_k:emb=q2_0"]
 
 
 def eval_text() -> str:
@@ -51,8 +56,8 @@ def eval_text() -> str:
 def quantize(source: Path, name: str, threads: int) -> Path | str:
     """llama.cpp's quantizer on `source`: the output path, or why it failed."""
     pure = name.startswith("pure-")
-    ftype = name.removeprefix("pure-").upper()
-    target = LADDER_DIR / f"{source.stem}.{name}.gguf"
+    ftype, _, embed_type = name.removeprefix("pure-").upper().partition(":EMB=")
+    target = LADDER_DIR / f"{source.stem}.{name.replace(':emb=', '+emb-')}.gguf"
     if target.exists():
         return target
     LADDER_DIR.mkdir(parents=True, exist_ok=True)
@@ -61,7 +66,8 @@ def quantize(source: Path, name: str, threads: int) -> Path | str:
         "p = l.llama_model_quantize_default_params()\n"
         f"p.ftype = l.LLAMA_FTYPE_MOSTLY_{ftype}\n"
         f"p.allow_requantize = True\np.pure = {pure}\np.nthread = {threads}\n"
-        "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))\n")
+        + (f"p.token_embedding_type = l.GGML_TYPE_{embed_type}\n" if embed_type else "")
+        + "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))\n")
     partial = target.with_suffix(".partial")
     child = subprocess.run([sys.executable, "-c", script, str(source), str(partial)],
                            capture_output=True, text=True)
@@ -74,12 +80,22 @@ def quantize(source: Path, name: str, threads: int) -> Path | str:
 
 
 def gguf_tensor_bytes(path: Path) -> tuple[int, dict[str, int]]:
-    """Bytes of tensor data in a GGUF, and bytes by ggml type."""
-    from gguf import GGUFReader
+    """Bytes of tensor data in a GGUF (each tensor up to the next one's start, so alignment
+    padding counts), and bytes by ggml type (names from this llama.cpp, which knows types
+    newer than gguf-py's)."""
+    import llama_cpp
 
+    from flashinfer_ondevice.loader.gguf_header import read_header
+
+    names = {getattr(llama_cpp, n): n.removeprefix("GGML_TYPE_") for n in dir(llama_cpp)
+             if n.startswith("GGML_TYPE_") and n != "GGML_TYPE_COUNT"}
+    header = read_header(path)
+    records = sorted(header.tensors.values(), key=lambda t: t.offset)
+    ends = [t.offset for t in records[1:]] + [header.file_size]
     by_type: dict[str, int] = {}
-    for t in GGUFReader(path).tensors:
-        by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    for record, end in zip(records, ends, strict=True):
+        kind = names.get(record.ggml_type, str(record.ggml_type))
+        by_type[kind] = by_type.get(kind, 0) + end - record.offset
     return sum(by_type.values()), by_type
 
 
@@ -90,6 +106,9 @@ class LlamaSystem:
         self.llm = Llama(str(path), n_ctx=CTX, n_batch=CTX, logits_all=True, n_threads=threads,
                          n_threads_batch=threads, verbose=False)
 
+    def close(self) -> None:
+        self.llm.close()
+
     def logits(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()
         self.llm.eval(ids)
@@ -99,6 +118,9 @@ class LlamaSystem:
 class OurSystem:
     def __init__(self, model):
         self.model = model
+
+    def close(self) -> None:
+        self.model.close()
 
     def logits(self, ids: list[int]) -> np.ndarray:
         return self.model.logits(ids)
@@ -145,18 +167,17 @@ def main() -> None:
 
     source = Path(args.model) if args.model else default_model_path(progress=True)
     reference = fi.load(source, backend="numpy", threads=args.threads)
-    systems: dict[str, object] = {}
+    systems: dict[str, Callable[[], object]] = {}  # loaded one at a time (memory)
     info: dict[str, dict] = {}
     for name in args.ours:
         store_path = ensure_store(source, name, progress=True)
         store = open_store(store_path)
-        nbytes = sum(e.nbytes for e in store.tensors.values())
         by_codec: dict[str, int] = {}
         for e in store.tensors.values():
             by_codec[e.codec] = by_codec.get(e.codec, 0) + e.nbytes
-        systems[f"ours {name}"] = OurSystem(fi.load(store_path, head="exact",
-                                                    threads=args.threads))
-        info[f"ours {name}"] = {"weight_bytes": nbytes, "by_codec": by_codec}
+        systems[f"ours {name}"] = functools.partial(
+            lambda p: OurSystem(fi.load(p, head="exact", threads=args.threads)), store_path)
+        info[f"ours {name}"] = {"weight_bytes": sum(by_codec.values()), "by_codec": by_codec}
     for name in args.llama:
         path = quantize(source, name, args.threads)
         if isinstance(path, str):
@@ -164,11 +185,11 @@ def main() -> None:
             print(f"llama.cpp {name}: {path}", file=sys.stderr)
             continue
         nbytes, by_type = gguf_tensor_bytes(path)
-        systems[f"llama.cpp {name}"] = LlamaSystem(path, args.threads)
+        systems[f"llama.cpp {name}"] = functools.partial(LlamaSystem, path, args.threads)
         info[f"llama.cpp {name}"] = {"weight_bytes": nbytes, "by_type": by_type,
                                      "file_bytes": path.stat().st_size}
     src_bytes, src_types = gguf_tensor_bytes(source)
-    systems["llama.cpp source"] = LlamaSystem(source, args.threads)
+    systems["llama.cpp source"] = functools.partial(LlamaSystem, source, args.threads)
     info["llama.cpp source"] = {"weight_bytes": src_bytes, "by_type": src_types,
                                 "file_bytes": source.stat().st_size}
 
@@ -180,19 +201,36 @@ def main() -> None:
     scores = {name: Score() for name in ["source (numpy)", *systems]}
     from tqdm import tqdm
 
-    for chunk in tqdm(chunks, desc="chunks", unit="chunk"):
-        targets = np.array(chunk[first + 1:])
-        start = time.perf_counter()
-        ref_logp = log_softmax(reference.logits(chunk)[first:-1].astype(np.float64))
-        scores["source (numpy)"].seconds += time.perf_counter() - start
-        scores["source (numpy)"].add(ref_logp, ref_logp, targets)
-        for name, system in systems.items():
+    # the reference's log-probabilities once, on disk (chunks x 255 x vocab float32); then
+    # each system alone in memory, over every chunk
+    with tempfile.TemporaryDirectory(dir=Path(args.out).parent) as tmp:
+        ref_all = np.lib.format.open_memmap(
+            Path(tmp) / "reference.npy", "w+", np.float32,
+            (len(chunks), CTX - 1 - first, reference.config.vocab_size))
+        for c, chunk in enumerate(tqdm(chunks, desc="source (numpy)", unit="chunk")):
             start = time.perf_counter()
-            logits = system.logits(chunk)[first:-1]
-            scores[name].seconds += time.perf_counter() - start
-            scores[name].add(log_softmax(logits.astype(np.float64)), ref_logp, targets)
+            ref_all[c] = log_softmax(reference.logits(chunk)[first:-1].astype(np.float64))
+            scores["source (numpy)"].seconds += time.perf_counter() - start
+        config = reference.config
+        reference.close()
+        del reference  # its float32 weights
+        for name, make in systems.items():
+            system = make()
+            for c, chunk in enumerate(tqdm(chunks, desc=name, unit="chunk")):
+                targets = np.array(chunk[first + 1:])
+                ref_logp = ref_all[c].astype(np.float64)
+                start = time.perf_counter()
+                logits = system.logits(chunk)[first:-1]
+                scores[name].seconds += time.perf_counter() - start
+                scores[name].add(log_softmax(logits.astype(np.float64)), ref_logp, targets)
+            system.close()
+            del system
+        for c, chunk in enumerate(chunks):
+            ref_logp = ref_all[c].astype(np.float64)
+            scores["source (numpy)"].add(ref_logp, ref_logp, np.array(chunk[first + 1:]))
+        del ref_all
 
-    parameters = _parameters(reference.config)
+    parameters = _parameters(config)
     rows = []
     for name, score in scores.items():
         entry = {"system": name, **score.result(), **info.get(name, {})}
