@@ -203,6 +203,7 @@ def main() -> None:
 
     # the reference's log-probabilities once, on disk (chunks x 255 x vocab float32); then
     # each system alone in memory, over every chunk
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(args.out).parent) as tmp:
         ref_all = np.lib.format.open_memmap(
             Path(tmp) / "reference.npy", "w+", np.float32,

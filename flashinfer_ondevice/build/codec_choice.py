@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,21 +66,28 @@ def group_nbytes(config: ModelConfig, group: str, c: Codec) -> int:
     return config.n_layers * config.ffn_size * 3 * stored_codec(c, h).row_nbytes(h)
 
 
-def _round_trip(matrix: np.ndarray, c: Codec, stats: InputStats | None) -> np.ndarray:
-    c = stored_codec(c, matrix.shape[1])
-    return c.decode(c.encode(matrix, stats), matrix.shape[1])
+Transform = Callable[[np.ndarray, InputStats | None], np.ndarray]
 
 
-def _with_group(weights: Weights, group: str, c: Codec, layer_stats: list[dict],
-                head_stats: InputStats) -> Weights:
-    """`weights` with one group encoded and decoded by `c` (as convert encodes it)."""
+def round_trip(c: Codec) -> Transform:
+    """A matrix as `c` stores it: encoded (fitted to its input statistics) and decoded."""
+    def transform(matrix: np.ndarray, stats: InputStats | None) -> np.ndarray:
+        stored = stored_codec(c, matrix.shape[1])
+        return stored.decode(stored.encode(matrix, stats), matrix.shape[1])
+    return transform
+
+
+def with_group(weights: Weights, group: str, transform: Transform, layer_stats: list[dict],
+               head_stats: InputStats) -> Weights:
+    """`weights` with one group's matrices replaced by `transform(matrix, its input
+    statistics)`, given the statistics convert gives each matrix."""
     variant = copy.copy(weights)
     if group == "embed":
         tied = weights.output is None
-        variant.embed = _round_trip(weights.embed, c,
-                                    InputStats(head_stats.second_moment) if tied else None)
+        variant.embed = transform(weights.embed,
+                                  InputStats(head_stats.second_moment) if tied else None)
         if not tied:
-            variant.output = _round_trip(weights.output, c, head_stats)
+            variant.output = transform(weights.output, head_stats)
         return variant
     variant.layers = []
     for layer, stats in zip(weights.layers, layer_stats, strict=True):
@@ -87,14 +95,14 @@ def _with_group(weights: Weights, group: str, c: Codec, layer_stats: list[dict],
         for field in GROUP_FIELDS[group]:
             if field == "w_down":  # stored by columns, no statistics (see input_stats)
                 down_t = np.ascontiguousarray(layer.w_down.T)
-                layer.w_down = np.ascontiguousarray(_round_trip(down_t, c, None).T)
+                layer.w_down = np.ascontiguousarray(transform(down_t, None).T)
             else:
-                setattr(layer, field, _round_trip(getattr(layer, field), c, stats.get(field)))
+                setattr(layer, field, transform(getattr(layer, field), stats.get(field)))
         variant.layers.append(layer)
     return variant
 
 
-def _log_probs(config: ModelConfig, weights: Weights, tokens: np.ndarray) -> np.ndarray:
+def log_probs(config: ModelConfig, weights: Weights, tokens: np.ndarray) -> np.ndarray:
     engine = Transformer(config, DenseWeights(weights, ACTIVATIONS[config.traits.activation]),
                          kv_dtype=np.float32)
     logits = engine.forward(tokens, engine.new_cache(len(tokens)), all_logits=True)
@@ -103,20 +111,24 @@ def _log_probs(config: ModelConfig, weights: Weights, tokens: np.ndarray) -> np.
     return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
 
 
+def mean_kl(reference: np.ndarray, logp: np.ndarray) -> float:
+    """Mean KL(reference || logp) over positions, of log-probabilities (positions, vocab)."""
+    return max(float((np.exp(reference) * (reference - logp)).sum(axis=-1).mean()), 0.0)
+
+
 def measure(config: ModelConfig, weights: Weights, layer_stats: list[dict],
             head_stats: InputStats, tokens: np.ndarray, candidates=CANDIDATES,
             progress: bool = False) -> dict[str, dict[str, Measured]]:
     """The loss and bytes of every (group, codec) on `tokens` (one chunk, BOS first)."""
-    reference = _log_probs(config, weights, tokens)
+    reference = log_probs(config, weights, tokens)
     table: dict[str, dict[str, Measured]] = {g: {} for g in TENSOR_GROUPS}
     cells = list(itertools.product(TENSOR_GROUPS, candidates))
     for group, name in tqdm(cells, desc="measuring codecs", unit="cell",
                             disable=not progress):
         c = CODECS[name]
-        logp = _log_probs(config, _with_group(weights, group, c, layer_stats, head_stats),
-                          tokens)
-        kl = float((np.exp(reference) * (reference - logp)).sum(axis=-1).mean())
-        table[group][name] = Measured(max(kl, 0.0), group_nbytes(config, group, c))
+        variant = with_group(weights, group, round_trip(c), layer_stats, head_stats)
+        table[group][name] = Measured(mean_kl(reference, log_probs(config, variant, tokens)),
+                                      group_nbytes(config, group, c))
     return table
 
 

@@ -141,7 +141,7 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
         tokenizer = _copy_tokenizer(checkpoint.source, tmp)
         collector = None
         if any(c.fits_inputs for c in chosen.values()):
-            chunks, _ = _calibration_chunks(_store_tokenizer(tmp, tokenizer), calibration_text,
+            chunks, _ = calibration_chunks(_store_tokenizer(tmp, tokenizer), calibration_text,
                                             calibration_tokens)
             collector = InputStatsCollector(config, weights, chunks, progress)
         with tqdm(total=_estimated_bytes(config, chosen), unit="B", unit_scale=True,
@@ -207,7 +207,7 @@ def _store_tokenizer(folder: Path, record: dict) -> Tokenizer:
     return GGUFTokenizer(folder / "tokenizer.gguf")
 
 
-def _calibration_chunks(tokenizer: Tokenizer, text: str, tokens: int, extra: int = 0
+def calibration_chunks(tokenizer: Tokenizer, text: str, tokens: int, extra: int = 0
                         ) -> tuple[list[np.ndarray], np.ndarray]:
     """The first `tokens` tokens of the calibration text as chunks of STATS_CHUNK tokens,
     each starting with BOS; and one chunk of up to `extra` further tokens (the statistics
@@ -238,7 +238,7 @@ def choose_spec(source: str | Path, matrix_nbytes: int | None = None,
         if bits is None:
             raise FlashInferError("give a size or bits per weight for the codec choice")
         matrix_nbytes = int(bits * codec_choice.matrix_parameters(config) / 8)
-    chunks, held_out = _calibration_chunks(checkpoint.tokenizer, text, STATS_TOKENS,
+    chunks, held_out = calibration_chunks(checkpoint.tokenizer, text, STATS_TOKENS,
                                            STATS_CHUNK)
     collector = InputStatsCollector(config, weights, chunks, progress)
     layer_stats = [collector.layer(i, layer) for i, layer in enumerate(weights.layers)]
