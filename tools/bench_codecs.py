@@ -226,6 +226,8 @@ def main() -> None:
                 scores[name].add(log_softmax(logits.astype(np.float64)), ref_logp, targets)
             system.close()
             del system
+            print(json.dumps({"system": name, **scores[name].result()}), file=sys.stderr,
+                  flush=True)  # each system's figures as soon as they exist
         for c, chunk in enumerate(chunks):
             ref_logp = ref_all[c].astype(np.float64)
             scores["source (numpy)"].add(ref_logp, ref_logp, np.array(chunk[first + 1:]))
