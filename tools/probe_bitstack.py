@@ -42,8 +42,8 @@ def bitstack(matrix: np.ndarray, scale: np.ndarray, levels: int, rank: int) -> n
 
 
 def bitstack_transform(levels: int, rank: int, alpha: float):
-    def transform(matrix, stats):
-        if stats is None or alpha == 0:
+    def transform(matrix, stats, by_columns=False):
+        if stats is None or alpha == 0 or by_columns:
             scale = np.ones(matrix.shape[1])
         else:
             scale = stats.second_moment.astype(np.float64) ** (alpha / 2)

@@ -27,6 +27,7 @@ from ..functional import ACTIVATIONS
 from ..model import Transformer
 from ..quant.codecs import CODECS, TENSOR_GROUPS, Codec, InputStats
 from ..weights import DenseWeights, Weights
+from .input_stats import for_tied_embedding
 
 CANDIDATES = ("int8", "int4", "pal4", "pal3", "pal2")
 GROUP_FIELDS = {"attn": ("wq", "wk", "wv", "wo"), "ffn": ("w_gate", "w_up", "w_down")}
@@ -66,14 +67,18 @@ def group_nbytes(config: ModelConfig, group: str, c: Codec) -> int:
     return config.n_layers * config.ffn_size * 3 * stored_codec(c, h).row_nbytes(h)
 
 
-Transform = Callable[[np.ndarray, InputStats | None], np.ndarray]
+# transform(rows, stats of their inputs, by_columns): the rows as stored; by_columns: the rows
+# are a matrix's columns (Codec.encode_columns)
+Transform = Callable[[np.ndarray, InputStats | None, bool], np.ndarray]
 
 
 def round_trip(c: Codec) -> Transform:
     """A matrix as `c` stores it: encoded (fitted to its input statistics) and decoded."""
-    def transform(matrix: np.ndarray, stats: InputStats | None) -> np.ndarray:
-        stored = stored_codec(c, matrix.shape[1])
-        return stored.decode(stored.encode(matrix, stats), matrix.shape[1])
+    def transform(rows: np.ndarray, stats: InputStats | None, by_columns: bool = False
+                  ) -> np.ndarray:
+        stored = stored_codec(c, rows.shape[1])
+        raw = stored.encode_columns(rows, stats) if by_columns else stored.encode(rows, stats)
+        return stored.decode(raw, rows.shape[1])
     return transform
 
 
@@ -85,7 +90,7 @@ def with_group(weights: Weights, group: str, transform: Transform, layer_stats: 
     if group == "embed":
         tied = weights.output is None
         variant.embed = transform(weights.embed,
-                                  InputStats(head_stats.second_moment) if tied else None)
+                                  for_tied_embedding(head_stats) if tied else None)
         if not tied:
             variant.output = transform(weights.output, head_stats)
         return variant
@@ -93,9 +98,10 @@ def with_group(weights: Weights, group: str, transform: Transform, layer_stats: 
     for layer, stats in zip(weights.layers, layer_stats, strict=True):
         layer = copy.copy(layer)
         for field in GROUP_FIELDS[group]:
-            if field == "w_down":  # stored by columns, no statistics (see input_stats)
+            if field == "w_down":  # stored by columns (see input_stats)
                 down_t = np.ascontiguousarray(layer.w_down.T)
-                layer.w_down = np.ascontiguousarray(transform(down_t, None).T)
+                layer.w_down = np.ascontiguousarray(
+                    transform(down_t, stats.get(field), True).T)
             else:
                 setattr(layer, field, transform(getattr(layer, field), stats.get(field)))
         variant.layers.append(layer)

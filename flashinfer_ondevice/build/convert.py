@@ -30,7 +30,7 @@ from ..store.format import ALIGN, FORMAT, VERSION, WEIGHTS, align_up, write_mani
 from . import codec_choice, head_proxy
 from .calibrate import default_text
 from .head_proxy import proxy_rank
-from .input_stats import InputStatsCollector
+from .input_stats import InputStatsCollector, for_tied_embedding
 
 _CHUNK_ROWS = 16384  # rows encoded at a time: bounds convert's extra memory
 STATS_TOKENS = 8192  # calibration tokens whose input statistics fit data-fitted codecs
@@ -85,13 +85,15 @@ class _WeightsWriter:
         return self.offset, self.sha.hexdigest()
 
 
-def _bundles(layer, c: Codec, stats: InputStats | None) -> tuple[np.ndarray, Codec]:
-    """(ffn, 3 x row_nbytes): neuron i's gate row, up row and down column, encoded; `stats`
-    of the FFN input (a down column's values all multiply one input: it needs none)."""
+def _bundles(layer, c: Codec, stats: dict[str, InputStats]) -> tuple[np.ndarray, Codec]:
+    """(ffn, 3 x row_nbytes): neuron i's gate row, up row and down column, encoded, each
+    fitted to the statistics of what it multiplies (by matrix field; empty: none)."""
     hidden = layer.w_gate.shape[1]
     c = c if c.supports(hidden) else CODECS["f16"]
-    return np.concatenate([c.encode(layer.w_gate, stats), c.encode(layer.w_up, stats),
-                           c.encode(np.ascontiguousarray(layer.w_down.T))], axis=1), c
+    return np.concatenate([c.encode(layer.w_gate, stats.get("w_gate")),
+                           c.encode(layer.w_up, stats.get("w_up")),
+                           c.encode_columns(np.ascontiguousarray(layer.w_down.T),
+                                            stats.get("w_down"))], axis=1), c
 
 
 def _estimated_bytes(config: ModelConfig, chosen: dict[str, Codec]) -> int:
@@ -155,14 +157,11 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
                 for field in LAYER_VECTORS:
                     if getattr(layer, field) is not None:
                         out.put_vector(layer_key(i, field), getattr(layer, field))
-                bundles, c = _bundles(layer, chosen["ffn"], stats.get("w_gate"))
+                bundles, c = _bundles(layer, chosen["ffn"], stats)
                 out.put(layer_key(i, "ffn"), bundles, c.name, bundles.shape[1],
                         config.hidden_size, lambda rows: rows)
             head_stats = None if collector is None else collector.head(weights.final_norm)
-            # a tied embedding is also looked up, not only multiplied: the output layer's
-            # E[x x^T] is the wrong objective for half its use (and refining 262k rows
-            # costs 100x a layer), so it is weighted by the second moment alone
-            tied = None if head_stats is None else InputStats(head_stats.second_moment)
+            tied = None if head_stats is None else for_tied_embedding(head_stats)
             out.put_matrix("embed", weights.embed, chosen["embed"],
                            tied if weights.output is None else None)
             if weights.output is not None:

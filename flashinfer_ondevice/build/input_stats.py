@@ -7,10 +7,11 @@ percent of the mean diagonal added, so that least squares stays well posed with 
 tokens). Inputs, by what multiplies them:
 
   attn_in   wq, wk, wv (the normed block input)        ffn_in    w_gate, w_up
-  attn_out  wo (the attention heads' output)           head_in   the output layer (and the
-                                                                 tied embedding)
+  attn_out  wo (the attention heads' output)           ffn_hidden  w_down (act(gate) * up)
+  head_in   the output layer (and the tied embedding)
 The FFN's down projection is stored by columns (one per neuron, see store/format.py): all the
-values of such a row multiply the same input, so its palette needs no input statistics.
+values of such a row multiply the same input, so its statistics weigh rows against each
+other, not the values within a row (see Codec.encode_columns).
 """
 
 from __future__ import annotations
@@ -25,9 +26,15 @@ from ..quant.codecs import InputStats
 from ..weights import DenseMatrix, DenseWeights, LayerWeights, Weights, dense_block
 
 DAMPING = 0.01  # fraction of the mean diagonal added to E[x x^T]
-INPUT_OF = {"wq": "attn_in", "wo": "attn_out", "w_gate": "ffn_in"}  # one recorder per input
+# A tied embedding is looked up as well as multiplied: the output layer's E[x x^T] gets this
+# much more of its mean diagonal, which keeps each value near its own (what a lookup needs).
+# Measured on Gemma 3 270M, pal4, mean KL on two held-out chunks: weighted k-means alone
+# 0.199 (chunk 1), E[x x^T] + 0.1 x mean 0.119 / 0.157, + 1.0 x mean 0.109 / 0.142.
+TIED_DAMPING = 1.0
+INPUT_OF = {"wq": "attn_in", "wo": "attn_out", "w_gate": "ffn_in",  # one recorder per input
+            "w_down": "ffn_hidden"}
 MATRIX_INPUT = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "attn_out",
-                "w_gate": "ffn_in", "w_up": "ffn_in"}
+                "w_gate": "ffn_in", "w_up": "ffn_in", "w_down": "ffn_hidden"}
 
 
 class _Moments:
@@ -105,3 +112,13 @@ class InputStatsCollector:
         for x in self.hidden:
             moments.add(rms_norm(x, final_norm, self.config.norm_eps))
         return moments.stats()
+
+
+def for_tied_embedding(head: InputStats) -> InputStats:
+    """The output layer's input statistics as a tied embedding is fitted to (TIED_DAMPING)."""
+    if head.hessian is None:
+        return head
+    mean = float(np.diag(head.hessian).mean())
+    return InputStats(head.second_moment,
+                      head.hessian + np.float32(TIED_DAMPING * mean) * np.eye(
+                          len(head.hessian), dtype=np.float32))

@@ -71,6 +71,12 @@ class Codec:
         multiply, for codecs that fit to them (others ignore it)."""
         raise NotImplementedError
 
+    def encode_columns(self, columns: np.ndarray, stats: InputStats | None = None
+                       ) -> np.ndarray:
+        """Like encode, for rows that are a matrix's columns (the FFN's down projection,
+        stored by neuron): row i multiplies input i alone, `stats` are of those inputs."""
+        return self.encode(columns)
+
     def decode(self, raw: np.ndarray, cols: int) -> np.ndarray:
         """(n, row_nbytes) uint8 -> (n, cols) float32."""
         raise NotImplementedError
@@ -259,10 +265,20 @@ class _Palette(Codec):
         n, cols = rows.shape
         if not self.supports(cols):
             raise ValueError(f"{self.name} needs rows in whole groups of 8, got {cols}")
-        weight = None if stats is None else stats.second_moment
-        tables, indices = palette_fit.kmeans(rows, self.entries, weight)
-        if stats is not None and stats.hessian is not None:
-            tables = palette_fit.refine(rows, indices, tables, stats.hessian)
+        tables, indices = palette_fit.fit(rows, self.entries,
+                                          None if stats is None else stats.second_moment,
+                                          None if stats is None else stats.hessian)
+        return np.concatenate([tables.astype(np.float16).view(np.uint8),
+                               self._pack(indices)], axis=1)
+
+    def encode_columns(self, columns: np.ndarray, stats: InputStats | None = None
+                       ) -> np.ndarray:
+        if stats is None or stats.hessian is None:
+            return self.encode(columns)
+        if not self.supports(columns.shape[1]):
+            raise ValueError(f"{self.name} needs rows in whole groups of 8, got "
+                             f"{columns.shape[1]}")
+        tables, indices = palette_fit.fit_columns(columns, self.entries, stats.hessian)
         return np.concatenate([tables.astype(np.float16).view(np.uint8),
                                self._pack(indices)], axis=1)
 
