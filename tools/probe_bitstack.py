@@ -2,7 +2,9 @@
 group, at equal bits per weight, before any kernel or store layout is built for it.
 
     python tools/probe_bitstack.py [-m MODEL.gguf] [--levels 2 3 4] [--ranks 1 16]
-                                   [--groups attn ffn] [--out bench-results/bitstack]
+                                   [--groups attn ffn embed] [--out bench-results/bitstack]
+
+(`--levels` with no value: the fixed codecs alone; the embedding group gets no BitStack.)
 
 BitStack (Wang et al. 2024), as the research notes describe it: scale the matrix's columns
 by the input's activation scale s_j = E[x_j^2]^(alpha/2) (folded back exactly afterwards),
@@ -55,10 +57,11 @@ def bitstack_transform(levels: int, rank: int, alpha: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-m", "--model", default=None)
-    parser.add_argument("--levels", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--levels", type=int, nargs="*", default=[2, 3, 4])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--groups", nargs="+", default=["attn", "ffn"])
+    parser.add_argument("--groups", nargs="+", default=["attn", "ffn"],
+                        choices=["attn", "ffn", "embed"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bitstack")
     args = parser.parse_args()
 
@@ -93,13 +96,15 @@ def main() -> None:
     h = config.hidden_size
     q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
     shapes = {"attn": [(q, h), (kv, h), (kv, h), (h, q)],
-              "ffn": [(config.ffn_size, h)] * 2 + [(h, config.ffn_size)]}
+              "ffn": [(config.ffn_size, h)] * 2 + [(h, config.ffn_size)],
+              "embed": [(config.vocab_size, h)]}
     for group in args.groups:
-        values = config.n_layers * sum(r * c for r, c in shapes[group])
+        values = (1 if group == "embed" else config.n_layers) * sum(
+            r * c for r, c in shapes[group])
         for name in ("int4", "pal4", "pal3", "pal2"):
             measure(group, name, codec_choice.round_trip(CODECS[name]),
                     codec_choice.group_nbytes(config, group, CODECS[name]), values)
-        for levels in args.levels:
+        for levels in args.levels if group != "embed" else []:
             for rank in args.ranks:
                 nbytes = config.n_layers * sum(levels * (r * c / 8 + 2 * rank * (r + c))
                                                for r, c in shapes[group])

@@ -1,9 +1,10 @@
 """Store codecs: how a float32 matrix row becomes bytes on flash, and how to compute with them.
 
-Every codec encodes rows independently (one FFN neuron's gate row, up row and down column can
-be bundled together, an embedding row read alone). A codec is a registered class (gguf-py's
-quants.py is the model) that owns its byte layout, encode/decode and its kernels for one
-token; the store, the planner, the runtime and the CLI learn codecs from `CODECS`:
+Every codec stores rows independently (one FFN neuron's gate row, up row and down column can
+be bundled together, an embedding row read alone), though a fitting encoder may choose one
+row's bytes knowing the others (the palettes' error feedback). A codec is a registered class
+(gguf-py's quants.py is the model) that owns its byte layout, encode/decode and its kernels
+for one token; the store, the planner, the runtime and the CLI learn codecs from `CODECS`:
 
   f16   payload = float16 values, no scales                          16 bits/weight
   int8  scale = amax/127 per group of 64 (float32), int8 values       8.5 bits/weight

@@ -89,19 +89,38 @@ def _add_scaled_row(row, a, bits, table, acc):
 
 @njit(parallel=True, cache=True, nogil=True)
 def decode(raw, bits, out):
-    """out[r] = the float32 values of palette row raw[r] (out: (rows, cols))."""
+    """out[r] = the float32 values of palette row raw[r] (out: (rows, cols)); one loop per
+    width, as in _row_dot (constant shifts)."""
     k = 1 << bits
-    mask = np.uint32(k - 1)
     for r in prange(raw.shape[0]):
         table = np.empty(k, np.float32)
         _table(raw[r], k, table)
         p = raw[r, 2 * k:]
-        for g in range(out.shape[1] // 8):
-            w = np.uint32(0)
-            for i in range(bits):
-                w |= np.uint32(p[g * bits + i]) << np.uint32(8 * i)
-            for i in range(8):
-                out[r, 8 * g + i] = table[(w >> np.uint32(bits * i)) & mask]
+        o = out[r]
+        if bits == 4:
+            for j in range(o.shape[0] // 2):
+                b = p[j]
+                o[2 * j] = table[b & 15]
+                o[2 * j + 1] = table[b >> 4]
+        elif bits == 2:
+            for j in range(o.shape[0] // 4):
+                b = p[j]
+                o[4 * j] = table[b & 3]
+                o[4 * j + 1] = table[(b >> 2) & 3]
+                o[4 * j + 2] = table[(b >> 4) & 3]
+                o[4 * j + 3] = table[b >> 6]
+        else:
+            for g in range(o.shape[0] // 8):
+                w = np.uint32(p[3 * g]) | (np.uint32(p[3 * g + 1]) << 8) | \
+                    (np.uint32(p[3 * g + 2]) << 16)
+                o[8 * g] = table[w & 7]
+                o[8 * g + 1] = table[(w >> 3) & 7]
+                o[8 * g + 2] = table[(w >> 6) & 7]
+                o[8 * g + 3] = table[(w >> 9) & 7]
+                o[8 * g + 4] = table[(w >> 12) & 7]
+                o[8 * g + 5] = table[(w >> 15) & 7]
+                o[8 * g + 6] = table[(w >> 18) & 7]
+                o[8 * g + 7] = table[(w >> 21) & 7]
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
