@@ -112,13 +112,19 @@ def _feedback_rows(w, tables, order, u, assign):
                 row[m] -= error * u[j, m]
 
 
-def feedback_assign(rows: np.ndarray, tables: np.ndarray, hessian: np.ndarray) -> np.ndarray:
-    """Indices (n, cols) uint8 of each weight's table entry, assigned column by column with
-    each rounding error pushed onto the columns still to come (step 2)."""
+def feedback_factor(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, U) of the error feedback: inputs by decreasing E[x_j^2], and the upper
+    Cholesky factor of H^-1 with H permuted to that order."""
     h = np.asarray(hessian, np.float64)
     order = np.argsort(-np.diag(h), kind="stable")
     inverse = np.linalg.inv(h[np.ix_(order, order)])
-    u = np.linalg.cholesky(0.5 * (inverse + inverse.T)).T
+    return order, np.linalg.cholesky(0.5 * (inverse + inverse.T)).T
+
+
+def feedback_assign(rows: np.ndarray, tables: np.ndarray, hessian: np.ndarray) -> np.ndarray:
+    """Indices (n, cols) uint8 of each weight's table entry, assigned column by column with
+    each rounding error pushed onto the columns still to come (step 2)."""
+    order, u = feedback_factor(hessian)
     assign = np.empty(rows.shape, np.uint8)
     _feedback_rows(np.ascontiguousarray(rows, np.float32),
                    np.ascontiguousarray(tables, np.float64), order, u, assign)
@@ -213,10 +219,7 @@ def fit_columns(rows: np.ndarray, k: int, hessian: np.ndarray
     a block are updated one by one, later rows once per block (one product)."""
     w = np.array(rows, np.float64)
     n = len(w)
-    h = np.asarray(hessian, np.float64)
-    order = np.argsort(-np.diag(h), kind="stable")
-    inverse = np.linalg.inv(h[np.ix_(order, order)])
-    u = np.linalg.cholesky(0.5 * (inverse + inverse.T)).T
+    order, u = feedback_factor(hessian)
     w = w[order]
     tables = np.empty((n, k), np.float32)
     indices = np.empty(w.shape, np.uint8)
