@@ -144,7 +144,7 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
          progress: bool | None = None, on_plan: Callable[[str], None] | None = None,
          stream_all: bool = False, selector: str | None = None,
          sparsity: float | None = None, window: int | None = None,
-         head: str = "auto") -> Model:
+         head: str = "auto", quality: str = "auto") -> Model:
     """Load a model; no path loads the embedded default model.
 
     path: a GGUF file, a Hugging Face folder or a flash store. A GGUF or folder is converted
@@ -171,6 +171,10 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
       fit stream every token), "shortlist" (a resident low-rank proxy scores every token,
       the best candidates are computed exactly; see runtime/shortlist_head.py) or "auto"
       (shortlist when the output layer does not fit the budget).
+    quality: under a budget, how to choose between the store of `codec` and the other stores
+      of the same source already in the models folder (runtime/store_choice.py): "exact"
+      (the `codec` store, every logit exact), "auto" (least read per token within +5%
+      expected perplexity, as measured at convert) or "fastest" (least read per token).
     """
     if backend not in BACKENDS:
         raise FlashInferError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)})")
@@ -187,6 +191,7 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
     if backend == "numpy":
         asked = {"memory_budget": memory_budget, "selector": selector, "sparsity": sparsity,
                  "window": window, "head": None if head == "auto" else head,
+                 "quality": None if quality == "auto" else quality,
                  "stream_all": stream_all or None}
         given = [name for name, value in asked.items() if value is not None]
         if given:
@@ -197,8 +202,9 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
                                   "folder, not a flash store")
         return Model(_reference_session(path, ctx_size, progress), time.perf_counter() - start)
     store = ensure_store(path, codec, progress)
+    alternatives = [] if store == path else stores_of(path)
     session = open_store_session(store, memory_budget, ctx_size, verify, on_plan, stream_all,
-                                 selector, sparsity, window, head)
+                                 selector, sparsity, window, head, quality, alternatives)
     return Model(session, time.perf_counter() - start)
 
 
@@ -222,6 +228,16 @@ def store_path_for(source: Path, codec: str) -> Path:
     tag = hashlib.sha256(identity).hexdigest()[:10]
     spec = codec.replace(",", "+").replace("=", "-")
     return models_dir() / f"{source.name.removesuffix('.gguf')}-{tag}.{spec}.store"
+
+
+def stores_of(source: Path) -> list[Path]:
+    """The stores converted from `source` in the models folder, whatever their codecs."""
+    prefix = store_path_for(source, "x").name.rsplit(".", 2)[0] + "."
+    folder = models_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith(prefix)
+                  and p.name.endswith(".store") and is_store(p))
 
 
 def ensure_store(source: Path, codec: str = "int8", progress: bool = False) -> Path:

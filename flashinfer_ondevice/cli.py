@@ -114,6 +114,12 @@ def sparsity_options(command):
                            "(a resident proxy scores every token, the best 1024 are computed "
                            "exactly); auto: shortlist when the output layer does not fit the "
                            "memory budget")(command)
+    command = click.option(
+        "--quality", type=click.Choice(["auto", "exact", "fastest"]), default="auto",
+        show_default=True, help="under --memory-budget, choose among this model's stores "
+        "(every codec converted so far): exact = the --codec store with exact logits; "
+        "auto = the least read per token within +5% expected perplexity (measured at "
+        "convert); fastest = the least read per token")(command)
     return click.option("--selector", type=click.Choice(["gate", "predicted", "dense"]),
                         default=None, help="FFN neuron selector of a calibrated store  "
                         "[default: dense, unless the store's calibrated sparsity skips >= 25% "
@@ -157,7 +163,7 @@ def sparsity_options(command):
               help="send the prompt as raw text even if the model has a chat template")
 def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, min_p,
              repeat_penalty, seed, stop, ctx_size, threads, memory_budget, codec, verify,
-             selector, sparsity, window, head, system_prompt, no_chat_template):
+             selector, sparsity, window, head, quality, system_prompt, no_chat_template):
     """Generate text from a prompt, streaming it to stdout (stats go to stderr).
 
     The model runs from a flash store, converted into the models folder on first use."""
@@ -168,7 +174,7 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
         model = load(model_path, memory_budget=memory_budget, ctx_size=ctx_size,
                      threads=threads, codec=codec, verify=verify, progress=sys.stderr.isatty(),
                      on_plan=lambda text: click.echo(text, err=True), selector=selector,
-                     sparsity=sparsity, window=window, head=head)
+                     sparsity=sparsity, window=window, head=head, quality=quality)
         if model.chat_template and not no_chat_template:
             ids = model.chat_prompt_ids(text, system_prompt)
         else:
@@ -305,7 +311,7 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens, bit
 @codec_option("codec of the flash store made on first use")
 @sparsity_options
 def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_tokens, threads,
-                 memory_budget, codec, selector, sparsity, window, head):
+                 memory_budget, codec, selector, sparsity, window, head, quality):
     """Score a text: perplexity (and, with --compare-dense, agreement with the dense model)."""
     try:
         import json
@@ -318,9 +324,9 @@ def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_to
         progress = sys.stderr.isatty()
         source = Path(model_path) if model_path else default_model_path(progress=progress)
         store = ensure_store(source, codec, progress=progress)
-        model = load(store, memory_budget=memory_budget, ctx_size=max(ctx_size, 2),
-                     threads=threads, selector=selector, sparsity=sparsity, window=window,
-                     head=head,
+        model = load(source, memory_budget=memory_budget, ctx_size=max(ctx_size, 2),
+                     threads=threads, codec=codec, selector=selector, sparsity=sparsity,
+                     window=window, head=head, quality=quality,
                      on_plan=None if as_json else lambda text: click.echo(text, err=True))
         reference = load(store, ctx_size=ctx_size, threads=threads, selector="dense",
                          head="exact") \

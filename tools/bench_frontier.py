@@ -2,14 +2,16 @@
 quantizations, every system under the same absolute limit.
 
     python tools/bench_frontier.py [-m MODEL.gguf] [--fractions 50 25]
-                                   [--ours int8 pal4,embed=int4 ...] [--peers q4_0 ...]
+                                   [--ours int8 pal4 quality=fastest ...] [--peers q4_0 ...]
                                    [--runs 3] [-n 16] [--quality-tokens 4096] [-t 2]
 
 Limit = fraction x the source GGUF's bytes + one baseline (our process with the runtime
 loaded), the same for every system, enforced by shared/tools/memlimit on a cold page cache.
 Ours runs with `--memory-budget` = fraction x the GGUF's bytes (its own planner decides what
-stays resident and which output-layer plan it uses); llama.cpp (mmap, its default) runs the
-shipped file and each ladder file (tools/bench_codecs.py's quantizer names). Decode speed:
+stays resident and which output-layer plan it uses); `quality=MODE` runs the source with
+`--quality MODE`, choosing among the stores the other settings converted; llama.cpp (mmap,
+its default) runs the shipped file and each ladder file (tools/bench_codecs.py's quantizer
+names). Decode speed:
 median of `--runs` cold runs, systems alternating. Quality beside each speed: the protocol of
 tools/bench_codecs.py (512-token chunks, second halves scored) on the first
 `--quality-tokens` held-out tokens, each of our settings at the plan its budget gives,
@@ -49,10 +51,9 @@ def worker(system: str, model: str, budget: int, n: int, threads: int) -> dict:
             token = llm.sample(temp=0)
         elapsed = time.perf_counter() - start
         return {"tps": n / elapsed, "bytes_per_token": (proc_read_bytes() - start_bytes) / n}
-    import flashinfer_ondevice as fi
     from flashinfer_ondevice.generate import prefill
 
-    model_obj = fi.load(model, memory_budget=budget, ctx_size=256, threads=threads)
+    model_obj = load_ours(system, model, budget, threads, ctx_size=256)
     engine = model_obj.engine
     cache = engine.new_cache(256)
     token = int(prefill(engine, model_obj.tokenize(PROMPT), cache)[-1].argmax())
@@ -62,10 +63,20 @@ def worker(system: str, model: str, budget: int, n: int, threads: int) -> dict:
         token = int(engine.forward([token], cache)[-1].argmax())
     elapsed = time.perf_counter() - start
     return {"tps": n / elapsed, "bytes_per_token": stats.since(before).bytes_read / n,
-            "plan": model_obj.plan.describe(open_store_for(model))}
+            "plan": model_obj.plan.describe(open_store_for(model_obj.path)),
+            "store": model_obj.path.name}
 
 
-def open_store_for(path: str):
+def load_ours(system: str, model: str, budget: int, threads: int, **kwargs):
+    """Our setting: a store (run as its planner decides), or `quality=MODE` on the source,
+    choosing among the stores of it in the models folder (runtime/store_choice.py)."""
+    import flashinfer_ondevice as fi
+
+    quality = system.partition("quality=")[2] or "auto"
+    return fi.load(model, memory_budget=budget, threads=threads, quality=quality, **kwargs)
+
+
+def open_store_for(path):
     from flashinfer_ondevice.store.reader import open_store
 
     return open_store(path)
@@ -116,10 +127,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-m", "--model", default=None)
     parser.add_argument("--fractions", type=float, nargs="+", default=[50, 25])
-    parser.add_argument("--ours", nargs="*", default=["int8", "pal4,embed=int4",
-                                                      "pal3,embed=int4", "pal3", "pal2"])
+    parser.add_argument("--ours", nargs="*", default=[
+        "int8", "pal4", "pal3,embed=pal4", "pal3", "quality=auto", "quality=fastest",
+        "quality=exact"], help="store codec specs, and quality=MODE: the choice among the "
+        "stores converted (those listed first)")
     parser.add_argument("--peers", nargs="*", default=["pure-iq4_nl", "pure-q4_0",
-                                                       "q2_k:emb=q4_0", "pure-q2_0"])
+                                                       "q2_k:emb=q4_0"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("-n", type=int, default=16)
     parser.add_argument("-t", "--threads", type=int, default=2)
@@ -141,8 +154,8 @@ def main() -> None:
     baseline = process_baseline()
     source = Path(args.model) if args.model else default_model_path()
     gguf_bytes = source.stat().st_size
-    systems = {f"ours {spec}": ("ours", str(ensure_store(source, spec, progress=True)))
-               for spec in args.ours}
+    systems = {f"ours {spec}": (spec, str(source)) if spec.startswith("quality=") else
+               ("ours", str(ensure_store(source, spec, progress=True))) for spec in args.ours}
     systems["llama.cpp source"] = ("llama.cpp", str(source))
     for name in args.peers:
         path = quantize(source, name, args.threads)
@@ -166,6 +179,7 @@ def main() -> None:
                 row["tps"] = statistics.median(r["tps"] for r in ok)
                 row["bytes_per_token"] = statistics.median(r["bytes_per_token"] for r in ok)
                 row["plan"] = ok[0].get("plan")
+                row["store"] = ok[0].get("store")
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("runs", "plan")}),
                   flush=True)
@@ -176,8 +190,8 @@ def main() -> None:
         budget = int(gguf_bytes * fraction / 100)
         models = {}
         for name, (kind, path) in systems.items():
-            if kind == "ours":
-                models[name] = _Ours(fi.load(path, memory_budget=budget, threads=args.threads))
+            if kind != "llama.cpp":
+                models[name] = _Ours(load_ours(kind, path, budget, args.threads))
             else:
                 models[name] = LlamaSystem(Path(path), args.threads)
         measured = quality(models, reference, ids, reference.tokenizer.bos_id)
@@ -205,7 +219,9 @@ def render(result: dict) -> str:
              "| budget | system | limit MB | decode t/s | MB read/token | perplexity | vs "
              "source | mean KL | top-1 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        head = f"| {r['fraction']:.0f}% | {r['system']} | {r['limit'] / 1e6:.0f} |"
+        chosen = f" (ran {r['store']})" if r.get("store") and "quality=" in r["system"] \
+            else ""
+        head = f"| {r['fraction']:.0f}% | {r['system']}{chosen} | {r['limit'] / 1e6:.0f} |"
         speed = (f" {r['tps']:.2f} | {r['bytes_per_token'] / 1e6:.1f} |" if "tps" in r else
                  f" failed: {r['runs'][0].get('error', '?')[:120]} | |")
         q = r.get("quality")

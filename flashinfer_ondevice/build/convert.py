@@ -27,8 +27,9 @@ from ..loader.tokenizer import Tokenizer
 from ..quant.codecs import CODECS, Codec, InputStats, parse_codec_spec
 from ..schema import LAYER_MATRICES, LAYER_VECTORS, layer_key
 from ..store.format import ALIGN, FORMAT, VERSION, WEIGHTS, align_up, write_manifest
-from . import codec_choice, head_proxy
+from . import codec_choice, head_proxy, store_quality
 from .calibrate import default_text
+from .head_proxy import MAX_CALIBRATION_TOKENS as PROXY_TOKENS
 from .head_proxy import proxy_rank
 from .input_stats import InputStatsCollector, for_tied_embedding
 
@@ -141,16 +142,22 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
     tmp.mkdir()
     try:
         tokenizer = _copy_tokenizer(checkpoint.source, tmp)
+        store_tokenizer = _store_tokenizer(tmp, tokenizer)
         collector = None
         if any(c.fits_inputs for c in chosen.values()):
-            chunks, _ = calibration_chunks(_store_tokenizer(tmp, tokenizer), calibration_text,
+            chunks, _ = calibration_chunks(store_tokenizer, calibration_text,
                                             calibration_tokens)
             collector = InputStatsCollector(config, weights, chunks, progress)
+        held_out = store_quality.held_out_chunks(store_tokenizer, calibration_text,
+                                                 max(calibration_tokens, PROXY_TOKENS))
+        reference = store_quality.ReferenceRun(config, weights, held_out) if held_out else None
         with tqdm(total=_estimated_bytes(config, chosen), unit="B", unit_scale=True,
                   desc=f"converting to {codec_name}", disable=not progress) as bar:
             out = _WeightsWriter(tmp / WEIGHTS, bar)
             for i, layer in enumerate(weights.layers):
                 stats = {} if collector is None else collector.layer(i, layer)
+                if reference is not None:
+                    reference.layer(i, layer)
                 for field in LAYER_MATRICES:
                     out.put_matrix(layer_key(i, field), getattr(layer, field), chosen["attn"],
                                    stats.get(field))
@@ -191,6 +198,10 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
         rank = proxy_rank(config) if head_proxy_rank is None else head_proxy_rank
         if rank is not None:
             _add_head_proxy(tmp, manifest, rank, progress)
+            write_manifest(tmp, manifest)
+        if reference is not None:
+            manifest["quality"] = store_quality.measure(tmp, reference, rank is not None,
+                                                        progress)
             write_manifest(tmp, manifest)
         os.rename(tmp, target)
     finally:

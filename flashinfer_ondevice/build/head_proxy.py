@@ -20,6 +20,7 @@ from ..store.head_proxy import BASIS, FILE, RESIDUAL, SCORES
 CHUNK = 512  # tokens per calibration forward pass
 _BLOCK_ROWS = 8192  # rows of W decoded to float32 at a time
 _FLOP_BUDGET = 2e13  # calibration tokens x 2 x parameters: fewer tokens for bigger models
+MAX_CALIBRATION_TOKENS = 2048
 
 
 def proxy_rank(config: ModelConfig) -> int | None:
@@ -30,7 +31,7 @@ def proxy_rank(config: ModelConfig) -> int | None:
 
 
 def calibration_tokens(parameters: int) -> int:
-    return int(min(2048, max(256, _FLOP_BUDGET / (2 * parameters))))
+    return int(min(MAX_CALIBRATION_TOKENS, max(256, _FLOP_BUDGET / (2 * parameters))))
 
 
 class _Capture:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from ..store.format import ALIGN
 from ..store.io import DirectReader
 from ..store.reader import Store, open_store
 from ..store.sparsity_record import MAX_WINDOW, SELECTORS
+from . import store_choice
 from .planner import Plan, SparseSettings, make_plan, parse_budget
 from .streamed import StreamedWeights
 
@@ -148,23 +149,64 @@ def _tokenizer(store: Store, lean: bool) -> tuple[Tokenizer, int]:
                              record.get("eog_ids", []), record.get("bos_text", "")), transient
 
 
+def _same_model(store: Store, paths: Sequence[Path],
+                sparse: Callable[[Store], object]) -> list[Store]:
+    """The stores at `paths` that hold the same model as `store` and can run the asked FFN
+    settings (`sparse` raises otherwise); others, and unreadable ones, are left out."""
+    found = []
+    for path in paths:
+        try:
+            other = open_store(path)
+            sparse(other)
+        except FlashInferError:
+            continue
+        if other.config == store.config and other.path != store.path:
+            found.append(other)
+    return found
+
+
 def open_store_session(path: str | Path, memory_budget: str | int | None = None,
                        ctx_size: int | None = None, verify: bool = False,
                        on_plan: Callable[[str], None] | None = None, stream_all: bool = False,
                        selector: str | None = None, sparsity: float | None = None,
-                       window: int | None = None, head: str = "auto") -> Session:
-    """A session on the flash store at `path` (the arguments are load()'s, see api.py)."""
+                       window: int | None = None, head: str = "auto",
+                       quality: str = "auto", alternatives: Sequence[Path] = ()) -> Session:
+    """A session on the flash store at `path` (the arguments are load()'s, see api.py), or,
+    under a budget, on whichever of it and `alternatives` (other stores of the same model)
+    `quality` chooses (runtime/store_choice.py)."""
+    if quality not in store_choice.QUALITY_MODES:
+        raise FlashInferError(f"unknown quality {quality!r} (use "
+                              f"{', '.join(store_choice.QUALITY_MODES)})")
     baseline = process_baseline()
-    store = open_store(path, verify=verify)
+    store = open_store(path)
     tokenizer, transient = _tokenizer(store, lean=memory_budget is not None)
     ctx = context_size(store.config, ctx_size,
                        DEFAULT_CTX if memory_budget is None else BUDGET_DEFAULT_CTX)
     budget = None if memory_budget is None else parse_budget(memory_budget, store.nbytes)
-    sparse = sparse_settings(store, budget, selector, sparsity, window)
-    plan = make_plan(store, budget, ctx, max(0, current_rss_bytes() - baseline), transient,
-                     stream_all, sparse, head)
+    overhead = max(0, current_rss_bytes() - baseline)
+
+    def plan_for(s: Store, h: str) -> Plan:
+        return make_plan(s, budget, ctx, overhead, transient, stream_all,
+                         sparse_settings(s, budget, selector, sparsity, window), h)
+
+    choice = ""
+    if budget is None or stream_all:
+        plan = plan_for(store, "exact" if quality == "exact" else head)
+    else:
+        stores = [store, *_same_model(store, alternatives, lambda s: sparse_settings(
+            s, budget, selector, sparsity, window))]
+        found = store_choice.options(stores, head, plan_for)
+        chosen = store_choice.choose(found, quality, store)
+        choice = store_choice.describe(chosen, found, quality)
+        if chosen.store is not store:  # its own tokenizer files, and a plan counting them
+            store = chosen.store
+            tokenizer, transient = _tokenizer(store, lean=True)
+            overhead = max(0, current_rss_bytes() - baseline)
+        plan = plan_for(store, "shortlist" if chosen.plan.shortlist else "exact")
+    if verify:
+        open_store(store.path, verify=True)
     if on_plan is not None:
-        on_plan(plan.describe(store))
+        on_plan(plan.describe(store) + (f"\n{choice}" if choice else ""))
     reader = DirectReader(store.path / "weights.bin")
     try:
         weights = StreamedWeights(store, plan, reader)

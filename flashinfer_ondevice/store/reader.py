@@ -19,6 +19,7 @@ from ..schema import expected_tensors
 from .format import ALIGN, FORMAT, MANIFEST, MAX_MANIFEST_BYTES, VERSION
 from .head_proxy import expected_shapes as proxy_expected_shapes
 from .head_proxy import parse_rank
+from .quality_record import Quality, parse_quality
 from .sparsity_record import SparsityRecord, parse_record
 
 
@@ -53,6 +54,9 @@ class Store:
     sparsity: SparsityRecord | None = None  # calibration results, if calibrated
     # the output layer's low-rank proxy (store/head_proxy.py): BASIS and SCORES entries
     head_proxy: dict[str, TensorEntry] | None = None
+    # measured at convert (store/quality_record.py): "exact" vs the source, and "shortlist"
+    # (the shortlist head vs the exact store) when it has a proxy; None for older stores
+    quality: dict[str, Quality] | None = None
 
 
 
@@ -177,6 +181,12 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
             sparsity = parse_record(manifest["sparsity"], config, sizes)
         except ValueError as exc:
             _fail(path, str(exc))
+    quality = None
+    if "quality" in manifest:
+        try:
+            quality = parse_quality(manifest["quality"])
+        except ValueError as exc:
+            _fail(path, str(exc))
     if verify:
         for name, info in files.items():
             digest = hashlib.sha256()
@@ -188,4 +198,4 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
     template = manifest.get("chat_template")
     return Store(path, store_codec, config, tensors, tokenizer,
                  template if isinstance(template, str) else None, sizes.get("weights.bin", 0),
-                 sparsity, head_proxy)
+                 sparsity, head_proxy, quality)

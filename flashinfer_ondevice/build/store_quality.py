@@ -1,0 +1,146 @@
+"""What a store costs in quality, measured at convert so that the planner can weigh it.
+
+A few chunks of held-out calibration text (the end of the text: neither the input statistics
+nor the output-layer proxy see it) run through the float32 source, a layer at a time as
+convert reads the layers (a lazy GGUF stays lazy), and through the finished store. Per scored
+position (the second half of each chunk, llama.cpp's perplexity protocol) we record the mean
+KL divergence of the store's next-token distribution from the source's (which gives the
+expected perplexity change, Quality.ppl_change), top-1 agreement, and the change in mean
+negative log-likelihood of the text's own next tokens. A store with an output-layer proxy
+is measured twice: every logit exact, and with the shortlist head (its extra cost, against
+the exact store). The figures are estimates on calibration-like text for planning; quality
+is reported on evaluation text by `run-model eval` and tools/bench_codecs.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..config import ModelConfig
+from ..functional import ACTIVATIONS, rms_norm
+from ..loader.tokenizer import Tokenizer
+from ..model import Transformer
+from ..store.quality_record import Quality
+from ..weights import DenseWeights, LayerWeights, Weights, dense_block
+
+QUALITY_CHUNK = 512  # tokens per chunk, BOS first; the second half is scored
+QUALITY_CHUNKS = 2
+MIN_QUALITY_TOKENS = 64  # a calibration text shorter than this gives no quality record
+_POSITIONS = 32  # scored positions whose full distributions are held at once
+
+
+def held_out_chunks(tokenizer: Tokenizer, text: str, after: int) -> list[np.ndarray]:
+    """The last QUALITY_CHUNKS chunks of `text`'s tokens, none of the first `after` (which
+    calibration saw); fewer or shorter chunks if the text is short, none if too short."""
+    ids = tokenizer.encode(text, add_special=False)[after:]
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    step = QUALITY_CHUNK - len(bos)
+    count = min(QUALITY_CHUNKS, len(ids) // step)
+    if count == 0:
+        return [np.array(bos + ids)] if len(ids) >= MIN_QUALITY_TOKENS else []
+    tail = ids[len(ids) - count * step:]
+    return [np.array(bos + tail[i:i + step]) for i in range(0, len(tail), step)]
+
+
+def scored(chunk: np.ndarray) -> slice:
+    """Positions of a chunk whose predictions are scored (the second half, except the last
+    position, whose next token is not in the chunk)."""
+    return slice(len(chunk) // 2, len(chunk) - 1)
+
+
+class ReferenceRun:
+    """The float32 source's final hidden states on the held-out chunks, advanced a layer at
+    a time (feed it each layer in order, as convert reads them)."""
+
+    def __init__(self, config: ModelConfig, weights: Weights, chunks: list[np.ndarray]):
+        self.config = config
+        self.activation = ACTIVATIONS[config.traits.activation]
+        shell = Weights(weights.embed, (), weights.final_norm, weights.output,
+                        weights.rope_freq_factors)
+        self.engine = Transformer(config, DenseWeights(shell, self.activation),
+                                  kv_dtype=np.float32)
+        self.chunks = chunks
+        self.hidden = [self.engine.embed(np.asarray(c)) for c in chunks]
+
+    def layer(self, i: int, layer: LayerWeights) -> None:
+        block = dense_block(layer, self.activation)
+        for c, x in enumerate(self.hidden):
+            cache = self.engine.new_cache(len(x))
+            cache.reserve(len(x))
+            self.hidden[c] = self.engine.block(i, block, x, np.arange(len(x)), cache)
+
+    def log_probs(self, c: int, positions: slice) -> np.ndarray:
+        """Log-probabilities (positions, vocab) of chunk c at `positions` (after every layer)."""
+        x = rms_norm(self.hidden[c][positions], self.engine.weights.final_norm,
+                     self.config.norm_eps)
+        return log_softmax(self.engine.weights.lm_head.apply(x))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    logits -= logits.max(axis=-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.tokens, self.kl, self.same, self.nll_delta = 0, 0.0, 0, 0.0
+
+    def add(self, reference: np.ndarray, model: np.ndarray, targets: np.ndarray) -> None:
+        rows = np.arange(len(targets))
+        self.tokens += len(targets)
+        self.kl += float(np.maximum((np.exp(reference) * (reference - model)).sum(axis=-1),
+                                    0.0).sum())
+        self.same += int((reference.argmax(axis=-1) == model.argmax(axis=-1)).sum())
+        self.nll_delta += float((reference[rows, targets] - model[rows, targets]).sum())
+
+    def result(self) -> Quality:
+        n = max(self.tokens, 1)
+        return Quality(self.tokens, self.kl / n, self.same / n, self.nll_delta / n)
+
+
+def _store_log_probs(model, chunk: np.ndarray, positions: slice) -> np.ndarray:
+    from ..generate import prefill
+
+    cache = model.engine.new_cache(len(chunk))
+    logits = prefill(model.engine, [int(t) for t in chunk], cache, all_logits=True)
+    return logits[positions].copy()  # not a view: the other positions are freed
+
+
+def measure(folder: Path, reference: ReferenceRun, shortlist: bool,
+            progress: bool = False) -> dict:
+    """The quality record of the store in `folder` against the source (`reference`, run
+    through every layer): {"exact": ..., "shortlist": ... (vs the exact store)}."""
+    from ..runtime.engine import open_store_session
+
+    exact, short = _Tally(), _Tally()
+    sessions = {"exact": open_store_session(folder, head="exact")}
+    try:
+        if shortlist:
+            sessions["shortlist"] = open_store_session(folder, head="shortlist")
+        for c, chunk in enumerate(tqdm(reference.chunks, desc="measuring quality",
+                                       unit="chunk", disable=not progress)):
+            positions = scored(chunk)
+            targets = np.asarray(chunk[positions.start + 1:positions.stop + 1])
+            store = _store_log_probs(sessions["exact"], chunk, positions)
+            approx = None if not shortlist else \
+                _store_log_probs(sessions["shortlist"], chunk, positions)
+            for start in range(0, len(targets), _POSITIONS):
+                part = slice(positions.start + start,
+                             min(positions.start + start + _POSITIONS, positions.stop))
+                rows = slice(start, start + _POSITIONS)
+                ref = reference.log_probs(c, part)
+                mine = log_softmax(store[rows])
+                exact.add(ref, mine, targets[rows])
+                if approx is not None:
+                    short.add(mine, log_softmax(approx[rows]), targets[rows])
+    finally:
+        for session in sessions.values():
+            session.close()
+    record = {"exact": exact.result().as_record()}
+    if shortlist:
+        record["shortlist"] = short.result().as_record()
+    return record
