@@ -316,23 +316,24 @@ def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_to
     try:
         import json
 
-        from .api import ensure_store, load
+        from .api import load
         from .default_model import default_model_path
         from .evaluate import evaluate
 
         text = _read_prompt(None, text_file)
         progress = sys.stderr.isatty()
         source = Path(model_path) if model_path else default_model_path(progress=progress)
-        store = ensure_store(source, codec, progress=progress)
         model = load(source, memory_budget=memory_budget, ctx_size=max(ctx_size, 2),
-                     threads=threads, codec=codec, selector=selector, sparsity=sparsity,
-                     window=window, head=head, quality=quality,
+                     threads=threads, codec=codec, progress=progress, selector=selector,
+                     sparsity=sparsity, window=window, head=head, quality=quality,
                      on_plan=None if as_json else lambda text: click.echo(text, err=True))
-        reference = load(store, ctx_size=ctx_size, threads=threads, selector="dense",
+        # the dense reference runs the store the budget chose (--quality may pick another)
+        reference = load(model.path, ctx_size=ctx_size, threads=threads, selector="dense",
                          head="exact") \
             if compare_dense else None
         report = evaluate(model, text, ctx_size, max_tokens, reference, progress)
-        click.echo(json.dumps(report.as_dict(), indent=1) if as_json else report.describe())
+        click.echo(json.dumps({"store": str(model.path), **report.as_dict()}, indent=1)
+                   if as_json else report.describe())
     except FlashInferError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 """Quality measured at convert and the budget's choice between stores of one model: the
-record is real (a coarser codec measures worse, the shortlist costs something), the choice
-follows --quality, the chosen store fits the budget, and hostile records are refused."""
+record is real (a coarser codec measures worse), the choice follows --quality, the chosen
+store fits the budget, stores without a record or with a corrupt one are left out, and
+hostile records are refused."""
 
 from __future__ import annotations
 
@@ -29,22 +30,30 @@ def _option(store, read: int, change: float | None, shortlist: bool = False):
 
 def test_choice_follows_the_quality_mode():
     asked, small = object(), object()
-    exact = _option(asked, 90, 0.001)
-    short = _option(asked, 40, 0.03, shortlist=True)
+    mb = 1_000_000
+    exact = _option(asked, 90 * mb, 0.001)
+    short = _option(asked, 40 * mb, 0.03, shortlist=True)
     fits = _option(small, 0, 0.40)
     found = [exact, short, fits]
     assert store_choice.choose(found, "exact", asked) is exact
     assert store_choice.choose(found, "auto", asked) is short  # within +5%, reads less
     assert store_choice.choose(found, "fastest", asked) is fits
-    worse = _option(asked, 40, 0.08, shortlist=True)  # beyond the tolerance: not auto's
+    worse = _option(asked, 40 * mb, 0.08, shortlist=True)  # beyond the tolerance: not auto's
     assert store_choice.choose([exact, worse, fits], "auto", asked) is exact
     # nothing within the tolerance: the least expected change
     assert store_choice.choose([worse, fits], "auto", asked) is worse
-    # equal reads: the better quality
+    # equal reads, or nearly (a tenth, plus 1 MB): the better quality
     tie = _option(small, 0, 0.10)
     assert store_choice.choose([fits, tie], "fastest", asked) is tie
+    near = _option(small, int(0.7 * mb), 0.20)
+    assert store_choice.choose([fits, near], "fastest", asked) is near
+    far = _option(small, 30 * mb, 0.01)
+    assert store_choice.choose([short, far], "fastest", asked) is far  # 30 <= 40 * 1.1 + 1
+    assert store_choice.choose([exact, far], "fastest", asked) is far
+    assert store_choice.choose([fits, far], "fastest", asked) is fits
     # the asked store unmeasured (older convert): nothing to weigh it against
-    blind = [_option(asked, 90, None), _option(asked, 40, None, shortlist=True), fits]
+    blind = [_option(asked, 90 * mb, None), _option(asked, 40 * mb, None, shortlist=True),
+             fits]
     assert store_choice.choose(blind, "fastest", asked) is blind[1]
     with pytest.raises(FlashInferError, match="unknown quality"):
         store_choice.choose(found, "best", asked)
@@ -109,8 +118,9 @@ def _smallest_resident_budget(store) -> int:
     return high
 
 
-def test_options_and_choice_on_real_stores(model_stores):
+def test_options_and_choice_on_real_stores(model_stores, monkeypatch):
     source, paths = model_stores
+    monkeypatch.setattr(store_choice, "SAME_READ_BYTES", 0)  # tiny stores read kilobytes
     assert set(paths.values()) <= set(stores_of(source))
     int8, pal2 = (open_store(paths[s]) for s in ("int8", "pal2"))
     fixed = make_plan(int8, 10**12, 64, 0).fixed_bytes  # int8's smallest workable budget
@@ -143,30 +153,68 @@ def test_load_chooses_between_stores(model_stores, monkeypatch):
     # raised), held still for the test
     steady = process_baseline() + 5_000_000
     monkeypatch.setattr(engine, "current_rss_bytes", lambda: steady)
+    monkeypatch.setattr(store_choice, "SAME_READ_BYTES", 0)  # tiny stores read kilobytes
     with fi.load(source, memory_budget=10**9, quality="fastest") as m:
         assert m.path == paths["int8"]  # both fit: equal reads, the better quality
     with pytest.raises(BudgetError) as refused:
         fi.load(source, memory_budget=1, quality="exact")
     budget = refused.value.smallest + 100_000  # less than int8 needs whole
-    with fi.load(source, memory_budget=budget, quality="exact", on_plan=plans.append) as m:
+    with fi.load(source, memory_budget=budget, quality="exact") as m:
         assert m.path == paths["int8"] and m.plan.shortlist == 0
-        assert "quality exact" in plans[-1] and "also possible: pal2 store" in plans[-1]
         streamed = m.plan.streamed_bytes
         assert streamed > 0
-    with fi.load(source, memory_budget=budget, quality="fastest") as m:
+    with fi.load(source, memory_budget=budget, quality="fastest", on_plan=plans.append) as m:
         assert m.path == paths["pal2"]  # fewer bytes to stream, or none
         assert m.plan.streamed_bytes < streamed and m.plan.budget == budget
+        assert "quality fastest" in plans[-1] and "also possible: int8 store" in plans[-1]
         m.generate("abc", max_tokens=4, temperature=0)
     with pytest.raises(FlashInferError, match="unknown quality"):
         fi.load(source, memory_budget=budget, quality="best")
+    with pytest.raises(FlashInferError, match="leave out --head shortlist"):
+        fi.load(source, memory_budget=budget, quality="exact", head="shortlist")
+
+
+def _copy_with(path, tmp_path, name, edit):
+    copy = tmp_path / name
+    shutil.copytree(path, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_unweighable_stores_are_not_chosen(model_stores, tmp_path, monkeypatch):
+    _, paths = model_stores
+    monkeypatch.setattr(engine, "current_rss_bytes", lambda: process_baseline() + 5_000_000)
+    budget = engine.open_store_session(paths["int8"], 1 << 30).plan.fixed_bytes + 100_000
+    plans = []
+    old = _copy_with(paths["int8"], tmp_path, "old.store", lambda m: m.pop("quality"))
+    session = engine.open_store_session(old, budget, quality="fastest", on_plan=plans.append,
+                                        alternatives=[paths["pal2"]])
+    assert session.path == old and "quality" not in plans[-1]  # runs as planned, no choice
+    session.close()
+    broken = _copy_with(paths["pal2"], tmp_path, "broken.store",
+                        lambda m: m["quality"]["exact"].update(kl=float("nan")))
+    unmeasured = _copy_with(paths["pal2"], tmp_path, "unmeasured.store",
+                            lambda m: m.pop("quality"))
+    session = engine.open_store_session(paths["int8"], budget, quality="fastest",
+                                        alternatives=[broken, unmeasured])
+    assert session.path == paths["int8"]  # neither sibling can be weighed
+    session.close()
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda q: q.pop("exact"), "quality record is malformed"),
     (lambda q: q["exact"].update(kl=-1.0), "out of range"),
-    (lambda q: q["exact"].update(top1="high"), "non-numeric"),
+    (lambda q: q["exact"].update(top1="high"), "not finite"),
     (lambda q: q["exact"].update(extra=1), "'exact' is malformed"),
     (lambda q: q.update(other={}), "quality record is malformed"),
+    (lambda q: q["exact"].update(kl=float("nan")), "not finite"),
+    (lambda q: q["exact"].update(nll_delta=float("inf")), "not finite"),
+    (lambda q: q["exact"].update(tokens=float("inf")), "not finite"),
+    (lambda q: q["exact"].update(tokens=10**30), "out of range"),
+    (lambda q: q["exact"].update(kl="0.1"), "not finite"),
+    (lambda q: q["exact"].update(tokens=True), "not finite"),
 ])
 def test_corrupt_quality_record_is_refused(model_stores, tmp_path, edit, message):
     broken = tmp_path / "broken.store"

@@ -98,12 +98,16 @@ def run_limited(system: str, model: str, limit: int, budget: int, n: int, thread
     return {"error": " | ".join(said[-2:])[-300:]}
 
 
-def quality(systems: dict, reference, ids: list[int], bos: int) -> dict[str, dict]:
+def chunks_of(ids: list[int], bos: int) -> list[list[int]]:
     step = CTX - 1
-    chunks = [[bos] + ids[i:i + step] for i in range(0, len(ids) - step + 1, step)]
+    return [[bos] + ids[i:i + step] for i in range(0, len(ids) - step + 1, step)]
+
+
+def quality(systems: dict, reference, ids: list[int], bos: int) -> dict[str, dict]:
+    """Scores of `systems` (objects with .logits) and of the reference itself."""
     scores = {name: Score() for name in systems}
     ref_score = Score()
-    for chunk in chunks:
+    for chunk in chunks_of(ids, bos):
         targets = np.array(chunk[CTX // 2 + 1:])
         ref = log_softmax(reference.logits(chunk)[CTX // 2:-1].astype(np.float64))
         ref_score.add(ref, ref, targets)
@@ -115,12 +119,29 @@ def quality(systems: dict, reference, ids: list[int], bos: int) -> dict[str, dic
     return out
 
 
-class _Ours:
-    def __init__(self, model):
-        self.model = model
+def quality_worker(system: str, model: str, source: str, budget: int, threads: int,
+                   tokens: int) -> dict:
+    """Our setting's quality, in a child of its own: the model is loaded under its budget
+    first (the float32 reference, loaded after, must not count in the plan's memory)."""
+    import flashinfer_ondevice as fi
 
-    def logits(self, ids):
-        return self.model.logits(ids)
+    ours = load_ours(system, model, budget, threads)
+    reference = fi.load(source, backend="numpy", threads=threads)
+    ids = reference.tokenize(eval_text(), add_special=False)[:tokens]
+    result = quality({"ours": ours}, reference, ids, reference.tokenizer.bos_id)
+    return {"quality": result["ours"], "source": result["source"], "store": ours.path.name}
+
+
+def run_quality(kind: str, path: str, source: Path, budget: int, threads: int,
+                tokens: int) -> dict:
+    cmd = [sys.executable, __file__, "--quality-worker", kind, "-m", path, "--source",
+           str(source), "--budget", str(budget), "-t", str(threads), "--quality-tokens",
+           str(tokens)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    return {"error": result.stderr.strip()[-300:]}
 
 
 def main() -> None:
@@ -141,9 +162,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "frontier")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--quality-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--source", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.model, args.budget, args.n, args.threads)))
+        return
+    if args.quality_worker:
+        print(json.dumps(quality_worker(args.quality_worker, args.model, args.source,
+                                        args.budget, args.threads, args.quality_tokens)))
         return
 
     import flashinfer_ondevice as fi
@@ -184,21 +211,27 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k not in ("runs", "plan")}),
                   flush=True)
 
+    # llama.cpp's files are scored once (without a limit their logits do not depend on it);
+    # ours per budget (the plan may change the output layer), each in a child process
     reference = fi.load(source, backend="numpy", threads=args.threads)
     ids = reference.tokenize(eval_text(), add_special=False)[:args.quality_tokens]
-    for fraction in args.fractions:
-        budget = int(gguf_bytes * fraction / 100)
-        models = {}
-        for name, (kind, path) in systems.items():
-            if kind != "llama.cpp":
-                models[name] = _Ours(load_ours(kind, path, budget, args.threads))
-            else:
-                models[name] = LlamaSystem(Path(path), args.threads)
-        measured = quality(models, reference, ids, reference.tokenizer.bos_id)
-        for row in rows:
-            if row["fraction"] == fraction:
-                row["quality"] = measured[row["system"]]
-                row["source_perplexity"] = measured["source"]["perplexity"]
+    peers = {name: LlamaSystem(Path(path), args.threads)
+             for name, (kind, path) in systems.items() if kind == "llama.cpp"}
+    measured = quality(peers, reference, ids, reference.tokenizer.bos_id)
+    del reference, peers
+    for row in rows:
+        kind, path = systems[row["system"]]
+        if kind == "llama.cpp":
+            row["quality"] = measured[row["system"]]
+        else:
+            child = run_quality(kind, path, source, row["budget"], args.threads,
+                                args.quality_tokens)
+            row["quality"] = child.get("quality")
+            row["quality_store"] = child.get("store")
+            row["quality_error"] = child.get("error")
+        row["source_perplexity"] = measured["source"]["perplexity"]
+        print(json.dumps({"system": row["system"], "fraction": row["fraction"],
+                          "quality": row["quality"]}), flush=True)
     result = {"machine": describe_machine(), "model": source.name, "gguf_bytes": gguf_bytes,
               "baseline": baseline, "threads": args.threads, "runs": args.runs, "n": args.n,
               "quality_tokens": len(ids), "rows": rows}

@@ -200,9 +200,13 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
             _add_head_proxy(tmp, manifest, rank, progress)
             write_manifest(tmp, manifest)
         if reference is not None:
-            manifest["quality"] = store_quality.measure(tmp, reference, rank is not None,
-                                                        progress)
-            write_manifest(tmp, manifest)
+            try:
+                manifest["quality"] = store_quality.measure(tmp, reference, rank is not None,
+                                                            progress)
+            except ValueError as exc:  # not finite: the store runs, but is not weighed
+                print(f"warning: quality not recorded ({exc})", file=sys.stderr)
+            else:
+                write_manifest(tmp, manifest)
         os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -34,7 +34,7 @@ def calibration_tokens(parameters: int) -> int:
     return int(min(MAX_CALIBRATION_TOKENS, max(256, _FLOP_BUDGET / (2 * parameters))))
 
 
-class _Capture:
+class Capture:
     """Stands in for the output layer during calibration: keeps its inputs, skips its work."""
 
     def __init__(self):
@@ -50,7 +50,7 @@ def final_hidden_states(model: Session, text: str, tokens: int, progress: bool) 
     ids = model.tokenizer.encode(text, add_special=False)[:tokens]
     bos = [model.tokenizer.bos_id] if model.tokenizer.bos_id is not None else []
     step = CHUNK - len(bos)
-    capture, head = _Capture(), model.weights.lm_head
+    capture, head = Capture(), model.weights.lm_head
     model.weights.lm_head = capture
     try:
         for start in tqdm(range(0, len(ids), step), desc="fitting output-layer proxy",

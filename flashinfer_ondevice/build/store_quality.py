@@ -21,10 +21,13 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..functional import ACTIVATIONS, rms_norm
+from ..generate import prefill
 from ..loader.tokenizer import Tokenizer
 from ..model import Transformer
-from ..store.quality_record import Quality
+from ..runtime.engine import open_store_session
+from ..store.quality_record import Quality, parse_quality
 from ..weights import DenseWeights, LayerWeights, Weights, dense_block
+from .head_proxy import Capture
 
 QUALITY_CHUNK = 512  # tokens per chunk, BOS first; the second half is scored
 QUALITY_CHUNKS = 2
@@ -85,6 +88,16 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
 
 
+def _parts(chunk: np.ndarray, positions: slice):
+    """(rows of the scored states, their next tokens, positions in the chunk), _POSITIONS
+    at a time."""
+    targets = np.asarray(chunk[positions.start + 1:positions.stop + 1])
+    for start in range(0, len(targets), _POSITIONS):
+        rows = slice(start, min(start + _POSITIONS, len(targets)))
+        yield rows, targets[rows], slice(positions.start + rows.start,
+                                         positions.start + rows.stop)
+
+
 class _Tally:
     def __init__(self) -> None:
         self.tokens, self.kl, self.same, self.nll_delta = 0, 0.0, 0, 0.0
@@ -102,45 +115,54 @@ class _Tally:
         return Quality(self.tokens, self.kl / n, self.same / n, self.nll_delta / n)
 
 
-def _store_log_probs(model, chunk: np.ndarray, positions: slice) -> np.ndarray:
-    from ..generate import prefill
-
-    cache = model.engine.new_cache(len(chunk))
-    logits = prefill(model.engine, [int(t) for t in chunk], cache, all_logits=True)
-    return logits[positions].copy()  # not a view: the other positions are freed
+def _final_states(model, chunk: np.ndarray, positions: slice) -> np.ndarray:
+    """The output layer's inputs at `positions` of `chunk`, run through the store."""
+    capture, head = Capture(), model.weights.lm_head
+    model.weights.lm_head = capture
+    try:
+        prefill(model.engine, [int(t) for t in chunk], model.engine.new_cache(len(chunk)),
+                all_logits=True)
+    finally:
+        model.weights.lm_head = head
+    return np.concatenate(capture.inputs)[positions]
 
 
 def measure(folder: Path, reference: ReferenceRun, shortlist: bool,
             progress: bool = False) -> dict:
     """The quality record of the store in `folder` against the source (`reference`, run
-    through every layer): {"exact": ..., "shortlist": ... (vs the exact store)}."""
-    from ..runtime.engine import open_store_session
-
+    through every layer): {"exact": ..., "shortlist": ... (vs the exact store)}. One
+    session open at a time; full distributions for _POSITIONS positions at a time."""
+    chunks = reference.chunks
+    states = []  # the scored positions' final hidden states, per chunk
     exact, short = _Tally(), _Tally()
-    sessions = {"exact": open_store_session(folder, head="exact")}
+    bar = tqdm(total=len(chunks) * (2 if shortlist else 1), desc="measuring quality",
+               unit="chunk", disable=not progress)
+    model = open_store_session(folder, head="exact")
     try:
-        if shortlist:
-            sessions["shortlist"] = open_store_session(folder, head="shortlist")
-        for c, chunk in enumerate(tqdm(reference.chunks, desc="measuring quality",
-                                       unit="chunk", disable=not progress)):
+        for c, chunk in enumerate(chunks):
             positions = scored(chunk)
-            targets = np.asarray(chunk[positions.start + 1:positions.stop + 1])
-            store = _store_log_probs(sessions["exact"], chunk, positions)
-            approx = None if not shortlist else \
-                _store_log_probs(sessions["shortlist"], chunk, positions)
-            for start in range(0, len(targets), _POSITIONS):
-                part = slice(positions.start + start,
-                             min(positions.start + start + _POSITIONS, positions.stop))
-                rows = slice(start, start + _POSITIONS)
-                ref = reference.log_probs(c, part)
-                mine = log_softmax(store[rows])
-                exact.add(ref, mine, targets[rows])
-                if approx is not None:
-                    short.add(mine, log_softmax(approx[rows]), targets[rows])
+            states.append(_final_states(model, chunk, positions))
+            for rows, targets, part in _parts(chunk, positions):
+                mine = log_softmax(model.weights.lm_head.apply(states[c][rows]))
+                exact.add(reference.log_probs(c, part), mine, targets)
+            bar.update()
     finally:
-        for session in sessions.values():
-            session.close()
+        model.close()
+    if shortlist:
+        model = open_store_session(folder, head="shortlist")
+        try:
+            exact_head = model.weights.lm_head_rows  # every row resident (no budget)
+            for c, chunk in enumerate(chunks):
+                for rows, targets, _ in _parts(chunk, scored(chunk)):
+                    x = states[c][rows]
+                    short.add(log_softmax(exact_head.apply(x)),
+                              log_softmax(model.weights.lm_head.apply(x)), targets)
+                bar.update()
+        finally:
+            model.close()
+    bar.close()
     record = {"exact": exact.result().as_record()}
     if shortlist:
         record["shortlist"] = short.result().as_record()
+    parse_quality(record)  # what the reader will accept (a NaN would make the store unusable)
     return record

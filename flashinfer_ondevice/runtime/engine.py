@@ -151,16 +151,18 @@ def _tokenizer(store: Store, lean: bool) -> tuple[Tokenizer, int]:
 
 def _same_model(store: Store, paths: Sequence[Path],
                 sparse: Callable[[Store], object]) -> list[Store]:
-    """The stores at `paths` that hold the same model as `store` and can run the asked FFN
-    settings (`sparse` raises otherwise); others, and unreadable ones, are left out."""
+    """The stores at `paths` that hold the same model as `store`, have a quality record and
+    can run the asked FFN settings (`sparse` raises otherwise); others, and unreadable or
+    corrupt ones, are left out (they never stop the asked store from running)."""
     found = []
     for path in paths:
         try:
             other = open_store(path)
             sparse(other)
-        except FlashInferError:
+        except (FlashInferError, OSError, ValueError, OverflowError):
             continue
-        if other.config == store.config and other.path != store.path:
+        if other.config == store.config and other.path != store.path and \
+                other.quality is not None:
             found.append(other)
     return found
 
@@ -177,8 +179,11 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
     if quality not in store_choice.QUALITY_MODES:
         raise FlashInferError(f"unknown quality {quality!r} (use "
                               f"{', '.join(store_choice.QUALITY_MODES)})")
+    if quality == "exact" and head == "shortlist":
+        raise FlashInferError("--quality exact keeps every logit exact: leave out --head "
+                              "shortlist")
     baseline = process_baseline()
-    store = open_store(path)
+    store = open_store(path, verify=verify)
     tokenizer, transient = _tokenizer(store, lean=memory_budget is not None)
     ctx = context_size(store.config, ctx_size,
                        DEFAULT_CTX if memory_budget is None else BUDGET_DEFAULT_CTX)
@@ -190,21 +195,19 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
                          sparse_settings(s, budget, selector, sparsity, window), h)
 
     choice = ""
-    if budget is None or stream_all:
-        plan = plan_for(store, "exact" if quality == "exact" else head)
+    if budget is None or stream_all or quality == "exact" or store.quality is None:
+        plan = plan_for(store, "exact" if quality == "exact" else head)  # nothing to weigh
     else:
         stores = [store, *_same_model(store, alternatives, lambda s: sparse_settings(
             s, budget, selector, sparsity, window))]
         found = store_choice.options(stores, head, plan_for)
         chosen = store_choice.choose(found, quality, store)
         choice = store_choice.describe(chosen, found, quality)
-        if chosen.store is not store:  # its own tokenizer files, and a plan counting them
-            store = chosen.store
-            tokenizer, transient = _tokenizer(store, lean=True)
-            overhead = max(0, current_rss_bytes() - baseline)
-        plan = plan_for(store, "shortlist" if chosen.plan.shortlist else "exact")
-    if verify:
-        open_store(store.path, verify=True)
+        plan = chosen.plan
+        if chosen.store is not store:  # same vocabulary: the tokenizer, counted in the
+            store = chosen.store       # plan, stays
+            if verify:
+                open_store(store.path, verify=True)
     if on_plan is not None:
         on_plan(plan.describe(store) + (f"\n{choice}" if choice else ""))
     reader = DirectReader(store.path / "weights.bin")

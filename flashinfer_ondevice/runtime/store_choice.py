@@ -13,10 +13,14 @@ costs more than computing with a resident one), so options are ranked by bytes r
   exact    the asked store, every logit exact (what the model is, streamed as needed)
   auto     the option reading least whose expected perplexity change is within
            AUTO_TOLERANCE of the source; if none is, the least expected change
-  fastest  the option reading least; among equals, the least expected change
+  fastest  the option reading least
+Reads within SAME_READ_* of the least count as equal; among equals, the least expected
+change wins.
 
-An option whose store has no quality record (converted by an older version) cannot be
-weighed: only the asked store is then considered.
+A store without a quality record (converted by an older version) cannot be weighed: when
+the asked store has none it runs as the planner plans it, and other stores without one are
+not considered. The record is measured dense: FFN sparsity's own cost is in its calibration
+record, not here.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ from .planner import BudgetError, Plan
 
 QUALITY_MODES = ("auto", "exact", "fastest")
 AUTO_TOLERANCE = 0.05  # expected perplexity increase over the source that auto accepts
+# Reads within this of the least count as equally fast (then quality decides): on Gemma 3
+# 270M at a 50% budget, pal3 and pal4 with the shortlist head read 0.7 MB per token each,
+# against 1-2 ms of compute per token, and pal4 costs far less perplexity.
+SAME_READ_FRACTION, SAME_READ_BYTES = 0.10, 1 << 20
 
 
 @dataclass(frozen=True)
@@ -62,12 +70,20 @@ def codecs_of(store: Store) -> str:
 
 
 def read_nbytes(store: Store, plan: Plan) -> int:
-    """Bytes a token reads: what streams, and the shortlist's candidates not resident."""
-    if not plan.shortlist:
-        return plan.streamed_bytes
-    head = store.tensors[plan.head]
-    missing = 1 - plan.head_resident_rows / head.rows
-    return plan.streamed_bytes + int(plan.shortlist * head.row_nbytes * missing)
+    """Bytes a token reads: what streams, the shortlist's candidates not resident, and
+    (sparse FFNs under a budget) the needed neurons the caches miss, estimated as if the
+    caches held a uniform share of them."""
+    read = plan.streamed_bytes
+    if plan.shortlist:
+        head = store.tensors[plan.head]
+        missing = 1 - plan.head_resident_rows / head.rows
+        read += int(plan.shortlist * head.row_nbytes * missing)
+    if plan.ffn_cached:
+        ffn = store.tensors[layer_key(0, "ffn")]
+        needed = (1 - plan.sparse.sparsity) * ffn.rows
+        uncached = max(0.0, 1 - plan.cache_rows / ffn.rows)
+        read += int(store.config.n_layers * needed * uncached * ffn.row_nbytes)
+    return read
 
 
 def expected_change(store: Store, shortlist: bool) -> float | None:
@@ -82,13 +98,15 @@ def expected_change(store: Store, shortlist: bool) -> float | None:
 
 def options(stores: list[Store], head: str, plan: Callable[[Store, str], Plan]
             ) -> list[Option]:
-    """Every (store, output-layer plan) the budget admits; `head`: "auto" tries both,
-    "exact"/"shortlist" only that. `plan(store, head)` plans or raises BudgetError."""
+    """Every (store, output-layer plan) the budget admits, the asked store first; `head`:
+    "auto" tries both, "exact"/"shortlist" only that. `plan(store, head)` plans or raises
+    BudgetError."""
     found, refusals = [], []
     for store in stores:
         heads = ["exact", "shortlist"] if head == "auto" else [head]
-        for h in heads:
-            if h == "shortlist" and store.head_proxy is None:
+        for h in heads:  # the asked store (first) says itself why it has no shortlist
+            if h == "shortlist" and store.head_proxy is None and (
+                    head == "auto" or store is not stores[0]):
                 continue
             try:
                 p = plan(store, h)
@@ -126,7 +144,10 @@ def choose(found: list[Option], quality: str, asked: Store) -> Option:
         if not within:
             return min(weighed, key=lambda o: (o.ppl_change, o.read_nbytes))
         weighed = within
-    return min(weighed, key=lambda o: (o.read_nbytes, o.ppl_change))
+    least = min(o.read_nbytes for o in weighed)
+    fast = [o for o in weighed
+            if o.read_nbytes <= least * (1 + SAME_READ_FRACTION) + SAME_READ_BYTES]
+    return min(fast, key=lambda o: (o.ppl_change, o.read_nbytes))
 
 
 def describe(chosen: Option, found: list[Option], quality: str) -> str:

@@ -41,13 +41,13 @@ def parse_quality(raw) -> dict[str, Quality]:
         if not isinstance(values, dict) or set(values) != {"tokens", "kl", "top1",
                                                            "nll_delta"}:
             raise ValueError(f"quality record {name!r} is malformed")
-        try:
-            quality = Quality(int(values["tokens"]), float(values["kl"]),
-                              float(values["top1"]), float(values["nll_delta"]))
-        except (TypeError, ValueError):
-            raise ValueError(f"quality record {name!r} has non-numeric values") from None
-        if not (quality.tokens > 0 and 0 <= quality.kl < 100 and 0 <= quality.top1 <= 1
-                and abs(quality.nll_delta) < 100):
+        tokens, numbers = values["tokens"], [values[k] for k in ("kl", "top1", "nll_delta")]
+        if type(tokens) is not int or not all(type(v) in (int, float) and math.isfinite(v)
+                                               for v in numbers):
+            raise ValueError(f"quality record {name!r} has values that are not finite numbers")
+        quality = Quality(tokens, *(float(v) for v in numbers))
+        if not (0 < quality.tokens < 1 << 40 and 0 <= quality.kl < 100
+                and 0 <= quality.top1 <= 1 and abs(quality.nll_delta) < 100):
             raise ValueError(f"quality record {name!r} is out of range")
         parsed[name] = quality
     return parsed
