@@ -68,12 +68,15 @@ def worker(system: str, model: str, budget: int, n: int, threads: int) -> dict:
 
 
 def load_ours(system: str, model: str, budget: int, threads: int, **kwargs):
-    """Our setting: a store (run as its planner decides), or `quality=MODE` on the source,
-    choosing among the stores of it in the models folder (runtime/store_choice.py)."""
+    """Our setting: a store (run as its planner decides, or with the output-layer plan after
+    "@"), or `quality=MODE` on the source, choosing among the stores of it in the models
+    folder (runtime/store_choice.py)."""
     import flashinfer_ondevice as fi
 
     quality = system.partition("quality=")[2] or "auto"
-    return fi.load(model, memory_budget=budget, threads=threads, quality=quality, **kwargs)
+    head = system.partition("@")[2] or "auto"
+    return fi.load(model, memory_budget=budget, threads=threads, quality=quality, head=head,
+                   **kwargs)
 
 
 def open_store_for(path):
@@ -150,8 +153,9 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[50, 25])
     parser.add_argument("--ours", nargs="*", default=[
         "int8", "pal4", "pal3,embed=pal4", "pal3", "quality=auto", "quality=fastest",
-        "quality=exact"], help="store codec specs, and quality=MODE: the choice among the "
-        "stores converted (those listed first)")
+        "quality=exact"], help="store codec specs (SPEC@shortlist or @exact: that "
+        "output-layer plan), and quality=MODE: the choice among the stores converted (those "
+        "listed first)")
     parser.add_argument("--peers", nargs="*", default=["pure-iq4_nl", "pure-q4_0",
                                                        "q2_k:emb=q4_0"])
     parser.add_argument("--runs", type=int, default=3)
@@ -182,7 +186,9 @@ def main() -> None:
     source = Path(args.model) if args.model else default_model_path()
     gguf_bytes = source.stat().st_size
     systems = {f"ours {spec}": (spec, str(source)) if spec.startswith("quality=") else
-               ("ours", str(ensure_store(source, spec, progress=True))) for spec in args.ours}
+               (f"ours{spec.partition('@')[1]}{spec.partition('@')[2]}",
+                str(ensure_store(source, spec.partition("@")[0], progress=True)))
+               for spec in args.ours}
     systems["llama.cpp source"] = ("llama.cpp", str(source))
     for name in args.peers:
         path = quantize(source, name, args.threads)
