@@ -223,16 +223,21 @@ def store_path_for(source: Path, codec: str) -> Path:
     """Where the store converted from `source` lives in the models folder; the name carries
     the source's identity (path, size, modification time), so a replaced file is converted
     again rather than served from a stale store."""
+    spec = codec.replace(",", "+").replace("=", "-")
+    return models_dir() / f"{_store_prefix(source)}{spec}.store"
+
+
+def _store_prefix(source: Path) -> str:
+    """The start of the names of `source`'s stores: its name and a tag of its identity."""
     stat = source.stat()
     identity = f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
     tag = hashlib.sha256(identity).hexdigest()[:10]
-    spec = codec.replace(",", "+").replace("=", "-")
-    return models_dir() / f"{source.name.removesuffix('.gguf')}-{tag}.{spec}.store"
+    return f"{source.name.removesuffix('.gguf')}-{tag}."
 
 
 def stores_of(source: Path) -> list[Path]:
     """The stores converted from `source` in the models folder, whatever their codecs."""
-    prefix = store_path_for(source, "x").name.rsplit(".", 2)[0] + "."
+    prefix = _store_prefix(source)
     folder = models_dir()
     if not folder.is_dir():
         return []

@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import FlashInferError
+from .functional import log_softmax
 
 
 @dataclass
@@ -52,11 +53,6 @@ class EvalReport:
         return "\n".join(lines)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max()
-    return shifted - np.log(np.exp(shifted).sum())
-
-
 def evaluate(model, text: str, ctx: int = 512, max_tokens: int | None = None,
              reference=None, progress: bool = False) -> EvalReport:
     """Score `text` with `model` (and compare with `reference`, if given)."""
@@ -82,7 +78,7 @@ def evaluate(model, text: str, ctx: int = 512, max_tokens: int | None = None,
         for chunk in chunks:
             caches = [m.engine.new_cache(len(chunk)) for m in runs]
             for pos in range(len(chunk) - 1):
-                logps = [_log_softmax(m.engine.forward(np.array([chunk[pos]]), c)[-1])
+                logps = [log_softmax(m.engine.forward(np.array([chunk[pos]]), c)[-1])
                          for m, c in zip(runs, caches, strict=True)]
                 if pos < len(bos):
                     continue  # a chunk's first token: predicted from BOS alone, not scored

@@ -1,6 +1,7 @@
 """The numpy math the forward pass and the codecs' reference kernels share: norms,
-activations, softmax and rope, plus the fp16 roundings of llama.cpp's CPU backend that the
-reference engine reproduces for GGUF models (see model.py)."""
+activations, softmax (and the log-softmax quality scores use) and rope, plus the fp16
+roundings of llama.cpp's CPU backend that the reference engine reproduces for GGUF models
+(see model.py)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,13 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
     return scores
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities along the last axis, in float64 (what quality scores compare)."""
+    logits = logits.astype(np.float64)
+    logits -= logits.max(axis=-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float,

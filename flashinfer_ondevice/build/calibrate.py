@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..errors import FlashInferError
-from ..functional import ACTIVATIONS
+from ..functional import ACTIVATIONS, log_softmax
 from ..runtime.engine import Session, open_store_session
 from ..runtime.selectors import GateFirstSelector, PredictedSelector
 from ..runtime.sparse_ffn import SparseFFN
@@ -183,9 +183,8 @@ def next_token_log_probs(model: Session, chunks: list[list[int]], skip: int) -> 
     out = []
     for chunk in chunks:
         logits = model.engine.forward(np.asarray(chunk), model.engine.new_cache(len(chunk)),
-                                      all_logits=True)[skip:-1].astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        out.append(logits - np.log(np.exp(logits).sum(axis=1, keepdims=True)))
+                                      all_logits=True)[skip:-1]
+        out.append(log_softmax(logits))
     return out
 
 

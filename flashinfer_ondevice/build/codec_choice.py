@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..errors import FlashInferError
-from ..functional import ACTIVATIONS
+from ..functional import ACTIVATIONS, log_softmax
 from ..model import Transformer
 from ..quant.codecs import CODECS, TENSOR_GROUPS, Codec, InputStats
 from ..weights import DenseWeights, Weights
@@ -111,10 +111,7 @@ def with_group(weights: Weights, group: str, transform: Transform, layer_stats: 
 def log_probs(config: ModelConfig, weights: Weights, tokens: np.ndarray) -> np.ndarray:
     engine = Transformer(config, DenseWeights(weights, ACTIVATIONS[config.traits.activation]),
                          kv_dtype=np.float32)
-    logits = engine.forward(tokens, engine.new_cache(len(tokens)), all_logits=True)
-    logits = logits.astype(np.float64)
-    logits -= logits.max(axis=-1, keepdims=True)
-    return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    return log_softmax(engine.forward(tokens, engine.new_cache(len(tokens)), all_logits=True))
 
 
 def mean_kl(reference: np.ndarray, logp: np.ndarray) -> float:

@@ -16,6 +16,8 @@ other, not the values within a row (see Codec.encode_columns).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from tqdm import tqdm
 
@@ -23,7 +25,7 @@ from ..config import ModelConfig
 from ..functional import ACTIVATIONS, rms_norm
 from ..model import Transformer
 from ..quant.codecs import InputStats
-from ..weights import DenseMatrix, DenseWeights, LayerWeights, Weights, dense_block
+from ..weights import DenseMatrix, DenseWeights, LayerWeights, Matrix, Weights, dense_block
 
 DAMPING = 0.01  # fraction of the mean diagonal added to E[x x^T]
 # A tied embedding is looked up as well as multiplied: the output layer's E[x x^T] gets this
@@ -69,19 +71,38 @@ class _Recorder:
         return self.matrix.apply(x)
 
 
-class InputStatsCollector:
+class LayerwiseRun:
+    """The float32 checkpoint over chunks of tokens, a layer at a time: feed it each layer in
+    order (as convert reads them; a layer is loaded once, a lazy GGUF stays lazy) and it
+    moves every chunk's hidden states past that layer (`hidden`)."""
+
+    def __init__(self, config: ModelConfig, weights: Weights, chunks: list[np.ndarray]):
+        self.config = config
+        self.activation = ACTIVATIONS[config.traits.activation]
+        shell = Weights(weights.embed, (), weights.final_norm, weights.output,
+                        weights.rope_freq_factors)
+        self.engine = Transformer(config, DenseWeights(shell, self.activation),
+                                  kv_dtype=np.float32)
+        self.chunks = chunks
+        self.hidden = [self.engine.embed(np.asarray(c)) for c in chunks]
+
+    def advance(self, i: int, layer: LayerWeights,
+                wrap: Callable[[str, DenseMatrix], Matrix] | None = None) -> None:
+        """Run every chunk through layer i (`wrap`: as dense_block's)."""
+        block = dense_block(layer, self.activation, wrap)
+        for c, x in enumerate(self.hidden):
+            cache = self.engine.new_cache(len(x))
+            cache.reserve(len(x))
+            self.hidden[c] = self.engine.block(i, block, x, np.arange(len(x)), cache)
+
+
+class InputStatsCollector(LayerwiseRun):
     """Feed it the checkpoint's layers in order; it returns each layer's input statistics
     and moves the calibration tokens' hidden states past that layer."""
 
     def __init__(self, config: ModelConfig, weights: Weights, chunks: list[np.ndarray],
                  progress: bool = False):
-        activation = ACTIVATIONS[config.traits.activation]
-        shell = Weights(weights.embed, (), weights.final_norm, None, weights.rope_freq_factors)
-        self.config = config
-        self.activation = activation
-        self.engine = Transformer(config, DenseWeights(shell, activation), kv_dtype=np.float32)
-        self.chunks = chunks
-        self.hidden = [self.engine.embed(np.asarray(c)) for c in chunks]
+        super().__init__(config, weights, chunks)
         self.bar = tqdm(total=config.n_layers, desc="input statistics", unit="layer",
                         disable=not progress)
 
@@ -96,11 +117,7 @@ class InputStatsCollector:
         def wrap(field: str, matrix: DenseMatrix):
             return _Recorder(matrix, moments[INPUT_OF[field]]) if field in INPUT_OF else matrix
 
-        block = dense_block(layer, self.activation, wrap)
-        for c, x in enumerate(self.hidden):
-            cache = self.engine.new_cache(len(x))
-            cache.reserve(len(x))
-            self.hidden[c] = self.engine.block(i, block, x, np.arange(len(x)), cache)
+        self.advance(i, layer, wrap)
         self.bar.update()
         stats = {name: m.stats() for name, m in moments.items()}
         return {field: stats[name] for field, name in MATRIX_INPUT.items()}

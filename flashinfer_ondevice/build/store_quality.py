@@ -19,15 +19,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..config import ModelConfig
-from ..functional import ACTIVATIONS, rms_norm
+from ..functional import log_softmax, rms_norm
 from ..generate import prefill
 from ..loader.tokenizer import Tokenizer
-from ..model import Transformer
 from ..runtime.engine import open_store_session
 from ..store.quality_record import Quality, parse_quality
-from ..weights import DenseWeights, LayerWeights, Weights, dense_block
+from ..weights import LayerWeights
 from .head_proxy import Capture
+from .input_stats import LayerwiseRun
 
 QUALITY_CHUNK = 512  # tokens per chunk, BOS first; the second half is scored
 QUALITY_CHUNKS = 2
@@ -54,38 +53,18 @@ def scored(chunk: np.ndarray) -> slice:
     return slice(len(chunk) // 2, len(chunk) - 1)
 
 
-class ReferenceRun:
+class ReferenceRun(LayerwiseRun):
     """The float32 source's final hidden states on the held-out chunks, advanced a layer at
     a time (feed it each layer in order, as convert reads them)."""
 
-    def __init__(self, config: ModelConfig, weights: Weights, chunks: list[np.ndarray]):
-        self.config = config
-        self.activation = ACTIVATIONS[config.traits.activation]
-        shell = Weights(weights.embed, (), weights.final_norm, weights.output,
-                        weights.rope_freq_factors)
-        self.engine = Transformer(config, DenseWeights(shell, self.activation),
-                                  kv_dtype=np.float32)
-        self.chunks = chunks
-        self.hidden = [self.engine.embed(np.asarray(c)) for c in chunks]
-
     def layer(self, i: int, layer: LayerWeights) -> None:
-        block = dense_block(layer, self.activation)
-        for c, x in enumerate(self.hidden):
-            cache = self.engine.new_cache(len(x))
-            cache.reserve(len(x))
-            self.hidden[c] = self.engine.block(i, block, x, np.arange(len(x)), cache)
+        self.advance(i, layer)
 
     def log_probs(self, c: int, positions: slice) -> np.ndarray:
         """Log-probabilities (positions, vocab) of chunk c at `positions` (after every layer)."""
         x = rms_norm(self.hidden[c][positions], self.engine.weights.final_norm,
                      self.config.norm_eps)
         return log_softmax(self.engine.weights.lm_head.apply(x))
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    logits -= logits.max(axis=-1, keepdims=True)
-    return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
 
 
 def _parts(chunk: np.ndarray, positions: slice):
