@@ -1,9 +1,10 @@
 """Public API: `load()` a model, then `tokenize`, `logits`, `generate` and `stream` with it.
 
 One engine: `load` runs every source (GGUF file, Hugging Face folder, flash store) from a
-flash store, converting a source once into the models folder as `run-model` does, with the
-fused kernels, under a memory budget when given one. `backend="numpy"` runs the float32
-numpy reference on the source instead (for correctness checks against llama.cpp).
+flash store, converting a source once into the models folder as `run-model` does, on a
+backend (backends/: the fast `cpu` path by default), under a memory budget when given one.
+`backend="reference"` runs the float32 numpy reference on the source instead (for
+correctness checks against llama.cpp).
 Load-time settings (context size, threads, budget) are arguments of `load`; sampling settings
 are arguments of each call, as in ollama and llama-cpp-python.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from .backends import BACKENDS, make_backend
 from .build.convert import convert_in_child
 from .chat import render_chat
 from .default_model import default_model_path, models_dir
@@ -38,7 +40,7 @@ from .runtime.engine import (
 from .sampling import make_logits_processors, make_sampler
 from .store.reader import is_store
 
-BACKENDS = ("cpu", "numpy")
+REFERENCE = "reference"  # load(backend=...): the float32 numpy run of the source file itself
 
 
 class Model:
@@ -149,8 +151,9 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
 
     path: a GGUF file, a Hugging Face folder or a flash store. A GGUF or folder is converted
       once into a store (kept in the models folder) and run from it.
-    backend: "cpu" (the runtime: fused kernels on the store's bytes) or "numpy" (the float32
-      reference on the source file itself; no store, no budget).
+    backend: what computes from the store's bytes (backends/): "cpu" (the fast path), "numpy"
+      (plain numpy, what the others are tested against) or "mlx" (where MLX is installed);
+      or "reference": the float32 numpy run of the source file itself (no store, no budget).
     memory_budget: memory above the process's baseline: bytes, "120MB", "1.5GB" or "50%"
       (of the store). None runs the store fully resident.
     ctx_size: context window in tokens (default min(4096, the model's); 1024 under a budget).
@@ -175,9 +178,13 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
       of the same source already in the models folder (runtime/store_choice.py): "exact"
       (the `codec` store, every logit exact), "auto" (least read per token within +5%
       expected perplexity, as measured at convert) or "fastest" (least read per token).
+      Without a budget, "exact" also keeps float activations: otherwise the backend may
+      keep resident matrices in its own form (the cpu backend: onnxruntime's MatMulNBits
+      with int8 activations, as llama.cpp computes; cost measured in docs/benchmarks.md).
     """
-    if backend not in BACKENDS:
-        raise FlashInferError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)})")
+    if backend != REFERENCE and backend not in BACKENDS:
+        raise FlashInferError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)} or "
+                              f"{REFERENCE})")
     if progress is None:
         progress = sys.stderr.isatty()
     if threads is not None:
@@ -188,23 +195,25 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
         set_num_threads(min(threads, os.cpu_count() or threads))
     start = time.perf_counter()
     path = default_model_path(progress=progress) if path is None else Path(path)
-    if backend == "numpy":
+    if backend == REFERENCE:
         asked = {"memory_budget": memory_budget, "selector": selector, "sparsity": sparsity,
                  "window": window, "head": None if head == "auto" else head,
                  "quality": None if quality == "auto" else quality,
                  "stream_all": stream_all or None}
         given = [name for name, value in asked.items() if value is not None]
         if given:
-            raise FlashInferError(f"{', '.join(given)}: flash-store settings; the numpy "
-                                  "backend runs the source file in memory")
+            raise FlashInferError(f"{', '.join(given)}: flash-store settings; the reference "
+                                  "runs the source file in memory")
         if is_store(path):
-            raise FlashInferError("the numpy backend runs a GGUF file or Hugging Face "
-                                  "folder, not a flash store")
+            raise FlashInferError("the reference runs a GGUF file or Hugging Face folder, "
+                                  "not a flash store")
         return Model(_reference_session(path, ctx_size, progress), time.perf_counter() - start)
     store = ensure_store(path, codec, progress)
     alternatives = [] if store == path else stores_of(path)
     session = open_store_session(store, memory_budget, ctx_size, verify, on_plan, stream_all,
-                                 selector, sparsity, window, head, quality, alternatives)
+                                 selector, sparsity, window, head, quality, alternatives,
+                                 make_backend(backend, threads),
+                                 prepare=memory_budget is None and quality != "exact")
     return Model(session, time.perf_counter() - start)
 
 

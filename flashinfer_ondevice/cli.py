@@ -99,6 +99,16 @@ def codec_option(help_text: str):
                              "pal4,embed=int4")
 
 
+def backend_option(command):
+    """--backend, shared by generate and eval (checked by load(), which names the choices)."""
+    return click.option("--backend", default="cpu", show_default=True,
+                        envvar="FLASHINFER_BACKEND",
+                        help="where the arithmetic runs: cpu (numba kernels; resident "
+                        "int8/int4 matrices in onnxruntime), numpy (plain numpy, the "
+                        "reference) or mlx (Apple silicon / NVIDIA, where MLX is "
+                        "installed)")(command)
+
+
 def sparsity_options(command):
     """--selector/--sparsity/--window and --head, shared by generate and eval."""
     command = click.option("--window", type=click.IntRange(1, 64), default=None,
@@ -119,7 +129,9 @@ def sparsity_options(command):
         show_default=True, help="under --memory-budget, choose among this model's stores "
         "(every codec converted so far): exact = the --codec store with exact logits; "
         "auto = the least read per token within +5% expected perplexity (measured at "
-        "convert); fastest = the least read per token")(command)
+        "convert); fastest = the least read per token. Without a budget, exact also keeps "
+        "float activations (auto lets the cpu backend multiply resident matrices with int8 "
+        "activations, as llama.cpp does)")(command)
     return click.option("--selector", type=click.Choice(["gate", "predicted", "dense"]),
                         default=None, help="FFN neuron selector of a calibrated store  "
                         "[default: dense, unless the store's calibrated sparsity skips >= 25% "
@@ -158,12 +170,14 @@ def sparsity_options(command):
 @codec_option("codec of the flash store made on first use")
 @click.option("--verify", is_flag=True, help="check the store's checksums before running")
 @sparsity_options
+@backend_option
 @click.option("--system-prompt", default=None, help="system message for chat models")
 @click.option("--no-chat-template", is_flag=True,
               help="send the prompt as raw text even if the model has a chat template")
 def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, min_p,
              repeat_penalty, seed, stop, ctx_size, threads, memory_budget, codec, verify,
-             selector, sparsity, window, head, quality, system_prompt, no_chat_template):
+             selector, sparsity, window, head, quality, backend, system_prompt,
+             no_chat_template):
     """Generate text from a prompt, streaming it to stdout (stats go to stderr).
 
     The model runs from a flash store, converted into the models folder on first use."""
@@ -174,7 +188,8 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
         model = load(model_path, memory_budget=memory_budget, ctx_size=ctx_size,
                      threads=threads, codec=codec, verify=verify, progress=sys.stderr.isatty(),
                      on_plan=lambda text: click.echo(text, err=True), selector=selector,
-                     sparsity=sparsity, window=window, head=head, quality=quality)
+                     sparsity=sparsity, window=window, head=head, quality=quality,
+                     backend=backend)
         if model.chat_template and not no_chat_template:
             ids = model.chat_prompt_ids(text, system_prompt)
         else:
@@ -310,8 +325,9 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens, bit
               help="memory above the process's baseline (as for generate)")
 @codec_option("codec of the flash store made on first use")
 @sparsity_options
+@backend_option
 def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_tokens, threads,
-                 memory_budget, codec, selector, sparsity, window, head, quality):
+                 memory_budget, codec, selector, sparsity, window, head, quality, backend):
     """Score a text: perplexity (and, with --compare-dense, agreement with the dense model)."""
     try:
         import json
@@ -326,10 +342,12 @@ def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_to
         model = load(source, memory_budget=memory_budget, ctx_size=max(ctx_size, 2),
                      threads=threads, codec=codec, progress=progress, selector=selector,
                      sparsity=sparsity, window=window, head=head, quality=quality,
+                     backend=backend,
                      on_plan=None if as_json else lambda text: click.echo(text, err=True))
-        # the dense reference runs the store the budget chose (--quality may pick another)
+        # the dense reference runs the store the budget chose (--quality may pick another),
+        # every product exact (float activations)
         reference = load(model.path, ctx_size=ctx_size, threads=threads, selector="dense",
-                         head="exact") \
+                         head="exact", quality="exact", backend=backend) \
             if compare_dense else None
         report = evaluate(model, text, ctx_size, max_tokens, reference, progress)
         click.echo(json.dumps({"store": str(model.path), **report.as_dict()}, indent=1)

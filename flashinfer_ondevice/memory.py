@@ -1,7 +1,10 @@
-"""Process memory figures for run statistics: peak and current resident set size."""
+"""Process memory figures for run statistics (peak and current resident set size), and handing
+freed memory back to the OS."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import resource
 import sys
 
@@ -16,3 +19,9 @@ def peak_rss_bytes() -> int:
 
 def current_rss_bytes() -> int:
     return psutil.Process().memory_info().rss
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by C libraries back to the OS (glibc keeps it otherwise)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -2,8 +2,9 @@
 
 Read top to bottom: embed -> blocks (attention, FFN) -> final norm -> logits. Architecture
 differences come from `ModelConfig` and its `ArchTraits`; nothing here tests a model name.
-Prefill runs the prompt in batches (generate.py), attention a block of queries at a time;
-decode runs one token against the KV cache.
+Prefill runs the prompt in batches (generate.py), decode one token against the KV cache;
+attention and norms run on the engine's backend (backends/), matrix products on the backend
+the weights were made with.
 
 The weights are read through the interfaces of weights.py (a float32 checkpoint, or a flash
 store's resident/streamed/sparse weights): the forward pass never asks which it has.
@@ -22,38 +23,27 @@ import math
 
 import numpy as np
 
+from .backends.base import Backend
 from .config import ModelConfig
 from .functional import (
     ACTIVATIONS,
     GGML_ACTIVATIONS,
     apply_rope,
-    rms_norm,
     rope_inverse_frequencies,
-    softmax,
     to_f16,
 )
 from .kv_cache import KVCache
 from .weights import Block, DenseWeights, ModelWeights, Weights
-
-QUERY_BLOCK = 128  # queries whose attention scores are computed at once (bounds prefill memory)
-
-
-def attention_mask(q_positions: np.ndarray, n_keys: int, window: int | None) -> np.ndarray:
-    """Boolean (queries, keys): causal, and within `window` tokens for local layers."""
-    k_positions = np.arange(n_keys)
-    distance = q_positions[:, None] - k_positions[None, :]
-    allowed = distance >= 0
-    if window:
-        allowed &= distance < window
-    return allowed
 
 
 class Transformer:
     """Forward pass over `ModelWeights`; holds nothing that changes between calls."""
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, ggml_numerics: bool = False,
-                 kv_dtype: type = np.float16):
+                 kv_dtype: type = np.float16, backend: Backend | None = None):
         self.config = config
+        self.backend = backend or Backend()  # attention and norms (the weights compute
+        # their own products, on the backend they were made with)
         self.kv_dtype = kv_dtype  # float16 (what the planner counts, and llama.cpp stores)
         self.weights = weights
         self.traits = config.traits
@@ -79,7 +69,7 @@ class Transformer:
         cache.advance(len(tokens))
         if not all_logits:
             x = x[-1:]
-        x = rms_norm(x, self.weights.final_norm, self.config.norm_eps)
+        x = self.backend.rms_norm(x, self.weights.final_norm, self.config.norm_eps)
         return self.weights.lm_head.apply(x)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
@@ -88,14 +78,14 @@ class Transformer:
 
     def block(self, i: int, layer: Block, x: np.ndarray, positions: np.ndarray,
               cache: KVCache) -> np.ndarray:
-        eps = self.config.norm_eps
-        h = self.attention(i, layer, rms_norm(x, layer.attn_norm, eps), positions, cache)
+        eps, norm = self.config.norm_eps, self.backend.rms_norm
+        h = self.attention(i, layer, norm(x, layer.attn_norm, eps), positions, cache)
         if self.traits.post_norms:
-            h = rms_norm(h, layer.post_attn_norm, eps)
+            h = norm(h, layer.post_attn_norm, eps)
         x = x + h
-        h = layer.ffn.apply(rms_norm(x, layer.ffn_norm, eps))
+        h = layer.ffn.apply(norm(x, layer.ffn_norm, eps))
         if self.traits.post_norms:
-            h = rms_norm(h, layer.post_ffn_norm, eps)
+            h = norm(h, layer.post_ffn_norm, eps)
         return x + h
 
     def attention(self, i: int, layer: Block, x: np.ndarray, positions: np.ndarray,
@@ -109,8 +99,8 @@ class Transformer:
         k = k.reshape(n_tokens, cfg.n_kv_heads, cfg.head_dim)
         v = v.reshape(n_tokens, cfg.n_kv_heads, cfg.head_dim)
         if self.traits.qk_norm:
-            q = rms_norm(q, layer.q_norm, cfg.norm_eps)
-            k = rms_norm(k, layer.k_norm, cfg.norm_eps)
+            q = self.backend.rms_norm(q, layer.q_norm, cfg.norm_eps)
+            k = self.backend.rms_norm(k, layer.k_norm, cfg.norm_eps)
         local = cfg.is_local_layer(i)
         if local:
             q = apply_rope(q, positions, self._inv_freq_local)
@@ -122,25 +112,13 @@ class Transformer:
         keys, values = cache.update(i, k, v)
 
         group = cfg.n_heads // cfg.n_kv_heads
-        # (kv_heads, group, tokens, head_dim) @ (kv_heads, 1, head_dim, keys)
+        # queries as (kv_heads, group, tokens, head_dim), scaled
         q = q.reshape(n_tokens, cfg.n_kv_heads, group, cfg.head_dim).transpose(1, 2, 0, 3)
         q = q * np.float32(cfg.softmax_scale)
         if self.ggml_numerics:
             q = to_f16(q)
-        keys_t, values_t = keys.transpose(1, 2, 0)[:, None], values.transpose(1, 0, 2)[:, None]
         window = cfg.sliding_window if local else None
-        out = np.empty((n_tokens, cfg.n_heads * cfg.head_dim), np.float32)
-        # queries a block at a time: score matrices of heads x QUERY_BLOCK x keys, not
-        # heads x batch x keys (a few MB for Gemma 3 270M at its default context)
-        for start in range(0, n_tokens, QUERY_BLOCK):
-            end = min(start + QUERY_BLOCK, n_tokens)
-            scores = q[:, :, start:end] @ keys_t
-            mask = attention_mask(positions[start:end], len(keys), window)
-            scores = softmax(np.where(mask, scores, np.float32(-np.inf)))
-            if self.ggml_numerics:
-                scores = to_f16(scores)
-            block = scores @ values_t  # (kv_heads, group, block, head_dim)
-            out[start:end] = block.transpose(2, 0, 1, 3).reshape(end - start, -1)
+        out = self.backend.attention(q, keys, values, positions, window, self.ggml_numerics)
         return layer.wo.apply(out)
 
 

@@ -50,7 +50,7 @@ def gemma_path() -> Path:
 def gemma(gemma_path):
     import flashinfer_ondevice as fi
 
-    return fi.load(gemma_path, backend="numpy", threads=2)
+    return fi.load(gemma_path, backend="reference", threads=2)
 
 
 @pytest.fixture(scope="session")

@@ -144,7 +144,7 @@ def test_head_plan_flag(tiny_gguf, tmp_path):
     from flashinfer_ondevice.build.convert import convert
 
     with pytest.raises(FlashInferError, match="head: flash-store settings"):
-        fi.load(tiny_gguf("llama"), backend="numpy", head="exact")
+        fi.load(tiny_gguf("llama"), backend="reference", head="exact")
     store = convert(tiny_gguf("gemma3"), tmp_path / "g.store", head_proxy_rank=64)
     short = run_model("-m", str(store), "-p", "ab", "-n", "4", "--temp", "0", "--head",
                       "shortlist")

@@ -1,5 +1,6 @@
-"""Codecs: round trips within each codec's stated error, every kernel against the codec's
-numpy decode, palette fitting (weighted k-means, least-squares tables) and the input
+"""Codecs: round trips within each codec's stated error, every fused kernel against the
+codec's numpy decode (the backends' operations: tests/test_backends.py), palette fitting
+(weighted k-means, least-squares tables) and the input
 statistics calibration collects for it."""
 
 from __future__ import annotations
@@ -21,12 +22,6 @@ def rows(n: int, cols: int, seed: int = 0) -> np.ndarray:
     return (rng.standard_t(4, (n, cols)) * 0.02).astype(np.float32)
 
 
-def reference_decode(c, raw: np.ndarray, cols: int) -> np.ndarray:
-    """The codec's decode in plain numpy where it has one besides its kernel."""
-    return c.decode_reference(raw, cols) if hasattr(c, "decode_reference") else \
-        c.decode(raw, cols)
-
-
 @pytest.mark.parametrize("name", list(CODECS))
 def test_round_trip_within_the_stated_error(name):
     c = codec(name)
@@ -34,7 +29,7 @@ def test_round_trip_within_the_stated_error(name):
     raw = c.encode(w)
     assert raw.shape == (64, c.row_nbytes(640)) and raw.dtype == np.uint8
     decoded = c.decode(raw, 640)
-    np.testing.assert_array_equal(decoded, reference_decode(c, raw, 640))
+    np.testing.assert_array_equal(decoded, c.decode_reference(raw, 640))
     if name == "f16":
         np.testing.assert_array_equal(decoded, w.astype(np.float16).astype(np.float32))
     elif name.startswith("int"):  # within half a step of each group's scale
@@ -75,17 +70,15 @@ def test_kernels_match_the_numpy_decode(name):
     hidden, ffn = 128, 96
     rng = np.random.default_rng(2)
     x = rng.standard_normal(hidden).astype(np.float32)
-    xs = rng.standard_normal((5, hidden)).astype(np.float32)
     raw = c.encode(rows(ffn, hidden))
-    dense = reference_decode(c, raw, hidden)
+    dense = c.decode_reference(raw, hidden)
     out = np.empty(ffn, np.float32)
     c.matvec(raw, x, out)
     np.testing.assert_allclose(out, dense @ x, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(c.matmul(raw, xs), xs @ dense.T, rtol=1e-4, atol=1e-5)
 
     gate, up, down_t = rows(ffn, hidden, 3), rows(ffn, hidden, 4), rows(ffn, hidden, 5)
     bundles = np.concatenate([c.encode(gate), c.encode(up), c.encode(down_t)], axis=1)
-    g, u, d = (reference_decode(c, c.encode(m), hidden) for m in (gate, up, down_t))
+    g, u, d = (c.decode_reference(c.encode(m), hidden) for m in (gate, up, down_t))
     act = ACTIVATIONS["gelu_tanh"]
     selected = np.array([0, 5, 17, 40, 95])
     hidden_act = np.empty(len(selected), np.float32)
@@ -99,8 +92,6 @@ def test_kernels_match_the_numpy_decode(name):
     np.testing.assert_allclose(gates, act(g @ x), rtol=1e-4, atol=1e-6)
     c.bundle_ffn(bundles, selected, x, "gelu_tanh", gates[selected], hidden_act, out)
     np.testing.assert_allclose(out, expected_h @ d[selected], rtol=1e-4, atol=1e-6)
-    full = c.bundle_ffn_matmul(bundles, xs, "gelu_tanh")
-    np.testing.assert_allclose(full, (act(xs @ g.T) * (xs @ u.T)) @ d, rtol=1e-4, atol=1e-5)
 
 
 def test_weighted_kmeans_spends_the_palette_where_inputs_are_large():

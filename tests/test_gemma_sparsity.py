@@ -24,9 +24,10 @@ def test_calibrated_defaults_keep_quality_on_held_out_text(gemma_store, tmp_path
     record = calibrate(path, tokens=2048)
     assert open_store(path, verify=True).sparsity.defaults == record.defaults
     defaults = record.defaults
+    # every product exact (float activations) in both, so the difference is sparsity's
     model = fi.load(path, selector=defaults["selector"], sparsity=defaults["sparsity"],
-                    ctx_size=512, threads=2)
-    dense = fi.load(path, selector="dense", ctx_size=512, threads=2)
+                    ctx_size=512, threads=2, quality="exact")
+    dense = fi.load(path, selector="dense", ctx_size=512, threads=2, quality="exact")
     report = evaluate(model, EVAL_TEXT.read_text(encoding="utf-8"), 512, 400, dense)
     assert report.neurons_needed_per_token < model.config.ffn_size * model.config.n_layers
     assert report.top1_agreement >= 0.97

@@ -16,6 +16,7 @@ LAYERS = [
     {"errors", "stats", "memory", "functional", "detokenize"},  # foundations
     {"config"},  # hyperparameters, the one table of architecture differences
     {"schema", "quant"},  # tensor names and shapes; codecs and their kernels
+    {"backends"},  # where the arithmetic runs: numpy, cpu, mlx
     {"weights", "kv_cache", "sampling"},  # what the forward pass reads and keeps
     {"model"},  # the forward pass
     {"store"},  # the flash-store format: manifest, reader, direct I/O

@@ -272,7 +272,8 @@ def test_eval_command_reports_quality_against_dense(calibrated, tmp_path):
     text.write_text("a lazy dog runs over the quick brown fox " * 20)
     runner = CliRunner()
     dense = runner.invoke(main, ["eval", "-m", str(path), "-f", str(text), "--json",
-                                 "--compare-dense", "--selector", "dense", "-c", "64"])
+                                 "--compare-dense", "--selector", "dense", "-c", "64",
+                                 "--quality", "exact"])
     assert dense.exit_code == 0, dense.output
     report = json.loads(dense.output)
     assert report["top1_agreement"] == 1.0 and report["mean_kl"] < 1e-9

@@ -17,7 +17,7 @@ import flashinfer_ondevice as fi
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_logits_match_llama_cpp(arch, tiny_gguf):
     path = tiny_gguf(arch)
-    model = fi.load(path, backend="numpy")
+    model = fi.load(path, backend="reference")
     rng = np.random.default_rng(7)
     ids = [1, *rng.integers(3, model.config.vocab_size, 120).tolist()]
     reference = llama_cpp_model(path)
@@ -33,7 +33,7 @@ def test_logits_match_llama_cpp(arch, tiny_gguf):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_decode_with_cache_equals_batch_prefill(arch, tiny_gguf):
     """Token-by-token decode through the KV cache gives the batch prefill's logits."""
-    model = fi.load(tiny_gguf(arch), backend="numpy")
+    model = fi.load(tiny_gguf(arch), backend="reference")
     ids = [1, *range(10, 40)]
     batch = model.logits(ids)
     cache = model.engine.new_cache(64)

@@ -166,7 +166,7 @@ def main() -> None:
     from flashinfer_ondevice.store.reader import open_store
 
     source = Path(args.model) if args.model else default_model_path(progress=True)
-    reference = fi.load(source, backend="numpy", threads=args.threads)
+    reference = fi.load(source, backend="reference", threads=args.threads)
     systems: dict[str, Callable[[], object]] = {}  # loaded one at a time (memory)
     info: dict[str, dict] = {}
     for name in args.ours:

@@ -3,11 +3,13 @@
     python tools/bench_dense.py [-m MODEL] [--runs 5] [-t 2] [--json out.json] [--md out.md]
                                 [--llama-python PEER_VENV/bin/python] [--codecs int4 pal4 ...]
 
-Engines: the numpy reference on the GGUF, the fast path (numba kernels on the int8 store),
-the fast path with the output layer's shortlist plan (approximate logits outside the best
-1024 candidates; quality in docs/benchmarks.md) and, for a calibrated store, the fast path
-with gate-first FFN sparsity at the store's calibrated default level; `--codecs` adds the fast
-path on stores of other codecs (their quality: tools/bench_codecs.py). Each run times every
+Engines: the numpy reference on the GGUF, the cpu backend on the int8 store (resident
+matrices in onnxruntime's MatMulNBits with int8 activations, FFN bundles in numba), the same
+with float activations (`quality="exact"`: numba kernels only), the cpu backend with the
+output layer's shortlist plan (approximate logits outside the best 1024 candidates; quality in
+docs/benchmarks.md) and, for a calibrated store, gate-first FFN sparsity at the store's
+calibrated default level; `--codecs` adds the cpu backend on stores of other codecs (their
+quality: tools/bench_codecs.py). Each run times every
 engine back to back (order alternating) on the same prompt and greedy 64-token
 decode, so machine noise hits all alike. Reports medians and ratios to llama.cpp, with the
 machine they were measured on (tools/machine.py) in the JSON and above the table.
@@ -103,11 +105,12 @@ def main() -> None:
     gguf = Path(args.model) if args.model else default_model_path()
     store = ensure_store(gguf, "int8")
     engines = {
-        "numpy reference (GGUF)": fi.load(gguf, backend="numpy", threads=args.threads),
-        "fast path (int8 store, numba)": fi.load(store, threads=args.threads,
-                                                 selector="dense"),
-        "fast path + shortlist output layer": fi.load(store, threads=args.threads,
-                                                      selector="dense", head="shortlist"),
+        "numpy reference (GGUF)": fi.load(gguf, backend="reference", threads=args.threads),
+        "cpu backend (int8 store)": fi.load(store, threads=args.threads, selector="dense"),
+        "cpu backend, float activations (numba only)": fi.load(
+            store, threads=args.threads, selector="dense", quality="exact"),
+        "cpu backend + shortlist output layer": fi.load(store, threads=args.threads,
+                                                        selector="dense", head="shortlist"),
     }
     for spec in args.codecs:
         engines[f"fast path ({spec} store)"] = fi.load(ensure_store(gguf, spec),

@@ -129,7 +129,7 @@ def quality_worker(system: str, model: str, source: str, budget: int, threads: i
     import flashinfer_ondevice as fi
 
     ours = load_ours(system, model, budget, threads)
-    reference = fi.load(source, backend="numpy", threads=threads)
+    reference = fi.load(source, backend="reference", threads=threads)
     ids = reference.tokenize(eval_text(), add_special=False)[:tokens]
     result = quality({"ours": ours}, reference, ids, reference.tokenizer.bos_id)
     return {"quality": result["ours"], "source": result["source"], "store": ours.path.name}
@@ -219,7 +219,7 @@ def main() -> None:
 
     # llama.cpp's files are scored once (without a limit their logits do not depend on it);
     # ours per budget (the plan may change the output layer), each in a child process
-    reference = fi.load(source, backend="numpy", threads=args.threads)
+    reference = fi.load(source, backend="reference", threads=args.threads)
     ids = reference.tokenize(eval_text(), add_special=False)[:args.quality_tokens]
     peers = {name: LlamaSystem(Path(path), args.threads)
              for name, (kind, path) in systems.items() if kind == "llama.cpp"}

@@ -5,7 +5,6 @@ Both expose the same small interface, so generation never cares where a model ca
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 from collections.abc import Callable
@@ -16,6 +15,7 @@ import numpy as np
 
 from ..detokenize import ByteDetokenizer, IncrementalDetokenizer, StreamingDetokenizer
 from ..errors import ModelFileError
+from ..memory import release_freed_memory
 from .llama_backend import check_vocabulary, load_llama_cpp
 
 
@@ -140,12 +140,6 @@ class LeanGGUFTokenizer:
 
     def special_text(self, token: int) -> str:
         return self._bos_text if token == self.bos_id else self.decode([token])
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by C libraries back to the OS (glibc keeps it otherwise)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class HFTokenizer:

@@ -18,9 +18,9 @@ for one token; the store, the planner, the runtime and the CLI learn codecs from
 A row of a grouped codec is `[scales][payload]`; scales are float32 (not float16) so the
 numba kernels (quant/kernels.py) read them directly. A palette row is `[table][indices]`;
 its tables are fitted to the inputs the matrix multiplies when calibration statistics are
-given (`InputStats`, see quant/palette_fit.py). Codecs without fused kernels (f16) compute
-one token by decoding a block of rows at a time (the base class's kernels). Several tokens
-(prefill) decode a block of rows to float32 and multiply with BLAS (`matmul`).
+given (`InputStats`, see quant/palette_fit.py). Codecs without fused kernels (f16) are
+computed by decoding a block of rows at a time, as are several tokens (prefill): that, and
+which kernels run, is a backend's choice (backends/).
 """
 
 from __future__ import annotations
@@ -30,11 +30,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..functional import ACTIVATIONS
 from . import kernels, palette_fit, palette_kernels
 from .kernels import GROUP
 
-DECODE_ROWS = 256  # rows decoded to float32 at a time (bounds decoding's temporary memory)
 ACTIVATION_KINDS = {"gelu_tanh": 0, "silu": 1}  # the kernels' activation codes
 _NONE = np.zeros(0, np.float32)  # "gate activations not known" for the fused kernel
 
@@ -51,10 +49,10 @@ class InputStats:
 class Codec:
     """Base class: the byte layout of one encoded row, and computing from encoded rows.
 
-    The kernels work on one token: `matvec` for a matrix, `bundle_ffn` and
-    `gate_activations` for row-column FFN bundles ([gate row | up row | down column], each
-    `row_nbytes(cols)` bytes). This base class computes them by decoding; codecs with fused
-    kernels override them."""
+    Codecs with `fused` kernels compute one token straight from their bytes: `matvec` for a
+    matrix, `bundle_ffn` and `gate_activations` for row-column FFN bundles ([gate row | up
+    row | down column], each `row_nbytes(cols)` bytes). Everything else a backend computes
+    by decoding (backends/base.py)."""
 
     name: ClassVar[str]
     bits: ClassVar[int]  # bits per stored value
@@ -82,60 +80,25 @@ class Codec:
         """(n, row_nbytes) uint8 -> (n, cols) float32."""
         raise NotImplementedError
 
+    def decode_reference(self, raw: np.ndarray, cols: int) -> np.ndarray:
+        """`decode` in plain numpy (the numpy backend's decoder; what kernels are held to)."""
+        return self.decode(raw, cols)
+
     def warm_up(self) -> None:
-        """Load (or compile) the codec's kernels now."""
+        """Load (or compile) the codec's fused kernels now."""
 
-    def matmul(self, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """x @ decode(raw).T for several tokens x (tokens, cols): a block of rows decoded at
-        a time, multiplied with BLAS (bounded temporary memory)."""
-        out = np.empty((len(x), len(raw)), np.float32)
-        for start in range(0, len(raw), DECODE_ROWS):
-            end = min(start + DECODE_ROWS, len(raw))
-            out[:, start:end] = x @ self.decode(raw[start:end], x.shape[1]).T
-        return out
-
-    def bundle_ffn_matmul(self, raw: np.ndarray, x: np.ndarray, activation: str) -> np.ndarray:
-        """The dense FFN of several tokens x (tokens, hidden) over all bundles raw: a block of
-        bundles decoded at a time, multiplied with BLAS."""
-        hidden = x.shape[1]
-        rb, act = self.row_nbytes(hidden), ACTIVATIONS[activation]
-        out = np.zeros((len(x), hidden), np.float32)
-        for start in range(0, len(raw), DECODE_ROWS):
-            chunk = raw[start:start + DECODE_ROWS]
-            gate = x @ self.decode(chunk[:, :rb], hidden).T
-            up = x @ self.decode(chunk[:, rb:2 * rb], hidden).T
-            out += (act(gate) * up) @ self.decode(chunk[:, 2 * rb:], hidden)
-        return out
-
+    # Fused one-token kernels, for codecs with `fused` (the cpu backend calls them; the
+    # conventions are backends/base.py's operations of the same names).
     def matvec(self, raw: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-        """out[r] = decode(raw[r]) . x for every row (x: (cols,) float32)."""
-        for start in range(0, len(raw), DECODE_ROWS):
-            end = min(start + DECODE_ROWS, len(raw))
-            out[start:end] = self.decode(raw[start:end], len(x)) @ x
+        raise NotImplementedError
 
     def gate_activations(self, raw: np.ndarray, x: np.ndarray, activation: str,
                          out: np.ndarray) -> None:
-        """out[i] = act(gate_i . x), gate_i being the first row of raw[i]."""
-        self.matvec(raw[:, :self.row_nbytes(len(x))], x, out)
-        out[:] = ACTIVATIONS[activation](out)
+        raise NotImplementedError
 
     def bundle_ffn(self, raw: np.ndarray, rows: np.ndarray, x: np.ndarray, activation: str,
                    gate_act: np.ndarray | None, hidden_act: np.ndarray, out: np.ndarray) -> None:
-        """FFN output of one token over the bundles raw[rows] (other neurons count as zero).
-        gate_act: act(gate . x) of each of rows when already known, else None; hidden_act[j]
-        receives act(gate . x) * (up . x) of rows[j]; out (cols,) the FFN output."""
-        cols = len(x)
-        rb = self.row_nbytes(cols)
-        out[:] = 0.0
-        for start in range(0, len(rows), DECODE_ROWS):
-            chunk = raw[rows[start:start + DECODE_ROWS]]
-            if gate_act is None:
-                act = ACTIVATIONS[activation](self.decode(chunk[:, :rb], cols) @ x)
-            else:
-                act = gate_act[start:start + len(chunk)]
-            h = act * (self.decode(chunk[:, rb:2 * rb], cols) @ x)
-            hidden_act[start:start + len(chunk)] = h
-            out += h @ self.decode(chunk[:, 2 * rb:], cols)
+        raise NotImplementedError
 
 
 CODECS: dict[str, Codec] = {}
@@ -308,7 +271,6 @@ class _Palette(Codec):
         return out
 
     def decode_reference(self, raw: np.ndarray, cols: int) -> np.ndarray:
-        """`decode` in plain numpy (what the tests hold the kernels to)."""
         raw = np.ascontiguousarray(raw)
         tables = raw[:, :2 * self.entries].view(np.float16).astype(np.float32)
         return np.take_along_axis(tables, self._unpack(raw[:, 2 * self.entries:], cols), axis=1)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backends import make_backend
+from ..backends.base import Backend
 from ..config import ModelConfig
 from ..errors import FlashInferError
 from ..loader.llama_backend import LlamaCppError, llama_cpp_available, load_llama_cpp
@@ -27,9 +29,8 @@ from ..loader.tokenizer import (
     LeanGGUFTokenizer,
     Tokenizer,
     read_json,
-    release_freed_memory,
 )
-from ..memory import current_rss_bytes
+from ..memory import current_rss_bytes, release_freed_memory
 from ..model import Transformer
 from ..quant.codecs import CODECS, codec
 from ..schema import layer_key
@@ -172,10 +173,14 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
                        on_plan: Callable[[str], None] | None = None, stream_all: bool = False,
                        selector: str | None = None, sparsity: float | None = None,
                        window: int | None = None, head: str = "auto",
-                       quality: str = "auto", alternatives: Sequence[Path] = ()) -> Session:
+                       quality: str = "auto", alternatives: Sequence[Path] = (),
+                       backend: Backend | None = None, prepare: bool = False) -> Session:
     """A session on the flash store at `path` (the arguments are load()'s, see api.py), or,
     under a budget, on whichever of it and `alternatives` (other stores of the same model)
-    `quality` chooses (runtime/store_choice.py)."""
+    `quality` chooses (runtime/store_choice.py). `backend` computes (default: the default
+    backend); `prepare` lets it keep resident matrices in its own form, which only runs
+    without a budget (the planner counts codec bytes)."""
+    backend = backend or make_backend()
     if quality not in store_choice.QUALITY_MODES:
         raise FlashInferError(f"unknown quality {quality!r} (use "
                               f"{', '.join(store_choice.QUALITY_MODES)})")
@@ -212,12 +217,13 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
         on_plan(plan.describe(store) + (f"\n{choice}" if choice else ""))
     reader = DirectReader(store.path / "weights.bin")
     try:
-        weights = StreamedWeights(store, plan, reader)
+        weights = StreamedWeights(store, plan, reader, backend,
+                                  prepare and budget is None and not stream_all)
     except BaseException:
         reader.close()
         raise
     if isinstance(tokenizer, LeanGGUFTokenizer):
         tokenizer.before_encode = weights.release_io_buffers
-    engine = Transformer(store.config, weights)
+    engine = Transformer(store.config, weights, backend=backend)
     return Session(store.config, tokenizer, store.chat_template, engine, ctx, store.path, plan,
                    reader, weights)

@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from ..backends import make_backend
+from ..backends.base import Backend
 from ..store.io import DirectReader
 from ..store.reader import TensorEntry
 from .stored import BundledFFN
@@ -38,12 +40,14 @@ class NeuronCache:
     (both shared by every layer's cache: layers run one after another)."""
 
     def __init__(self, entry: TensorEntry, reader: DirectReader, capacity: int, window: int,
-                 scratch: np.ndarray, spill: np.ndarray, activation: str):
+                 scratch: np.ndarray, spill: np.ndarray, activation: str,
+                 backend: Backend | None = None):
         self.entry, self.reader, self.window, self.scratch = entry, reader, window, scratch
         self.capacity = capacity
         self.rows = np.zeros((capacity, entry.row_nbytes), np.uint8)
-        self.ffn = BundledFFN(self.rows, entry.codec, entry.cols, activation)
-        self.spill = BundledFFN(spill, entry.codec, entry.cols, activation)
+        backend = backend or make_backend()
+        self.ffn = BundledFFN(self.rows, entry.codec, entry.cols, activation, backend)
+        self.spill = BundledFFN(spill, entry.codec, entry.cols, activation, backend)
         self.ids = np.zeros(capacity, np.int64)  # neuron held by each row
         self.row_of = np.full(entry.rows, -1, np.int64)  # row of each neuron, -1 if absent
         self.last_used = np.full(entry.rows, _NEVER, np.int64)  # token step of last use

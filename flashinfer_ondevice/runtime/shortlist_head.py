@@ -39,7 +39,7 @@ class ShortlistHead:
         self._load_scores()
         self.scores = StoredMatrix(  # (vocab, rank) codec bytes
             self._scores_buffer[:self._scores_entry.nbytes].reshape(self._scores_entry.rows, -1),
-            self._scores_entry.codec, self._scores_entry.cols)
+            self._scores_entry.codec, self._scores_entry.cols, resident.backend)
         self._released = False
         self.resident = resident  # the output layer's first rows, in DRAM
         self.entry, self.reader = entry, reader
@@ -106,6 +106,7 @@ class ShortlistHead:
             self._raw[:split] = self.resident.raw[best[:split]]
             self.reader.read_rows(self.entry.offset, self.entry.row_nbytes, best[split:],
                                   scratch, self._raw[split:])
-            exact = StoredMatrix(self._raw, self.entry.codec, self.entry.cols)
+            exact = StoredMatrix(self._raw, self.entry.codec, self.entry.cols,
+                                 self.resident.backend)
             logits[t, best] = exact.apply(x[t:t + 1])[0]
         return logits

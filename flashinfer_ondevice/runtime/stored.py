@@ -1,56 +1,131 @@
 """Weights kept as codec bytes: matrices and FFN row-column bundles that compute directly.
 
-One token (decode) runs the codec's kernels on the bytes (fused numba kernels where the codec
-has them); several tokens (prefill) run its batched kernel (a few hundred rows decoded to
-float32 at a time and BLAS, which bounds the temporary memory). Resident and streamed
-weights use these same objects, so a streamed forward pass computes exactly what a fully
-resident one does. They implement the `Matrix` and `FeedForward` interfaces of weights.py.
+Each holds its codec bytes and the backend that computes from them (backends/): one token
+(decode) runs the backend's one-token operations on the bytes (fused kernels where it has
+them); several tokens (prefill) its batched ones. Resident and streamed weights use these
+same objects, so a streamed forward pass computes what a fully resident one does; a resident
+matrix a backend has prepared in its own form is a `PreparedMatrix` instead. They implement
+the `Matrix` and `FeedForward` interfaces of weights.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
+from ..backends.base import Backend, Prepared
+from ..memory import release_freed_memory
 from ..quant.codecs import Codec, codec
 
 
 class StoredMatrix:
     """rows x cols matrix as `raw` (rows, row_nbytes) codec bytes; apply(x) = x @ W.T."""
 
-    def __init__(self, raw: np.ndarray, codec_name: str, cols: int):
+    def __init__(self, raw: np.ndarray, codec_name: str, cols: int, backend: Backend):
         self.raw = raw
         self.codec: Codec = codec(codec_name)
         self.cols = cols
         self.rows = raw.shape[0]
+        self.backend = backend
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.nbytes
 
     def decode_rows(self, start: int, end: int) -> np.ndarray:
-        return self.codec.decode(self.raw[start:end], self.cols)
+        return self.backend.decode(self.codec, self.raw[start:end], self.cols)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if len(x) > 1:
-            return self.codec.matmul(self.raw, x)
+            return self.backend.matmul(self.codec, self.raw, x)
         out = np.empty((1, self.rows), np.float32)
-        self.codec.matvec(self.raw, x[0], out[0])
+        self.backend.matvec(self.codec, self.raw, x[0], out[0])
         return out
+
+
+PREPARE_CHUNK = 16 << 20  # codec bytes handed to a backend at a time (bounds load's peak)
+
+
+class PreparedMatrix:
+    """A resident matrix in its backend's own form, prepared in chunks of rows (the codec
+    bytes are let go); apply(x) = x @ W.T."""
+
+    def __init__(self, parts: list[Prepared], rows: int):
+        self.parts = parts
+        self.rows = rows
+        self.nbytes = sum(p.nbytes for p in parts)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if len(self.parts) == 1:
+            return self.parts[0].apply(x)
+        return np.concatenate([p.apply(x) for p in self.parts], axis=1)
+
+
+def resident_matrix(read: Callable[[int, int], np.ndarray], rows: int, codec_name: str,
+                    cols: int, backend: Backend) -> StoredMatrix | PreparedMatrix:
+    """A matrix that stays in memory, its rows [start, end) given by `read`: prepared by the
+    backend a chunk of rows at a time where it does that (so loading never holds a large
+    matrix twice), else its codec bytes."""
+    c = codec(codec_name)
+    chunk = max(1, PREPARE_CHUNK // c.row_nbytes(cols))
+    parts = []
+    for start in range(0, rows, chunk):
+        raw = read(start, min(start + chunk, rows))
+        prepared = backend.prepare(c, raw, cols)
+        if prepared is None:  # the backend computes from bytes: keep them all
+            return StoredMatrix(raw if rows <= chunk else read(0, rows), codec_name, cols,
+                                backend)
+        parts.append(prepared)
+        del raw
+        release_freed_memory()  # glibc would keep each chunk's freed bytes otherwise
+    return PreparedMatrix(parts, rows)
+
+
+class PreparedFFN:
+    """A resident dense FFN in its backend's own form (the bundles' bytes are let go)."""
+
+    def __init__(self, prepared: Prepared):
+        self.prepared = prepared
+        self.nbytes = prepared.nbytes
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return self.prepared.apply(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def resident_ffn(raw: np.ndarray, codec_name: str, hidden: int, activation: str,
+                 backend: Backend) -> BundledFFN | PreparedFFN:
+    """A dense FFN that stays in memory: prepared by the backend where it does that."""
+    prepared = backend.prepare_ffn(codec(codec_name), raw, hidden, activation)
+    if prepared is None:
+        return BundledFFN(raw, codec_name, hidden, activation, backend)
+    return PreparedFFN(prepared)
 
 
 class BundledFFN:
     """An FFN whose neuron i is raw[i] = [gate row | up row | down column] (codec bytes),
     with the architecture's activation ("gelu_tanh" or "silu")."""
 
-    def __init__(self, raw: np.ndarray, codec_name: str, hidden: int, activation: str):
+    def __init__(self, raw: np.ndarray, codec_name: str, hidden: int, activation: str,
+                 backend: Backend):
         self.raw = raw
         self.codec = codec(codec_name)
         self.hidden = hidden
         self.activation = activation
+        self.backend = backend
         self.row_nbytes = self.codec.row_nbytes(hidden)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.nbytes
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if len(x) == 1:
             return self.apply_rows(x[0], np.arange(len(self.raw)))[None]
-        return self.codec.bundle_ffn_matmul(self.raw, x, self.activation)
+        return self.backend.bundle_ffn_matmul(self.codec, self.raw, x, self.activation)
 
     def apply_rows(self, x: np.ndarray, rows: np.ndarray,
                    gate_act: np.ndarray | None = None) -> np.ndarray:
@@ -58,11 +133,12 @@ class BundledFFN:
         `gate_act`: their act(gate . x), when the caller has them already."""
         out = np.empty(self.hidden, np.float32)
         hidden_act = np.empty(len(rows), np.float32)
-        self.codec.bundle_ffn(self.raw, rows, x, self.activation, gate_act, hidden_act, out)
+        self.backend.bundle_ffn(self.codec, self.raw, rows, x, self.activation, gate_act,
+                                hidden_act, out)
         return out
 
     def gate_activations(self, x: np.ndarray) -> np.ndarray:
         """act(gate . x) of every neuron for one token (x: (hidden,))."""
         out = np.empty(len(self.raw), np.float32)
-        self.codec.gate_activations(self.raw, x, self.activation, out)
+        self.backend.gate_activations(self.codec, self.raw, x, self.activation, out)
         return out

@@ -17,8 +17,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..backends import make_backend
+from ..backends.base import Backend
 from ..config import ModelConfig
 from ..functional import ACTIVATIONS
+from ..memory import release_freed_memory
 from ..schema import LAYER_MATRICES, LAYER_VECTORS, layer_key
 from ..store.format import ALIGN, align_up
 from ..store.io import DirectReader, PendingRead, aligned_buffer, release_pages
@@ -31,29 +34,55 @@ from .planner import Plan
 from .selectors import GateFirstSelector, PredictedSelector
 from .shortlist_head import ShortlistHead
 from .sparse_ffn import SparseFFN
-from .stored import BundledFFN, StoredMatrix
+from .stored import (
+    BundledFFN,
+    PreparedFFN,
+    PreparedMatrix,
+    StoredMatrix,
+    resident_ffn,
+    resident_matrix,
+)
 from .units import Unit, head_chunk_rows
 
 
 class StreamedWeights:
-    """`ffns[i]`, when set, replaces layer i's FFN (sparse FFNs, calibration recorders)."""
+    """`ffns[i]`, when set, replaces layer i's FFN (sparse FFNs, calibration recorders).
+    `backend` computes from the bytes; with `prepare`, resident matrices and dense FFNs are
+    handed to it once to keep in its own form (backends/base.py), which the planner does
+    not count: only without a budget."""
 
     lm_head: _StreamedHead | ShortlistHead
 
-    def __init__(self, store: Store, plan: Plan, reader: DirectReader):
+    def __init__(self, store: Store, plan: Plan, reader: DirectReader,
+                 backend: Backend | None = None, prepare: bool = False):
         self.store, self.plan, self.reader = store, plan, reader
+        self.backend = backend = backend or make_backend()
         self.config: ModelConfig = store.config
         self.activation = self.config.traits.activation
         t = store.tensors
-        self._resident: dict[str, StoredMatrix | BundledFFN] = {}
+        self._resident: dict[str, StoredMatrix | PreparedMatrix | BundledFFN | PreparedFFN] = {}
         self._vectors = {n: self._read_all(e).view(np.float32).reshape(-1)
                          for n, e in t.items() if e.codec == "f32"}
         for name in plan.resident:
-            if t[name].codec != "f32":
-                self._resident[name] = self._wrap(t[name], self._read_all(t[name]))
+            entry = t[name]
+            if entry.codec == "f32":
+                continue
+            if prepare and name.endswith(".ffn") and plan.sparse is None:
+                self._resident[name] = resident_ffn(self._read_all(entry), entry.codec,
+                                                    entry.cols, self.activation, backend)
+            elif prepare and not name.endswith(".ffn"):
+                self._resident[name] = resident_matrix(
+                    lambda start, end, e=entry: self._read_rows(e, start, end), entry.rows,
+                    entry.codec, entry.cols, backend)
+            else:
+                self._resident[name] = self._wrap(entry, self._read_all(entry))
         head = t[plan.head]
-        self._head_resident = StoredMatrix(
-            self._read_rows(head, 0, plan.head_resident_rows), head.codec, head.cols)
+        self._head_resident: StoredMatrix | PreparedMatrix = (
+            resident_matrix(lambda start, end: self._read_rows(head, start, end),
+                            plan.head_resident_rows, head.codec, head.cols, backend)
+            if prepare and not plan.shortlist else
+            StoredMatrix(self._read_rows(head, 0, plan.head_resident_rows), head.codec,
+                         head.cols, backend))
         self._units: list[Unit] = []
         self._layer_unit: dict[int, int] = {}
         for i in range(self.config.n_layers):
@@ -88,6 +117,8 @@ class StreamedWeights:
         self.rope_freq_factors = self._vectors.get("rope_freqs")
         self.lm_head = _StreamedHead(self) if not plan.shortlist else self._shortlist_head()
         self.lm_head_rows = self._head_resident  # the output layer's resident rows
+        if prepare:  # the codec bytes handed to the backend, freed
+            release_freed_memory()
         self.ffns: dict[int, FeedForward] = {}
         self._caches: list[NeuronCache] = []
         self._shared_cache_nbytes = 0
@@ -131,13 +162,13 @@ class StreamedWeights:
                 gates = bundles
                 if gates is None:  # gate rows only, read once from the bundles
                     gates = BundledFFN(self._gate_rows(entry, scratch), entry.codec, entry.cols,
-                                       self.activation)
+                                       self.activation, self.backend)
                     self._selector_arrays.append(gates.raw)
                 selector = GateFirstSelector(gates, layer.thresholds[k])
             cache = None
             if bundles is None:
                 cache = NeuronCache(entry, self.reader, self.plan.cache_rows, sparse.window,
-                                    scratch, spill, self.activation)
+                                    scratch, spill, self.activation, self.backend)
                 self._caches.append(cache)
             self.ffns[i] = SparseFFN(selector, config.hidden_size, self.reader.stats,
                                      bundles, cache)
@@ -177,12 +208,15 @@ class StreamedWeights:
         self.reader.close()
 
     def resident_ffn(self, layer: int) -> BundledFFN | None:
-        return self._resident.get(layer_key(layer, "ffn"))
+        """Layer `layer`'s FFN bundles if resident as bytes (never prepared: builders open
+        stores without preparing)."""
+        ffn = self._resident.get(layer_key(layer, "ffn"))
+        return ffn if isinstance(ffn, BundledFFN) else None
 
     def allocated(self) -> dict[str, int]:
         """Bytes of run memory this holds per component, in the terms of `Plan.ledger`."""
-        weights = sum(a.nbytes for a in self._vectors.values()) + self._head_resident.raw.nbytes
-        weights += sum(w.raw.nbytes for w in self._resident.values())
+        weights = sum(a.nbytes for a in self._vectors.values()) + self._head_resident.nbytes
+        weights += sum(w.nbytes for w in self._resident.values())
         shortlist = self.lm_head.nbytes() if isinstance(self.lm_head, ShortlistHead) else 0
         return {"resident weights": weights,
                 "I/O ring": sum(len(b) for b in self._buffers),
@@ -204,8 +238,8 @@ class StreamedWeights:
 
     def _wrap(self, entry: TensorEntry, raw: np.ndarray) -> StoredMatrix | BundledFFN:
         if entry.name.endswith(".ffn"):
-            return BundledFFN(raw, entry.codec, entry.cols, self.activation)
-        return StoredMatrix(raw, entry.codec, entry.cols)
+            return BundledFFN(raw, entry.codec, entry.cols, self.activation, self.backend)
+        return StoredMatrix(raw, entry.codec, entry.cols, self.backend)
 
     def _submit(self, unit_index: int) -> None:
         """Start reading a unit into the next buffer of the ring."""
@@ -216,7 +250,7 @@ class StreamedWeights:
         pending = self.reader.submit(ranges, self._buffers[buffer_index])
         self._queue.append((unit_index, buffer_index, pending))
 
-    def acquire(self, unit_index: int) -> dict[str, StoredMatrix | BundledFFN]:
+    def acquire(self, unit_index: int) -> dict[str, StoredMatrix | PreparedMatrix | BundledFFN]:
         """Wait for unit `unit_index`, keep the following units reading, return its tensors.
 
         Units are used in a fixed cycle, so the buffer handed out last time (its unit done
@@ -255,15 +289,19 @@ class StreamedWeights:
             yield Block(get("wq"), get("wk"), get("wv"), get("wo"), ffn, **vectors)
 
     def embedding(self, tokens: np.ndarray) -> np.ndarray:
-        """Input embedding rows, read on demand (from DRAM if that row is resident)."""
+        """Input embedding rows, read on demand (from DRAM if that row is resident as codec
+        bytes; a prepared output layer keeps none)."""
         entry = self.store.tensors["embed"]
+        resident = self._head_resident
+        in_dram = self.plan.head == "embed" and isinstance(resident, StoredMatrix)
         rows = []
         for token in np.asarray(tokens).tolist():
-            if self.plan.head == "embed" and token < self.plan.head_resident_rows:
-                rows.append(self._head_resident.decode_rows(token, token + 1))
+            if in_dram and token < resident.rows:
+                rows.append(resident.decode_rows(token, token + 1))
             else:
                 raw = self._read_rows(entry, token, token + 1)
-                rows.append(StoredMatrix(raw, entry.codec, entry.cols).decode_rows(0, 1))
+                rows.append(StoredMatrix(raw, entry.codec, entry.cols,
+                                         self.backend).decode_rows(0, 1))
         return np.concatenate(rows)
 
 

@@ -1,0 +1,154 @@
+"""The backend interface: the operations the forward pass asks for, and their numpy forms.
+
+A backend computes from a codec's bytes (quant/codecs.py) without the caller knowing how:
+one token (`matvec`, `gate_activations`, `bundle_ffn`), several tokens (`matmul`,
+`bundle_ffn_matmul`), attention over the KV cache and norms. `Backend` itself is the plain
+numpy form of each operation (decode a block of rows to float32, multiply); subclasses
+override what they do faster (backends/cpu.py) or elsewhere (backends/mlx_backend.py).
+Resident matrices and dense FFNs may be `prepare`d once at load into a backend's own form
+(a packed copy it multiplies faster), which then owns their memory.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+import numpy as np
+
+from ..functional import ACTIVATIONS, rms_norm, softmax, to_f16
+from ..quant.codecs import Codec
+
+DECODE_ROWS = 256  # rows decoded to float32 at a time (bounds decoding's temporary memory)
+QUERY_BLOCK = 128  # queries whose attention scores are computed at once (bounds prefill memory)
+
+
+class Prepared(Protocol):
+    """A resident matrix in a backend's own form: apply(x) = x @ W.T for (tokens, cols) x."""
+
+    nbytes: int  # memory it holds
+
+    def apply(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def attention_mask(q_positions: np.ndarray, n_keys: int, window: int | None) -> np.ndarray:
+    """Boolean (queries, keys): causal, and within `window` tokens for local layers."""
+    k_positions = np.arange(n_keys)
+    distance = q_positions[:, None] - k_positions[None, :]
+    allowed = distance >= 0
+    if window:
+        allowed &= distance < window
+    return allowed
+
+
+class Backend:
+    """The numpy form of every operation; a registered subclass overrides what it does better."""
+
+    name: ClassVar[str] = "base"
+    install_hint: ClassVar[str] = ""  # what to install when `installed()` is False
+
+    @classmethod
+    def installed(cls) -> bool:
+        """Whether what this backend needs can be imported here."""
+        return True
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads
+
+    def decode(self, codec: Codec, raw: np.ndarray, cols: int) -> np.ndarray:
+        """(n, row_nbytes) codec bytes -> (n, cols) float32."""
+        return codec.decode(raw, cols)
+
+    def warm_up(self, codec: Codec) -> None:
+        """Compile or load what `codec`'s operations need, before a memory budget counts."""
+
+    def prepare(self, codec: Codec, raw: np.ndarray, cols: int) -> Prepared | None:
+        """A resident matrix in this backend's own form, or None to compute from `raw`."""
+        return None
+
+    def prepare_ffn(self, codec: Codec, raw: np.ndarray, hidden: int,
+                    activation: str) -> Prepared | None:
+        """A resident dense FFN (row-column bundles raw) in this backend's own form, or None
+        to compute from `raw`."""
+        return None
+
+    # one token -------------------------------------------------------------------------
+    def matvec(self, codec: Codec, raw: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+        """out[r] = decode(raw[r]) . x for every row (x: (cols,) float32)."""
+        for start in range(0, len(raw), DECODE_ROWS):
+            end = min(start + DECODE_ROWS, len(raw))
+            out[start:end] = self.decode(codec, raw[start:end], len(x)) @ x
+
+    def gate_activations(self, codec: Codec, raw: np.ndarray, x: np.ndarray, activation: str,
+                         out: np.ndarray) -> None:
+        """out[i] = act(gate_i . x), gate_i being the first row of bundle raw[i]."""
+        self.matvec(codec, raw[:, :codec.row_nbytes(len(x))], x, out)
+        out[:] = ACTIVATIONS[activation](out)
+
+    def bundle_ffn(self, codec: Codec, raw: np.ndarray, rows: np.ndarray, x: np.ndarray,
+                   activation: str, gate_act: np.ndarray | None, hidden_act: np.ndarray,
+                   out: np.ndarray) -> None:
+        """FFN output of one token over the bundles raw[rows] ([gate row | up row | down
+        column]; other neurons count as zero). gate_act: act(gate . x) of each of rows when
+        already known, else None; hidden_act[j] receives act(gate . x) * (up . x) of rows[j];
+        out (cols,) the FFN output."""
+        cols = len(x)
+        rb = codec.row_nbytes(cols)
+        out[:] = 0.0
+        for start in range(0, len(rows), DECODE_ROWS):
+            chunk = raw[rows[start:start + DECODE_ROWS]]
+            if gate_act is None:
+                act = ACTIVATIONS[activation](self.decode(codec, chunk[:, :rb], cols) @ x)
+            else:
+                act = gate_act[start:start + len(chunk)]
+            h = act * (self.decode(codec, chunk[:, rb:2 * rb], cols) @ x)
+            hidden_act[start:start + len(chunk)] = h
+            out += h @ self.decode(codec, chunk[:, 2 * rb:], cols)
+
+    # several tokens --------------------------------------------------------------------
+    def matmul(self, codec: Codec, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """x @ decode(raw).T for x (tokens, cols): a block of rows decoded at a time."""
+        out = np.empty((len(x), len(raw)), np.float32)
+        for start in range(0, len(raw), DECODE_ROWS):
+            end = min(start + DECODE_ROWS, len(raw))
+            out[:, start:end] = x @ self.decode(codec, raw[start:end], x.shape[1]).T
+        return out
+
+    def bundle_ffn_matmul(self, codec: Codec, raw: np.ndarray, x: np.ndarray,
+                          activation: str) -> np.ndarray:
+        """The dense FFN of x (tokens, hidden) over all bundles raw, a block at a time."""
+        hidden = x.shape[1]
+        rb, act = codec.row_nbytes(hidden), ACTIVATIONS[activation]
+        out = np.zeros((len(x), hidden), np.float32)
+        for start in range(0, len(raw), DECODE_ROWS):
+            chunk = raw[start:start + DECODE_ROWS]
+            gate = x @ self.decode(codec, chunk[:, :rb], hidden).T
+            up = x @ self.decode(codec, chunk[:, rb:2 * rb], hidden).T
+            out += (act(gate) * up) @ self.decode(codec, chunk[:, 2 * rb:], hidden)
+        return out
+
+    # the rest of the forward pass ------------------------------------------------------
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        return rms_norm(x, weight, eps)
+
+    def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray,
+                  q_positions: np.ndarray, window: int | None,
+                  f16_probabilities: bool) -> np.ndarray:
+        """Softmax attention of q (kv_heads, group, tokens, head_dim), already scaled, over
+        keys and values (n_keys, kv_heads, head_dim): causal, within `window` positions for
+        local layers; (tokens, kv_heads * group * head_dim). `f16_probabilities` rounds the
+        probabilities to float16 as llama.cpp does before multiplying the float16 values."""
+        kv_heads, group, n_tokens, head_dim = q.shape
+        keys_t, values_t = keys.transpose(1, 2, 0)[:, None], values.transpose(1, 0, 2)[:, None]
+        out = np.empty((n_tokens, kv_heads * group * head_dim), np.float32)
+        # queries a block at a time: score matrices of heads x QUERY_BLOCK x keys, not
+        # heads x batch x keys (a few MB for Gemma 3 270M at its default context)
+        for start in range(0, n_tokens, QUERY_BLOCK):
+            end = min(start + QUERY_BLOCK, n_tokens)
+            scores = q[:, :, start:end] @ keys_t
+            mask = attention_mask(q_positions[start:end], len(keys), window)
+            scores = softmax(np.where(mask, scores, np.float32(-np.inf)))
+            if f16_probabilities:
+                scores = to_f16(scores)
+            block = scores @ values_t  # (kv_heads, group, block, head_dim)
+            out[start:end] = block.transpose(2, 0, 1, 3).reshape(end - start, -1)
+        return out

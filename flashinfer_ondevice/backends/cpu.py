@@ -1,0 +1,59 @@
+"""The `cpu` backend: the fast path on x86 and ARM CPUs.
+
+One token runs the codec's fused numba kernels straight from its bytes (quant/kernels.py,
+quant/palette_kernels.py), which suit streamed rows and sparse neurons: nothing is prepared.
+Resident int8/int4 matrices and dense FFNs are prepared once into onnxruntime's MatMulNBits
+(backends/onnx_matmul.py) where it is installed and `prepare_resident` is on: measured 2-3x
+faster than the numba kernels per token and 5-10x for prefill on this project's shapes
+(docs/benchmarks.md), at the price of int8 activations. Several tokens otherwise decode
+blocks of rows to float32 and multiply with BLAS (the base class).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..quant.codecs import Codec
+from . import onnx_matmul
+from .base import Backend, Prepared
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def __init__(self, threads: int | None = None, prepare_resident: bool = True):
+        super().__init__(threads)
+        self.prepare_resident = prepare_resident and onnx_matmul.installed()
+
+    def warm_up(self, codec: Codec) -> None:
+        codec.warm_up()
+
+    def prepare(self, codec: Codec, raw: np.ndarray, cols: int) -> Prepared | None:
+        if not self.prepare_resident or codec.name not in onnx_matmul.BITS or \
+                not codec.supports(cols):
+            return None
+        return onnx_matmul.OnnxMatMul(codec, raw, cols, self.threads)
+
+    def prepare_ffn(self, codec: Codec, raw: np.ndarray, hidden: int,
+                    activation: str) -> Prepared | None:
+        if not self.prepare_resident or not onnx_matmul.supports_ffn(codec, hidden, len(raw)):
+            return None
+        return onnx_matmul.OnnxFFN(codec, raw, hidden, activation, self.threads)
+
+    def matvec(self, codec, raw, x, out) -> None:
+        if codec.fused:
+            codec.matvec(raw, x, out)
+        else:
+            super().matvec(codec, raw, x, out)
+
+    def gate_activations(self, codec, raw, x, activation, out) -> None:
+        if codec.fused:
+            codec.gate_activations(raw, x, activation, out)
+        else:
+            super().gate_activations(codec, raw, x, activation, out)
+
+    def bundle_ffn(self, codec, raw, rows, x, activation, gate_act, hidden_act, out) -> None:
+        if codec.fused:
+            codec.bundle_ffn(raw, rows, x, activation, gate_act, hidden_act, out)
+        else:
+            super().bundle_ffn(codec, raw, rows, x, activation, gate_act, hidden_act, out)

@@ -1,0 +1,177 @@
+"""Resident int8/int4 matrices multiplied by onnxruntime's `MatMulNBits` (MLAS kernels).
+
+Our grouped codecs (quant/codecs.py: a float32 scale per 64 values, int8 values or int4
+nibbles low first, stored +8) map byte for byte onto MatMulNBits' blocks (block_size 64,
+default zero point 2^(bits-1): int8 is stored +128 for it). `accuracy_level=4` quantizes the
+activations to int8 per block, as llama.cpp does for its integer formats (VNNI dot products
+where the CPU has them); tests/test_backends.py measures what that costs in top-1 and KL.
+
+The weights are handed to onnxruntime as in-memory external initializers; it packs them into
+its own layout (~1.15x the int8 bytes, ~1.3x the int4 bytes, measured) and keeps only that,
+so a prepared matrix's codec bytes can be let go. Each session has its own pool of `-t`
+threads that sleep between products: spinning workers (onnxruntime's default, and all a
+global pool allows) took the cores from numba's FFN kernels, 8x slower decode (measured).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+from ..quant.codecs import Codec
+from ..quant.kernels import GROUP
+
+BITS = {"int8": 8, "int4": 4}  # the codecs this maps
+PACKED_FACTOR = {8: 1.2, 4: 1.35}  # onnxruntime's packed bytes / our bytes (measured, rounded up)
+# Sessions over fewer weight bytes than this run on the calling thread alone: waking a pool
+# costs more than splitting saves (one token, 2 cores: 1024x640 int8 0.015 ms on one thread,
+# 0.035 ms on two; a 2048-neuron FFN 0.175 vs 0.191 ms; the 262144x640 output layer 13.1
+# vs 6.5 ms).
+SMALL_SESSION = 8 << 20
+
+
+def installed() -> bool:
+    """Whether onnxruntime and onnx can be imported (without importing them: their libraries
+    are loaded on first use, so a budgeted run, which prepares nothing, never holds them)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+def _session_options(threads: int | None):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    # a pool per session (a global pool ignores these): its workers sleep between products
+    # instead of spinning on the cores numba's and BLAS's threads need
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.intra_op_num_threads = threads or 0  # 0: onnxruntime's default, one per core
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # no arena: packed weights and run buffers allocated exactly (an arena kept ~200 MB of
+    # load-time buffers of the output layer's packing)
+    options.enable_cpu_mem_arena = False
+    options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+    return options
+
+
+def _external(name: str, array: np.ndarray):
+    """An initializer whose bytes are supplied at session creation (no copy in the proto)."""
+    from onnx import TensorProto, helper
+    tensor = TensorProto()
+    tensor.name = name
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    tensor.dims.extend(array.shape)
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", f"{name}.bin"), ("offset", "0"),
+                       ("length", str(array.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+class _Graph:
+    """An onnxruntime session under construction: MatMulNBits nodes on codec rows, plus
+    whatever elementwise nodes join them."""
+
+    def __init__(self):
+        self.nodes: list = []
+        self.initializers: list = []
+        self.arrays: dict[str, np.ndarray] = {}
+        self.nbytes = 0
+
+    def matmul(self, codec_name: str, raw: np.ndarray, cols: int, x: str, y: str) -> None:
+        """y = x @ W.T for W the grouped-codec rows `raw` (bytes mapped as they are)."""
+        from onnx import helper
+        bits = BITS[codec_name]
+        rows, groups = len(raw), cols // GROUP
+        scales = np.ascontiguousarray(raw[:, :4 * groups]).view(np.float32).reshape(-1)
+        payload = raw[:, 4 * groups:]
+        if bits == 8:  # int8 -> uint8 with zero point 128
+            payload = payload ^ np.uint8(0x80)
+        weights = np.ascontiguousarray(payload).reshape(rows, groups, GROUP * bits // 8)
+        w, s = f"{y}.w", f"{y}.scales"
+        self.nodes.append(helper.make_node("MatMulNBits", [x, w, s], [y], domain="com.microsoft",
+                                           K=cols, N=rows, bits=bits, block_size=GROUP,
+                                           accuracy_level=4))
+        for name, array in ((w, weights), (s, scales)):
+            self.initializers.append(_external(name, array))
+            self.arrays[name] = array
+        self.nbytes += int(raw.nbytes * PACKED_FACTOR[bits])
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "",
+             **attributes) -> None:
+        from onnx import helper
+        self.nodes.append(helper.make_node(op, inputs, outputs, domain=domain, **attributes))
+
+    def session(self, cols: int, rows: int, threads: int | None):
+        """The session computing "y" (tokens, rows) from "x" (tokens, cols); the codec bytes
+        handed over are onnxruntime's to pack, and not held after. Small ones get one
+        thread (SMALL_SESSION)."""
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+        graph = helper.make_graph(
+            self.nodes, "backend", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                  [None, cols])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, rows])],
+            self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 9
+        small = sum(a.nbytes for a in self.arrays.values()) < SMALL_SESSION
+        options = _session_options(1 if small else threads)
+        options.add_external_initializers(
+            list(self.arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays.values()])
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        self.arrays.clear()
+        return session
+
+
+class OnnxMatMul:
+    """x @ W.T for a resident grouped-codec matrix, through one MatMulNBits session."""
+
+    def __init__(self, codec: Codec, raw: np.ndarray, cols: int, threads: int | None):
+        graph = _Graph()
+        graph.matmul(codec.name, raw, cols, "x", "y")
+        self.session = graph.session(cols, len(raw), threads)
+        self.rows = len(raw)
+        self.nbytes = graph.nbytes
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"x": x})[0]
+
+
+class OnnxFFN:
+    """A dense FFN from row-column bundles in one session: gate and up rows in one
+    MatMulNBits (mapped as stored), the activation, and the down projection. The bundles
+    hold down by column (quantized along the hidden size), MatMulNBits needs it by row
+    (along the FFN size): it is decoded and re-encoded as int8 groups along the FFN size,
+    which adds an int8 rounding (smaller than the int8 activations' own)."""
+
+    def __init__(self, codec: Codec, raw: np.ndarray, hidden: int, activation: str,
+                 threads: int | None):
+        from ..quant.codecs import codec as codec_named
+        neurons, rb = len(raw), codec.row_nbytes(hidden)
+        graph = _Graph()
+        graph.matmul(codec.name, np.concatenate([raw[:, :rb], raw[:, rb:2 * rb]]), hidden,
+                     "x", "gate_up")
+        graph.node("Split", ["gate_up"], ["gate", "up"], axis=1)
+        if activation == "gelu_tanh":
+            graph.node("FastGelu", ["gate"], ["act"], domain="com.microsoft")
+        else:  # silu
+            graph.node("Sigmoid", ["gate"], ["sigmoid"])
+            graph.node("Mul", ["gate", "sigmoid"], ["act"])
+        graph.node("Mul", ["act", "up"], ["h"])
+        down = codec.decode(raw[:, 2 * rb:], hidden).T  # (hidden, neurons) float32
+        graph.matmul("int8", codec_named("int8").encode(np.ascontiguousarray(down)), neurons,
+                     "h", "y")
+        self.session = graph.session(hidden, hidden, threads)
+        self.nbytes = graph.nbytes
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def supports_ffn(codec: Codec, hidden: int, neurons: int) -> bool:
+    """Whether OnnxFFN can take these bundles (down re-encoded in groups along `neurons`)."""
+    return codec.name in BITS and codec.supports(hidden) and neurons % GROUP == 0

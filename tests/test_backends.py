@@ -1,0 +1,124 @@
+"""Backends: every installed backend's operations against the numpy decode of every codec,
+resident matrices a backend prepares (onnxruntime's MatMulNBits, MLX) against the codec's
+float products, and the tiny models run end to end through every installed backend against
+the numpy backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tiny_models import write_hf_folder
+
+import flashinfer_ondevice as fi
+from flashinfer_ondevice.backends import BACKENDS, installed_backends, make_backend
+from flashinfer_ondevice.errors import FlashInferError
+from flashinfer_ondevice.functional import ACTIVATIONS
+from flashinfer_ondevice.quant.codecs import CODECS, codec
+
+INSTALLED = installed_backends()
+IDS = [1, *range(5, 45)]
+
+
+def rows(n: int, cols: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_t(4, (n, cols)) * 0.02).astype(np.float32)
+
+
+@pytest.mark.parametrize("backend_name", INSTALLED)
+@pytest.mark.parametrize("codec_name", list(CODECS))
+def test_operations_match_the_numpy_decode(backend_name, codec_name):
+    backend, c = make_backend(backend_name), codec(codec_name)
+    hidden, ffn = 128, 96
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(hidden).astype(np.float32)
+    xs = rng.standard_normal((5, hidden)).astype(np.float32)
+    raw = c.encode(rows(ffn, hidden, 1))
+    dense = c.decode_reference(raw, hidden)
+    out = np.empty(ffn, np.float32)
+    backend.matvec(c, raw, x, out)
+    np.testing.assert_allclose(out, dense @ x, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(backend.matmul(c, raw, xs), xs @ dense.T, rtol=1e-4, atol=1e-5)
+
+    parts = [rows(ffn, hidden, seed) for seed in (3, 4, 5)]
+    bundles = np.concatenate([c.encode(p) for p in parts], axis=1)
+    g, u, d = (c.decode_reference(c.encode(p), hidden) for p in parts)
+    act = ACTIVATIONS["gelu_tanh"]
+    selected = np.array([0, 5, 17, 40, 95])
+    hidden_act = np.empty(len(selected), np.float32)
+    ffn_out = np.empty(hidden, np.float32)
+    backend.bundle_ffn(c, bundles, selected, x, "gelu_tanh", None, hidden_act, ffn_out)
+    expected = act(g[selected] @ x) * (u[selected] @ x)
+    np.testing.assert_allclose(hidden_act, expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ffn_out, expected @ d[selected], rtol=1e-4, atol=1e-6)
+    gates = np.empty(ffn, np.float32)
+    backend.gate_activations(c, bundles, x, "gelu_tanh", gates)
+    np.testing.assert_allclose(gates, act(g @ x), rtol=1e-4, atol=1e-6)
+    full = backend.bundle_ffn_matmul(c, bundles, xs, "gelu_tanh")
+    np.testing.assert_allclose(full, (act(xs @ g.T) * (xs @ u.T)) @ d, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", INSTALLED)
+@pytest.mark.parametrize("codec_name", list(CODECS))
+def test_prepared_matrices_multiply_as_the_codec_decodes(backend_name, codec_name):
+    """Where a backend keeps a resident matrix in its own form, the product matches the
+    decoded matrix: exactly (float activations, MLX) or within int8 activations' error
+    (onnxruntime with accuracy level 4, ~1% of the largest output)."""
+    backend, c = make_backend(backend_name), codec(codec_name)
+    raw = c.encode(rows(200, 640, 6))
+    prepared = backend.prepare(c, raw, 640)
+    if prepared is None:
+        assert backend_name == "numpy" or codec_name not in ("int8", "int4")
+        return
+    x = np.random.default_rng(7).standard_normal((3, 640)).astype(np.float32)
+    expected = x @ c.decode_reference(raw, 640).T
+    error = np.abs(prepared.apply(x) - expected).max() / np.abs(expected).max()
+    assert error < (2e-2 if backend_name == "cpu" else 1e-5)
+    assert prepared.nbytes >= raw.nbytes
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return write_hf_folder(tmp_path_factory.mktemp("hf") / "gemma3", "gemma3")
+
+
+@pytest.mark.parametrize("backend_name", [b for b in INSTALLED if b != "numpy"])
+@pytest.mark.parametrize("codec_name", ["int8", "int4", "pal4"])
+def test_tiny_model_runs_alike_on_every_backend(tiny_folder, backend_name, codec_name):
+    """The same store through each backend gives the numpy backend's logits: to float
+    rounding when streamed (codec bytes, nothing prepared), within int8
+    activations' error with everything resident on the cpu backend (prepared matrices)."""
+    reference = fi.load(tiny_folder, codec=codec_name, backend="numpy").logits(IDS)
+    scale = np.abs(reference).max()
+    streamed = fi.load(tiny_folder, codec=codec_name, backend=backend_name,
+                       stream_all=True).logits(IDS)
+    assert np.abs(streamed - reference).max() <= 1e-4 * scale
+    resident = fi.load(tiny_folder, codec=codec_name, backend=backend_name).logits(IDS)
+    assert np.abs(resident - reference).max() <= 3e-2 * scale
+    assert (resident.argmax(1) == reference.argmax(1)).mean() >= 0.9
+
+
+def test_backend_choice_errors_name_the_choices(tiny_folder):
+    with pytest.raises(FlashInferError, match="unknown backend 'gpu'.*cpu"):
+        fi.load(tiny_folder, backend="gpu")
+    missing = [name for name in BACKENDS if name not in INSTALLED]
+    for name in missing:
+        with pytest.raises(FlashInferError, match="not installed"):
+            make_backend(name)
+
+
+def test_threads_are_honoured_by_every_pool(tiny_folder):
+    """-t reaches numba, BLAS and every onnxruntime session (small sessions run on the
+    calling thread alone, never on more than -t)."""
+    import numba
+    from threadpoolctl import threadpool_info
+
+    model = fi.load(tiny_folder, codec="int8", threads=1)
+    assert numba.get_num_threads() == 1
+    assert all(pool["num_threads"] == 1 for pool in threadpool_info())
+    weights = model.session.weights
+    prepared = [w for w in (weights._head_resident, *weights._resident.values())
+                if hasattr(w, "prepared") or hasattr(w, "parts")]
+    assert prepared, "nothing was prepared: the cpu backend should prepare int8 matrices"
+    for w in prepared:
+        for part in getattr(w, "parts", None) or [w.prepared]:
+            assert part.session.get_session_options().intra_op_num_threads == 1

@@ -1,0 +1,92 @@
+"""Decode speed on a busy machine: ours and llama.cpp, idle and with cores kept busy.
+
+    python tools/bench_busy.py [-m MODEL] [--runs 5] [-t 2] [--hogs 1] [-n 64]
+                               [--json bench-results/busy.json] [--md bench-results/busy.md]
+
+A laptop always has other work running. Each run times every engine back to back (order
+alternating) on the same prompt and greedy decode twice: on the machine as it is ("idle"),
+then with `--hogs` other processes spinning on the CPU ("busy"; unpinned, as a browser or a
+compiler would be). Reports medians, and each engine's busy/idle ratio: how much of its
+speed it keeps when it has to share. Engines: the cpu backend (onnxruntime for resident
+matrices, numba FFNs where not prepared), the cpu backend with float activations (numba
+kernels only) and llama.cpp on the same GGUF, all with the same `-t`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from bench_dense import PROMPT, LlamaWorker, time_llama_cpp, time_ours
+from machine import describe_machine, machine_summary
+
+HOG = "while True: pass"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-m", "--model", default=None, help="GGUF (default: embedded model)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("-t", "--threads", type=int, default=2)
+    parser.add_argument("--hogs", type=int, default=1, help="busy processes in the busy runs")
+    parser.add_argument("-n", "--decode-tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path, default=Path("bench-results/busy.json"))
+    parser.add_argument("--md", type=Path, default=Path("bench-results/busy.md"))
+    args = parser.parse_args()
+
+    import flashinfer_ondevice as fi
+    from flashinfer_ondevice.api import ensure_store
+    from flashinfer_ondevice.default_model import default_model_path
+
+    machine = describe_machine(sys.executable)
+    gguf = Path(args.model) if args.model else default_model_path()
+    store = ensure_store(gguf, "int8")
+    engines = {
+        "cpu backend (int8 store)": fi.load(store, threads=args.threads, selector="dense"),
+        "cpu backend, float activations (numba)": fi.load(
+            store, threads=args.threads, selector="dense", quality="exact"),
+    }
+    ids = engines["cpu backend (int8 store)"].tokenize(PROMPT)
+    timers = {name: (time_ours, model) for name, model in engines.items()}
+    timers["llama.cpp"] = (time_llama_cpp, LlamaWorker(sys.executable, gguf, args.threads))
+    for fn, engine in timers.values():
+        fn(engine, ids, 4)  # warm up
+    samples = {n: {"idle": [], "busy": []} for n in timers}
+    for run in range(args.runs):
+        for condition in ("idle", "busy"):
+            hogs = [subprocess.Popen([sys.executable, "-c", HOG])
+                    for _ in range(args.hogs if condition == "busy" else 0)]
+            try:
+                order = list(timers.items())
+                for name, (fn, engine) in (order if run % 2 == 0 else order[::-1]):
+                    samples[name][condition].append(fn(engine, ids, args.decode_tokens)[1])
+            finally:
+                for hog in hogs:
+                    hog.kill()
+                    hog.wait()
+    med = {n: {c: statistics.median(v) for c, v in s.items()} for n, s in samples.items()}
+    kept = {n: med[n]["busy"] / med[n]["idle"] for n in samples}
+    result = {"model": gguf.name, "threads": args.threads, "hogs": args.hogs,
+              "runs": args.runs, "decode_tokens": args.decode_tokens, "machine": machine,
+              "samples": samples, "median": med, "busy_over_idle": kept}
+    rows = ["| engine | idle tok/s | busy tok/s | busy/idle | vs llama.cpp idle | "
+            "vs llama.cpp busy |", "|---|---:|---:|---:|---:|---:|"]
+    for name in samples:
+        rows.append(f"| {name} | {med[name]['idle']:.1f} | {med[name]['busy']:.1f} | "
+                    f"{kept[name]:.2f} | {med[name]['idle'] / med['llama.cpp']['idle']:.2f}x | "
+                    f"{med[name]['busy'] / med['llama.cpp']['busy']:.2f}x |")
+    table = (f"Machine: {machine_summary(machine)}\n\n{gguf.name}, decode tg{args.decode_tokens}, "
+             f"{args.threads} threads, busy = {args.hogs} spinning process(es), "
+             f"{args.runs} runs, alternating order\n\n" + "\n".join(rows) + "\n")
+    for path, text in ((args.json, json.dumps(result, indent=2)), (args.md, table)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
