@@ -44,6 +44,8 @@ from .stored import (
 )
 from .units import Unit, head_chunk_rows
 
+EMBED_SCRATCH = 256 << 10  # pages a prompt's embedding rows are read through (prepared head)
+
 
 class StreamedWeights:
     """`ffns[i]`, when set, replaces layer i's FFN (sparse FFNs, calibration recorders).
@@ -117,6 +119,9 @@ class StreamedWeights:
         self.rope_freq_factors = self._vectors.get("rope_freqs")
         self.lm_head = _StreamedHead(self) if not plan.shortlist else self._shortlist_head()
         self.lm_head_rows = self._head_resident  # the output layer's resident rows
+        # a prepared output layer keeps no embedding rows: a prompt's are read in one go
+        self._embed_scratch = aligned_buffer(EMBED_SCRATCH) \
+            if isinstance(self._head_resident, PreparedMatrix) else None
         if prepare:  # the codec bytes handed to the backend, freed
             release_freed_memory()
         self.ffns: dict[int, FeedForward] = {}
@@ -219,7 +224,8 @@ class StreamedWeights:
         weights += sum(w.nbytes for w in self._resident.values())
         shortlist = self.lm_head.nbytes() if isinstance(self.lm_head, ShortlistHead) else 0
         return {"resident weights": weights,
-                "I/O ring": sum(len(b) for b in self._buffers),
+                "I/O ring": sum(len(b) for b in self._buffers)
+                + (0 if self._embed_scratch is None else len(self._embed_scratch)),
                 "shortlist head": shortlist,
                 "selectors": sum(a.nbytes for a in self._selector_arrays),
                 "neuron caches": self._shared_cache_nbytes
@@ -293,6 +299,14 @@ class StreamedWeights:
         bytes; a prepared output layer keeps none)."""
         entry = self.store.tensors["embed"]
         resident = self._head_resident
+        tokens = np.asarray(tokens)
+        if self._embed_scratch is not None and len(tokens) > 1:
+            unique, where = np.unique(tokens, return_inverse=True)
+            raw = np.empty((len(unique), entry.row_nbytes), np.uint8)
+            self.reader.read_rows(entry.offset, entry.row_nbytes, unique, self._embed_scratch,
+                                  raw)
+            return StoredMatrix(raw, entry.codec, entry.cols, self.backend).decode_rows(
+                0, len(unique))[where.reshape(-1)]
         in_dram = self.plan.head == "embed" and isinstance(resident, StoredMatrix)
         rows = []
         for token in np.asarray(tokens).tolist():
