@@ -14,8 +14,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..quant.codecs import Codec
-from . import onnx_matmul
+from . import cpu_kernels, onnx_matmul
 from .base import Backend, Prepared
+
+SMALL_NORM = 16  # rows up to which the compiled RMS norm runs (numpy's is as fast above)
 
 
 class CpuBackend(Backend):
@@ -27,6 +29,14 @@ class CpuBackend(Backend):
 
     def warm_up(self, codec: Codec) -> None:
         codec.warm_up()
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        rows = x.reshape(-1, x.shape[-1])
+        if len(rows) > SMALL_NORM or x.dtype != np.float32 or weight.dtype != np.float32:
+            return super().rms_norm(x, weight, eps)
+        out = np.empty_like(rows)
+        cpu_kernels.rms_norm_rows(np.ascontiguousarray(rows), weight, eps, out)
+        return out.reshape(x.shape)
 
     def prepare(self, codec: Codec, raw: np.ndarray, cols: int) -> Prepared | None:
         if not self.prepare_resident or codec.name not in onnx_matmul.BITS or \
