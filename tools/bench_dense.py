@@ -92,6 +92,12 @@ def main() -> None:
     parser.add_argument("--llama-python", default=sys.executable,
                         help="Python of a venv whose llama-cpp-python build is the peer "
                         "(default: this one's); see tools/bench_llama_builds.py")
+    parser.add_argument("--store-codec", default="int8",
+                        help="codec of the store the cpu backend runs (int4 for the 7B geometry)")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["reference", "float", "shortlist"],
+                        help="engines to leave out (the 7B geometry: its float32 reference needs "
+                        "30 GB, and every engine holds its own copy of the weights)")
     parser.add_argument("--codecs", nargs="*", default=[],
                         help="also time the fast path on stores of these codec specs")
     args = parser.parse_args()
@@ -103,15 +109,19 @@ def main() -> None:
 
     machine = describe_machine(args.llama_python)
     gguf = Path(args.model) if args.model else default_model_path()
-    store = ensure_store(gguf, "int8")
-    engines = {
-        "numpy reference (GGUF)": fi.load(gguf, backend="reference", threads=args.threads),
-        "cpu backend (int8 store)": fi.load(store, threads=args.threads, selector="dense"),
-        "cpu backend, float activations (numba only)": fi.load(
-            store, threads=args.threads, selector="dense", quality="exact"),
-        "cpu backend + shortlist output layer": fi.load(store, threads=args.threads,
-                                                        selector="dense", head="shortlist"),
-    }
+    store = ensure_store(gguf, args.store_codec)
+    engines = {}
+    if "reference" not in args.skip:
+        engines["numpy reference (GGUF)"] = fi.load(gguf, backend="reference",
+                                                    threads=args.threads)
+    engines[f"cpu backend ({args.store_codec} store)"] = fi.load(store, threads=args.threads,
+                                                                 selector="dense")
+    if "float" not in args.skip:
+        engines["cpu backend, float activations (numba only)"] = fi.load(
+            store, threads=args.threads, selector="dense", quality="exact")
+    if "shortlist" not in args.skip:
+        engines["cpu backend + shortlist output layer"] = fi.load(
+            store, threads=args.threads, selector="dense", head="shortlist")
     for spec in args.codecs:
         engines[f"fast path ({spec} store)"] = fi.load(ensure_store(gguf, spec),
                                                        threads=args.threads, selector="dense")
@@ -121,7 +131,7 @@ def main() -> None:
         engines[f"fast path + gate-first {sparsity:.0%} sparsity"] = fi.load(
             store, threads=args.threads, selector="gate", sparsity=sparsity)
     llm = LlamaWorker(args.llama_python, gguf, args.threads)
-    ids = engines["numpy reference (GGUF)"].tokenize(PROMPT)
+    ids = next(iter(engines.values())).tokenize(PROMPT)
     timers = {name: (time_ours, model) for name, model in engines.items()}
     timers["llama.cpp"] = (time_llama_cpp, llm)
     for fn, engine in timers.values():
