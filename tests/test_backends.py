@@ -127,8 +127,7 @@ def test_backend_choice_errors_name_the_choices(tiny_folder):
 
 
 def test_threads_are_honoured_by_every_pool(tiny_folder):
-    """-t reaches numba, BLAS and every onnxruntime session (small sessions run on the
-    calling thread alone, never on more than -t)."""
+    """-t reaches numba, BLAS and every onnxruntime session."""
     import numba
     from threadpoolctl import threadpool_info
 

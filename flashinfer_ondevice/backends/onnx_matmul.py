@@ -26,11 +26,6 @@ BITS = {"int8": 8, "int4": 4}  # the codecs this maps
 # onnxruntime's packed bytes / our codec bytes, measured (RSS) on the 262144x640 output layer:
 # int8 178 MB -> 203 MB, int4 94 MB -> 119 MB (the 7B geometry's int4 store: 4.28 GB -> ~5.5 GB)
 PACKED_FACTOR = {8: 1.15, 4: 1.27}
-# Sessions over fewer weight bytes than this run on the calling thread alone: waking a pool
-# costs more than splitting saves (one token, 2 cores: 1024x640 int8 0.015 ms on one thread,
-# 0.035 ms on two; a 2048-neuron FFN 0.175 vs 0.191 ms; the 262144x640 output layer 13.1
-# vs 6.5 ms).
-SMALL_SESSION = 8 << 20
 
 
 def installed() -> bool:
@@ -107,8 +102,7 @@ class _Graph:
 
     def session(self, cols: int, rows: int, threads: int | None):
         """The session computing "y" (tokens, rows) from "x" (tokens, cols); the codec bytes
-        handed over are onnxruntime's to pack, and not held after. Small ones get one
-        thread (SMALL_SESSION)."""
+        handed over are onnxruntime's to pack, and not held after."""
         import onnxruntime as ort
         from onnx import TensorProto, helper
         graph = helper.make_graph(
@@ -119,8 +113,7 @@ class _Graph:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                         helper.make_opsetid("com.microsoft", 1)])
         model.ir_version = 9
-        small = sum(a.nbytes for a in self.arrays.values()) < SMALL_SESSION
-        options = _session_options(1 if small else threads)
+        options = _session_options(threads)
         options.add_external_initializers(
             list(self.arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays.values()])
         session = ort.InferenceSession(model.SerializeToString(), options,
