@@ -185,6 +185,9 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
     if backend != REFERENCE and backend not in BACKENDS:
         raise FlashInferError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)} or "
                               f"{REFERENCE})")
+    if backend == "mlx" and memory_budget is not None:
+        raise FlashInferError("the mlx backend runs without a memory budget for now (the "
+                              "planner does not count MLX's copies of the weights)")
     if progress is None:
         progress = sys.stderr.isatty()
     if threads is not None:

@@ -24,7 +24,7 @@ def rows(n: int, cols: int, seed: int) -> np.ndarray:
     return (rng.standard_t(4, (n, cols)) * 0.02).astype(np.float32)
 
 
-@pytest.mark.parametrize("backend_name", INSTALLED)
+@pytest.mark.parametrize("backend_name", [b for b in INSTALLED if b != "numpy"])
 @pytest.mark.parametrize("codec_name", list(CODECS))
 def test_operations_match_the_numpy_decode(backend_name, codec_name):
     backend, c = make_backend(backend_name), codec(codec_name)
@@ -73,7 +73,6 @@ def test_prepared_matrices_multiply_as_the_codec_decodes(backend_name, codec_nam
     expected = x @ c.decode_reference(raw, 640).T
     error = np.abs(prepared.apply(x) - expected).max() / np.abs(expected).max()
     assert error < (2e-2 if backend_name == "cpu" else 1e-5)
-    assert prepared.nbytes >= raw.nbytes
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +119,8 @@ def test_streamed_and_resident_plans_generate_the_same_text(tmp_path, arch, back
 def test_backend_choice_errors_name_the_choices(tiny_folder):
     with pytest.raises(FlashInferError, match="unknown backend 'gpu'.*cpu"):
         fi.load(tiny_folder, backend="gpu")
+    with pytest.raises(FlashInferError, match="mlx backend runs without a memory budget"):
+        fi.load(tiny_folder, backend="mlx", memory_budget="1GB")
     missing = [name for name in BACKENDS if name not in INSTALLED]
     for name in missing:
         with pytest.raises(FlashInferError, match="not installed"):
@@ -129,15 +130,35 @@ def test_backend_choice_errors_name_the_choices(tiny_folder):
 def test_threads_are_honoured_by_every_pool(tiny_folder):
     """-t reaches numba, BLAS and every onnxruntime session."""
     import numba
-    from threadpoolctl import threadpool_info
+    from threadpoolctl import threadpool_info, threadpool_limits
 
-    model = fi.load(tiny_folder, codec="int8", threads=1)
-    assert numba.get_num_threads() == 1
-    assert all(pool["num_threads"] == 1 for pool in threadpool_info())
-    weights = model.session.weights
-    prepared = [w for w in (weights._head_resident, *weights._resident.values())
-                if hasattr(w, "prepared") or hasattr(w, "parts")]
-    assert prepared, "nothing was prepared: the cpu backend should prepare int8 matrices"
-    for w in prepared:
-        for part in getattr(w, "parts", None) or [w.prepared]:
-            assert part.session.get_session_options().intra_op_num_threads == 1
+    from flashinfer_ondevice.runtime.stored import PreparedMatrix
+
+    numba_before = numba.get_num_threads()
+    blas_before = {pool["internal_api"]: pool["num_threads"] for pool in threadpool_info()}
+    try:
+        model = fi.load(tiny_folder, codec="int8", threads=1)
+        assert numba.get_num_threads() == 1
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info())
+        weights = model.session.weights
+        prepared = [w for w in (weights._head_resident, *weights._resident.values())
+                    if isinstance(w, PreparedMatrix)]
+        assert prepared, "nothing was prepared: the cpu backend should prepare int8 matrices"
+        for w in prepared:
+            for part in w.parts:
+                assert part.session.get_session_options().intra_op_num_threads == 1
+    finally:  # later tests run with the threads they had
+        numba.set_num_threads(numba_before)
+        threadpool_limits(blas_before)
+
+
+def test_matrices_prepared_in_chunks_compute_as_one(tiny_folder, monkeypatch):
+    """A matrix handed to the backend a few rows at a time (what bounds the output layer's
+    load peak) gives the logits of one handed over whole."""
+    from flashinfer_ondevice.runtime import stored
+
+    whole = fi.load(tiny_folder, codec="int8")
+    monkeypatch.setattr(stored, "PREPARE_CHUNK", 40 * codec("int8").row_nbytes(64))
+    chunked = fi.load(tiny_folder, codec="int8")
+    assert len(chunked.session.weights._head_resident.parts) > 1
+    np.testing.assert_allclose(chunked.logits(IDS), whole.logits(IDS), rtol=1e-5, atol=1e-5)

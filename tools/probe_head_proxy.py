@@ -37,7 +37,8 @@ def main() -> None:
     from flashinfer_ondevice.build.calibrate import default_text
     from flashinfer_ondevice.default_model import default_model_path
 
-    model = fi.load(args.store or ensure_store(default_model_path()), selector="dense")
+    model = fi.load(args.store or ensure_store(default_model_path()), selector="dense",
+                    quality="exact")  # codec bytes, not a prepared form
     head = model.weights.lm_head
     exact_rows = model.weights.lm_head_rows
     table = exact_rows.codec.decode(exact_rows.raw, exact_rows.cols)  # (vocab, hidden)

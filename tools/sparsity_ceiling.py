@@ -98,7 +98,7 @@ def main() -> None:
     from flashinfer_ondevice.functional import ACTIVATIONS
 
     store = args.store or str(ensure_store(default_model_path()))
-    model = fi.load(store, selector="dense", ctx_size=CHUNK, threads=2)
+    model = fi.load(store, selector="dense", ctx_size=CHUNK, threads=2, quality="exact")
     config = model.config
     activation_fn = ACTIVATIONS[config.traits.activation]
     ffns = []

@@ -18,6 +18,7 @@ DEFAULT = "cpu"
 
 
 def installed_backends() -> list[str]:
+    """The backends whose dependencies can be imported here."""
     return [name for name, b in BACKENDS.items() if b.installed()]
 
 

@@ -58,9 +58,6 @@ class Backend:
         """(n, row_nbytes) codec bytes -> (n, cols) float32."""
         return codec.decode(raw, cols)
 
-    def warm_up(self, codec: Codec) -> None:
-        """Compile or load what `codec`'s operations need, before a memory budget counts."""
-
     def prepare(self, codec: Codec, raw: np.ndarray, cols: int) -> Prepared | None:
         """A resident matrix in this backend's own form, or None to compute from `raw`."""
         return None
@@ -128,6 +125,7 @@ class Backend:
 
     # the rest of the forward pass ------------------------------------------------------
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        """x / sqrt(mean(x^2) + eps) * weight along the last axis."""
         return rms_norm(x, weight, eps)
 
     def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray,

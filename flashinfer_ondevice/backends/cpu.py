@@ -17,25 +17,24 @@ from ..quant.codecs import Codec
 from . import cpu_kernels, onnx_matmul
 from .base import Backend, Prepared
 
-SMALL_NORM = 16  # rows up to which the compiled RMS norm runs (numpy's is as fast above)
-
 
 class CpuBackend(Backend):
+    """numba kernels on codec bytes; onnxruntime for what is prepared (see the module)."""
+
     name = "cpu"
 
-    def __init__(self, threads: int | None = None, prepare_resident: bool = True):
+    def __init__(self, threads: int | None = None):
         super().__init__(threads)
-        self.prepare_resident = prepare_resident and onnx_matmul.installed()
-
-    def warm_up(self, codec: Codec) -> None:
-        codec.warm_up()
+        self.prepare_resident = onnx_matmul.installed()
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-        rows = x.reshape(-1, x.shape[-1])
-        if len(rows) > SMALL_NORM or x.dtype != np.float32 or weight.dtype != np.float32:
+        """The compiled norm (one way for any number of rows, so prefill and decode round
+        alike) on float32; numpy's otherwise."""
+        if x.dtype != np.float32 or weight.dtype != np.float32:
             return super().rms_norm(x, weight, eps)
+        rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
         out = np.empty_like(rows)
-        cpu_kernels.rms_norm_rows(np.ascontiguousarray(rows), weight, eps, out)
+        cpu_kernels.rms_norm_rows(rows, weight, eps, out)
         return out.reshape(x.shape)
 
     def prepare(self, codec: Codec, raw: np.ndarray, cols: int) -> Prepared | None:
@@ -50,19 +49,22 @@ class CpuBackend(Backend):
             return None
         return onnx_matmul.OnnxFFN(codec, raw, hidden, activation, self.threads)
 
-    def matvec(self, codec, raw, x, out) -> None:
+    def matvec(self, codec: Codec, raw: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         if codec.fused:
             codec.matvec(raw, x, out)
         else:
             super().matvec(codec, raw, x, out)
 
-    def gate_activations(self, codec, raw, x, activation, out) -> None:
+    def gate_activations(self, codec: Codec, raw: np.ndarray, x: np.ndarray, activation: str,
+                         out: np.ndarray) -> None:
         if codec.fused:
             codec.gate_activations(raw, x, activation, out)
         else:
             super().gate_activations(codec, raw, x, activation, out)
 
-    def bundle_ffn(self, codec, raw, rows, x, activation, gate_act, hidden_act, out) -> None:
+    def bundle_ffn(self, codec: Codec, raw: np.ndarray, rows: np.ndarray, x: np.ndarray,
+                   activation: str, gate_act: np.ndarray | None, hidden_act: np.ndarray,
+                   out: np.ndarray) -> None:
         if codec.fused:
             codec.bundle_ffn(raw, rows, x, activation, gate_act, hidden_act, out)
         else:

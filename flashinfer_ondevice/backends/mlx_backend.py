@@ -55,6 +55,9 @@ class _MlxMatrix:
 
 
 class MlxBackend(Backend):
+    """Grouped-codec products on MLX; everything else in numpy (the base class). Runs
+    without a memory budget only: the planner does not count MLX's copies yet."""
+
     name = "mlx"
     install_hint = "pip install mlx (Apple silicon), mlx[cuda] (NVIDIA) or mlx[cpu]"
 
@@ -67,13 +70,13 @@ class MlxBackend(Backend):
             return None
         return _MlxMatrix(codec, raw, cols)
 
-    def matvec(self, codec, raw, x, out) -> None:
+    def matvec(self, codec: Codec, raw: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         if codec.name in _OFFSET:
             out[:] = _MlxMatrix(codec, raw, len(x)).apply(x[None])[0]
         else:
             super().matvec(codec, raw, x, out)
 
-    def matmul(self, codec, raw, x) -> np.ndarray:
+    def matmul(self, codec: Codec, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
         if codec.name in _OFFSET:
             return _MlxMatrix(codec, raw, x.shape[1]).apply(x)
         return super().matmul(codec, raw, x)

@@ -13,6 +13,8 @@ from .base import Backend
 
 
 class NumpyBackend(Backend):
+    """Every operation in numpy, codec bytes decoded by the codecs' numpy decoders."""
+
     name = "numpy"
 
     def decode(self, codec: Codec, raw: np.ndarray, cols: int) -> np.ndarray:

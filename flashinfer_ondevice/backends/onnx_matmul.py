@@ -16,11 +16,17 @@ global pool allows) took the cores from numba's FFN kernels, 8x slower decode (m
 from __future__ import annotations
 
 import importlib.util
+import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..quant.codecs import Codec
+from ..quant.codecs import Codec, codec
 from ..quant.kernels import GROUP
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime
 
 BITS = {"int8": 8, "int4": 4}  # the codecs this maps
 # onnxruntime's packed bytes / our codec bytes, measured (RSS) on the 262144x640 output layer:
@@ -34,14 +40,15 @@ def installed() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
-def _session_options(threads: int | None):
+def _session_options(threads: int | None) -> onnxruntime.SessionOptions:
     import onnxruntime as ort
     options = ort.SessionOptions()
     # a pool per session (a global pool ignores these): its workers sleep between products
     # instead of spinning on the cores numba's and BLAS's threads need
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    options.intra_op_num_threads = threads or 0  # 0: onnxruntime's default, one per core
+    cores = os.cpu_count() or 1
+    options.intra_op_num_threads = min(threads, cores) if threads else 0  # 0: one per core
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     # no arena: packed weights and run buffers allocated exactly (an arena kept ~200 MB of
@@ -51,7 +58,7 @@ def _session_options(threads: int | None):
     return options
 
 
-def _external(name: str, array: np.ndarray):
+def _external(name: str, array: np.ndarray) -> onnx.TensorProto:
     """An initializer whose bytes are supplied at session creation (no copy in the proto)."""
     from onnx import TensorProto, helper
     tensor = TensorProto()
@@ -100,7 +107,8 @@ class _Graph:
         from onnx import helper
         self.nodes.append(helper.make_node(op, inputs, outputs, domain=domain, **attributes))
 
-    def session(self, cols: int, rows: int, threads: int | None):
+    def session(self, cols: int, rows: int, threads: int | None
+                ) -> onnxruntime.InferenceSession:
         """The session computing "y" (tokens, rows) from "x" (tokens, cols); the codec bytes
         handed over are onnxruntime's to pack, and not held after."""
         import onnxruntime as ort
@@ -122,7 +130,17 @@ class _Graph:
         return session
 
 
-class OnnxMatMul:
+class _Prepared:
+    """A session computing "y" from "x" and the bytes it holds (the `Prepared` protocol)."""
+
+    session: onnxruntime.InferenceSession
+    nbytes: int
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+class OnnxMatMul(_Prepared):
     """x @ W.T for a resident grouped-codec matrix, through one MatMulNBits session."""
 
     def __init__(self, codec: Codec, raw: np.ndarray, cols: int, threads: int | None):
@@ -132,39 +150,34 @@ class OnnxMatMul:
         self.rows = len(raw)
         self.nbytes = graph.nbytes
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"x": x})[0]
 
-
-class OnnxFFN:
+class OnnxFFN(_Prepared):
     """A dense FFN from row-column bundles in one session: gate and up rows in one
     MatMulNBits (mapped as stored), the activation, and the down projection. The bundles
     hold down by column (quantized along the hidden size), MatMulNBits needs it by row
     (along the FFN size): it is decoded and re-encoded as int8 groups along the FFN size,
     which adds an int8 rounding (smaller than the int8 activations' own)."""
 
-    def __init__(self, codec: Codec, raw: np.ndarray, hidden: int, activation: str,
+    def __init__(self, bundle_codec: Codec, raw: np.ndarray, hidden: int, activation: str,
                  threads: int | None):
-        from ..quant.codecs import codec as codec_named
-        neurons, rb = len(raw), codec.row_nbytes(hidden)
+        if activation not in ("gelu_tanh", "silu"):
+            raise ValueError(f"no onnxruntime form of the activation {activation!r}")
+        neurons, rb = len(raw), bundle_codec.row_nbytes(hidden)
         graph = _Graph()
-        graph.matmul(codec.name, np.concatenate([raw[:, :rb], raw[:, rb:2 * rb]]), hidden,
-                     "x", "gate_up")
+        graph.matmul(bundle_codec.name, np.concatenate([raw[:, :rb], raw[:, rb:2 * rb]]),
+                     hidden, "x", "gate_up")
         graph.node("Split", ["gate_up"], ["gate", "up"], axis=1)
-        if activation == "gelu_tanh":
+        if activation == "gelu_tanh":  # FastGelu is the tanh approximation
             graph.node("FastGelu", ["gate"], ["act"], domain="com.microsoft")
-        else:  # silu
+        else:
             graph.node("Sigmoid", ["gate"], ["sigmoid"])
             graph.node("Mul", ["gate", "sigmoid"], ["act"])
         graph.node("Mul", ["act", "up"], ["h"])
-        down = codec.decode(raw[:, 2 * rb:], hidden).T  # (hidden, neurons) float32
-        graph.matmul("int8", codec_named("int8").encode(np.ascontiguousarray(down)), neurons,
+        down = bundle_codec.decode(raw[:, 2 * rb:], hidden).T  # (hidden, neurons) float32
+        graph.matmul("int8", codec("int8").encode(np.ascontiguousarray(down)), neurons,
                      "h", "y")
         self.session = graph.session(hidden, hidden, threads)
         self.nbytes = graph.nbytes
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
 def supports_ffn(codec: Codec, hidden: int, neurons: int) -> bool:

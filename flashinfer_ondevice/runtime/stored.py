@@ -49,8 +49,8 @@ PREPARE_CHUNK = 16 << 20  # codec bytes handed to a backend at a time (bounds lo
 
 
 class PreparedMatrix:
-    """A resident matrix in its backend's own form, prepared in chunks of rows (the codec
-    bytes are let go); apply(x) = x @ W.T."""
+    """A resident matrix (or dense FFN) in its backend's own form, prepared in chunks of
+    rows (the codec bytes are let go); apply(x) = x @ W.T (or the FFN of x)."""
 
     def __init__(self, parts: list[Prepared], rows: int):
         self.parts = parts
@@ -61,7 +61,13 @@ class PreparedMatrix:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if len(self.parts) == 1:
             return self.parts[0].apply(x)
-        return np.concatenate([p.apply(x) for p in self.parts], axis=1)
+        out = np.empty((len(x), self.rows), np.float32)
+        start = 0
+        for part in self.parts:
+            y = part.apply(x)
+            out[:, start:start + y.shape[1]] = y
+            start += y.shape[1]
+        return out
 
 
 def resident_matrix(read: Callable[[int, int], np.ndarray], rows: int, codec_name: str,
@@ -84,24 +90,14 @@ def resident_matrix(read: Callable[[int, int], np.ndarray], rows: int, codec_nam
     return PreparedMatrix(parts, rows)
 
 
-class PreparedFFN:
-    """A resident dense FFN in its backend's own form (the bundles' bytes are let go)."""
-
-    def __init__(self, prepared: Prepared):
-        self.prepared = prepared
-        self.nbytes = prepared.nbytes
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        return self.prepared.apply(np.ascontiguousarray(x, dtype=np.float32))
-
-
 def resident_ffn(raw: np.ndarray, codec_name: str, hidden: int, activation: str,
-                 backend: Backend) -> BundledFFN | PreparedFFN:
-    """A dense FFN that stays in memory: prepared by the backend where it does that."""
+                 backend: Backend) -> BundledFFN | PreparedMatrix:
+    """A dense FFN that stays in memory: prepared by the backend where it does that (a
+    hidden x hidden map, x -> FFN(x)), else its bundles."""
     prepared = backend.prepare_ffn(codec(codec_name), raw, hidden, activation)
     if prepared is None:
         return BundledFFN(raw, codec_name, hidden, activation, backend)
-    return PreparedFFN(prepared)
+    return PreparedMatrix([prepared], hidden)
 
 
 class BundledFFN:

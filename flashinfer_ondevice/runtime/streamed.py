@@ -20,6 +20,7 @@ import numpy as np
 from ..backends import make_backend
 from ..backends.base import Backend
 from ..config import ModelConfig
+from ..errors import FlashInferError
 from ..functional import ACTIVATIONS
 from ..memory import release_freed_memory
 from ..schema import LAYER_MATRICES, LAYER_VECTORS, layer_key
@@ -36,7 +37,6 @@ from .shortlist_head import ShortlistHead
 from .sparse_ffn import SparseFFN
 from .stored import (
     BundledFFN,
-    PreparedFFN,
     PreparedMatrix,
     StoredMatrix,
     resident_ffn,
@@ -62,7 +62,7 @@ class StreamedWeights:
         self.config: ModelConfig = store.config
         self.activation = self.config.traits.activation
         t = store.tensors
-        self._resident: dict[str, StoredMatrix | PreparedMatrix | BundledFFN | PreparedFFN] = {}
+        self._resident: dict[str, StoredMatrix | PreparedMatrix | BundledFFN] = {}
         self._vectors = {n: self._read_all(e).view(np.float32).reshape(-1)
                          for n, e in t.items() if e.codec == "f32"}
         for name in plan.resident:
@@ -211,12 +211,17 @@ class StreamedWeights:
         if isinstance(self.lm_head, ShortlistHead):
             self.lm_head.close()
         self.reader.close()
+        self._resident.clear()  # prepared forms hold their own memory and threads
+        self._head_resident = None
 
     def resident_ffn(self, layer: int) -> BundledFFN | None:
         """Layer `layer`'s FFN bundles if resident as bytes (never prepared: builders open
         stores without preparing)."""
         ffn = self._resident.get(layer_key(layer, "ffn"))
-        return ffn if isinstance(ffn, BundledFFN) else None
+        if ffn is not None and not isinstance(ffn, BundledFFN):
+            raise TypeError("the FFN was prepared in a backend's form: open the store with "
+                            "quality='exact' (or a budget) to read its bundles")
+        return ffn
 
     def allocated(self) -> dict[str, int]:
         """Bytes of run memory this holds per component, in the terms of `Plan.ledger`."""
@@ -256,7 +261,7 @@ class StreamedWeights:
         pending = self.reader.submit(ranges, self._buffers[buffer_index])
         self._queue.append((unit_index, buffer_index, pending))
 
-    def acquire(self, unit_index: int) -> dict[str, StoredMatrix | PreparedMatrix | BundledFFN]:
+    def acquire(self, unit_index: int) -> dict[str, StoredMatrix | BundledFFN]:
         """Wait for unit `unit_index`, keep the following units reading, return its tensors.
 
         Units are used in a fixed cycle, so the buffer handed out last time (its unit done
@@ -300,6 +305,8 @@ class StreamedWeights:
         entry = self.store.tensors["embed"]
         resident = self._head_resident
         tokens = np.asarray(tokens)
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= entry.rows):
+            raise FlashInferError(f"token ids must be within 0..{entry.rows - 1}")
         if self._embed_scratch is not None and len(tokens) > 1:
             unique, where = np.unique(tokens, return_inverse=True)
             raw = np.empty((len(unique), entry.row_nbytes), np.uint8)
@@ -328,6 +335,8 @@ class _StreamedHead:
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         w = self.weights
+        if not w._head_units:  # all resident: no copy of the (tokens, vocab) logits
+            return w._head_resident.apply(x)
         out = np.empty((len(x), self.rows), np.float32)
         done = w._head_resident.rows
         if done:
