@@ -121,7 +121,9 @@ def test_zero_threshold_gate_first_is_the_dense_ffn(calibrated):
 def test_neuron_caches_compute_what_resident_sparse_does(calibrated, selector):
     """Same neurons, same kernels; cached rows are summed in another order, and the fp16 KV
     cache can turn that 1e-7 difference into one fp16 step (2^-11 relative) of a key, so
-    later positions agree to 1e-3 of the largest logit, not bitwise."""
+    positions after the first agree to 1e-3 of the largest logit, not bitwise. (Where the
+    first step falls depends on the calibrated thresholds: a fresh checkout's CI measured
+    2e-5 of the largest logit at position 5.)"""
     path = calibrated("gemma3")
     resident, _, _ = engine_for(path, None, SparseSettings(selector, 0.5, 1))
     expected = decode(resident)
@@ -136,7 +138,7 @@ def test_neuron_caches_compute_what_resident_sparse_does(calibrated, selector):
                                                                            window))
             assert plan.cache_rows == cache_rows
             got = decode(engine)
-            np.testing.assert_allclose(got[:8], expected[:8], rtol=0,
+            np.testing.assert_allclose(got[:1], expected[:1], rtol=0,
                                        atol=1e-5 * abs(expected).max())
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3 * abs(expected).max())
             assert (got.argmax(1) == expected.argmax(1)).all()
