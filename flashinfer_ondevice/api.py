@@ -215,8 +215,7 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
     alternatives = [] if store == path else stores_of(path)
     session = open_store_session(store, memory_budget, ctx_size, verify, on_plan, stream_all,
                                  selector, sparsity, window, head, quality, alternatives,
-                                 make_backend(backend, threads),
-                                 prepare=memory_budget is None and quality != "exact")
+                                 make_backend(backend, threads), prepare=True)
     return Model(session, time.perf_counter() - start)
 
 

@@ -178,8 +178,9 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
     """A session on the flash store at `path` (the arguments are load()'s, see api.py), or,
     under a budget, on whichever of it and `alternatives` (other stores of the same model)
     `quality` chooses (runtime/store_choice.py). `backend` computes (default: the default
-    backend); `prepare` lets it keep resident matrices in its own form, which only runs
-    without a budget (the planner counts codec bytes)."""
+    backend); `prepare` lets it keep resident matrices in its own form, which happens only
+    without a budget (the planner counts codec bytes) and unless `quality` is "exact" (its
+    forms may round activations). Store builders leave `prepare` off: they read bytes."""
     backend = backend or make_backend()
     if quality not in store_choice.QUALITY_MODES:
         raise FlashInferError(f"unknown quality {quality!r} (use "
@@ -217,8 +218,8 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
         on_plan(plan.describe(store) + (f"\n{choice}" if choice else ""))
     reader = DirectReader(store.path / "weights.bin")
     try:
-        weights = StreamedWeights(store, plan, reader, backend,
-                                  prepare and budget is None and not stream_all)
+        weights = StreamedWeights(store, plan, reader, backend, prepare and budget is None
+                                  and not stream_all and quality != "exact")
     except BaseException:
         reader.close()
         raise

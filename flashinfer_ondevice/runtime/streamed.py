@@ -307,7 +307,7 @@ class StreamedWeights:
         tokens = np.asarray(tokens)
         if len(tokens) and (tokens.min() < 0 or tokens.max() >= entry.rows):
             raise FlashInferError(f"token ids must be within 0..{entry.rows - 1}")
-        if self._embed_scratch is not None and len(tokens) > 1:
+        if self._embed_scratch is not None:
             unique, where = np.unique(tokens, return_inverse=True)
             raw = np.empty((len(unique), entry.row_nbytes), np.uint8)
             self.reader.read_rows(entry.offset, entry.row_nbytes, unique, self._embed_scratch,
@@ -316,7 +316,7 @@ class StreamedWeights:
                 0, len(unique))[where.reshape(-1)]
         in_dram = self.plan.head == "embed" and isinstance(resident, StoredMatrix)
         rows = []
-        for token in np.asarray(tokens).tolist():
+        for token in tokens.tolist():
             if in_dram and token < resident.rows:
                 rows.append(resident.decode_rows(token, token + 1))
             else:
