@@ -15,14 +15,13 @@ kernels only) and llama.cpp on the same GGUF, all with the same `-t`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 from bench_dense import PROMPT, LlamaWorker, time_llama_cpp, time_ours
-from machine import describe_machine, machine_summary
+from machine import describe_machine, machine_summary, save_results
 
 HOG = "while True: pass"
 
@@ -82,10 +81,7 @@ def main() -> None:
     table = (f"Machine: {machine_summary(machine)}\n\n{gguf.name}, decode tg{args.decode_tokens}, "
              f"{args.threads} threads, busy = {args.hogs} spinning process(es), "
              f"{args.runs} runs, alternating order\n\n" + "\n".join(rows) + "\n")
-    for path, text in ((args.json, json.dumps(result, indent=2)), (args.md, table)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    print(table)
+    save_results(result, table, args.json, args.md)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from machine import describe_machine, machine_summary
+from machine import describe_machine, machine_summary, save_results
 
 PROMPT = ("Python is a programming language that lets you work quickly and integrate systems "
           "more effectively. It is used for web development, data analysis, scripting and ")
@@ -161,10 +161,7 @@ def main() -> None:
                         f"{ratio[name][kind]:.2f}x |")
     table = (f"Machine: {machine_summary(machine)}\n\n{gguf.name}, {args.threads} threads, "
              f"{args.runs} runs each, alternating order\n\n" + "\n".join(rows) + "\n")
-    for path, text in ((args.json, json.dumps(result, indent=2)), (args.md, table)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    print(table)
+    save_results(result, table, args.json, args.md)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,13 @@ here it is one session.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from machine import describe_machine, machine_summary
+from machine import describe_machine, machine_summary, save_results
 
 SHAPES = {"gemma q (1024x640)": (1024, 640), "gemma ffn up (2048x640)": (2048, 640),
           "gemma output (262144x640)": (262144, 640), "7b up (18944x3584)": (18944, 3584),
@@ -103,12 +102,8 @@ def main() -> None:
     machine = describe_machine(sys.executable)
     table = (f"Machine: {machine_summary(machine)}\n\n{args.threads} threads, median of "
              f"{args.runs} products\n\n" + "\n".join(rows_md) + "\n")
-    for path, text in ((args.json, json.dumps({"machine": machine, "threads": args.threads,
-                                                 "results": results}, indent=2)),
-                       (args.md, table)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    print(table)
+    save_results({"machine": machine, "threads": args.threads, "results": results}, table,
+                 args.json, args.md)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,16 @@ machines are never mixed in one table.
 
 describe_machine() is what each benchmark stores under its JSON's top-level "machine" key;
 machine_summary() is the one-line caption printed above its tables; same_machine() decides
-whether two results may share a table. The machines that run these benchmarks vary (AMD EPYC
-with AVX-512, Intel Xeon with AMX), and so does the llama.cpp peer's build (native, or portable
-with fewer SIMD paths), so a machine is identified by its CPU model, its SIMD flags and the
-llama.cpp build's own feature list together.
+whether two results may share a table; save_results() writes a result's JSON and table. The
+machines that run these benchmarks vary (AMD EPYC with AVX-512, Intel Xeon with AMX), and so
+does the llama.cpp peer's build (native, or portable with fewer SIMD paths), so a machine is
+identified by its CPU model, its SIMD flags and the llama.cpp build's own feature list
+together.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -119,3 +121,11 @@ def machine_summary(machine: dict | None) -> str:
              else f"llama.cpp {machine['llama_cpp_python']}: {' '.join(features)}")
     return (f"{machine['cpu_model']}, {machine['usable_cpus']} of {machine['logical_cpus']} "
             f"CPUs, {machine['memory_bytes'] / 2**30:.0f} GiB | {flags} | {llama}")
+
+
+def save_results(result: dict, table: str, json_path: Path, md_path: Path) -> None:
+    """Write a benchmark's result as JSON and its table as Markdown, and print the table."""
+    for path, text in ((json_path, json.dumps(result, indent=2)), (md_path, table)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    print(table)
