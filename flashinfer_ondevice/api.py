@@ -27,6 +27,7 @@ from .chat import render_chat
 from .default_model import default_model_path, models_dir
 from .errors import ContextLengthError, FlashInferError
 from .generate import GenerationResponse, prefill, stream_generate
+from .kv_cache import check_cache_type
 from .loader import load_checkpoint
 from .model import reference_engine
 from .quant.codecs import parse_codec_spec
@@ -146,7 +147,7 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
          progress: bool | None = None, on_plan: Callable[[str], None] | None = None,
          stream_all: bool = False, selector: str | None = None,
          sparsity: float | None = None, window: int | None = None,
-         head: str = "auto", quality: str = "auto") -> Model:
+         head: str = "auto", quality: str = "auto", cache_type: str | None = None) -> Model:
     """Load a model; no path loads the embedded default model.
 
     path: a GGUF file, a Hugging Face folder or a flash store. A GGUF or folder is converted
@@ -157,6 +158,9 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
     memory_budget: memory above the process's baseline: bytes, "120MB", "1.5GB" or "50%"
       (of the store). None runs the store fully resident.
     ctx_size: context window in tokens (default min(4096, the model's); 1024 under a budget).
+    cache_type: the KV cache's type: "f16" (the default, as llama.cpp) or "q8" (int8 with a
+      scale per head per token: half the memory; "f32" too for the reference, whose
+      default it is on float checkpoints). Sliding-window layers keep only their window.
     threads: CPU threads for matrix products (default: all cores).
     codec: store codec when converting (see quant/codecs.py: "int8", "int4", "pal4", "pal3",
       "pal2", "f16"), optionally per tensor group: "pal4,embed=int4" (groups: embed, attn,
@@ -210,22 +214,27 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
         if is_store(path):
             raise FlashInferError("the reference runs a GGUF file or Hugging Face folder, "
                                   "not a flash store")
-        return Model(_reference_session(path, ctx_size, progress), time.perf_counter() - start)
+        return Model(_reference_session(path, ctx_size, progress, cache_type),
+                     time.perf_counter() - start)
     store = ensure_store(path, codec, progress)
     alternatives = [] if store == path else stores_of(path)
     session = open_store_session(store, memory_budget, ctx_size, verify, on_plan, stream_all,
                                  selector, sparsity, window, head, quality, alternatives,
-                                 make_backend(backend, threads), prepare=True)
+                                 make_backend(backend, threads), prepare=True,
+                                 cache_type=cache_type or "f16")
     return Model(session, time.perf_counter() - start)
 
 
-def _reference_session(path: Path, ctx_size: int | None, progress: bool) -> Session:
+def _reference_session(path: Path, ctx_size: int | None, progress: bool,
+                       cache_type: str | None) -> Session:
     """The float32 numpy reference on a GGUF file or Hugging Face folder."""
     process_baseline()
     checkpoint = load_checkpoint(path, progress=progress)
     config = checkpoint.config
     ctx = context_size(config, ctx_size, DEFAULT_CTX)
     engine = reference_engine(config, checkpoint.weights, checkpoint.ggml_numerics)
+    if cache_type is not None:
+        engine.cache_type = check_cache_type(cache_type)
     return Session(config, checkpoint.tokenizer, checkpoint.chat_template, engine, ctx,
                    checkpoint.source)
 

@@ -109,6 +109,14 @@ def backend_option(command):
                         "installed)")(command)
 
 
+def cache_type_option(command):
+    """--cache-type, shared by generate and eval."""
+    return click.option("--cache-type", type=click.Choice(["f16", "q8"]), default="f16",
+                        show_default=True, envvar="FLASHINFER_CACHE_TYPE",
+                        help="KV cache type: f16, or q8 (int8 with a scale per head per "
+                        "token: half the memory of f16)")(command)
+
+
 def sparsity_options(command):
     """--selector/--sparsity/--window and --head, shared by generate and eval."""
     command = click.option("--window", type=click.IntRange(1, 64), default=None,
@@ -171,12 +179,13 @@ def sparsity_options(command):
 @click.option("--verify", is_flag=True, help="check the store's checksums before running")
 @sparsity_options
 @backend_option
+@cache_type_option
 @click.option("--system-prompt", default=None, help="system message for chat models")
 @click.option("--no-chat-template", is_flag=True,
               help="send the prompt as raw text even if the model has a chat template")
 def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, min_p,
              repeat_penalty, seed, stop, ctx_size, threads, memory_budget, codec, verify,
-             selector, sparsity, window, head, quality, backend, system_prompt,
+             selector, sparsity, window, head, quality, backend, cache_type, system_prompt,
              no_chat_template):
     """Generate text from a prompt, streaming it to stdout (stats go to stderr).
 
@@ -189,7 +198,7 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
                      threads=threads, codec=codec, verify=verify, progress=sys.stderr.isatty(),
                      on_plan=lambda text: click.echo(text, err=True), selector=selector,
                      sparsity=sparsity, window=window, head=head, quality=quality,
-                     backend=backend)
+                     backend=backend, cache_type=cache_type)
         if model.chat_template and not no_chat_template:
             ids = model.chat_prompt_ids(text, system_prompt)
         else:
@@ -326,8 +335,10 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens, bit
 @codec_option("codec of the flash store made on first use")
 @sparsity_options
 @backend_option
+@cache_type_option
 def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_tokens, threads,
-                 memory_budget, codec, selector, sparsity, window, head, quality, backend):
+                 memory_budget, codec, selector, sparsity, window, head, quality, backend,
+                 cache_type):
     """Score a text: perplexity (and, with --compare-dense, agreement with the dense model)."""
     try:
         import json
@@ -342,7 +353,7 @@ def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_to
         model = load(source, memory_budget=memory_budget, ctx_size=max(ctx_size, 2),
                      threads=threads, codec=codec, progress=progress, selector=selector,
                      sparsity=sparsity, window=window, head=head, quality=quality,
-                     backend=backend,
+                     backend=backend, cache_type=cache_type,
                      on_plan=None if as_json else lambda text: click.echo(text, err=True))
         # the dense reference runs the store the budget chose (--quality may pick another),
         # every product exact (float activations)

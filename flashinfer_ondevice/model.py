@@ -32,7 +32,7 @@ from .functional import (
     rope_inverse_frequencies,
     to_f16,
 )
-from .kv_cache import KVCache
+from .kv_cache import KVCache, check_cache_type
 from .weights import Block, DenseWeights, ModelWeights, Weights
 
 
@@ -40,11 +40,11 @@ class Transformer:
     """Forward pass over `ModelWeights`; holds nothing that changes between calls."""
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, ggml_numerics: bool = False,
-                 kv_dtype: type = np.float16, backend: Backend | None = None):
+                 cache_type: str = "f16", backend: Backend | None = None):
         self.config = config
         self.backend = backend or Backend()  # attention and norms (the weights compute
         # their own products, on the backend they were made with)
-        self.kv_dtype = kv_dtype  # float16 (what the planner counts, and llama.cpp stores)
+        self.cache_type = check_cache_type(cache_type)  # KV cache type (kv_cache.CACHE_TYPES)
         self.weights = weights
         self.traits = config.traits
         self.ggml_numerics = ggml_numerics
@@ -57,7 +57,7 @@ class Transformer:
                                        if self.traits.scale_embeddings else 1.0)
 
     def new_cache(self, max_tokens: int) -> KVCache:
-        return KVCache(self.config, max_tokens, self.kv_dtype)
+        return KVCache(self.config, max_tokens, self.cache_type)
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Logits (n, vocab) for `tokens` appended to `cache`: every position or just the last."""
@@ -109,7 +109,7 @@ class Transformer:
             scaled = positions / cfg.rope_scale
             q = apply_rope(q, scaled, self._inv_freq_global)
             k = apply_rope(k, scaled, self._inv_freq_global)
-        keys, values = cache.update(i, k, v)
+        entries = cache.store(i, k, v)
 
         group = cfg.n_heads // cfg.n_kv_heads
         # queries as (kv_heads, group, tokens, head_dim), scaled
@@ -118,7 +118,7 @@ class Transformer:
         if self.ggml_numerics:
             q = to_f16(q)
         window = cfg.sliding_window if local else None
-        out = self.backend.attention(q, keys, values, positions, window, self.ggml_numerics)
+        out = self.backend.attention(q, entries, positions, window, self.ggml_numerics)
         return layer.wo.apply(out)
 
 
@@ -128,4 +128,4 @@ def reference_engine(config: ModelConfig, weights: Weights,
     sources (llama.cpp's roundings, see above)."""
     table = GGML_ACTIVATIONS if ggml_numerics else ACTIVATIONS
     return Transformer(config, DenseWeights(weights, table[config.traits.activation]),
-                       ggml_numerics, np.float16 if ggml_numerics else np.float32)
+                       ggml_numerics, "f16" if ggml_numerics else "f32")

@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS = [
     {"errors", "stats", "memory", "functional", "detokenize"},  # foundations
     {"config"},  # hyperparameters, the one table of architecture differences
-    {"schema", "quant"},  # tensor names and shapes; codecs and their kernels
+    {"schema", "quant", "kv_cache"},  # tensor names and shapes; codecs; the KV cache
     {"backends"},  # where the arithmetic runs: numpy, cpu, mlx
-    {"weights", "kv_cache", "sampling"},  # what the forward pass reads and keeps
+    {"weights", "sampling"},  # what the forward pass reads, and sampling
     {"model"},  # the forward pass
     {"store"},  # the flash-store format: manifest, reader, direct I/O
     {"loader", "default_model"},  # source checkpoints (GGUF, HF folders) and tokenizers

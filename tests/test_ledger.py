@@ -53,7 +53,7 @@ def assert_ledger_matches(session, ctx: int) -> None:
     cache = session.engine.new_cache(ctx)
     ids = [1, *(5 + np.arange(ctx // 2 + 1) % 200).tolist()]  # past half the context
     prefill(session.engine, ids, cache)
-    assert cache.dtype == np.float16
+    assert cache.cache_type == "f16"
     assert cache.nbytes() == planned["KV cache"], (cache.nbytes(), planned["KV cache"])
 
 
@@ -91,7 +91,7 @@ session = open_store_session(sys.argv[1], memory_budget=budget, ctx_size=1024)
 cache = session.engine.new_cache(1024)
 prefill(session.engine, [2, *range(1000, 1600)], cache)  # past half of the context
 print(json.dumps({"planned": session.plan.ledger, "allocated": session.weights.allocated(),
-                  "kv": cache.nbytes(), "dtype": str(cache.dtype)}))
+                  "kv": cache.nbytes(), "type": cache.cache_type}))
 """
 
 
@@ -147,5 +147,5 @@ def test_gemma_ledger_at_its_default_context(gemma_store, budget):
     planned = result["planned"]
     for component, nbytes in result["allocated"].items():
         assert nbytes == planned[component], (component, nbytes, planned[component])
-    assert result["dtype"] == "float16" and result["kv"] == planned["KV cache"]
+    assert result["type"] == "f16" and result["kv"] == planned["KV cache"]
     print(budget, json.dumps(planned))

@@ -116,7 +116,7 @@ def test_store_matches_reference_engine_on_the_same_codec(stores, arch, codec_na
     path = stores(arch, codec_name)
     store = open_store(path)
     reference = reference_engine(store.config, decoded_weights(path))
-    reference.kv_dtype = np.float16  # the store engine's KV cache rounding
+    reference.cache_type = "f16"  # the store engine's KV cache rounding
     expected = reference.forward(np.array(IDS), reference.new_cache(64), all_logits=True)
     ours, _, _, engine = streamed_logits(path, None)
     # float rounding only: BLAS on decoded rows vs the same rows (prefill)

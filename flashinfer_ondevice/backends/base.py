@@ -16,10 +16,12 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from ..functional import ACTIVATIONS, rms_norm, softmax, to_f16
+from ..kv_cache import KVEntries
 from ..quant.codecs import Codec
 
 DECODE_ROWS = 256  # rows decoded to float32 at a time (bounds decoding's temporary memory)
-QUERY_BLOCK = 128  # queries whose attention scores are computed at once (bounds prefill memory)
+SCORE_BYTES = 8 << 20  # attention scores computed at once (bounds prefill memory at any context)
+KEY_BLOCK = 4096  # cache entries widened to float32 at a time
 
 
 class Prepared(Protocol):
@@ -30,9 +32,9 @@ class Prepared(Protocol):
     def apply(self, x: np.ndarray) -> np.ndarray: ...
 
 
-def attention_mask(q_positions: np.ndarray, n_keys: int, window: int | None) -> np.ndarray:
+def attention_mask(q_positions: np.ndarray, k_positions: np.ndarray,
+                   window: int | None) -> np.ndarray:
     """Boolean (queries, keys): causal, and within `window` tokens for local layers."""
-    k_positions = np.arange(n_keys)
     distance = q_positions[:, None] - k_positions[None, :]
     allowed = distance >= 0
     if window:
@@ -128,25 +130,34 @@ class Backend:
         """x / sqrt(mean(x^2) + eps) * weight along the last axis."""
         return rms_norm(x, weight, eps)
 
-    def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray,
-                  q_positions: np.ndarray, window: int | None,
-                  f16_probabilities: bool) -> np.ndarray:
-        """Softmax attention of q (kv_heads, group, tokens, head_dim), already scaled, over
-        keys and values (n_keys, kv_heads, head_dim): causal, within `window` positions for
-        local layers; (tokens, kv_heads * group * head_dim). `f16_probabilities` rounds the
-        probabilities to float16 as llama.cpp does before multiplying the float16 values."""
+    def attention(self, q: np.ndarray, kv: KVEntries, q_positions: np.ndarray,
+                  window: int | None, f16_probabilities: bool) -> np.ndarray:
+        """Softmax attention of q (kv_heads, group, tokens, head_dim), already scaled, over the
+        cache entries `kv`: causal, within `window` positions for local layers;
+        (tokens, kv_heads * group * head_dim). `f16_probabilities` rounds the probabilities
+        to float16 as llama.cpp does before multiplying the float16 values.
+
+        Queries a block at a time (scores of at most SCORE_BYTES), keys and values widened to
+        float32 KEY_BLOCK entries at a time: memory stays bounded at any context length."""
         kv_heads, group, n_tokens, head_dim = q.shape
-        keys_t, values_t = keys.transpose(1, 2, 0)[:, None], values.transpose(1, 0, 2)[:, None]
+        n_keys = kv.n
+        block = max(1, min(n_tokens, SCORE_BYTES // (4 * kv_heads * group * n_keys)))
         out = np.empty((n_tokens, kv_heads * group * head_dim), np.float32)
-        # queries a block at a time: score matrices of heads x QUERY_BLOCK x keys, not
-        # heads x batch x keys (a few MB for Gemma 3 270M at its default context)
-        for start in range(0, n_tokens, QUERY_BLOCK):
-            end = min(start + QUERY_BLOCK, n_tokens)
-            scores = q[:, :, start:end] @ keys_t
-            mask = attention_mask(q_positions[start:end], len(keys), window)
+        for start in range(0, n_tokens, block):
+            end = min(start + block, n_tokens)
+            q_block = q[:, :, start:end]
+            scores = np.empty((kv_heads, group, end - start, n_keys), np.float32)
+            for k_start in range(0, n_keys, KEY_BLOCK):
+                k_end = min(k_start + KEY_BLOCK, n_keys)
+                keys_t = kv.keys_f32(k_start, k_end).transpose(0, 2, 1)[:, None]
+                scores[..., k_start:k_end] = q_block @ keys_t
+            mask = attention_mask(q_positions[start:end], kv.positions, window)
             scores = softmax(np.where(mask, scores, np.float32(-np.inf)))
             if f16_probabilities:
                 scores = to_f16(scores)
-            block = scores @ values_t  # (kv_heads, group, block, head_dim)
-            out[start:end] = block.transpose(2, 0, 1, 3).reshape(end - start, -1)
+            acc = np.zeros((kv_heads, group, end - start, head_dim), np.float32)
+            for k_start in range(0, n_keys, KEY_BLOCK):
+                k_end = min(k_start + KEY_BLOCK, n_keys)
+                acc += scores[..., k_start:k_end] @ kv.values_f32(k_start, k_end)[:, None]
+            out[start:end] = acc.transpose(2, 0, 1, 3).reshape(end - start, -1)
         return out

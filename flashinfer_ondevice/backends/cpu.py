@@ -2,6 +2,7 @@
 
 One token runs the codec's fused numba kernels straight from its bytes (quant/kernels.py,
 quant/palette_kernels.py), which suit streamed rows and sparse neurons: nothing is prepared.
+Attention of a decode step reads the KV cache where it is stored (attention_kernels.py).
 Resident int8/int4 matrices and dense FFNs are prepared once into onnxruntime's MatMulNBits
 (backends/onnx_matmul.py) where it is installed and `prepare_resident` is on: measured 2-3x
 faster than the numba kernels per token and 5-10x for prefill on this project's shapes
@@ -13,9 +14,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kv_cache import KVEntries
 from ..quant.codecs import Codec
-from . import cpu_kernels, onnx_matmul
+from . import attention_kernels, cpu_kernels, onnx_matmul
 from .base import Backend, Prepared
+
+DECODE_QUERIES = 4  # queries up to which attention runs in the numba kernel; more (prefill)
+# run the base class's blocked BLAS form
+PARALLEL_ENTRIES = 4096  # cache entries (x kv heads) from which that kernel uses every thread
 
 
 class CpuBackend(Backend):
@@ -36,6 +42,23 @@ class CpuBackend(Backend):
         out = np.empty_like(rows)
         cpu_kernels.rms_norm_rows(rows, weight, eps, out)
         return out.reshape(x.shape)
+
+    def attention(self, q: np.ndarray, kv: KVEntries, q_positions: np.ndarray,
+                  window: int | None, f16_probabilities: bool) -> np.ndarray:
+        """Decode reads the cache in place in the numba kernel (attention_kernels.py)."""
+        kv_heads, group, n_tokens, head_dim = q.shape
+        if n_tokens > DECODE_QUERIES:
+            return super().attention(q, kv, q_positions, window, f16_probabilities)
+        keys, values = kv.keys, kv.values
+        if keys.dtype == np.float16:  # numba reads float16 as its bits
+            keys, values = keys.view(np.uint16), values.view(np.uint16)
+        kernel = attention_kernels.attend_parallel if kv_heads * kv.n >= PARALLEL_ENTRIES \
+            else attention_kernels.attend
+        out = np.empty((n_tokens, kv_heads * group * head_dim), np.float32)
+        kernel(np.ascontiguousarray(q, np.float32), keys, values, kv.key_scales,
+               kv.value_scales, kv.positions, q_positions.astype(np.int64, copy=False),
+               window or 0, f16_probabilities, out)
+        return out
 
     def prepare(self, codec: Codec, raw: np.ndarray, cols: int) -> Prepared | None:
         if not self.prepare_resident or codec.name not in onnx_matmul.BITS or \

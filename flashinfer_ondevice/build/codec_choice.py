@@ -110,7 +110,7 @@ def with_group(weights: Weights, group: str, transform: Transform, layer_stats: 
 
 def log_probs(config: ModelConfig, weights: Weights, tokens: np.ndarray) -> np.ndarray:
     engine = Transformer(config, DenseWeights(weights, ACTIVATIONS[config.traits.activation]),
-                         kv_dtype=np.float32)
+                         cache_type="f32")
     return log_softmax(engine.forward(tokens, engine.new_cache(len(tokens)), all_logits=True))
 
 

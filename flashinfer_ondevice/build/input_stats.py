@@ -82,7 +82,7 @@ class LayerwiseRun:
         shell = Weights(weights.embed, (), weights.final_norm, weights.output,
                         weights.rope_freq_factors)
         self.engine = Transformer(config, DenseWeights(shell, self.activation),
-                                  kv_dtype=np.float32)
+                                  cache_type="f32")
         self.chunks = chunks
         self.hidden = [self.engine.embed(np.asarray(c)) for c in chunks]
 

@@ -22,6 +22,7 @@ from ..backends import make_backend
 from ..backends.base import Backend
 from ..config import ModelConfig
 from ..errors import FlashInferError
+from ..kv_cache import check_cache_type
 from ..loader.llama_backend import LlamaCppError, llama_cpp_available, load_llama_cpp
 from ..loader.tokenizer import (
     GGUFTokenizer,
@@ -174,7 +175,8 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
                        selector: str | None = None, sparsity: float | None = None,
                        window: int | None = None, head: str = "auto",
                        quality: str = "auto", alternatives: Sequence[Path] = (),
-                       backend: Backend | None = None, prepare: bool = False) -> Session:
+                       backend: Backend | None = None, prepare: bool = False,
+                       cache_type: str = "f16") -> Session:
     """A session on the flash store at `path` (the arguments are load()'s, see api.py), or,
     under a budget, on whichever of it and `alternatives` (other stores of the same model)
     `quality` chooses (runtime/store_choice.py). `backend` computes (default: the default
@@ -182,6 +184,7 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
     without a budget (the planner counts codec bytes) and unless `quality` is "exact" (its
     forms may round activations). Store builders leave `prepare` off: they read bytes."""
     backend = backend or make_backend()
+    check_cache_type(cache_type)
     if quality not in store_choice.QUALITY_MODES:
         raise FlashInferError(f"unknown quality {quality!r} (use "
                               f"{', '.join(store_choice.QUALITY_MODES)})")
@@ -198,7 +201,8 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
 
     def plan_for(s: Store, h: str) -> Plan:
         return make_plan(s, budget, ctx, overhead, transient, stream_all,
-                         sparse_settings(s, budget, selector, sparsity, window), h)
+                         sparse_settings(s, budget, selector, sparsity, window), h,
+                         cache_type=cache_type)
 
     choice = ""
     if budget is None or stream_all or quality == "exact" or store.quality is None:
@@ -225,6 +229,6 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
         raise
     if isinstance(tokenizer, LeanGGUFTokenizer):
         tokenizer.before_encode = weights.release_io_buffers
-    engine = Transformer(store.config, weights, backend=backend)
+    engine = Transformer(store.config, weights, cache_type=cache_type, backend=backend)
     return Session(store.config, tokenizer, store.chat_template, engine, ctx, store.path, plan,
                    reader, weights)

@@ -94,6 +94,7 @@ class Plan:
     resident: set[str] = field(default_factory=set)  # whole tensors kept in DRAM
     head_resident_rows: int = 0  # rows of the output layer kept in DRAM
     kv_bytes: int = 0  # the KV cache, full (KVCache.planned_nbytes)
+    cache_type: str = "f16"  # the KV cache's type (kv_cache.CACHE_TYPES)
     scratch_bytes: int = 0  # a decode step's logits, sampling and activations (transient)
     buffer_bytes: int = 0
     buffers: int = 0  # size of the streaming ring
@@ -136,7 +137,7 @@ class Plan:
                           f"token, the best {self.shortlist} are computed exactly"))
         return (f"memory plan: budget {budget} above baseline; store {total / mb:.1f} MB\n"
                 f"  resident {self.resident_bytes / mb:7.1f} MB (weights, proxy, caches; {head})\n"
-                f"  KV cache {self.kv_bytes / mb:.1f} MB, I/O buffers "
+                f"  KV cache ({self.cache_type}) {self.kv_bytes / mb:.1f} MB, I/O buffers "
                 f"{self.buffer_bytes / mb:.1f} MB, scratch {self.scratch_bytes / mb:.1f} MB, "
                 f"tokenizer and runtime {self.overhead_bytes / mb:.1f} MB "
                 f"(+{self.transient_bytes / mb:.1f} MB while encoding)\n"
@@ -190,19 +191,20 @@ def selector_bytes(store: Store, sparse: SparseSettings, ffn_resident: bool) -> 
 def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
               transient: int = 0, stream_all: bool = False,
               sparse: SparseSettings | None = None, head: str = "auto",
-              candidates: int = shortlist_head.CANDIDATES) -> Plan:
+              candidates: int = shortlist_head.CANDIDATES, cache_type: str = "f16") -> Plan:
     """`overhead`: bytes above baseline in use now; `transient`: bytes needed briefly while
     no generation runs (encoding a prompt loads the vocabulary), sharing the room that the
     KV cache, scratch and margin take during generation. `stream_all` keeps no weight
     resident (the naive baseline of the benchmarks: every weight read every token).
     `head`: the output layer's plan, "exact", "shortlist" or "auto" (shortlist when the
-    output layer does not fit and the store has a proxy), computing `candidates` rows exactly."""
+    output layer does not fit and the store has a proxy), computing `candidates` rows exactly.
+    `cache_type`: the KV cache's type (kv_cache.CACHE_TYPES), which sets its bytes."""
     if head not in HEAD_PLANS:
         raise FlashInferError(f"unknown output-layer plan {head!r} (use {', '.join(HEAD_PLANS)})")
     if head == "shortlist" and store.head_proxy is None:
         raise FlashInferError(f"store {store.path} has no output-layer proxy (convert the "
                               "model again with this version)")
-    args = (store, budget, ctx, overhead, transient, stream_all, sparse)
+    args = (store, budget, ctx, overhead, transient, stream_all, sparse, cache_type)
     if head == "exact" or store.head_proxy is None or stream_all:
         return _make_plan(*args, 0)
     if head == "shortlist":
@@ -227,11 +229,12 @@ class _UnitTooSmall(Exception):
 
 
 def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transient: int,
-               stream_all: bool, sparse: SparseSettings | None, shortlist: int) -> Plan:
+               stream_all: bool, sparse: SparseSettings | None, cache_type: str,
+               shortlist: int) -> Plan:
     """The ring's buffers must hold the largest unit that streams, which depends on what
     stays resident, which depends on the ring. First pass: buffers sized for a whole layer;
     second: sized for what the first pass streams (kept if it fits and streams no more)."""
-    args = (store, budget, ctx, overhead, transient, stream_all, sparse, shortlist)
+    args = (store, budget, ctx, overhead, transient, stream_all, sparse, cache_type, shortlist)
     first = _place(*args, unit_hint=None)
     if budget is None or not first.buffers or stream_all:
         return first
@@ -243,7 +246,7 @@ def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transi
 
 
 def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient: int,
-           stream_all: bool, sparse: SparseSettings | None, shortlist: int,
+           stream_all: bool, sparse: SparseSettings | None, cache_type: str, shortlist: int,
            unit_hint: int | None) -> Plan:
     """One placement; `unit_hint`: the ring buffer's size (else one fitting any layer)."""
     config = store.config
@@ -253,7 +256,8 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
     attention = [[layer_key(i, f) for f in LAYER_MATRICES] for i in range(config.n_layers)]
     ffn = [[layer_key(i, "ffn")] for i in range(config.n_layers)]
     ffn_entry = tensors[layer_key(0, "ffn")]
-    plan = Plan(budget, head, kv_bytes=KVCache.planned_nbytes(config, ctx),
+    plan = Plan(budget, head, kv_bytes=KVCache.planned_nbytes(config, ctx, cache_type),
+                cache_type=cache_type,
                 scratch_bytes=scratch_nbytes(config.vocab_size), overhead_bytes=overhead,
                 transient_bytes=transient, sparse=sparse, shortlist=shortlist)
     if shortlist:
@@ -323,7 +327,8 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
             raise BudgetError(
                 f"memory budget {budget / 1e6:.1f} MB is too small: the smallest that works "
                 f"with a {ctx}-token context is {plan.fixed_bytes / 1e6:.1f} MB above baseline "
-                f"(KV cache {plan.kv_bytes / 1e6:.1f} MB: a smaller -c lowers it)",
+                f"(KV cache {plan.kv_bytes / 1e6:.1f} MB: a smaller -c"
+                + (" or --cache-type q8" if cache_type != "q8" else "") + " lowers it)",
                 plan.fixed_bytes)
         room = 0 if stream_all else budget - fixed
         for names in units:

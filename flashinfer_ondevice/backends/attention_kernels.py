@@ -1,0 +1,146 @@
+"""numba attention of a few queries over the KV cache, reading keys and values where and as
+they are stored (float16, int8 + scale, float32): nothing widens the cache per token.
+
+numba has no float16 type on CPUs, so float16 entries arrive as their uint16 bits and are
+widened by LLVM's own half-precision conversion (`_f16_bits_to_f32`: one vcvtph2ps per 8
+values with F16C). The three passes (scores, softmax, weighted values) split the keys into
+CHUNK-entry tasks; `attend_parallel` spreads them over numba's threads (long contexts),
+`attend` runs them on the calling thread (short ones: a parallel region costs more than it
+saves, and stalls when a core is busy with other work).
+"""
+
+from __future__ import annotations
+
+from types import FunctionType
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+CHUNK = 256  # cache entries per task
+
+
+@intrinsic
+def _f16_bits_to_f32(typingctx, bits):
+    """The float16 whose bits are `bits` (uint16), as float32 (exact)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _round_to_f16(typingctx, x):
+    """float32 rounded to the nearest float16 (as llama.cpp rounds probabilities)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        half = builder.fptrunc(args[0], ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+    return types.float32(types.float32), codegen
+
+
+def widen_row(src, dst):
+    """dst[:] = src as float32 (src: uint16 float16 bits, int8 or float32)."""
+
+
+@overload(widen_row, jit_options={"fastmath": {"reassoc", "contract"}})
+def _widen_row(src, dst):
+    if src.dtype == types.uint16:
+        def widen_bits(src, dst):
+            for i in range(len(src)):
+                dst[i] = _f16_bits_to_f32(src[i])
+        return widen_bits
+
+    def widen(src, dst):
+        for i in range(len(src)):
+            dst[i] = np.float32(src[i])
+    return widen
+
+
+def _attend(q, keys, values, key_scales, value_scales, key_positions, q_positions, window,
+            f16_probabilities, out):
+    """out (tokens, kv_heads * group * head_dim) = softmax attention of q (kv_heads, group,
+    tokens, head_dim, scaled) over keys/values (kv_heads, n, head_dim) times their scales
+    (kv_heads, n; None: 1); entry j at key_positions[j], causal and within `window` (0: no
+    window)."""
+    n_heads, group, n_tokens, head_dim = q.shape
+    n = keys.shape[1]
+    n_chunks = (n + CHUNK - 1) // CHUNK
+    scores = np.empty((n_heads, n_tokens, group, n), np.float32)
+    for task in prange(n_heads * n_chunks):
+        h, c = task // n_chunks, task % n_chunks
+        row = np.empty(head_dim, np.float32)
+        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            widen_row(keys[h, j], row)
+            scale = np.float32(1.0)
+            if key_scales is not None:
+                scale = key_scales[h, j]
+            for t in range(n_tokens):
+                distance = q_positions[t] - key_positions[j]
+                visible = distance >= 0 and (window == 0 or distance < window)
+                for g in range(group):
+                    if visible:
+                        acc = np.float32(0.0)
+                        for i in range(head_dim):
+                            acc += q[h, g, t, i] * row[i]
+                        scores[h, t, g, j] = acc * scale
+                    else:
+                        scores[h, t, g, j] = -np.inf
+    for r in prange(n_heads * n_tokens * group):
+        h, t, g = r // (n_tokens * group), (r // group) % n_tokens, r % group
+        line = scores[h, t, g]
+        top = line.max()
+        total = np.float32(0.0)
+        for j in range(n):
+            e = np.exp(line[j] - top)
+            line[j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for j in range(n):
+            p = line[j] * inv
+            line[j] = _round_to_f16(p) if f16_probabilities else p
+    partial = np.zeros((n_heads, n_chunks, n_tokens, group, head_dim), np.float32)
+    for task in prange(n_heads * n_chunks):
+        h, c = task // n_chunks, task % n_chunks
+        row = np.empty(head_dim, np.float32)
+        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            widen_row(values[h, j], row)
+            scale = np.float32(1.0)
+            if value_scales is not None:
+                scale = value_scales[h, j]
+            for t in range(n_tokens):
+                for g in range(group):
+                    p = scores[h, t, g, j] * scale
+                    if p != 0.0:
+                        acc = partial[h, c, t, g]
+                        for i in range(head_dim):
+                            acc[i] += p * row[i]
+    for h in range(n_heads):
+        for t in range(n_tokens):
+            for g in range(group):
+                base = (h * group + g) * head_dim
+                for i in range(head_dim):
+                    out[t, base + i] = 0.0
+                for c in range(n_chunks):
+                    for i in range(head_dim):
+                        out[t, base + i] += partial[h, c, t, g, i]
+
+
+def _named(function: FunctionType, name: str) -> FunctionType:
+    """A copy of `function` under another name: numba's disk cache is keyed by the name, and
+    the serial and parallel compilations of one function must not share an entry."""
+    copy = FunctionType(function.__code__, function.__globals__, name)
+    copy.__qualname__ = name
+    return copy
+
+
+# fast-math without 'ninf'/'nnan': masked scores are -inf
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+attend = njit(cache=True, fastmath=_FAST)(_named(_attend, "attend"))
+attend_parallel = njit(cache=True, fastmath=_FAST, parallel=True)(
+    _named(_attend, "attend_parallel"))
