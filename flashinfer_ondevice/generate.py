@@ -15,7 +15,7 @@ import numpy as np
 
 from .kv_cache import KVCache
 from .loader.tokenizer import Tokenizer
-from .memory import peak_rss_bytes
+from .memory import peak_rss_bytes, release_freed_memory
 from .model import Transformer
 from .sampling import LogitsProcessor, Sampler
 from .stats import IOStats
@@ -49,6 +49,11 @@ def prefill(engine: Transformer, tokens: Sequence[int], cache: KVCache,
     for start in range(0, len(tokens), PREFILL_BATCH):
         chunk = np.asarray(tokens[start:start + PREFILL_BATCH], dtype=np.int64)
         outputs.append(engine.forward(chunk, cache, all_logits=all_logits))
+        if len(tokens) > PREFILL_BATCH:
+            # a batch's temporaries (attention scores, onnxruntime's buffers) come in other
+            # sizes as the context grows: without this, glibc keeps each batch's pieces and
+            # RSS climbs by hundreds of MB over a long prompt
+            release_freed_memory()
     return np.concatenate(outputs) if all_logits else outputs[-1]
 
 

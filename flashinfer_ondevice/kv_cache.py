@@ -59,6 +59,12 @@ class KVEntries:
     positions: np.ndarray
 
     @property
+    def cache_type(self) -> str:
+        if self.key_scales is not None:
+            return "q8"
+        return "f16" if self.keys.dtype == np.float16 else "f32"
+
+    @property
     def n(self) -> int:
         return self.keys.shape[1]
 

@@ -45,6 +45,7 @@ class Transformer:
         self.backend = backend or Backend()  # attention and norms (the weights compute
         # their own products, on the backend they were made with)
         self.cache_type = check_cache_type(cache_type)  # KV cache type (kv_cache.CACHE_TYPES)
+        self.backend.prepare_attention(cache_type)  # compiles now, not at the first token
         self.weights = weights
         self.traits = config.traits
         self.ggml_numerics = ggml_numerics
@@ -57,6 +58,7 @@ class Transformer:
                                        if self.traits.scale_embeddings else 1.0)
 
     def new_cache(self, max_tokens: int) -> KVCache:
+        self.backend.prepare_attention(self.cache_type)
         return KVCache(self.config, max_tokens, self.cache_type)
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:

@@ -4,13 +4,16 @@ they are stored (float16, int8 + scale, float32): nothing widens the cache per t
 numba has no float16 type on CPUs, so float16 entries arrive as their uint16 bits and are
 widened by LLVM's own half-precision conversion (`_f16_bits_to_f32`: one vcvtph2ps per 8
 values with F16C). The three passes (scores, softmax, weighted values) split the keys into
-CHUNK-entry tasks; `attend_parallel` spreads them over numba's threads (long contexts),
-`attend` runs them on the calling thread (short ones: a parallel region costs more than it
-saves, and stalls when a core is busy with other work).
+CHUNK-entry tasks; the parallel compilation spreads them over numba's threads (long
+contexts), the serial one runs them on the calling thread (short ones: a parallel region
+costs more than it saves, and stalls when a core is busy with other work). `kernels`
+compiles both for one cache type.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from types import FunctionType
 
 import numpy as np
@@ -133,7 +136,7 @@ def _attend(q, keys, values, key_scales, value_scales, key_positions, q_position
 
 def _named(function: FunctionType, name: str) -> FunctionType:
     """A copy of `function` under another name: numba's disk cache is keyed by the name, and
-    the serial and parallel compilations of one function must not share an entry."""
+    each compilation of one function must have its own entry."""
     copy = FunctionType(function.__code__, function.__globals__, name)
     copy.__qualname__ = name
     return copy
@@ -141,6 +144,20 @@ def _named(function: FunctionType, name: str) -> FunctionType:
 
 # fast-math without 'ninf'/'nnan': masked scores are -inf
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
-attend = njit(cache=True, fastmath=_FAST)(_named(_attend, "attend"))
-attend_parallel = njit(cache=True, fastmath=_FAST, parallel=True)(
-    _named(_attend, "attend_parallel"))
+_ENTRY_TYPES = {"f16": types.uint16, "q8": types.int8, "f32": types.float32}
+
+
+@functools.cache
+def kernels(cache_type: str) -> tuple[Callable, Callable]:
+    """(serial, parallel) attention over a `cache_type` cache, compiled for it alone (any
+    array layout) the first time it is asked for, and from numba's disk cache after that: a
+    first call with a new layout never compiles in the middle of a decode step."""
+    entry = _ENTRY_TYPES[cache_type]
+    scales = types.float32[:, :] if cache_type == "q8" else types.none
+    signature = types.void(types.float32[:, :, :, :], entry[:, :, :], entry[:, :, :], scales,
+                           scales, types.int64[:], types.int64[:], types.int64,
+                           types.boolean, types.float32[:, :])
+    return tuple(
+        njit(signature, cache=True, fastmath=_FAST, parallel=parallel)(
+            _named(_attend, f"attend_{cache_type}{'_parallel' if parallel else ''}"))
+        for parallel in (False, True))

@@ -70,6 +70,10 @@ class Backend:
         to compute from `raw`."""
         return None
 
+    def prepare_attention(self, cache_type: str) -> None:
+        """Get attention over a `cache_type` cache ready (compile what it needs) before the
+        first token."""
+
     # one token -------------------------------------------------------------------------
     def matvec(self, codec: Codec, raw: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         """out[r] = decode(raw[r]) . x for every row (x: (cols,) float32)."""

@@ -52,13 +52,16 @@ class CpuBackend(Backend):
         keys, values = kv.keys, kv.values
         if keys.dtype == np.float16:  # numba reads float16 as its bits
             keys, values = keys.view(np.uint16), values.view(np.uint16)
-        kernel = attention_kernels.attend_parallel if kv_heads * kv.n >= PARALLEL_ENTRIES \
-            else attention_kernels.attend
+        serial, parallel = attention_kernels.kernels(kv.cache_type)
+        kernel = parallel if kv_heads * kv.n >= PARALLEL_ENTRIES else serial
         out = np.empty((n_tokens, kv_heads * group * head_dim), np.float32)
         kernel(np.ascontiguousarray(q, np.float32), keys, values, kv.key_scales,
                kv.value_scales, kv.positions, q_positions.astype(np.int64, copy=False),
                window or 0, f16_probabilities, out)
         return out
+
+    def prepare_attention(self, cache_type: str) -> None:
+        attention_kernels.kernels(cache_type)
 
     def prepare(self, codec: Codec, raw: np.ndarray, cols: int) -> Prepared | None:
         if not self.prepare_resident or codec.name not in onnx_matmul.BITS or \
