@@ -40,6 +40,7 @@ def encode(x: np.ndarray, cache_type: str) -> tuple[np.ndarray, np.ndarray | Non
     x = x.transpose(1, 0, 2)
     if cache_type != "q8":
         return np.ascontiguousarray(x, CACHE_TYPES[cache_type]), None
+    x = np.ascontiguousarray(x, np.float32)
     scale = (np.abs(x).max(axis=2) / np.float32(Q8_MAX)).astype(SCALE_DTYPE)
     safe = np.where(scale > 0, scale, np.float32(1.0))
     data = np.clip(np.rint(x / safe[..., None]), -Q8_MAX, Q8_MAX).astype(np.int8)
@@ -49,14 +50,17 @@ def encode(x: np.ndarray, cache_type: str) -> tuple[np.ndarray, np.ndarray | Non
 @dataclass
 class KVEntries:
     """Keys and values as attention reads them, in their stored type and (for decode) where
-    they are stored: keys/values (kv_heads, n, head_dim); scales (kv_heads, n) for q8, else
-    None; positions (n,) the position of each entry (a ring's entries are not in order)."""
+    they are stored: entries 0..n along axis 1 of keys/values (kv_heads, slots, head_dim),
+    C-contiguous (the arrays may have more slots than n); scales (kv_heads, slots) for q8,
+    else None; positions (slots,) the position held by each slot (a ring's are not in
+    order)."""
 
     keys: np.ndarray
     values: np.ndarray
     key_scales: np.ndarray | None
     value_scales: np.ndarray | None
     positions: np.ndarray
+    n: int
 
     @property
     def cache_type(self) -> str:
@@ -64,12 +68,8 @@ class KVEntries:
             return "q8"
         return "f16" if self.keys.dtype == np.float16 else "f32"
 
-    @property
-    def n(self) -> int:
-        return self.keys.shape[1]
-
     def keys_f32(self, start: int, end: int) -> np.ndarray:
-        """Entries start..end of the keys as float32 (kv_heads, end - start, head_dim)."""
+        """Entries start..end (<= n) of the keys as float32 (kv_heads, end - start, head_dim)."""
         return _widen(self.keys[:, start:end],
                       None if self.key_scales is None else self.key_scales[:, start:end])
 
@@ -102,18 +102,24 @@ class _LayerCache:
         return [a for a in (self.keys, self.values, self.key_scales, self.value_scales)
                 if a is not None]
 
-    def write(self, slots: slice | np.ndarray, k: tuple, v: tuple, positions: np.ndarray):
+    def write(self, slots: slice | np.ndarray, k: tuple, v: tuple,
+              positions: np.ndarray) -> None:
         self.keys[:, slots], self.values[:, slots] = k[0], v[0]
         if self.key_scales is not None:
             self.key_scales[:, slots], self.value_scales[:, slots] = k[1], v[1]
         self.positions[slots] = positions
 
-    def view(self, slots: slice | np.ndarray) -> KVEntries:
-        """Entries of `slots`: in place for a slice, gathered (a copy) for an index array."""
+    def view(self, n: int) -> KVEntries:
+        """Slots 0..n where they are stored."""
+        return KVEntries(self.keys, self.values, self.key_scales, self.value_scales,
+                         self.positions, n)
+
+    def gather(self, slots: np.ndarray) -> KVEntries:
+        """A copy of `slots`, in their order."""
         def take(a: np.ndarray | None) -> np.ndarray | None:
-            return None if a is None else a[:, slots]
+            return None if a is None else np.ascontiguousarray(a[:, slots])
         return KVEntries(take(self.keys), take(self.values), take(self.key_scales),
-                         take(self.value_scales), self.positions[slots])
+                         take(self.value_scales), self.positions[slots], len(slots))
 
 
 def _concat(old: KVEntries, new_k: tuple, new_v: tuple, positions: np.ndarray) -> KVEntries:
@@ -121,7 +127,7 @@ def _concat(old: KVEntries, new_k: tuple, new_v: tuple, positions: np.ndarray) -
         return None if a is None else np.concatenate([a, b], axis=1)
     return KVEntries(cat(old.keys, new_k[0]), cat(old.values, new_v[0]),
                      cat(old.key_scales, new_k[1]), cat(old.value_scales, new_v[1]),
-                     np.concatenate([old.positions, positions]))
+                     np.concatenate([old.positions, positions]), old.n + len(positions))
 
 
 class KVCache:
@@ -160,13 +166,13 @@ class KVCache:
         window = layer_cache.window
         if window is None:
             layer_cache.write(slice(start, end), new_k, new_v, positions)
-            return layer_cache.view(slice(0, end))
+            return layer_cache.view(end)
         if len(k) == 1:
             layer_cache.write(slice(start % window, start % window + 1), new_k, new_v,
                               positions)
-            return layer_cache.view(slice(0, min(end, window)))
+            return layer_cache.view(min(end, window))
         first_old = max(0, start - window + 1)
-        entries = _concat(layer_cache.view(np.arange(first_old, start) % window), new_k,
+        entries = _concat(layer_cache.gather(np.arange(first_old, start) % window), new_k,
                           new_v, positions)
         kept = slice(max(0, len(k) - window), len(k))  # the batch's last `window` tokens
         layer_cache.write(positions[kept] % window, _tail(new_k, kept), _tail(new_v, kept),

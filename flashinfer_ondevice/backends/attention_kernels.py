@@ -65,14 +65,13 @@ def _widen_row(src, dst):
     return widen
 
 
-def _attend(q, keys, values, key_scales, value_scales, key_positions, q_positions, window,
+def _attend(q, keys, values, key_scales, value_scales, key_positions, n, q_positions, window,
             f16_probabilities, out):
     """out (tokens, kv_heads * group * head_dim) = softmax attention of q (kv_heads, group,
-    tokens, head_dim, scaled) over keys/values (kv_heads, n, head_dim) times their scales
-    (kv_heads, n; None: 1); entry j at key_positions[j], causal and within `window` (0: no
-    window)."""
+    tokens, head_dim, scaled) over entries 0..n of keys/values (kv_heads, slots, head_dim)
+    times their scales (kv_heads, slots; None: 1); entry j at key_positions[j], causal and
+    within `window` (0: no window)."""
     n_heads, group, n_tokens, head_dim = q.shape
-    n = keys.shape[1]
     n_chunks = (n + CHUNK - 1) // CHUNK
     scores = np.empty((n_heads, n_tokens, group, n), np.float32)
     for task in prange(n_heads * n_chunks):
@@ -149,14 +148,15 @@ _ENTRY_TYPES = {"f16": types.uint16, "q8": types.int8, "f32": types.float32}
 
 @functools.cache
 def kernels(cache_type: str) -> tuple[Callable, Callable]:
-    """(serial, parallel) attention over a `cache_type` cache, compiled for it alone (any
-    array layout) the first time it is asked for, and from numba's disk cache after that: a
-    first call with a new layout never compiles in the middle of a decode step."""
+    """(serial, parallel) attention over a `cache_type` cache, compiled for it alone the first
+    time it is asked for, and from numba's disk cache after that (at engine creation): a
+    decode step never compiles. Every array C-contiguous (the cache's own arrays): rows of
+    keys and values are read with vector loads."""
     entry = _ENTRY_TYPES[cache_type]
-    scales = types.float32[:, :] if cache_type == "q8" else types.none
-    signature = types.void(types.float32[:, :, :, :], entry[:, :, :], entry[:, :, :], scales,
-                           scales, types.int64[:], types.int64[:], types.int64,
-                           types.boolean, types.float32[:, :])
+    scales = types.float32[:, ::1] if cache_type == "q8" else types.none
+    signature = types.void(types.float32[:, :, :, ::1], entry[:, :, ::1], entry[:, :, ::1],
+                           scales, scales, types.int64[::1], types.int64, types.int64[::1],
+                           types.int64, types.boolean, types.float32[:, ::1])
     return tuple(
         njit(signature, cache=True, fastmath=_FAST, parallel=parallel)(
             _named(_attend, f"attend_{cache_type}{'_parallel' if parallel else ''}"))

@@ -155,7 +155,7 @@ class Backend:
                 k_end = min(k_start + KEY_BLOCK, n_keys)
                 keys_t = kv.keys_f32(k_start, k_end).transpose(0, 2, 1)[:, None]
                 scores[..., k_start:k_end] = q_block @ keys_t
-            mask = attention_mask(q_positions[start:end], kv.positions, window)
+            mask = attention_mask(q_positions[start:end], kv.positions[:n_keys], window)
             scores = softmax(np.where(mask, scores, np.float32(-np.inf)))
             if f16_probabilities:
                 scores = to_f16(scores)

@@ -21,7 +21,7 @@ from .base import Backend, Prepared
 
 DECODE_QUERIES = 4  # queries up to which attention runs in the numba kernel; more (prefill)
 # run the base class's blocked BLAS form
-PARALLEL_ENTRIES = 4096  # cache entries (x kv heads) from which that kernel uses every thread
+PARALLEL_ENTRIES = 2048  # cache entries (x kv heads) from which that kernel uses every thread
 
 
 class CpuBackend(Backend):
@@ -56,8 +56,9 @@ class CpuBackend(Backend):
         kernel = parallel if kv_heads * kv.n >= PARALLEL_ENTRIES else serial
         out = np.empty((n_tokens, kv_heads * group * head_dim), np.float32)
         kernel(np.ascontiguousarray(q, np.float32), keys, values, kv.key_scales,
-               kv.value_scales, kv.positions, q_positions.astype(np.int64, copy=False),
-               window or 0, f16_probabilities, out)
+               kv.value_scales, kv.positions, kv.n,
+               np.ascontiguousarray(q_positions, np.int64), window or 0, f16_probabilities,
+               out)
         return out
 
     def prepare_attention(self, cache_type: str) -> None:
