@@ -20,8 +20,6 @@ from .model import Transformer
 from .sampling import LogitsProcessor, Sampler
 from .stats import IOStats
 
-PREFILL_BATCH = 512  # prompt tokens per forward pass; bounds the attention score matrix
-
 
 @dataclass
 class GenerationResponse:
@@ -44,12 +42,18 @@ class GenerationResponse:
 
 def prefill(engine: Transformer, tokens: Sequence[int], cache: KVCache,
             all_logits: bool = False) -> np.ndarray:
-    """Run `tokens` through the model in batches; logits of every position or of the last."""
+    """Run `tokens` through the model in batches of engine.prefill_batch (the memory plan's);
+    logits of every position or of the last."""
     outputs = []
-    for start in range(0, len(tokens), PREFILL_BATCH):
-        chunk = np.asarray(tokens[start:start + PREFILL_BATCH], dtype=np.int64)
-        outputs.append(engine.forward(chunk, cache, all_logits=all_logits))
-        if len(tokens) > PREFILL_BATCH:
+    batch = engine.prefill_batch
+    for start in range(0, len(tokens), batch):
+        chunk = np.asarray(tokens[start:start + batch], dtype=np.int64)
+        last = start + batch >= len(tokens)
+        if all_logits or last:
+            outputs.append(engine.forward(chunk, cache, all_logits=all_logits))
+        else:  # no output layer for a batch whose logits nobody reads
+            engine.forward(chunk, cache, logits=False)
+        if len(tokens) > batch:
             # a batch's temporaries (attention scores, onnxruntime's buffers) come in other
             # sizes as the context grows: without this, glibc keeps each batch's pieces and
             # RSS climbs by hundreds of MB over a long prompt

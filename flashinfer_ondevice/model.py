@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from .backends.base import Backend
+from .backends.base import KEY_BLOCK, SCORE_BYTES, Backend
 from .config import ModelConfig
 from .functional import (
     ACTIVATIONS,
@@ -34,6 +34,24 @@ from .functional import (
 )
 from .kv_cache import KVCache, check_cache_type
 from .weights import Block, DenseWeights, ModelWeights, Weights
+
+PREFILL_BATCH = 512  # prompt tokens per forward pass, unless a memory plan sets fewer
+
+
+def prefill_nbytes(config: ModelConfig, batch: int, ctx: int) -> int:
+    """Memory one forward pass of `batch` tokens at a context of `ctx` holds on top of the
+    weights and the KV cache: the batch's activations (hidden states, q/k/v, the FFN's
+    gate and up: ~2x what the numba path was measured to hold on Gemma 3 270M, since
+    onnxruntime's buffers come on top) and attention's working set (a block of scores
+    bounded by SCORE_BYTES, KEY_BLOCK keys widened, the mask, a window's gathered copy)."""
+    per_token = 4 * (8 * config.hidden_size + 3 * config.ffn_size
+                     + 2 * (config.n_heads + 2 * config.n_kv_heads) * config.head_dim)
+    row_scores = 4 * config.n_heads * ctx  # one query's scores over the context
+    queries = max(1, min(batch, SCORE_BYTES // row_scores))
+    keys = 2 * 4 * config.n_kv_heads * config.head_dim * min(KEY_BLOCK, ctx)
+    window = config.sliding_window or 0
+    gathered = 3 * 4 * config.n_kv_heads * config.head_dim * (min(window, ctx) + batch)
+    return batch * per_token + queries * (row_scores + ctx) + keys + gathered
 
 
 class Transformer:
@@ -47,6 +65,7 @@ class Transformer:
         self.cache_type = check_cache_type(cache_type)  # KV cache type (kv_cache.CACHE_TYPES)
         self.backend.prepare_attention(cache_type)  # compiles now, not at the first token
         self.weights = weights
+        self.prefill_batch = PREFILL_BATCH  # prompt tokens per forward pass (the plan's)
         self.traits = config.traits
         self.ggml_numerics = ggml_numerics
         factors = weights.rope_freq_factors
@@ -61,14 +80,18 @@ class Transformer:
         self.backend.prepare_attention(self.cache_type)
         return KVCache(self.config, max_tokens, self.cache_type)
 
-    def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Logits (n, vocab) for `tokens` appended to `cache`: every position or just the last."""
+    def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False,
+                logits: bool = True) -> np.ndarray | None:
+        """Logits (n, vocab) for `tokens` appended to `cache`: every position or just the last;
+        `logits=False` only fills the cache (a prompt batch before the last)."""
         cache.reserve(len(tokens))
         positions = np.arange(cache.length, cache.length + len(tokens))
         x = self.embed(tokens)
         for i, layer in enumerate(self.weights.blocks()):
             x = self.block(i, layer, x, positions, cache)
         cache.advance(len(tokens))
+        if not logits:
+            return None
         if not all_logits:
             x = x[-1:]
         x = self.backend.rms_norm(x, self.weights.final_norm, self.config.norm_eps)

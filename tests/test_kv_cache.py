@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from tiny_models import write_hf_folder
 
 import flashinfer_ondevice as fi
-from flashinfer_ondevice import generate, kv_cache
+from flashinfer_ondevice import kv_cache
 from flashinfer_ondevice.backends.attention_kernels import CHUNK
 from flashinfer_ondevice.backends.base import Backend
 from flashinfer_ondevice.backends.cpu import PARALLEL_ENTRIES, CpuBackend
@@ -52,7 +52,7 @@ def test_window_rings_give_the_logits_of_a_cache_of_every_position(gemma, monkey
         logits = {"one batch": model.logits(IDS), "stepped": stepped_logits(model, IDS),
                   "short": model.logits(IDS[:4])}
         with monkeypatch.context() as patch:
-            patch.setattr(generate, "PREFILL_BATCH", 5)
+            patch.setattr(model.engine, "prefill_batch", 5)
             logits["batches of 5"] = model.logits(IDS)
         return logits
 

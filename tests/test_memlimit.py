@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 MEMLIMIT = Path(__file__).resolve().parents[2] / "shared" / "tools" / "memlimit"
 
 
@@ -69,4 +71,34 @@ def test_a_generation_filling_the_default_context_stays_within_the_limit(gemma_s
     assert "finish        = length" in result.stderr, result.stderr[-500:]
     assert prompt_tokens + generated + 2 >= 1024  # the context is full
     peak = float(re.search(r"peak memory += +([\d.]+) MiB", result.stderr).group(1))
+    assert peak * (1 << 20) <= limit
+
+
+@pytest.mark.parametrize("cache_type", ["f16", "q8"])
+def test_a_long_prompt_stays_within_the_limit(gemma_store, tmp_path, cache_type):
+    """An 8,000-token prompt in an 8,192-token context at the same 50% budget: the planner
+    sizes the prompt batches (and reserves the KV cache of the context, by type), so the
+    long prompt fits the limit a short one does."""
+    from flashinfer_ondevice.loader.tokenizer import GGUFTokenizer
+
+    tokenizer = GGUFTokenizer(gemma_store / "tokenizer.gguf")
+    text = (Path(__file__).resolve().parents[1] / "data" / "eval" / "apache-2.0.txt").read_text()
+    ids = tokenizer.encode(text * 5, add_special=False)[:8000]
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(tokenizer.decode(ids))
+    result, limit = run_limited(gemma_store, "-f", str(prompt), "--no-chat-template",
+                                "-c", "8192", "--cache-type", cache_type, "-n", "8",
+                                "--temp", "0")
+    report = re.search(r"memlimit: rc=(\d+) limit=(\d+) peak=(\d+) oom_kills=(\d+)",
+                       result.stderr)
+    assert report, result.stderr
+    assert int(report.group(1)) == 0 and int(report.group(4)) == 0, result.stderr[-2000:]
+    assert f"KV cache ({cache_type})" in result.stderr
+    prompt_tokens = int(re.search(r"prompt eval .*/ +(\d+) tokens", result.stderr).group(1))
+    assert prompt_tokens >= 7990
+    batch = re.search(r"prompt batches of (\d+) tokens", result.stderr).group(1)
+    peak = float(re.search(r"peak memory += +([\d.]+) MiB", result.stderr).group(1))
+    print(f"{cache_type}: {prompt_tokens}-token prompt in batches of {batch}: process peak "
+          f"{peak * (1 << 20) / 1e6:.1f} MB, cgroup peak {int(report.group(3)) / 1e6:.1f} MB, "
+          f"limit {limit / 1e6:.1f} MB")
     assert peak * (1 << 20) <= limit

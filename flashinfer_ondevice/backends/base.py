@@ -15,7 +15,7 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
-from ..functional import ACTIVATIONS, rms_norm, softmax, to_f16
+from ..functional import ACTIVATIONS, rms_norm
 from ..kv_cache import KVEntries
 from ..quant.codecs import Codec
 
@@ -154,11 +154,15 @@ class Backend:
             for k_start in range(0, n_keys, KEY_BLOCK):
                 k_end = min(k_start + KEY_BLOCK, n_keys)
                 keys_t = kv.keys_f32(k_start, k_end).transpose(0, 2, 1)[:, None]
-                scores[..., k_start:k_end] = q_block @ keys_t
-            mask = attention_mask(q_positions[start:end], kv.positions[:n_keys], window)
-            scores = softmax(np.where(mask, scores, np.float32(-np.inf)))
+                np.matmul(q_block, keys_t, out=scores[..., k_start:k_end])
+            # softmax in place: the scores are the largest thing prefill holds
+            hidden = ~attention_mask(q_positions[start:end], kv.positions[:n_keys], window)
+            np.copyto(scores, np.float32(-np.inf), where=hidden)
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
             if f16_probabilities:
-                scores = to_f16(scores)
+                np.copyto(scores, scores.astype(np.float16))
             acc = np.zeros((kv_heads, group, end - start, head_dim), np.float32)
             for k_start in range(0, n_keys, KEY_BLOCK):
                 k_end = min(k_start + KEY_BLOCK, n_keys)

@@ -230,5 +230,6 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
     if isinstance(tokenizer, LeanGGUFTokenizer):
         tokenizer.before_encode = weights.release_io_buffers
     engine = Transformer(store.config, weights, cache_type=cache_type, backend=backend)
+    engine.prefill_batch = plan.prefill_batch
     return Session(store.config, tokenizer, store.chat_template, engine, ctx, store.path, plan,
                    reader, weights)

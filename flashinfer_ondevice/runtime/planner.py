@@ -34,8 +34,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..config import ModelConfig
 from ..errors import FlashInferError
 from ..kv_cache import KVCache
+from ..model import prefill_nbytes
 from ..sampling import scratch_nbytes
 from ..schema import LAYER_MATRICES, layer_key
 from ..store.format import align_up
@@ -47,7 +49,10 @@ from .shortlist_head import ShortlistHead
 from .units import unit_capacity
 
 BUFFERS = (6, 4, 3, 2)  # streaming ring sizes to try: one unit computing, the others reading
-MARGIN = 12 << 20  # prefill activations, Python objects, allocator slack
+MARGIN = 8 << 20  # Python objects, allocator slack
+PREFILL_BATCHES = (512, 256, 128, 64, 32, 16)  # prompt tokens per forward pass, largest first
+PREFILL_SHARE = 8  # a prompt batch may hold up to 1/8 of the budget (but at least the
+# smallest batch's bytes): larger batches buy prompt speed, not decode speed
 MIN_CACHE_ROWS = 64  # fewer cached neurons per layer than this is not worth planning
 HEAD_PLANS = ("auto", "exact", "shortlist")
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
@@ -112,6 +117,8 @@ class Plan:
     shortlist_bytes: int = 0  # ShortlistHead.planned_nbytes: proxy, candidate rows, scratch
     ring_scratch: bool = False  # the candidates' pages are read into a free ring buffer
     weight_bytes: int = 0  # resident tensors and output-layer rows
+    prefill_batch: int = PREFILL_BATCHES[0]  # prompt tokens per forward pass
+    prefill_bytes: int = 0  # what one such pass holds at the full context (prefill_nbytes)
 
     @property
     def ledger(self) -> dict[str, int]:
@@ -119,7 +126,8 @@ class Plan:
         return {"resident weights": self.weight_bytes, "KV cache": self.kv_bytes,
                 "I/O ring": self.buffer_bytes, "shortlist head": self.shortlist_bytes,
                 "selectors": self.selector_bytes, "neuron caches": self.cache_bytes,
-                "scratch": self.scratch_bytes, "margin": MARGIN,
+                "scratch": self.scratch_bytes, "prefill": self.prefill_bytes,
+                "margin": MARGIN,
                 "tokenizer and runtime": self.overhead_bytes}
 
     @property
@@ -139,7 +147,9 @@ class Plan:
                 f"  resident {self.resident_bytes / mb:7.1f} MB (weights, proxy, caches; {head})\n"
                 f"  KV cache ({self.cache_type}) {self.kv_bytes / mb:.1f} MB, I/O buffers "
                 f"{self.buffer_bytes / mb:.1f} MB, scratch {self.scratch_bytes / mb:.1f} MB, "
-                f"tokenizer and runtime {self.overhead_bytes / mb:.1f} MB "
+                f"prompt batches of {self.prefill_batch} tokens "
+                f"{self.prefill_bytes / mb:.1f} MB, tokenizer and runtime "
+                f"{self.overhead_bytes / mb:.1f} MB "
                 f"(+{self.transient_bytes / mb:.1f} MB while encoding)\n"
                 f"  streamed per token {self.streamed_bytes / mb:7.1f} MB"
                 + ("" if not self.shortlist else
@@ -158,6 +168,18 @@ class Plan:
             return ""
         return (f"\n  note: a token needs about {needed} neurons per layer, more than the "
                 "caches hold, so most are read every token (dense streaming may read less)")
+
+
+def _prefill_batch(config: ModelConfig, ctx: int, budget: int, spare: int) -> int:
+    """The largest prompt batch whose pass fits in 1/PREFILL_SHARE of the budget and in
+    `spare` more bytes than the smallest batch's, else the smallest: a long prompt needs no
+    more memory than a short one, and the smallest workable budget stays workable."""
+    smallest = prefill_nbytes(config, PREFILL_BATCHES[-1], ctx)
+    for batch in PREFILL_BATCHES:
+        nbytes = prefill_nbytes(config, batch, ctx)
+        if nbytes <= budget // PREFILL_SHARE and nbytes - smallest <= spare:
+            return batch
+    return PREFILL_BATCHES[-1]
 
 
 def _ring_size(budget: int, fixed: Callable[[int], int], weights: int, buffer: int,
@@ -269,6 +291,7 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
     if sparse is not None:
         plan.selector_bytes = selector_bytes(store, sparse, ffn_resident=budget is None)
     if budget is None:
+        plan.prefill_bytes = prefill_nbytes(config, plan.prefill_batch, ctx)
         for names in units:
             plan.resident |= set(names)
         plan.head_resident_rows = tensors[head].rows
@@ -288,7 +311,10 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
         # Generation needs the KV cache, scratch and I/O buffers; encoding a prompt needs the
         # vocabulary instead, while the I/O buffers' pages and the shortlist's scores and read
         # pages are released (StreamedWeights.release_io_buffers), so the two share that room.
-        generation = plan.kv_bytes + plan.scratch_bytes + MARGIN
+        # prompts in the smallest batches first; larger below, where the budget has room
+        plan.prefill_batch = PREFILL_BATCHES[-1]
+        plan.prefill_bytes = prefill_nbytes(config, plan.prefill_batch, ctx)
+        generation = plan.kv_bytes + plan.scratch_bytes + plan.prefill_bytes + MARGIN
         encoding = transient + MARGIN // 2
         # everything but the weights, the ring and the shortlist head (which depends on it)
         base = overhead + sum(tensors[n].nbytes for n in vectors) + generation + min_caches \
@@ -319,6 +345,13 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
             ring = depth * unit
             return base + head_bytes + ring + max(0, encoding - generation - ring - released)
 
+        smallest = peak(min(BUFFERS), plan.buffer_unit)
+        batch = _prefill_batch(config, ctx, budget, budget - smallest)
+        if batch != plan.prefill_batch:  # costs at most the difference more (peak is monotone)
+            extra = prefill_nbytes(config, batch, ctx) - plan.prefill_bytes
+            plan.prefill_batch, plan.prefill_bytes = batch, plan.prefill_bytes + extra
+            generation += extra
+            base += extra
         plan.buffers = _ring_size(budget, lambda depth: peak(depth, plan.buffer_unit),
                                   all_weights, plan.buffer_unit, stream_all)
         fixed = peak(plan.buffers, plan.buffer_unit)
