@@ -355,7 +355,7 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
         plan.buffers = _ring_size(budget, lambda depth: peak(depth, plan.buffer_unit),
                                   all_weights, plan.buffer_unit, stream_all)
         fixed = peak(plan.buffers, plan.buffer_unit)
-        plan.fixed_bytes = peak(min(BUFFERS), plan.buffer_unit)
+        plan.fixed_bytes = smallest  # with the smallest prompt batch: the smallest budget
         if fixed > budget:
             raise BudgetError(
                 f"memory budget {budget / 1e6:.1f} MB is too small: the smallest that works "
