@@ -11,7 +11,8 @@ defaults) on the GGUF with `type_k`/`type_v` F16 or Q8_0 (a quantized V cache ne
 attention, so q8 runs with flash_attn on). Fraction 0 runs without a limit; a fraction F runs
 under shared/tools/memlimit with limit = F% of the GGUF's bytes + one baseline (our process
 with the runtime loaded), cold page cache, the same for both, ours with --memory-budget F% of
-the GGUF. Reports medians over --runs (systems alternating), peak RSS (and the cgroup's peak
+the GGUF. `--hogs K` keeps K other processes spinning on the CPU during every cell (a busy
+laptop). Reports medians over --runs (systems alternating), peak RSS (and the cgroup's peak
 under a limit), bytes read from storage per decoded token, and ratios to llama.cpp.
 """
 
@@ -134,8 +135,9 @@ def median_row(runs: list[dict]) -> dict:
 
 
 def render(result: dict) -> str:
+    busy = f", {result['hogs']} busy processes" if result.get("hogs") else ""
     lines = [f"Context sweep on {Path(result['model']).name}, store {result['codec']}, "
-             f"{result['threads']} threads, median of {result['runs']} runs, greedy "
+             f"{result['threads']} threads{busy}, median of {result['runs']} runs, greedy "
              f"{result['n']} tokens after an N-token prompt",
              machine_summary(result["machine"]), "",
              "| N | KV | limit | system | decode t/s | vs llama.cpp | vs own N=first | "
@@ -176,6 +178,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("-t", "--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1200)
+    parser.add_argument("--hogs", type=int, default=0, help="busy processes during each cell")
     parser.add_argument("--llama-python", default=sys.executable)
     parser.add_argument("--json", type=Path, default=ROOT / "tools/bench-results/context.json")
     parser.add_argument("--md", type=Path, default=ROOT / "tools/bench-results/context.md")
@@ -195,6 +198,26 @@ def main() -> None:
     systems = ["ours", "llama.cpp"]
     cells = [(f, c, t) for f in args.fractions for c in args.contexts for t in args.cache_types]
     runs: dict = {}
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(args.hogs)]
+    try:
+        measure(args, cells, systems, baseline, gguf_bytes, runs)
+    finally:
+        for hog in hogs:
+            hog.kill()
+    result = {"model": str(args.model), "codec": args.codec, "threads": args.threads,
+              "runs": args.runs, "n": args.n, "baseline": baseline, "hogs": args.hogs,
+              "machine": describe_machine(args.llama_python),
+              "cells": [{"system": s, "fraction": f, "ctx": c, "cache_type": t,
+                         **median_row(rows)} for (s, f, c, t), rows in runs.items()]}
+    result["cells"].sort(key=lambda c: (c["fraction"], c["cache_type"], c["ctx"],
+                                        c["system"] != "ours"))
+    save_results(result, render(result), args.json, args.md)
+
+
+def measure(args, cells: list, systems: list[str], baseline: int, gguf_bytes: int,
+            runs: dict) -> None:
+    """Every cell, --runs times, systems alternating; rows appended to runs[cell]."""
     for r in range(args.runs):
         for fraction, ctx, cache_type in cells:
             for system in systems if r % 2 == 0 else systems[::-1]:
@@ -203,14 +226,6 @@ def main() -> None:
                       + (row.get("error") or f"{row['decode_tps']:.1f} t/s, peak "
                          f"{row['peak_rss'] / 1e6:.0f} MB"), file=sys.stderr, flush=True)
                 runs.setdefault((system, fraction, ctx, cache_type), []).append(row)
-    result = {"model": str(args.model), "codec": args.codec, "threads": args.threads,
-              "runs": args.runs, "n": args.n, "baseline": baseline,
-              "machine": describe_machine(args.llama_python),
-              "cells": [{"system": s, "fraction": f, "ctx": c, "cache_type": t,
-                         **median_row(rows)} for (s, f, c, t), rows in runs.items()]}
-    result["cells"].sort(key=lambda c: (c["fraction"], c["cache_type"], c["ctx"],
-                                        c["system"] != "ours"))
-    save_results(result, render(result), args.json, args.md)
 
 
 if __name__ == "__main__":
