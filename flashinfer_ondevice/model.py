@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from .backends.base import KEY_BLOCK, SCORE_BYTES, Backend
+from .backends.base import KEY_BLOCK, Backend, query_block
 from .config import ModelConfig
 from .functional import (
     ACTIVATIONS,
@@ -47,7 +47,7 @@ def prefill_nbytes(config: ModelConfig, batch: int, ctx: int) -> int:
     per_token = 4 * (8 * config.hidden_size + 3 * config.ffn_size
                      + 2 * (config.n_heads + 2 * config.n_kv_heads) * config.head_dim)
     row_scores = 4 * config.n_heads * ctx  # one query's scores over the context
-    queries = max(1, min(batch, SCORE_BYTES // row_scores))
+    queries = query_block(config.n_heads, batch, ctx)
     keys = 2 * 4 * config.n_kv_heads * config.head_dim * min(KEY_BLOCK, ctx)
     window = config.sliding_window or 0
     gathered = 3 * 4 * config.n_kv_heads * config.head_dim * (min(window, ctx) + batch)

@@ -65,6 +65,17 @@ def _widen_row(src, dst):
     return widen
 
 
+def entry_scale(scales, h, j):
+    """The scale of entry j of head h: scales[h, j] (q8), 1 when there are none."""
+
+
+@overload(entry_scale, inline="always")
+def _entry_scale(scales, h, j):
+    if isinstance(scales, types.NoneType):
+        return lambda scales, h, j: np.float32(1.0)
+    return lambda scales, h, j: scales[h, j]
+
+
 def _attend(q, keys, values, key_scales, value_scales, key_positions, n, q_positions, window,
             f16_probabilities, out):
     """out (tokens, kv_heads * group * head_dim) = softmax attention of q (kv_heads, group,
@@ -79,9 +90,7 @@ def _attend(q, keys, values, key_scales, value_scales, key_positions, n, q_posit
         row = np.empty(head_dim, np.float32)
         for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
             widen_row(keys[h, j], row)
-            scale = np.float32(1.0)
-            if key_scales is not None:
-                scale = key_scales[h, j]
+            scale = entry_scale(key_scales, h, j)
             for t in range(n_tokens):
                 distance = q_positions[t] - key_positions[j]
                 visible = distance >= 0 and (window == 0 or distance < window)
@@ -112,9 +121,7 @@ def _attend(q, keys, values, key_scales, value_scales, key_positions, n, q_posit
         row = np.empty(head_dim, np.float32)
         for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
             widen_row(values[h, j], row)
-            scale = np.float32(1.0)
-            if value_scales is not None:
-                scale = value_scales[h, j]
+            scale = entry_scale(value_scales, h, j)
             for t in range(n_tokens):
                 for g in range(group):
                     p = scores[h, t, g, j] * scale

@@ -32,6 +32,12 @@ class Prepared(Protocol):
     def apply(self, x: np.ndarray) -> np.ndarray: ...
 
 
+def query_block(n_heads: int, n_tokens: int, n_keys: int) -> int:
+    """Queries whose attention scores (n_heads x queries x n_keys float32) are computed at
+    once: as many as SCORE_BYTES hold, at least one."""
+    return max(1, min(n_tokens, SCORE_BYTES // (4 * n_heads * n_keys)))
+
+
 def attention_mask(q_positions: np.ndarray, k_positions: np.ndarray,
                    window: int | None) -> np.ndarray:
     """Boolean (queries, keys): causal, and within `window` tokens for local layers."""
@@ -145,7 +151,7 @@ class Backend:
         float32 KEY_BLOCK entries at a time: memory stays bounded at any context length."""
         kv_heads, group, n_tokens, head_dim = q.shape
         n_keys = kv.n
-        block = max(1, min(n_tokens, SCORE_BYTES // (4 * kv_heads * group * n_keys)))
+        block = query_block(kv_heads * group, n_tokens, n_keys)
         out = np.empty((n_tokens, kv_heads * group * head_dim), np.float32)
         for start in range(0, n_tokens, block):
             end = min(start + block, n_tokens)
