@@ -30,17 +30,12 @@ import sys
 import time
 from pathlib import Path
 
+from bench_peers import MEMLIMIT, llama_greedy_decode, proc_read_bytes
 from machine import describe_machine, machine_summary, save_results
 
 ROOT = Path(__file__).resolve().parents[1]
-MEMLIMIT = ROOT.parent / "shared" / "tools" / "memlimit"
 TEXT = ROOT / "data" / "eval" / "apache-2.0.txt"
 LLAMA_TYPES = {"f16": 1, "q8": 8}  # GGML_TYPE_F16, GGML_TYPE_Q8_0
-
-
-def proc_read_bytes() -> int:
-    with open("/proc/self/io") as f:
-        return int(next(line for line in f if line.startswith("read_bytes")).split()[1])
 
 
 def prompt_ids(tokenize, n: int) -> list[int]:
@@ -65,13 +60,8 @@ def worker(system: str, model: str, codec: str, ctx: int, cache_type: str, budge
         start = time.perf_counter()
         llm.eval(ids)
         prompt_s = time.perf_counter() - start
-        token = llm.sample(temp=0)
-        read, start = proc_read_bytes(), time.perf_counter()
-        for _ in range(n):
-            llm.eval([token])
-            token = llm.sample(temp=0)
-        decode_s = time.perf_counter() - start
-        bytes_per_token = (proc_read_bytes() - read) / n
+        decode_s, read = llama_greedy_decode(llm, n)
+        bytes_per_token = read / n
     else:
         import flashinfer_ondevice as fi
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_codecs import CTX, LlamaSystem, Score, eval_text, log_softmax, quantize
-from bench_peers import MEMLIMIT, PROMPT, proc_read_bytes
+from bench_peers import MEMLIMIT, PROMPT, llama_greedy_decode
 from machine import describe_machine, machine_summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,13 +44,8 @@ def worker(system: str, model: str, budget: int, n: int, threads: int) -> dict:
         llm = Llama(model, n_ctx=256, n_threads=threads, n_threads_batch=threads,
                     verbose=False)
         llm.eval(llm.tokenize(PROMPT.encode()))
-        token = llm.sample(temp=0)
-        start_bytes, start = proc_read_bytes(), time.perf_counter()
-        for _ in range(n):
-            llm.eval([token])
-            token = llm.sample(temp=0)
-        elapsed = time.perf_counter() - start
-        return {"tps": n / elapsed, "bytes_per_token": (proc_read_bytes() - start_bytes) / n}
+        elapsed, read = llama_greedy_decode(llm, n)
+        return {"tps": n / elapsed, "bytes_per_token": read / n}
     from flashinfer_ondevice.generate import prefill
 
     model_obj = load_ours(system, model, budget, threads, ctx_size=256)

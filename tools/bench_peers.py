@@ -43,6 +43,17 @@ def proc_read_bytes() -> int:
         return int(next(line for line in f if line.startswith("read_bytes")).split()[1])
 
 
+def llama_greedy_decode(llm, n: int) -> tuple[float, int]:
+    """Greedy-decode n tokens after what `llm` (a llama_cpp.Llama) has evaluated: (seconds,
+    bytes this process read from storage meanwhile)."""
+    token = llm.sample(temp=0)
+    start_bytes, start = proc_read_bytes(), time.perf_counter()
+    for _ in range(n):
+        llm.eval([token])
+        token = llm.sample(temp=0)
+    return time.perf_counter() - start, proc_read_bytes() - start_bytes
+
+
 def worker(system: str, model: str, fraction: float, n: int, threads: int) -> dict:
     """Runs inside the memory limit; prints one JSON line."""
     if system == "llama.cpp":
@@ -50,15 +61,8 @@ def worker(system: str, model: str, fraction: float, n: int, threads: int) -> di
 
         llm = Llama(model, n_ctx=256, n_threads=threads, n_threads_batch=threads,
                     verbose=False)
-        ids = llm.tokenize(PROMPT.encode())
-        llm.eval(ids)
-        token = llm.sample(temp=0)
-        start_bytes, start = proc_read_bytes(), time.perf_counter()
-        for _ in range(n):
-            llm.eval([token])
-            token = llm.sample(temp=0)
-        elapsed = time.perf_counter() - start
-        read = proc_read_bytes() - start_bytes
+        llm.eval(llm.tokenize(PROMPT.encode()))
+        elapsed, read = llama_greedy_decode(llm, n)
         return {"tps": n / elapsed, "bytes_per_token": read / n, "io_wait_per_token": None}
     import flashinfer_ondevice as fi
     from flashinfer_ondevice.generate import prefill
