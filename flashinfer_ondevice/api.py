@@ -99,7 +99,10 @@ class Model:
         """Next-token logits at every position of `ids`: float32 (len(ids), vocab)."""
         ids = self._checked_ids(ids, reserve=0)
         cache = self.engine.new_cache(len(ids))
-        return prefill(self.engine, ids, cache, all_logits=True)
+        try:
+            return prefill(self.engine, ids, cache, all_logits=True)
+        finally:
+            cache.close()
 
     # generation -----------------------------------------------------------------------
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 256,
@@ -114,9 +117,12 @@ class Model:
         sampler = make_sampler(temperature, top_p, top_k, min_p, seed)
         processors = make_logits_processors(repetition_penalty)
         cache = self.engine.new_cache(self.ctx_size)
-        yield from stream_generate(self.engine, self.tokenizer, ids, cache, sampler, processors,
-                                   max_tokens, stop,
-                                   self.reader.stats if self.reader is not None else None)
+        try:
+            yield from stream_generate(self.engine, self.tokenizer, ids, cache, sampler,
+                                       processors, max_tokens, stop,
+                                       self.reader.stats if self.reader is not None else None)
+        finally:
+            cache.close()
 
     def generate(self, prompt: str | Sequence[int], **kwargs) -> str:
         """The generated text; takes the arguments of `stream`."""

@@ -70,6 +70,10 @@ def _print_stats(model, first, last, seed: int) -> None:
         line("storage reads", f"{last.bytes_read / n / 1e6:9.1f} MB per token, "
                               f"{last.reads / n:.0f} reads per token, I/O wait "
                               f"{last.io_wait / n * 1000:.1f} ms per token")
+    if last.kv_bytes_read:
+        n = max(last.generation_tokens - 1, 1)  # decode steps (the first token is prefill's)
+        line("KV spill", f"{last.kv_bytes_read / n / 1e6:9.1f} MB read back per token, "
+                         f"wait {last.kv_wait / n * 1000:.1f} ms per token")
     if last.neurons_needed:
         n = max(last.generation_tokens + last.prompt_tokens - 1, 1)  # tokens through the FFNs
         line("FFN neurons", f"{last.neurons_needed / n:9.0f} needed per token (all layers), "

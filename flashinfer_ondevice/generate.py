@@ -38,6 +38,8 @@ class GenerationResponse:
     neuron_hits: int = 0  # of those, found in a neuron cache
     neurons_read: int = 0  # read from the store into a neuron cache
     cache_time: float = 0.0  # seconds spent managing neuron caches
+    kv_bytes_read: int = 0  # spilled KV read back from flash by the decode steps so far
+    kv_wait: float = 0.0  # seconds the decode steps waited for those reads
 
 
 def prefill(engine: Transformer, tokens: Sequence[int], cache: KVCache,
@@ -108,6 +110,7 @@ def stream_generate(engine: Transformer, tokenizer: Tokenizer, prompt: Sequence[
         if not generated:
             prompt_tps = len(prompt) / max(now - start, 1e-9)
             decode_start = now
+            kv_start = cache.spill_stats.snapshot()
         finish = None
         if token in tokenizer.eog_ids:
             finish = "stop"
@@ -129,6 +132,7 @@ def stream_generate(engine: Transformer, tokenizer: Tokenizer, prompt: Sequence[
         n_decoded = max(generated - 1, 0)  # the first token came from the prefill
         elapsed = time.perf_counter() - decode_start
         io = io_stats.since(io_start) if io_stats is not None else IOStats()
+        kv = cache.spill_stats.since(kv_start)
         yield GenerationResponse(
             text=new_text, token=token, prompt_tokens=len(prompt), prompt_tps=prompt_tps,
             generation_tokens=generated,
@@ -136,7 +140,7 @@ def stream_generate(engine: Transformer, tokenizer: Tokenizer, prompt: Sequence[
             peak_memory=peak_rss_bytes(), finish_reason=finish, bytes_read=io.bytes_read,
             reads=io.reads, io_wait=io.wait_seconds, neurons_needed=io.neurons_needed,
             neuron_hits=io.neuron_hits, neurons_read=io.neurons_read,
-            cache_time=io.cache_seconds)
+            cache_time=io.cache_seconds, kv_bytes_read=kv.bytes_read, kv_wait=kv.wait_seconds)
         if finish:
             steps.close()
             return

@@ -1,14 +1,19 @@
-"""Process memory figures for run statistics (peak and current resident set size), and handing
-freed memory back to the OS."""
+"""Process memory figures for run statistics (peak and current resident set size), handing
+freed memory back to the OS, and the page-aligned buffers direct I/O reads into and writes
+from."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import resource
 import sys
 
+import numpy as np
 import psutil
+
+PAGE = 4096  # the alignment O_DIRECT asks of offsets, sizes and buffers
 
 
 def peak_rss_bytes() -> int:
@@ -25,3 +30,15 @@ def release_freed_memory() -> None:
     """Hand memory freed by C libraries back to the OS (glibc keeps it otherwise)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A page-aligned, zero-filled uint8 buffer (anonymous mmap), as O_DIRECT requires; its
+    pages are committed as they are written."""
+    size = max(PAGE, -(-nbytes // PAGE) * PAGE)
+    return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
+
+
+def release_pages(buffer: np.ndarray) -> None:
+    """Return an aligned_buffer's pages to the OS; it reads as zeros until written again."""
+    buffer.base.obj.madvise(mmap.MADV_DONTNEED)

@@ -20,6 +20,7 @@ tests/test_gemma_vs_llamacpp.py.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -32,18 +33,19 @@ from .functional import (
     rope_inverse_frequencies,
     to_f16,
 )
-from .kv_cache import KVCache, check_cache_type
+from .kv_cache import KVCache, SpilledEntries, check_cache_type
 from .weights import Block, DenseWeights, ModelWeights, Weights
 
 PREFILL_BATCH = 512  # prompt tokens per forward pass, unless a memory plan sets fewer
 
 
-def prefill_nbytes(config: ModelConfig, batch: int, ctx: int) -> int:
+def prefill_nbytes(config: ModelConfig, batch: int, ctx: int, spill: bool = False) -> int:
     """Memory one forward pass of `batch` tokens at a context of `ctx` holds on top of the
     weights and the KV cache: the batch's activations (hidden states, q/k/v, the FFN's
     gate and up: ~2x what the numba path was measured to hold on Gemma 3 270M, since
     onnxruntime's buffers come on top) and attention's working set (a block of scores
-    bounded by SCORE_BYTES, KEY_BLOCK keys widened, the mask, a window's gathered copy)."""
+    bounded by SCORE_BYTES, KEY_BLOCK keys widened, the mask, a window's gathered copy);
+    with a `spill`ing KV cache, the attention outputs of parts being merged."""
     per_token = 4 * (8 * config.hidden_size + 3 * config.ffn_size
                      + 2 * (config.n_heads + 2 * config.n_kv_heads) * config.head_dim)
     row_scores = 4 * config.n_heads * ctx  # one query's scores over the context
@@ -51,7 +53,8 @@ def prefill_nbytes(config: ModelConfig, batch: int, ctx: int) -> int:
     keys = 2 * 4 * config.n_kv_heads * config.head_dim * min(KEY_BLOCK, ctx)
     window = config.sliding_window or 0
     gathered = 3 * 4 * config.n_kv_heads * config.head_dim * (min(window, ctx) + batch)
-    return batch * per_token + queries * (row_scores + ctx) + keys + gathered
+    merged = 3 * 4 * batch * config.n_heads * config.head_dim if spill else 0
+    return batch * per_token + queries * (row_scores + ctx) + keys + gathered + merged
 
 
 class Transformer:
@@ -66,6 +69,8 @@ class Transformer:
         self.backend.prepare_attention(cache_type)  # compiles now, not at the first token
         self.weights = weights
         self.prefill_batch = PREFILL_BATCH  # prompt tokens per forward pass (the plan's)
+        self.kv_resident_tokens: int | None = None  # positions a global layer's KV keeps in
+        self.kv_spill_dir: Path | None = None  # DRAM (the plan's), older ones spill here
         self.traits = config.traits
         self.ggml_numerics = ggml_numerics
         factors = weights.rope_freq_factors
@@ -78,7 +83,8 @@ class Transformer:
 
     def new_cache(self, max_tokens: int) -> KVCache:
         self.backend.prepare_attention(self.cache_type)
-        return KVCache(self.config, max_tokens, self.cache_type)
+        return KVCache(self.config, max_tokens, self.cache_type, self.kv_resident_tokens,
+                       self.kv_spill_dir)
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False,
                 logits: bool = True) -> np.ndarray | None:
@@ -143,7 +149,11 @@ class Transformer:
         if self.ggml_numerics:
             q = to_f16(q)
         window = cfg.sliding_window if local else None
-        out = self.backend.attention(q, entries, positions, window, self.ggml_numerics)
+        if isinstance(entries, SpilledEntries):
+            out = self.backend.attention_parts(q, entries.parts(), positions, window,
+                                               self.ggml_numerics)
+        else:
+            out = self.backend.attention(q, entries, positions, window, self.ggml_numerics)
         return layer.wo.apply(out)
 
 

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS = [
     {"errors", "stats", "memory", "functional", "detokenize"},  # foundations
     {"config"},  # hyperparameters, the one table of architecture differences
-    {"schema", "quant", "kv_cache"},  # tensor names and shapes; codecs; the KV cache
+    {"schema", "quant", "kv_cache", "kv_spill"},  # tensor names and shapes; codecs; the KV
+    # cache and its spill file
     {"backends"},  # where the arithmetic runs: numpy, cpu, mlx
     {"weights", "sampling"},  # what the forward pass reads, and sampling
     {"model"},  # the forward pass

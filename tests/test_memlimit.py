@@ -19,17 +19,21 @@ import pytest
 MEMLIMIT = Path(__file__).resolve().parents[2] / "shared" / "tools" / "memlimit"
 
 
-def run_limited(store: Path, *args: str) -> tuple[subprocess.CompletedProcess, int]:
-    """run-model at a 50% budget under memlimit with limit = budget + baseline."""
+def run_limited(store: Path, *args: str,
+                budget: int | None = None) -> tuple[subprocess.CompletedProcess, int]:
+    """run-model at a budget (default 50% of the store) under memlimit with limit = budget +
+    baseline."""
     assert MEMLIMIT.is_file(), f"{MEMLIMIT} is missing"
     baseline = int(subprocess.check_output(
         [sys.executable, "-c", "from flashinfer_ondevice.runtime.engine import "
          "process_baseline; print(process_baseline())"]))
-    limit = (store / "weights.bin").stat().st_size // 2 + baseline
+    if budget is None:
+        budget = (store / "weights.bin").stat().st_size // 2
+    limit = budget + baseline
     run_model = shutil.which("run-model") or str(Path(sys.executable).parent / "run-model")
     result = subprocess.run(
         [str(MEMLIMIT), str(limit), "--cold", str(store), "--", run_model, "-m", str(store),
-         "--memory-budget", "50%", *args], capture_output=True, text=True, timeout=900)
+         "--memory-budget", str(budget), *args], capture_output=True, text=True, timeout=900)
     return result, limit
 
 
@@ -101,4 +105,51 @@ def test_a_long_prompt_stays_within_the_limit(gemma_store, tmp_path, cache_type)
     print(f"{cache_type}: {prompt_tokens}-token prompt in batches of {batch}: process peak "
           f"{peak * (1 << 20) / 1e6:.1f} MB, cgroup peak {int(report.group(3)) / 1e6:.1f} MB, "
           f"limit {limit / 1e6:.1f} MB")
+    assert peak * (1 << 20) <= limit
+
+
+SMALLEST_CHILD = """
+import sys
+from flashinfer_ondevice.runtime.engine import open_store_session
+from flashinfer_ondevice.runtime.planner import BudgetError
+try:
+    open_store_session(sys.argv[1], memory_budget=1, ctx_size=int(sys.argv[2]))
+except BudgetError as error:
+    print(error.smallest)
+"""
+
+
+def test_a_context_whose_kv_cache_does_not_fit_spills_within_the_limit(gemma_store, tmp_path):
+    """An 8,192-token context at a budget 4 MB above the smallest that works (the whole KV
+    cache does not fit it): global layers spill their oldest positions to a file next to
+    the store; a 3,600-token prompt and 16 tokens run within the limit, the spilled KV is
+    read back every token, and no spill file is left behind."""
+    from flashinfer_ondevice.loader.tokenizer import GGUFTokenizer
+
+    ctx = 8192
+    smallest = int(subprocess.check_output([sys.executable, "-c", SMALLEST_CHILD,
+                                            str(gemma_store), str(ctx)], text=True))
+    tokenizer = GGUFTokenizer(gemma_store / "tokenizer.gguf")
+    text = (Path(__file__).resolve().parents[1] / "data" / "eval" / "apache-2.0.txt").read_text()
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(tokenizer.decode(tokenizer.encode(text * 2, add_special=False)[:3600]))
+    before = sorted(gemma_store.parent.iterdir())
+    result, limit = run_limited(gemma_store, "-f", str(prompt), "--no-chat-template",
+                                "-c", str(ctx), "-n", "16", "--temp", "0",
+                                budget=smallest + (4 << 20))
+    report = re.search(r"memlimit: rc=(\d+) limit=(\d+) peak=(\d+) oom_kills=(\d+)",
+                       result.stderr)
+    assert report, result.stderr
+    assert int(report.group(1)) == 0 and int(report.group(4)) == 0, result.stderr[-2000:]
+    resident = int(re.search(r"KV spill: global layers keep their last (\d+) positions",
+                             result.stderr).group(1))
+    assert resident < 3600
+    spill = float(re.search(r"KV spill += +([\d.]+) MB read back per token",
+                            result.stderr).group(1))
+    assert spill > 0
+    assert sorted(gemma_store.parent.iterdir()) == before
+    peak = float(re.search(r"peak memory += +([\d.]+) MiB", result.stderr).group(1))
+    print(f"KV spill: {resident} positions resident per global layer, {spill:.1f} MB read "
+          f"back per token; process peak {peak * (1 << 20) / 1e6:.1f} MB, cgroup peak "
+          f"{int(report.group(3)) / 1e6:.1f} MB, limit {limit / 1e6:.1f} MB")
     assert peak * (1 << 20) <= limit

@@ -20,12 +20,13 @@ from flashinfer_ondevice.build.calibrate import calibrate
 from flashinfer_ondevice.build.convert import convert
 from flashinfer_ondevice.cli import main
 from flashinfer_ondevice.errors import FlashInferError
+from flashinfer_ondevice.memory import aligned_buffer
 from flashinfer_ondevice.model import Transformer
 from flashinfer_ondevice.runtime.neuron_cache import NeuronCache
 from flashinfer_ondevice.runtime.planner import MIN_CACHE_ROWS, SparseSettings, make_plan
 from flashinfer_ondevice.runtime.streamed import StreamedWeights
 from flashinfer_ondevice.store.format import ALIGN
-from flashinfer_ondevice.store.io import DirectReader, aligned_buffer
+from flashinfer_ondevice.store.io import DirectReader
 from flashinfer_ondevice.store.reader import StoreError, open_store
 
 TEXT = " ".join(["the quick brown fox jumps over the lazy dog and runs far away"] * 60)

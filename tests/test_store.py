@@ -13,11 +13,12 @@ import pytest
 from flashinfer_ondevice.build.convert import convert
 from flashinfer_ondevice.errors import FlashInferError
 from flashinfer_ondevice.generate import prefill
+from flashinfer_ondevice.memory import aligned_buffer
 from flashinfer_ondevice.model import Transformer, reference_engine
 from flashinfer_ondevice.quant.codecs import CODECS, codec
 from flashinfer_ondevice.runtime.planner import BudgetError, make_plan, parse_budget
 from flashinfer_ondevice.runtime.streamed import StreamedWeights
-from flashinfer_ondevice.store.io import DirectReader, aligned_buffer
+from flashinfer_ondevice.store.io import DirectReader
 from flashinfer_ondevice.store.reader import StoreError, open_store
 from flashinfer_ondevice.weights import LayerWeights, Weights
 

@@ -113,7 +113,8 @@ def write_gguf(path: Path, arch: str, seed: int = 0, chat_template: str | None =
     return path
 
 
-def write_hf_folder(folder: Path, arch: str, seed: int = 0) -> Path:
+def write_hf_folder(folder: Path, arch: str, seed: int = 0,
+                    context_length: int = 256) -> Path:
     """The same weights as `write_gguf(arch, seed)`, as a Hugging Face folder."""
     from safetensors.numpy import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -152,7 +153,8 @@ def write_hf_folder(folder: Path, arch: str, seed: int = 0) -> Path:
         "hidden_size": s["hidden"], "num_hidden_layers": s["layers"],
         "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"],
         "head_dim": s["head_dim"], "intermediate_size": s["ffn"], "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 256, "rope_theta": 10000.0 if arch != "gemma3" else 1e6,
+        "max_position_embeddings": context_length,
+        "rope_theta": 10000.0 if arch != "gemma3" else 1e6,
         "tie_word_embeddings": arch != "llama", "bos_token_id": 1, "eos_token_id": 2,
     }
     if arch == "gemma3":

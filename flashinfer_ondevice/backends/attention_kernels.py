@@ -77,11 +77,11 @@ def _entry_scale(scales, h, j):
 
 
 def _attend(q, keys, values, key_scales, value_scales, key_positions, n, q_positions, window,
-            f16_probabilities, out):
+            f16_probabilities, out, lse):
     """out (tokens, kv_heads * group * head_dim) = softmax attention of q (kv_heads, group,
     tokens, head_dim, scaled) over entries 0..n of keys/values (kv_heads, slots, head_dim)
     times their scales (kv_heads, slots; None: 1); entry j at key_positions[j], causal and
-    within `window` (0: no window)."""
+    within `window` (0: no window); lse (kv_heads, group, tokens) each row's log-sum-exp."""
     n_heads, group, n_tokens, head_dim = q.shape
     n_chunks = (n + CHUNK - 1) // CHUNK
     scores = np.empty((n_heads, n_tokens, group, n), np.float32)
@@ -111,6 +111,7 @@ def _attend(q, keys, values, key_scales, value_scales, key_positions, n, q_posit
             e = np.exp(line[j] - top)
             line[j] = e
             total += e
+        lse[h, g, t] = top + np.log(total)
         inv = np.float32(1.0) / total
         for j in range(n):
             p = line[j] * inv
@@ -163,7 +164,8 @@ def kernels(cache_type: str) -> tuple[Callable, Callable]:
     scales = types.float32[:, ::1] if cache_type == "q8" else types.none
     signature = types.void(types.float32[:, :, :, ::1], entry[:, :, ::1], entry[:, :, ::1],
                            scales, scales, types.int64[::1], types.int64, types.int64[::1],
-                           types.int64, types.boolean, types.float32[:, ::1])
+                           types.int64, types.boolean, types.float32[:, ::1],
+                           types.float32[:, :, ::1])
     return tuple(
         njit(signature, cache=True, fastmath=_FAST, parallel=parallel)(
             _named(_attend, f"attend_{cache_type}{'_parallel' if parallel else ''}"))

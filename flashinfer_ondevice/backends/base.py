@@ -11,6 +11,7 @@ Resident matrices and dense FFNs may be `prepare`d once at load into a backend's
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -46,6 +47,11 @@ def attention_mask(q_positions: np.ndarray, k_positions: np.ndarray,
     if window:
         allowed &= distance < window
     return allowed
+
+
+def _per_row(weights: np.ndarray) -> np.ndarray:
+    """(kv_heads, group, tokens) -> (tokens, kv_heads * group, 1), to scale attention rows."""
+    return weights.transpose(2, 0, 1).reshape(weights.shape[2], -1, 1)
 
 
 class Backend:
@@ -140,12 +146,37 @@ class Backend:
         """x / sqrt(mean(x^2) + eps) * weight along the last axis."""
         return rms_norm(x, weight, eps)
 
+    def attention_parts(self, q: np.ndarray, parts: Iterable[KVEntries],
+                        q_positions: np.ndarray, window: int | None,
+                        f16_probabilities: bool) -> np.ndarray:
+        """`attention` over entries that come in parts (a KV cache spilled to flash): each
+        part's attention weighted by its share of the softmax's denominator (from the
+        parts' log-sum-exps), so only one part need be in memory at a time."""
+        kv_heads, group, n_tokens, _ = q.shape
+        total = total_lse = None
+        for part in parts:
+            lse = np.empty((kv_heads, group, n_tokens), np.float32)
+            out = self.attention(q, part, q_positions, window, f16_probabilities, lse)
+            if total is None:
+                total, total_lse = out, lse
+                continue
+            top = np.maximum(total_lse, lse)
+            kept, added = np.exp(total_lse - top), np.exp(lse - top)
+            norm = kept + added
+            rows = (n_tokens, kv_heads * group, -1)  # weights are (kv_heads, group, tokens)
+            merged = total.reshape(rows) * _per_row(kept / norm) \
+                + out.reshape(rows) * _per_row(added / norm)
+            total, total_lse = merged.reshape(n_tokens, -1), top + np.log(norm)
+        return total
+
     def attention(self, q: np.ndarray, kv: KVEntries, q_positions: np.ndarray,
-                  window: int | None, f16_probabilities: bool) -> np.ndarray:
+                  window: int | None, f16_probabilities: bool,
+                  lse: np.ndarray | None = None) -> np.ndarray:
         """Softmax attention of q (kv_heads, group, tokens, head_dim), already scaled, over the
         cache entries `kv`: causal, within `window` positions for local layers;
         (tokens, kv_heads * group * head_dim). `f16_probabilities` rounds the probabilities
-        to float16 as llama.cpp does before multiplying the float16 values.
+        to float16 as llama.cpp does before multiplying the float16 values. `lse`
+        (kv_heads, group, tokens), when given, receives each row's log-sum-exp of scores.
 
         Queries a block at a time (scores of at most SCORE_BYTES), keys and values widened to
         float32 KEY_BLOCK entries at a time: memory stays bounded at any context length."""
@@ -164,9 +195,13 @@ class Backend:
             # softmax in place: the scores are the largest thing prefill holds
             hidden = ~attention_mask(q_positions[start:end], kv.positions[:n_keys], window)
             np.copyto(scores, np.float32(-np.inf), where=hidden)
-            scores -= scores.max(axis=-1, keepdims=True)
+            top = scores.max(axis=-1, keepdims=True)
+            scores -= top
             np.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
+            total = scores.sum(axis=-1, keepdims=True)
+            scores /= total
+            if lse is not None:
+                lse[:, :, start:end] = (top + np.log(total))[..., 0]
             if f16_probabilities:
                 np.copyto(scores, scores.astype(np.float16))
             acc = np.zeros((kv_heads, group, end - start, head_dim), np.float32)

@@ -44,11 +44,12 @@ class CpuBackend(Backend):
         return out.reshape(x.shape)
 
     def attention(self, q: np.ndarray, kv: KVEntries, q_positions: np.ndarray,
-                  window: int | None, f16_probabilities: bool) -> np.ndarray:
+                  window: int | None, f16_probabilities: bool,
+                  lse: np.ndarray | None = None) -> np.ndarray:
         """Decode reads the cache in place in the numba kernel (attention_kernels.py)."""
         kv_heads, group, n_tokens, head_dim = q.shape
         if n_tokens > DECODE_QUERIES:
-            return super().attention(q, kv, q_positions, window, f16_probabilities)
+            return super().attention(q, kv, q_positions, window, f16_probabilities, lse)
         keys, values = kv.keys, kv.values
         if keys.dtype == np.float16:  # numba reads float16 as its bits
             keys, values = keys.view(np.uint16), values.view(np.uint16)
@@ -58,7 +59,7 @@ class CpuBackend(Backend):
         kernel(np.ascontiguousarray(q, np.float32), keys, values, kv.key_scales,
                kv.value_scales, kv.positions, kv.n,
                np.ascontiguousarray(q_positions, np.int64), window or 0, f16_probabilities,
-               out)
+               out, np.empty((kv_heads, group, n_tokens), np.float32) if lse is None else lse)
         return out
 
     def prepare_attention(self, cache_type: str) -> None:

@@ -231,5 +231,7 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
         tokenizer.before_encode = weights.release_io_buffers
     engine = Transformer(store.config, weights, cache_type=cache_type, backend=backend)
     engine.prefill_batch = plan.prefill_batch
+    engine.kv_resident_tokens = plan.kv_resident_tokens
+    engine.kv_spill_dir = store.path.parent  # the spill file goes next to the store
     return Session(store.config, tokenizer, store.chat_template, engine, ctx, store.path, plan,
                    reader, weights)

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 from ..config import ModelConfig
 from ..errors import FlashInferError
-from ..kv_cache import KVCache
+from ..kv_cache import MIN_RESIDENT, KVCache
+from ..kv_spill import BLOCK
 from ..model import prefill_nbytes
 from ..sampling import scratch_nbytes
 from ..schema import LAYER_MATRICES, layer_key
@@ -99,6 +100,8 @@ class Plan:
     resident: set[str] = field(default_factory=set)  # whole tensors kept in DRAM
     head_resident_rows: int = 0  # rows of the output layer kept in DRAM
     kv_bytes: int = 0  # the KV cache, full (KVCache.planned_nbytes)
+    kv_resident_tokens: int | None = None  # positions each global layer keeps in DRAM when
+    # its KV spills to flash (kv_spill.py); None: every position stays
     cache_type: str = "f16"  # the KV cache's type (kv_cache.CACHE_TYPES)
     scratch_bytes: int = 0  # a decode step's logits, sampling and activations (transient)
     buffer_bytes: int = 0
@@ -151,7 +154,11 @@ class Plan:
                 f"{self.prefill_bytes / mb:.1f} MB, tokenizer and runtime "
                 f"{self.overhead_bytes / mb:.1f} MB "
                 f"(+{self.transient_bytes / mb:.1f} MB while encoding)\n"
-                f"  streamed per token {self.streamed_bytes / mb:7.1f} MB"
+                + ("" if self.kv_resident_tokens is None else
+                   f"  KV spill: global layers keep their last {self.kv_resident_tokens} "
+                   "positions in DRAM, older ones are written to flash and read back "
+                   "each token\n")
+                + f"  streamed per token {self.streamed_bytes / mb:7.1f} MB"
                 + ("" if not self.shortlist else
                    f" + up to {self.shortlist} output-layer rows")
                 + ("" if self.sparse is None else
@@ -170,13 +177,14 @@ class Plan:
                 "caches hold, so most are read every token (dense streaming may read less)")
 
 
-def _prefill_batch(config: ModelConfig, ctx: int, budget: int, spare: int) -> int:
+def _prefill_batch(config: ModelConfig, ctx: int, budget: int, spare: int,
+                   spill: bool) -> int:
     """The largest prompt batch whose pass fits in 1/PREFILL_SHARE of the budget and in
     `spare` more bytes than the smallest batch's, else the smallest: a long prompt needs no
     more memory than a short one, and the smallest workable budget stays workable."""
-    smallest = prefill_nbytes(config, PREFILL_BATCHES[-1], ctx)
+    smallest = prefill_nbytes(config, PREFILL_BATCHES[-1], ctx, spill)
     for batch in PREFILL_BATCHES:
-        nbytes = prefill_nbytes(config, batch, ctx)
+        nbytes = prefill_nbytes(config, batch, ctx, spill)
         if nbytes <= budget // PREFILL_SHARE and nbytes - smallest <= spare:
             return batch
     return PREFILL_BATCHES[-1]
@@ -253,10 +261,42 @@ class _UnitTooSmall(Exception):
 def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transient: int,
                stream_all: bool, sparse: SparseSettings | None, cache_type: str,
                shortlist: int) -> Plan:
+    """The plan with the whole KV cache in DRAM; when that does not fit, global layers keep
+    MIN_RESIDENT positions and spill older ones to flash (kv_spill.py), and what that frees
+    goes to weights first: a resident weight byte saves a read every token, a resident KV
+    byte only once the context has grown past it (and never more than one). Positions are
+    added back while no weight has to leave for them. Refused only when even MIN_RESIDENT
+    positions do not fit."""
+    args = (store, budget, ctx, overhead, transient, stream_all, sparse, cache_type, shortlist)
+    try:
+        return _fit(*args, kv_resident=None)
+    except BudgetError:
+        if budget is None or KVCache.planned_nbytes(store.config, ctx, cache_type) <= \
+                KVCache.planned_nbytes(store.config, ctx, cache_type, MIN_RESIDENT):
+            raise  # spilling would not make the cache smaller
+    plan = _fit(*args, kv_resident=MIN_RESIDENT)  # raises naming the smallest budget
+    low, high = MIN_RESIDENT // BLOCK, -(-ctx // BLOCK) - 1  # blocks kept; low is free
+    while low < high:
+        middle = (low + high + 1) // 2
+        try:
+            larger = _fit(*args, kv_resident=middle * BLOCK)
+        except BudgetError:
+            larger = None
+        if larger is not None and larger.resident_bytes >= plan.resident_bytes:
+            plan, low = larger, middle
+        else:
+            high = middle - 1
+    return plan
+
+
+def _fit(store: Store, budget: int | None, ctx: int, overhead: int, transient: int,
+         stream_all: bool, sparse: SparseSettings | None, cache_type: str, shortlist: int,
+         kv_resident: int | None) -> Plan:
     """The ring's buffers must hold the largest unit that streams, which depends on what
     stays resident, which depends on the ring. First pass: buffers sized for a whole layer;
     second: sized for what the first pass streams (kept if it fits and streams no more)."""
-    args = (store, budget, ctx, overhead, transient, stream_all, sparse, cache_type, shortlist)
+    args = (store, budget, ctx, overhead, transient, stream_all, sparse, cache_type, shortlist,
+            kv_resident)
     first = _place(*args, unit_hint=None)
     if budget is None or not first.buffers or stream_all:
         return first
@@ -269,8 +309,9 @@ def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transi
 
 def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient: int,
            stream_all: bool, sparse: SparseSettings | None, cache_type: str, shortlist: int,
-           unit_hint: int | None) -> Plan:
-    """One placement; `unit_hint`: the ring buffer's size (else one fitting any layer)."""
+           kv_resident: int | None, unit_hint: int | None) -> Plan:
+    """One placement; `unit_hint`: the ring buffer's size (else one fitting any layer);
+    `kv_resident`: positions a global layer's KV keeps in DRAM (None: all)."""
     config = store.config
     head = "embed" if config.tie_embeddings else "output"
     tensors = store.tensors
@@ -278,8 +319,9 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
     attention = [[layer_key(i, f) for f in LAYER_MATRICES] for i in range(config.n_layers)]
     ffn = [[layer_key(i, "ffn")] for i in range(config.n_layers)]
     ffn_entry = tensors[layer_key(0, "ffn")]
-    plan = Plan(budget, head, kv_bytes=KVCache.planned_nbytes(config, ctx, cache_type),
-                cache_type=cache_type,
+    plan = Plan(budget, head,
+                kv_bytes=KVCache.planned_nbytes(config, ctx, cache_type, kv_resident),
+                kv_resident_tokens=kv_resident, cache_type=cache_type,
                 scratch_bytes=scratch_nbytes(config.vocab_size), overhead_bytes=overhead,
                 transient_bytes=transient, sparse=sparse, shortlist=shortlist)
     if shortlist:
@@ -291,7 +333,7 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
     if sparse is not None:
         plan.selector_bytes = selector_bytes(store, sparse, ffn_resident=budget is None)
     if budget is None:
-        plan.prefill_bytes = prefill_nbytes(config, plan.prefill_batch, ctx)
+        plan.prefill_bytes = prefill_nbytes(config, plan.prefill_batch, ctx, False)
         for names in units:
             plan.resident |= set(names)
         plan.head_resident_rows = tensors[head].rows
@@ -313,7 +355,8 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
         # pages are released (StreamedWeights.release_io_buffers), so the two share that room.
         # prompts in the smallest batches first; larger below, where the budget has room
         plan.prefill_batch = PREFILL_BATCHES[-1]
-        plan.prefill_bytes = prefill_nbytes(config, plan.prefill_batch, ctx)
+        spill = kv_resident is not None
+        plan.prefill_bytes = prefill_nbytes(config, plan.prefill_batch, ctx, spill)
         generation = plan.kv_bytes + plan.scratch_bytes + plan.prefill_bytes + MARGIN
         encoding = transient + MARGIN // 2
         # everything but the weights, the ring and the shortlist head (which depends on it)
@@ -346,9 +389,9 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
             return base + head_bytes + ring + max(0, encoding - generation - ring - released)
 
         smallest = peak(min(BUFFERS), plan.buffer_unit)
-        batch = _prefill_batch(config, ctx, budget, budget - smallest)
+        batch = _prefill_batch(config, ctx, budget, budget - smallest, spill)
         if batch != plan.prefill_batch:  # costs at most the difference more (peak is monotone)
-            extra = prefill_nbytes(config, batch, ctx) - plan.prefill_bytes
+            extra = prefill_nbytes(config, batch, ctx, spill) - plan.prefill_bytes
             plan.prefill_batch, plan.prefill_bytes = batch, plan.prefill_bytes + extra
             generation += extra
             base += extra
@@ -357,10 +400,13 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
         fixed = peak(plan.buffers, plan.buffer_unit)
         plan.fixed_bytes = smallest  # with the smallest prompt batch: the smallest budget
         if fixed > budget:
+            kv = f"KV cache {plan.kv_bytes / 1e6:.1f} MB" + (
+                "" if not spill else f" with global layers keeping the last {kv_resident} "
+                "positions in DRAM and spilling older ones to flash")
             raise BudgetError(
                 f"memory budget {budget / 1e6:.1f} MB is too small: the smallest that works "
                 f"with a {ctx}-token context is {plan.fixed_bytes / 1e6:.1f} MB above baseline "
-                f"(KV cache {plan.kv_bytes / 1e6:.1f} MB: a smaller -c"
+                f"({kv}: a smaller -c"
                 + (" or --cache-type q8" if cache_type != "q8" else "") + " lowers it)",
                 plan.fixed_bytes)
         room = 0 if stream_all else budget - fixed

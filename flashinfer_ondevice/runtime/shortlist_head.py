@@ -15,9 +15,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..memory import aligned_buffer, release_pages
 from ..store.format import align_up
 from ..store.head_proxy import BASIS, RESIDUAL, SCORES
-from ..store.io import DirectReader, aligned_buffer, release_pages
+from ..store.io import DirectReader
 from ..store.reader import TensorEntry
 from .stored import StoredMatrix
 

@@ -22,10 +22,10 @@ from ..backends.base import Backend
 from ..config import ModelConfig
 from ..errors import FlashInferError
 from ..functional import ACTIVATIONS
-from ..memory import release_freed_memory
+from ..memory import aligned_buffer, release_freed_memory, release_pages
 from ..schema import LAYER_MATRICES, LAYER_VECTORS, layer_key
 from ..store.format import ALIGN, align_up
-from ..store.io import DirectReader, PendingRead, aligned_buffer, release_pages
+from ..store.io import DirectReader, PendingRead
 from ..store.reader import Store, TensorEntry
 from ..store.sparsity_record import load_predictors
 from ..weights import Block, FeedForward

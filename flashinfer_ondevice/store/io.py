@@ -8,28 +8,17 @@ the time callers spent waiting.
 
 from __future__ import annotations
 
-import mmap
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from ..memory import aligned_buffer
 from ..stats import IOStats
 from .format import ALIGN
 
 READ_CHUNK = 256 << 10  # bytes per read; 256 KiB reaches full bandwidth here (research-notes)
-
-
-def aligned_buffer(nbytes: int) -> np.ndarray:
-    """A page-aligned, zero-filled uint8 buffer (anonymous mmap), as O_DIRECT requires."""
-    size = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
-    return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
-
-
-def release_pages(buffer: np.ndarray) -> None:
-    """Return an aligned_buffer's pages to the OS; it reads as zeros until written again."""
-    buffer.base.obj.madvise(mmap.MADV_DONTNEED)
 
 
 class PendingRead:
