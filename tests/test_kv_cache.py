@@ -27,7 +27,8 @@ def gemma(tmp_path_factory):
     return write_hf_folder(tmp_path_factory.mktemp("hf") / "gemma3", "gemma3")
 
 
-def every_position(config: ModelConfig, max_tokens: int) -> list[tuple[int, None]]:
+def every_position(config: ModelConfig, max_tokens: int,
+                   resident: int | None = None) -> list[tuple[int, None]]:
     """The cache before rings: every layer keeps every position (windows only mask)."""
     return [(max_tokens, None)] * config.n_layers
 

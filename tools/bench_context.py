@@ -11,9 +11,11 @@ defaults) on the GGUF with `type_k`/`type_v` F16 or Q8_0 (a quantized V cache ne
 attention, so q8 runs with flash_attn on). Fraction 0 runs without a limit; a fraction F runs
 under shared/tools/memlimit with limit = F% of the GGUF's bytes + one baseline (our process
 with the runtime loaded), cold page cache, the same for both, ours with --memory-budget F% of
-the GGUF. `--hogs K` keeps K other processes spinning on the CPU during every cell (a busy
-laptop). Reports medians over --runs (systems alternating), peak RSS (and the cgroup's peak
-under a limit), bytes read from storage per decoded token, and ratios to llama.cpp.
+the GGUF (where the context's KV cache does not fit, ours spills the oldest global-layer KV
+to flash: the table shows what it reads back per token, part of the bytes read). `--hogs K`
+keeps K other processes spinning on the CPU during every cell (a busy laptop). Reports
+medians over --runs (systems alternating), peak RSS (and the cgroup's peak under a limit),
+bytes read from storage per decoded token, and ratios to llama.cpp.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def worker(system: str, model: str, codec: str, ctx: int, cache_type: str, budge
         prompt_s = time.perf_counter() - start
         decode_s, read = llama_greedy_decode(llm, n)
         bytes_per_token = read / n
+        spill: dict = {}
     else:
         import flashinfer_ondevice as fi
 
@@ -75,9 +78,11 @@ def worker(system: str, model: str, codec: str, ctx: int, cache_type: str, budge
             pass
         prompt_s, decode_s = ctx / last.prompt_tps, n / last.generation_tps
         bytes_per_token = (proc_read_bytes() - read) / n
+        resident = m.plan.kv_resident_tokens if m.plan is not None else None
+        spill = {"kv_resident": resident, "kv_spill_per_token": last.kv_bytes_read / n}
     return {"prompt_tps": ctx / prompt_s, "decode_tps": n / decode_s,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "bytes_per_token": bytes_per_token}
+            "bytes_per_token": bytes_per_token, **spill}
 
 
 def run_cell(system: str, args, ctx: int, cache_type: str, fraction: float, baseline: int,
@@ -119,6 +124,9 @@ def median_row(runs: list[dict]) -> dict:
     row = {key: statistics.median(r[key] for r in ok)
            for key in ("prompt_tps", "decode_tps", "peak_rss", "bytes_per_token")}
     row["decode_runs"] = [round(r["decode_tps"], 2) for r in ok]
+    if "kv_spill_per_token" in ok[0]:
+        row["kv_spill_per_token"] = statistics.median(r["kv_spill_per_token"] for r in ok)
+        row["kv_resident"] = ok[0]["kv_resident"]
     if "cgroup_peak" in ok[0]:
         row["cgroup_peak"] = max(r["cgroup_peak"] for r in ok)
     return row
@@ -131,8 +139,8 @@ def render(result: dict) -> str:
              f"{result['n']} tokens after an N-token prompt",
              machine_summary(result["machine"]), "",
              "| N | KV | limit | system | decode t/s | vs llama.cpp | vs own N=first | "
-             "prompt t/s | peak RSS MB | cgroup peak MB | MB read/token |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "prompt t/s | peak RSS MB | cgroup peak MB | MB read/token | of which KV spill |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     first: dict = {}
     for cell in result["cells"]:
         peer = next((c for c in result["cells"] if c["system"] == "llama.cpp"
@@ -142,16 +150,18 @@ def render(result: dict) -> str:
         limit = f"{cell['fraction']:.0f}%" if cell["fraction"] else "none"
         head = f"| {cell['ctx']} | {cell['cache_type']} | {limit} | {cell['system']} |"
         if "error" in cell:
-            lines.append(f"{head} {cell['error'][:80]} | | | | | | |")
+            lines.append(f"{head} {cell['error'][:80]} | | | | | | | |")
             continue
         first.setdefault(key, cell["decode_tps"])
         ratio = (f"{cell['decode_tps'] / peer['decode_tps']:.2f}x"
                  if peer and "error" not in peer and peer is not cell else "")
         cgroup = f"{cell['cgroup_peak'] / 1e6:.0f}" if "cgroup_peak" in cell else ""
+        spill = "" if not cell.get("kv_resident") else \
+            f"{cell['kv_spill_per_token'] / 1e6:.2f} (last {cell['kv_resident']} resident)"
         lines.append(f"{head} {cell['decode_tps']:.1f} | {ratio} | "
                      f"{cell['decode_tps'] / first[key]:.2f} | {cell['prompt_tps']:.0f} | "
                      f"{cell['peak_rss'] / 1e6:.0f} | {cgroup} | "
-                     f"{cell['bytes_per_token'] / 1e6:.2f} |")
+                     f"{cell['bytes_per_token'] / 1e6:.2f} | {spill} |")
     return "\n".join(lines)
 
 
