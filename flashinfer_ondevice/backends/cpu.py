@@ -12,16 +12,20 @@ blocks of rows to float32 and multiply with BLAS (the base class).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ..kv_cache import KVEntries
 from ..quant.codecs import Codec
 from . import attention_kernels, cpu_kernels, onnx_matmul
 from .base import Backend, Prepared
+from .kernel_choice import KernelChoice
 
 DECODE_QUERIES = 4  # queries up to which attention runs in the numba kernel; more (prefill)
 # run the base class's blocked BLAS form
-PARALLEL_ENTRIES = 2048  # cache entries (x kv heads) from which that kernel uses every thread
+PARALLEL_ENTRIES = 2048  # cache entries (x kv heads) from which that kernel may use every
+# thread (serial or parallel chosen by what each costs now: backends/kernel_choice.py)
 
 
 class CpuBackend(Backend):
@@ -32,6 +36,8 @@ class CpuBackend(Backend):
     def __init__(self, threads: int | None = None):
         super().__init__(threads)
         self.prepare_resident = onnx_matmul.installed()
+        # long contexts: all threads when the machine is idle, one when it is busy
+        self._attention_choice = KernelChoice()
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         """The compiled norm (one way for any number of rows, so prefill and decode round
@@ -54,12 +60,18 @@ class CpuBackend(Backend):
         if keys.dtype == np.float16:  # numba reads float16 as its bits
             keys, values = keys.view(np.uint16), values.view(np.uint16)
         serial, parallel = attention_kernels.kernels(kv.cache_type)
-        kernel = parallel if kv_heads * kv.n >= PARALLEL_ENTRIES else serial
+        entries = kv_heads * kv.n
+        use_parallel = entries >= PARALLEL_ENTRIES and self._attention_choice.choose()
         out = np.empty((n_tokens, kv_heads * group * head_dim), np.float32)
-        kernel(np.ascontiguousarray(q, np.float32), keys, values, kv.key_scales,
-               kv.value_scales, kv.positions, kv.n,
-               np.ascontiguousarray(q_positions, np.int64), window or 0, f16_probabilities,
-               out, np.empty((kv_heads, group, n_tokens), np.float32) if lse is None else lse)
+        start = time.perf_counter()
+        (parallel if use_parallel else serial)(
+            np.ascontiguousarray(q, np.float32), keys, values, kv.key_scales,
+            kv.value_scales, kv.positions, kv.n, np.ascontiguousarray(q_positions, np.int64),
+            window or 0, f16_probabilities, out,
+            np.empty((kv_heads, group, n_tokens), np.float32) if lse is None else lse)
+        if entries >= PARALLEL_ENTRIES:
+            self._attention_choice.record(use_parallel, time.perf_counter() - start,
+                                          entries * n_tokens)
         return out
 
     def prepare_attention(self, cache_type: str) -> None:
