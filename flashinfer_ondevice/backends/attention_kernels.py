@@ -81,12 +81,19 @@ def _attend(q, keys, values, key_scales, value_scales, key_positions, n, q_posit
     """out (tokens, kv_heads * group * head_dim) = softmax attention of q (kv_heads, group,
     tokens, head_dim, scaled) over entries 0..n of keys/values (kv_heads, slots, head_dim)
     times their scales (kv_heads, slots; None: 1); entry j at key_positions[j], causal and
-    within `window` (0: no window); lse (kv_heads, group, tokens) each row's log-sum-exp."""
+    within `window` (0: no window); lse (kv_heads, group, tokens) each row's log-sum-exp.
+    A row is one query of one head (token t, group member g: row t * group + g); each task
+    works on local copies (its head's queries, its chunk's accumulators) and writes once."""
     n_heads, group, n_tokens, head_dim = q.shape
+    rows = n_tokens * group
     n_chunks = (n + CHUNK - 1) // CHUNK
-    scores = np.empty((n_heads, n_tokens, group, n), np.float32)
+    scores = np.empty((n_heads, rows, n), np.float32)
     for task in prange(n_heads * n_chunks):
         h, c = task // n_chunks, task % n_chunks
+        queries = np.empty((rows, head_dim), np.float32)
+        for t in range(n_tokens):
+            for g in range(group):
+                queries[t * group + g] = q[h, g, t]
         row = np.empty(head_dim, np.float32)
         for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
             widen_row(keys[h, j], row)
@@ -95,50 +102,51 @@ def _attend(q, keys, values, key_scales, value_scales, key_positions, n, q_posit
                 distance = q_positions[t] - key_positions[j]
                 visible = distance >= 0 and (window == 0 or distance < window)
                 for g in range(group):
+                    r = t * group + g
                     if visible:
                         acc = np.float32(0.0)
                         for i in range(head_dim):
-                            acc += q[h, g, t, i] * row[i]
-                        scores[h, t, g, j] = acc * scale
+                            acc += queries[r, i] * row[i]
+                        scores[h, r, j] = acc * scale
                     else:
-                        scores[h, t, g, j] = -np.inf
-    for r in prange(n_heads * n_tokens * group):
-        h, t, g = r // (n_tokens * group), (r // group) % n_tokens, r % group
-        line = scores[h, t, g]
+                        scores[h, r, j] = -np.inf
+    for x in prange(n_heads * rows):
+        h, r = x // rows, x % rows
+        line = scores[h, r]
         top = line.max()
         total = np.float32(0.0)
         for j in range(n):
             e = np.exp(line[j] - top)
             line[j] = e
             total += e
-        lse[h, g, t] = top + np.log(total)
+        lse[h, r % group, r // group] = top + np.log(total)
         inv = np.float32(1.0) / total
         for j in range(n):
             p = line[j] * inv
             line[j] = _round_to_f16(p) if f16_probabilities else p
-    partial = np.zeros((n_heads, n_chunks, n_tokens, group, head_dim), np.float32)
+    partial = np.empty((n_heads, n_chunks, rows, head_dim), np.float32)
     for task in prange(n_heads * n_chunks):
         h, c = task // n_chunks, task % n_chunks
+        acc = np.zeros((rows, head_dim), np.float32)
         row = np.empty(head_dim, np.float32)
         for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
             widen_row(values[h, j], row)
             scale = entry_scale(value_scales, h, j)
-            for t in range(n_tokens):
-                for g in range(group):
-                    p = scores[h, t, g, j] * scale
-                    if p != 0.0:
-                        acc = partial[h, c, t, g]
-                        for i in range(head_dim):
-                            acc[i] += p * row[i]
+            for r in range(rows):
+                p = scores[h, r, j] * scale
+                if p != 0.0:
+                    for i in range(head_dim):
+                        acc[r, i] += p * row[i]
+        partial[h, c] = acc
     for h in range(n_heads):
         for t in range(n_tokens):
             for g in range(group):
-                base = (h * group + g) * head_dim
+                r, base = t * group + g, (h * group + g) * head_dim
                 for i in range(head_dim):
-                    out[t, base + i] = 0.0
-                for c in range(n_chunks):
-                    for i in range(head_dim):
-                        out[t, base + i] += partial[h, c, t, g, i]
+                    total = np.float32(0.0)
+                    for c in range(n_chunks):
+                        total += partial[h, c, r, i]
+                    out[t, base + i] = total
 
 
 def _named(function: FunctionType, name: str) -> FunctionType:

@@ -24,8 +24,9 @@ from .kernel_choice import KernelChoice
 
 DECODE_QUERIES = 4  # queries up to which attention runs in the numba kernel; more (prefill)
 # run the base class's blocked BLAS form
-PARALLEL_ENTRIES = 2048  # cache entries (x kv heads) from which that kernel may use every
-# thread (serial or parallel chosen by what each costs now: backends/kernel_choice.py)
+PARALLEL_ENTRIES = 2 * attention_kernels.CHUNK  # cache entries (x kv heads) from which that
+# kernel may use every thread: serial or parallel chosen by what each costs now, separately
+# for each power-of-two size of the work (backends/kernel_choice.py)
 
 
 class CpuBackend(Backend):
@@ -37,7 +38,7 @@ class CpuBackend(Backend):
         super().__init__(threads)
         self.prepare_resident = onnx_matmul.installed()
         # long contexts: all threads when the machine is idle, one when it is busy
-        self._attention_choice = KernelChoice()
+        self._attention_choices: dict[int, KernelChoice] = {}  # by size of the work
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         """The compiled norm (one way for any number of rows, so prefill and decode round
@@ -61,7 +62,9 @@ class CpuBackend(Backend):
             keys, values = keys.view(np.uint16), values.view(np.uint16)
         serial, parallel = attention_kernels.kernels(kv.cache_type)
         entries = kv_heads * kv.n
-        use_parallel = entries >= PARALLEL_ENTRIES and self._attention_choice.choose()
+        choice = None if entries < PARALLEL_ENTRIES else \
+            self._attention_choices.setdefault((entries * n_tokens).bit_length(), KernelChoice())
+        use_parallel = choice is not None and choice.choose()
         out = np.empty((n_tokens, kv_heads * group * head_dim), np.float32)
         start = time.perf_counter()
         (parallel if use_parallel else serial)(
@@ -69,9 +72,8 @@ class CpuBackend(Backend):
             kv.value_scales, kv.positions, kv.n, np.ascontiguousarray(q_positions, np.int64),
             window or 0, f16_probabilities, out,
             np.empty((kv_heads, group, n_tokens), np.float32) if lse is None else lse)
-        if entries >= PARALLEL_ENTRIES:
-            self._attention_choice.record(use_parallel, time.perf_counter() - start,
-                                          entries * n_tokens)
+        if choice is not None:
+            choice.record(use_parallel, time.perf_counter() - start, entries * n_tokens)
         return out
 
     def prepare_attention(self, cache_type: str) -> None:
