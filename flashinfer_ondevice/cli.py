@@ -321,6 +321,89 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens, bit
         sys.exit(130)
 
 
+@main.command()
+@click.option("-m", "--model", "model_path", type=click.Path(), envvar="FLASHINFER_MODEL",
+              help="GGUF file or Hugging Face folder  [default: the embedded Gemma 3 270M]")
+@click.option("--budgets", default="25%,50%,100%", show_default=True,
+              help="comma-separated memory budgets above the baseline: percentages of the "
+              "model file's bytes, sizes (64MB, 1.5GB), or none")
+@click.option("--settings", "settings_text", default="default", show_default=True,
+              help="default (run-model's own choices, and exact logits), all, or a list of: "
+              "default, exact, shortlist, kv-q8, int4")
+@click.option("--quality-text", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="held-out text for perplexity / top-1 / KL  [default: one shipped in the "
+              "package, never the calibration text]")
+@click.option("--quality-tokens", type=click.IntRange(min=16), default=1024,
+              show_default=True, help="tokens of it scored per setting")
+@click.option("--peer", type=click.Choice(["llama.cpp", "none"]), default="llama.cpp",
+              show_default=True, help="run llama.cpp on the same GGUF under the same limits")
+@click.option("--peer-model", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="another GGUF for llama.cpp to run (e.g. a smaller quantization that fits "
+              "the budget); repeatable")
+@click.option("-n", "--tokens", "n", type=click.IntRange(min=2), default=32,
+              show_default=True, help="tokens decoded per run")
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="runs per cell (medians reported)")
+@click.option("-t", "--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              envvar="FLASHINFER_THREADS", help="CPU threads, the same for every system")
+@click.option("--out", type=click.Path(file_okay=False), default="profile",
+              show_default=True, help="folder for profile.json, profile.md and the cache")
+def profile(model_path, budgets, settings_text, quality_text, quality_tokens, peer,
+            peer_model, n, runs, threads, out):
+    """Profile speed, memory and quality at each memory budget, beside llama.cpp."""
+    try:
+        import json
+
+        from .api import ensure_store
+        from .default_model import default_model_path
+        from .loader.gguf_file import read_config
+        from .loader.gguf_header import read_header
+        from .profiler import limits, report, sweep
+        from .runtime.engine import process_baseline
+        from .store.reader import open_store
+
+        settings = sweep.parse_settings(settings_text)  # bad arguments fail before anything
+        budget_list = [b.strip() for b in budgets.split(",") if b.strip()]
+        if not budget_list:
+            raise FlashInferError("--budgets names no budget")
+        for budget in budget_list:
+            sweep.budget_bytes(budget, 1)
+        progress = sys.stderr.isatty()
+        source = Path(model_path) if model_path else default_model_path(progress=progress)
+        peers = [Path(p) for p in peer_model]
+        if peer == "llama.cpp" and source.suffix == ".gguf":
+            peers.insert(0, source)
+        for gguf in peers:  # llama.cpp only ever sees files our reader accepted
+            read_config(read_header(gguf))
+        # stores are converted here, not inside a cell's memory limit
+        for codec in {sweep.SETTINGS[s].get("codec", "int8") for s in settings}:
+            ensure_store(source, codec, progress)
+        reference = ensure_store(source, "int8", progress)
+        ctx = min(sweep.CTX, open_store(reference).config.context_length)
+        prompt_tokens = min(sweep.PROMPT_TOKENS, ctx - n - 1)
+        if prompt_tokens < 1:
+            raise FlashInferError(f"-n {n} does not fit the model's {ctx}-token context")
+        options = sweep.SweepOptions(
+            model=source, budgets=budget_list, settings=settings, peers=peers,
+            quality_text=Path(quality_text) if quality_text else None,
+            quality_tokens=quality_tokens, n=n, prompt_tokens=prompt_tokens, runs=runs,
+            threads=threads, ctx=ctx, out=Path(out))
+        enforcement = limits.detect()
+        result = sweep.sweep(options, enforcement, process_baseline(), reference, progress)
+        report.validate(result)
+        (options.out / "profile.json").write_text(json.dumps(result, indent=1))
+        (options.out / "profile.md").write_text(report.markdown(result))
+        click.echo(report.terminal(result))
+        click.echo(f"written: {options.out / 'profile.json'}, {options.out / 'profile.md'}",
+                   err=True)
+    except FlashInferError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: no report written (quality measured so far is cached in "
+                   f"{out})", err=True)
+        sys.exit(130)
+
+
 @main.command(name="eval")
 @click.option("-m", "--model", "model_path", type=click.Path(), envvar="FLASHINFER_MODEL",
               help="GGUF file, folder or flash store  [default: the embedded Gemma 3 270M]")

@@ -26,6 +26,7 @@ LAYERS = [
     {"generate", "chat", "evaluate"},  # token loop, chat templates, scoring
     {"build"},  # convert, calibration, output-layer proxy fit (may drive the runtime)
     {"api"},  # load() and Model
+    {"profiler"},  # run-model profile: cells under memory limits, quality, reports
     {"cli"},  # run-model
 ]
 

@@ -1,0 +1,184 @@
+"""One profile cell, run in a fresh child process: `python -m flashinfer_ondevice.profiler.cell
+SPEC` prints one JSON line.
+
+Kinds of cell (SPEC["kind"]):
+  speed    ours: load under the budget with a setting, a prompt of `prompt_tokens`, greedy
+           decode of `n` tokens; decode/prompt speed, time to first token, bytes read per
+           token (the process's own I/O counters), the per-token split into I/O wait /
+           cache management / compute, the plan, and the configuration the logits came from
+           (what quality is measured for). A budget the planner refuses is a result, not an
+           error.
+  peer     llama.cpp (llama-cpp-python, mmap) on a GGUF: the same prompt and token count.
+  quality  perplexity, top-1 agreement and KL against the exact model on held-out text, for
+           one configuration (ours) or perplexity for a GGUF (llama.cpp).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FlashInferError
+from ..runtime.planner import BudgetError
+
+
+def read_bytes() -> int:
+    """Bytes this process has read from storage (Linux; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _peak_rss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def prompt_ids(tokenize, text: str, n: int) -> list[int]:
+    """The first `n` tokens of `text` (repeated as needed)."""
+    ids = tokenize(text)
+    while len(ids) < n:
+        text += "\n" + text
+        ids = tokenize(text)
+    return ids[:n]
+
+
+def speed(spec: dict) -> dict:
+    from ..api import load
+
+    try:
+        model = load(spec["model"], memory_budget=spec["budget"], ctx_size=spec["ctx"],
+                        threads=spec["threads"], **spec["load"])
+    except BudgetError as error:
+        return {"status": "refused", "message": str(error), "smallest": error.smallest}
+    text = Path(spec["prompt_file"]).read_text(encoding="utf-8")
+    ids = prompt_ids(lambda t: model.tokenize(t, add_special=False), text,
+                     spec["prompt_tokens"])
+    n = spec["n"]
+    start = time.perf_counter()
+    stream = model.stream(ids, max_tokens=n + 1, temperature=0)
+    first = next(stream)
+    ttft = time.perf_counter() - start
+    read_start, decode_start = read_bytes(), time.perf_counter()
+    last = first
+    for last in stream:  # noqa: B007 (the totals are on the last response)
+        pass
+    seconds = time.perf_counter() - decode_start
+    decoded = max(last.generation_tokens - 1, 1)
+    io_wait = (last.io_wait - first.io_wait) / decoded
+    cache = (last.cache_time - first.cache_time) / decoded
+    plan = model.plan
+    sparse = plan.sparse if plan is not None else None
+    config = {"store": str(model.path), "cache_type": spec["load"].get("cache_type", "f16"),
+              "head": "shortlist" if plan is not None and plan.shortlist else "exact",
+              "selector": sparse.selector if sparse else "dense",
+              "sparsity": sparse.sparsity if sparse else None,
+              "window": sparse.window if sparse else None,
+              "quality": spec["load"].get("quality", "auto")}
+    return {
+        "status": "ok", "decode_tps": decoded / seconds, "prompt_tps": first.prompt_tps,
+        "ttft_s": ttft, "bytes_per_token": (read_bytes() - read_start) / decoded,
+        "io_wait_ms": io_wait * 1000, "cache_ms": cache * 1000,
+        "compute_ms": max(0.0, seconds / decoded - io_wait - cache) * 1000,
+        "kv_spill_per_token": last.kv_bytes_read / decoded, "peak_rss": _peak_rss(),
+        "config": config,
+        "plan": None if plan is None else {
+            "resident_bytes": plan.resident_bytes, "streamed_bytes": plan.streamed_bytes,
+            "kv_bytes": plan.kv_bytes, "kv_resident_tokens": plan.kv_resident_tokens,
+            "smallest_budget": plan.fixed_bytes, "shortlist": plan.shortlist,
+            "prefill_batch": plan.prefill_batch}}
+
+
+def peer(spec: dict) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(spec["model"], n_ctx=spec["ctx"], n_threads=spec["threads"],
+                n_threads_batch=spec["threads"], verbose=False)
+    text = Path(spec["prompt_file"]).read_text(encoding="utf-8")
+    ids = prompt_ids(lambda t: llm.tokenize(t.encode(), add_bos=False), text,
+                     spec["prompt_tokens"])
+    start = time.perf_counter()
+    llm.eval(ids)
+    token = llm.sample(temp=0)
+    ttft = time.perf_counter() - start
+    read_start, decode_start = read_bytes(), time.perf_counter()
+    for _ in range(spec["n"]):
+        llm.eval([token])
+        token = llm.sample(temp=0)
+    seconds = time.perf_counter() - decode_start
+    return {"status": "ok", "decode_tps": spec["n"] / seconds, "prompt_tps": len(ids) / ttft,
+            "ttft_s": ttft, "bytes_per_token": (read_bytes() - read_start) / spec["n"],
+            "peak_rss": _peak_rss()}
+
+
+def quality(spec: dict) -> dict:
+    """Ours: the configuration's perplexity, top-1 agreement and KL against the exact model
+    (every logit exact, float activations, dense FFN). A GGUF (llama.cpp): perplexity."""
+    text = Path(spec["text_file"]).read_text(encoding="utf-8")
+    if spec.get("gguf"):
+        return {"status": "ok", **_llama_perplexity(spec, text)}
+    from ..api import load
+    from ..evaluate import evaluate
+
+    config = spec["config"]
+    model = load(config["store"], ctx_size=spec["ctx"], threads=spec["threads"],
+                    head=config["head"], selector=config["selector"],
+                    sparsity=config["sparsity"], window=config["window"],
+                    cache_type=config["cache_type"], quality=config["quality"])
+    reference = load(spec["reference"], ctx_size=spec["ctx"], threads=spec["threads"],
+                        selector="dense", head="exact", quality="exact")
+    report = evaluate(model, text, spec["ctx"], spec["tokens"], reference)
+    return {"status": "ok", "tokens": report.tokens, "perplexity": report.perplexity,
+            "top1_agreement": report.top1_agreement, "mean_kl": report.mean_kl}
+
+
+def _llama_perplexity(spec: dict, text: str) -> dict:
+    """Perplexity of llama.cpp on a GGUF, chunked as evaluate() chunks (BOS + ctx - 1)."""
+    from llama_cpp import Llama
+
+    ctx = spec["ctx"]
+    llm = Llama(spec["gguf"], n_ctx=ctx, n_threads=spec["threads"],
+                n_threads_batch=spec["threads"], logits_all=True, verbose=False)
+    ids = llm.tokenize(text.encode(), add_bos=False)[:spec["tokens"] + 1]
+    bos = [llm.token_bos()]
+    step = ctx - 2
+    nll, scored = 0.0, 0
+    for i in range(0, len(ids) - 1, step):
+        chunk = bos + ids[i:i + step + 1]
+        if len(chunk) < 3:
+            break
+        llm.reset()
+        llm.eval(chunk[:-1])
+        logits = np.asarray(llm.scores[:len(chunk) - 1], dtype=np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        targets = np.asarray(chunk[1:])
+        nll -= float(logp[np.arange(1, len(chunk) - 1), targets[1:]].sum())  # not BOS's
+        scored += len(chunk) - 2
+    return {"tokens": scored, "perplexity": float(np.exp(nll / scored)),
+            "top1_agreement": None, "mean_kl": None}
+
+
+KINDS = {"speed": speed, "peer": peer, "quality": quality}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    try:
+        result = KINDS[spec["kind"]](spec)
+    except FlashInferError as error:
+        result = {"status": "error", "message": str(error)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

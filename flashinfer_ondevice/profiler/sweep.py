@@ -1,0 +1,204 @@
+"""The profile sweep: every (setting, budget) cell and every peer at every budget, each run in
+a fresh child under its memory limit (limits.py), then quality once per configuration the
+cells ran with (cached in the output folder), assembled into one result (report.py renders
+and checks it).
+
+Budgets are bytes above the process's baseline; a percentage is of the model file's bytes
+(the source GGUF), so every system, ours and the peers, gets the same absolute limit:
+budget + baseline. "none" runs without a budget or limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import FlashInferError
+from ..runtime.planner import parse_budget
+from .limits import ChildRun, Enforcement, run_limited
+
+SCHEMA = "flashinfer-ondevice-profile/1"
+# what each setting passes to load(); "default" is what run-model does unasked
+SETTINGS = {
+    "default": {},
+    "exact": {"head": "exact", "quality": "exact"},
+    "shortlist": {"head": "shortlist"},
+    "kv-q8": {"cache_type": "q8"},
+    "int4": {"codec": "int4"},
+}
+DEFAULT_SETTINGS = ("default", "exact")
+QUALITY_TEXT = "heldout-mpl-2.0.txt"  # package data, never the calibration text
+CTX = 512  # context of every cell and of quality's chunks (or the model's, if smaller)
+PROMPT_TOKENS = 64  # prompt of a speed cell
+
+
+@dataclass
+class SweepOptions:
+    model: Path  # GGUF (or folder/store) ours runs
+    budgets: list[str]
+    settings: list[str]
+    peers: list[Path] = field(default_factory=list)  # GGUFs llama.cpp runs
+    quality_text: Path | None = None
+    quality_tokens: int = 1024
+    n: int = 32
+    prompt_tokens: int = PROMPT_TOKENS
+    runs: int = 3
+    threads: int = 2
+    ctx: int = CTX
+    out: Path = Path("profile")
+    timeout: float = 900.0
+
+
+def default_quality_text() -> Path:
+    return Path(str(resources.files("flashinfer_ondevice.data") / QUALITY_TEXT))
+
+
+def parse_settings(text: str) -> list[str]:
+    if text == "default":
+        return list(DEFAULT_SETTINGS)
+    if text == "all":
+        return list(SETTINGS)
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SETTINGS]
+    if unknown or not names:
+        raise FlashInferError(f"unknown setting(s) {', '.join(unknown) or text!r} (use "
+                              f"default, all or a list of {', '.join(SETTINGS)})")
+    return names
+
+
+def budget_bytes(text: str, model_bytes: int) -> int | None:
+    return None if text.strip().lower() == "none" else parse_budget(text, model_bytes)
+
+
+def _child(spec: dict, limit: int | None, enforcement: Enforcement, cold: list[Path],
+           timeout: float) -> tuple[dict, ChildRun]:
+    """Run one cell; its JSON result, or a status saying how it ended."""
+    run = run_limited([sys.executable, "-m", "flashinfer_ondevice.profiler.cell",
+                       json.dumps(spec)], limit, enforcement, cold, timeout)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    if run.returncode == 0 and lines:
+        result = json.loads(lines[-1])
+    elif run.oom_killed:
+        result = {"status": "oom", "message": f"killed by the {limit}-byte limit"}
+    elif run.returncode is None:
+        result = {"status": "timeout", "message": f"no result within {timeout:.0f} s"}
+    else:
+        said = [line for line in run.stderr.splitlines() if line.strip()]
+        result = {"status": "error", "message": said[-1][-300:] if said else
+                  f"exit status {run.returncode}"}
+    result["cgroup_peak"] = run.cgroup_peak
+    result["watched_peak"] = run.watched_peak
+    return result, run
+
+
+def _median(runs: list[dict]) -> dict:
+    """One cell's runs: medians and spreads where they ran, else the first failure."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    if not ok:
+        return runs[0]
+    cell = dict(ok[0])
+    for key in ("decode_tps", "prompt_tps", "ttft_s", "bytes_per_token", "io_wait_ms",
+                "cache_ms", "compute_ms", "kv_spill_per_token"):
+        if key in cell:
+            cell[key] = statistics.median(r[key] for r in ok)
+    cell["decode_tps_runs"] = [r["decode_tps"] for r in ok]
+    cell["peak_rss"] = max(r["peak_rss"] for r in ok)
+    peaks = [r["cgroup_peak"] for r in ok if r.get("cgroup_peak") is not None]
+    cell["cgroup_peak"] = max(peaks) if peaks else None
+    return cell
+
+
+def _config_key(config: dict, text: Path, tokens: int, ctx: int) -> str:
+    digest = hashlib.sha256(text.read_bytes()).hexdigest()[:16]
+    blob = json.dumps([config, digest, tokens, ctx], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def sweep(options: SweepOptions, enforcement: Enforcement, baseline: int,
+          reference: Path, progress: bool = True) -> dict:
+    """Run the whole profile; `reference`: the exact model's store quality is measured
+    against. Returns the result (report.py's schema)."""
+    options.out.mkdir(parents=True, exist_ok=True)
+    model_bytes = options.model.stat().st_size if options.model.is_file() else \
+        sum(p.stat().st_size for p in options.model.rglob("*") if p.is_file())
+    text = options.quality_text or default_quality_text()
+    prompt = {"prompt_file": str(text), "prompt_tokens": options.prompt_tokens, "n": options.n,
+              "threads": options.threads, "ctx": options.ctx}
+    cells = [("ours", s, b) for b in options.budgets for s in options.settings] + \
+        [(str(p), None, b) for b in options.budgets for p in options.peers]
+    results = []
+    with tqdm(total=len(cells) * options.runs, unit="run", desc="profile",
+              disable=not progress) as bar:
+        for system, setting, budget_text in cells:
+            budget = budget_bytes(budget_text, model_bytes)
+            limit = None if budget is None else budget + baseline
+            if system == "ours":
+                spec = {"kind": "speed", "model": str(options.model), "budget": budget,
+                        "load": SETTINGS[setting], **prompt}
+                cold = [options.model]
+            else:
+                spec = {"kind": "peer", "model": system, **prompt}
+                cold = [Path(system)]
+            runs = []
+            for _ in range(options.runs):
+                result, _ = _child(spec, limit, enforcement, cold, options.timeout)
+                runs.append(result)
+                bar.update(1)
+                if result["status"] == "refused":  # the planner's answer does not change
+                    bar.update(options.runs - len(runs))
+                    break
+            results.append({"system": "ours" if system == "ours" else "llama.cpp",
+                            "model": str(options.model) if system == "ours" else system,
+                            "setting": setting, "budget": budget_text, "budget_bytes": budget,
+                            "limit": limit, **_median(runs)})
+    quality = _quality(options, results, text, reference, progress)
+    return {"schema": SCHEMA, "model": str(options.model), "model_bytes": model_bytes,
+            "baseline": baseline,
+            "enforcement": {"kind": enforcement.kind, "enforced": enforcement.enforced,
+                            "reason": enforcement.reason},
+            "options": {"budgets": options.budgets, "settings": options.settings,
+                        "peers": [str(p) for p in options.peers], "n": options.n,
+                        "prompt_tokens": options.prompt_tokens, "runs": options.runs,
+                        "threads": options.threads, "ctx": options.ctx,
+                        "quality_text": str(text), "quality_tokens": options.quality_tokens},
+            "cells": results, "quality": quality}
+
+
+def _quality(options: SweepOptions, results: list[dict], text: Path, reference: Path,
+             progress: bool) -> dict:
+    """Quality of every configuration a cell ran with (and of each peer GGUF), measured once
+    and cached in the output folder; each cell gets its `quality_key`."""
+    cache_file = options.out / "quality-cache.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    base = {"kind": "quality", "text_file": str(text), "tokens": options.quality_tokens,
+            "ctx": options.ctx, "threads": options.threads, "reference": str(reference)}
+    wanted: dict[str, dict] = {}
+    for cell in results:
+        if cell["status"] != "ok":
+            continue
+        config = cell["config"] if cell["system"] == "ours" else {"gguf": cell["model"]}
+        key = _config_key(config, text, options.quality_tokens, options.ctx)
+        cell["quality_key"] = key
+        wanted[key] = config
+    todo = [k for k in wanted if k not in cache]
+    for key in tqdm(todo, unit="setting", desc="quality", disable=not progress):
+        config = wanted[key]
+        spec = {**base, **({"gguf": config["gguf"]} if "gguf" in config else
+                           {"config": config})}
+        result, _ = _child(spec, None, Enforcement("none", None, ""), [], None)
+        if result["status"] == "ok":
+            cache[key] = {"config": config, **{k: result[k] for k in
+                                               ("tokens", "perplexity", "top1_agreement",
+                                                "mean_kl")}}
+            cache_file.write_text(json.dumps(cache, indent=1))
+        else:
+            raise FlashInferError(f"quality of {config} could not be measured: "
+                                  f"{result.get('message')}")
+    return {k: cache[k] for k in wanted}

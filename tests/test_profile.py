@@ -1,0 +1,89 @@
+"""run-model profile: the memory limit is enforced where the machine allows (a real cgroup:
+a child over it is OOM-killed and reported so), watched where not; a sweep on a tiny model
+runs end to end with refused budgets, speed, quality beside it and llama.cpp as a peer, and
+writes a report whose JSON follows the schema."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from flashinfer_ondevice.cli import main
+from flashinfer_ondevice.profiler import limits, report, sweep
+
+ALLOCATE = "import time; x = bytearray({mb} << 20); x[::4096] = b'1' * len(x[::4096]); " \
+    "time.sleep(0.3)"
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_a_child_over_an_enforced_limit_is_reported_as_oom():
+    enforcement = limits.detect()
+    if not enforcement.enforced:
+        pytest.skip(f"no memory limit can be enforced here: {enforcement.reason}")
+    fits = limits.run_limited(python(ALLOCATE.format(mb=40)), 200 << 20, enforcement)
+    assert fits.returncode == 0 and not fits.oom_killed and fits.enforced
+    assert fits.cgroup_peak is not None and 40 << 20 <= fits.cgroup_peak <= 200 << 20
+    over = limits.run_limited(python(ALLOCATE.format(mb=300)), 100 << 20, enforcement)
+    assert over.oom_killed and over.returncode != 0
+    # the profiler's cell runner turns it into a result, not an exception
+    result, _ = sweep._child({"kind": "speed"}, 20 << 20, enforcement, [], 60)
+    assert result["status"] == "oom"
+
+
+def test_without_enforcement_the_peak_is_watched():
+    none = limits.Enforcement("none", None, "test")
+    run = limits.run_limited(python(ALLOCATE.format(mb=80)), 1 << 20, none)
+    assert run.returncode == 0 and not run.enforced and run.cgroup_peak is None
+    assert run.watched_peak >= 80 << 20
+
+
+def test_a_sweep_runs_end_to_end_and_its_report_follows_the_schema(tiny_gguf, tmp_path,
+                                                                   monkeypatch):
+    gguf = tiny_gguf("gemma3")
+    monkeypatch.setenv("FLASHINFER_MODELS_DIR", str(tmp_path / "models"))
+    out = tmp_path / "profile"
+    result = CliRunner().invoke(main, ["profile", "-m", str(gguf), "--budgets", "1KB,none",
+                                       "--runs", "2", "-n", "4", "--quality-tokens", "40",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "profile.json").read_text())
+    report.validate(data)
+    cells = {(c["system"], c["setting"], c["budget"]): c for c in data["cells"]}
+    assert set(cells) == {("ours", "default", "1KB"), ("ours", "exact", "1KB"),
+                          ("ours", "default", "none"), ("ours", "exact", "none"),
+                          ("llama.cpp", None, "1KB"), ("llama.cpp", None, "none")}
+    refused = cells["ours", "default", "1KB"]
+    assert refused["status"] == "refused" and refused["smallest"] > 1000
+    assert "refused: needs >=" in result.output
+    ran = cells["ours", "exact", "none"]
+    assert ran["status"] == "ok" and len(ran["decode_tps_runs"]) == 2
+    quality = data["quality"][ran["quality_key"]]
+    assert quality["tokens"] == 40 and quality["top1_agreement"] == 1.0  # exact vs exact
+    assert data["quality"][cells["llama.cpp", None, "none"]["quality_key"]]["perplexity"] > 1
+    assert (out / "profile.md").read_text().count("\n| ") >= 7
+    # quality is cached: a second sweep measures none again
+    cache = json.loads((out / "quality-cache.json").read_text())
+    assert set(data["quality"]) <= set(cache)
+
+
+def test_bad_reports_and_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="schema"):
+        report.validate({"schema": "something else"})
+    good = {"schema": sweep.SCHEMA, "model": "m", "baseline": 1, "enforcement": {},
+            "options": {}, "quality": {},
+            "cells": [{"system": "ours", "model": "m", "budget": "1KB", "status": "ok",
+                       "decode_tps": 1.0, "decode_tps_runs": [1.0], "prompt_tps": 1.0,
+                       "ttft_s": 0.1, "bytes_per_token": 0.0, "peak_rss": 1,
+                       "quality_key": "k"}]}
+    with pytest.raises(ValueError, match="no quality"):
+        report.validate(good)
+    result = CliRunner().invoke(main, ["profile", "--settings", "fastest-ever"])
+    assert result.exit_code != 0 and "unknown setting" in result.output
+    result = CliRunner().invoke(main, ["profile", "--budgets", "lots"])
+    assert result.exit_code != 0 and "invalid memory budget" in result.output
