@@ -358,7 +358,7 @@ def profile(model_path, budgets, settings_text, quality_text, quality_tokens, pe
         from .default_model import default_model_path
         from .loader.gguf_file import read_config
         from .loader.gguf_header import read_header
-        from .profiler import limits, report, sweep
+        from .profiler import limits, plots, report, sweep
         from .runtime.engine import process_baseline
         from .store.reader import open_store
 
@@ -394,8 +394,12 @@ def profile(model_path, budgets, settings_text, quality_text, quality_tokens, pe
         (options.out / "profile.json").write_text(json.dumps(result, indent=1))
         (options.out / "profile.md").write_text(report.markdown(result))
         click.echo(report.terminal(result))
-        click.echo(f"written: {options.out / 'profile.json'}, {options.out / 'profile.md'}",
-                   err=True)
+        written = [options.out / "profile.json", options.out / "profile.md"]
+        if plots.available():
+            written += plots.write(result, options.out)
+        else:
+            click.echo(plots.INSTALL_HINT, err=True)
+        click.echo(f"written: {', '.join(str(p) for p in written)}", err=True)
     except FlashInferError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:

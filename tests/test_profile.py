@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from flashinfer_ondevice.cli import main
-from flashinfer_ondevice.profiler import limits, report, sweep
+from flashinfer_ondevice.profiler import limits, plots, report, sweep
 
 ALLOCATE = "import time; x = bytearray({mb} << 20); x[::4096] = b'1' * len(x[::4096]); " \
     "time.sleep(0.3)"
@@ -67,6 +67,11 @@ def test_a_sweep_runs_end_to_end_and_its_report_follows_the_schema(tiny_gguf, tm
     assert quality["tokens"] == 40 and quality["top1_agreement"] == 1.0  # exact vs exact
     assert data["quality"][cells["llama.cpp", None, "none"]["quality_key"]]["perplexity"] > 1
     assert (out / "profile.md").read_text().count("\n| ") >= 7
+    if plots.available():
+        for name in plots.PLOTS:
+            assert (out / name).stat().st_size > 10_000, name  # a real PNG
+    else:
+        assert plots.INSTALL_HINT in result.output
     # quality is cached: a second sweep measures none again
     cache = json.loads((out / "quality-cache.json").read_text())
     assert set(data["quality"]) <= set(cache)

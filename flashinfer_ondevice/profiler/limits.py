@@ -47,6 +47,7 @@ class ChildRun:
     cgroup_peak: int | None  # the cgroup's peak (page cache included), where enforced
     watched_peak: int  # the child's peak resident memory as sampled
     oom_killed: bool
+    trace: list[tuple[float, int, int | None]]  # (seconds, RSS, cgroup usage) as sampled
 
 
 def _own_cgroup(version: str) -> str | None:
@@ -138,14 +139,17 @@ def _cgroup_figures(enforcement: Enforcement, group: Path) -> tuple[int | None, 
 
 
 class _Watcher(threading.Thread):
-    """Samples a process tree's resident memory until it exits."""
+    """Samples a process tree's resident memory (and its cgroup's usage, page cache
+    included, where it has one) until it exits."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, usage: Path | None):
         super().__init__(daemon=True)
-        self.pid, self.peak = pid, 0
+        self.pid, self.usage, self.peak = pid, usage, 0
+        self.trace: list[tuple[float, int, int | None]] = []
         self.done = threading.Event()
 
     def run(self) -> None:
+        start = time.perf_counter()
         with contextlib.suppress(psutil.Error):
             process = psutil.Process(self.pid)
             while not self.done.is_set():
@@ -153,7 +157,16 @@ class _Watcher(threading.Thread):
                     rss = sum(p.memory_info().rss
                               for p in [process, *process.children(recursive=True)])
                     self.peak = max(self.peak, rss)
+                    self.trace.append((time.perf_counter() - start, rss, self._usage()))
                 self.done.wait(WATCH_SECONDS)
+
+    def _usage(self) -> int | None:
+        if self.usage is None:
+            return None
+        try:
+            return int(self.usage.read_text())
+        except (OSError, ValueError):
+            return None
 
 
 def run_limited(cmd: list[str], limit: int | None, enforcement: Enforcement,
@@ -170,7 +183,9 @@ def run_limited(cmd: list[str], limit: int | None, enforcement: Enforcement,
     start = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=env, start_new_session=True)
-    watcher = _Watcher(child.pid)
+    usage = None if group is None else group / (
+        "memory.current" if enforcement.kind == "cgroup v2" else "memory.usage_in_bytes")
+    watcher = _Watcher(child.pid, usage)
     watcher.start()
     try:
         stdout, stderr = child.communicate(timeout=timeout)
@@ -190,4 +205,5 @@ def run_limited(cmd: list[str], limit: int | None, enforcement: Enforcement,
         with contextlib.suppress(OSError):
             group.rmdir()
     return ChildRun(returncode, stdout, stderr, seconds, limit, group is not None, peak,
-                    watcher.peak, oom or returncode == -9 and group is not None)
+                    watcher.peak, oom or returncode == -9 and group is not None,
+                    watcher.trace)

@@ -37,6 +37,7 @@ DEFAULT_SETTINGS = ("default", "exact")
 QUALITY_TEXT = "heldout-mpl-2.0.txt"  # package data, never the calibration text
 CTX = 512  # context of every cell and of quality's chunks (or the model's, if smaller)
 PROMPT_TOKENS = 64  # prompt of a speed cell
+TRACE_POINTS = 200  # samples of memory over time kept per cell (its first run)
 
 
 @dataclass
@@ -95,6 +96,8 @@ def _child(spec: dict, limit: int | None, enforcement: Enforcement, cold: list[P
                   f"exit status {run.returncode}"}
     result["cgroup_peak"] = run.cgroup_peak
     result["watched_peak"] = run.watched_peak
+    step = max(1, len(run.trace) // TRACE_POINTS)
+    result["memory_trace"] = [list(sample) for sample in run.trace[::step]]
     return result, run
 
 
@@ -109,6 +112,7 @@ def _median(runs: list[dict]) -> dict:
         if key in cell:
             cell[key] = statistics.median(r[key] for r in ok)
     cell["decode_tps_runs"] = [r["decode_tps"] for r in ok]
+    cell["memory_trace"] = ok[0].get("memory_trace", [])
     cell["peak_rss"] = max(r["peak_rss"] for r in ok)
     peaks = [r["cgroup_peak"] for r in ok if r.get("cgroup_peak") is not None]
     cell["cgroup_peak"] = max(peaks) if peaks else None
