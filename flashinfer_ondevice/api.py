@@ -33,9 +33,11 @@ from .model import reference_engine
 from .quant.codecs import parse_codec_spec
 from .runtime.engine import (
     DEFAULT_CTX,
+    PlannedSession,
     Session,
     context_size,
     open_store_session,
+    plan_store_session,
     process_baseline,
 )
 from .sampling import make_logits_processors, make_sampler
@@ -229,6 +231,22 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
                                  make_backend(backend, threads), prepare=True,
                                  cache_type=cache_type or "f16")
     return Model(session, time.perf_counter() - start)
+
+
+def plan(path: str | Path | None = None, *, memory_budget: str | int | None = None,
+         ctx_size: int | None = None, codec: str = "int8", selector: str | None = None,
+         sparsity: float | None = None, window: int | None = None, head: str = "auto",
+         quality: str = "auto", cache_type: str | None = None,
+         progress: bool | None = None) -> PlannedSession:
+    """The memory plan load() would run with for these arguments, reading no weight (the
+    model is converted first if it never was)."""
+    if progress is None:
+        progress = sys.stderr.isatty()
+    path = default_model_path(progress=progress) if path is None else Path(path)
+    store = ensure_store(path, codec, progress)
+    alternatives = [] if store == path else stores_of(path)
+    return plan_store_session(store, memory_budget, ctx_size, False, False, selector, sparsity,
+                              window, head, quality, alternatives, cache_type or "f16")
 
 
 def _reference_session(path: Path, ctx_size: int | None, progress: bool,

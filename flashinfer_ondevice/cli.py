@@ -348,17 +348,20 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens, bit
               envvar="FLASHINFER_THREADS", help="CPU threads, the same for every system")
 @click.option("--out", type=click.Path(file_okay=False), default="profile",
               show_default=True, help="folder for profile.json, profile.md and the cache")
+@click.option("--plan-only", is_flag=True,
+              help="print each cell's plan and predicted speed (from `run-model probe` and a "
+              "measured compute rate) without running the cells")
 def profile(model_path, budgets, settings_text, quality_text, quality_tokens, peer,
-            peer_model, n, runs, threads, out):
+            peer_model, n, runs, threads, out, plan_only):
     """Profile speed, memory and quality at each memory budget, beside llama.cpp."""
     try:
         import json
 
         from .api import ensure_store
-        from .default_model import default_model_path
+        from .default_model import default_model_path, models_dir
         from .loader.gguf_file import read_config
         from .loader.gguf_header import read_header
-        from .profiler import limits, plots, report, sweep
+        from .profiler import limits, plots, probe, report, sweep
         from .runtime.engine import process_baseline
         from .store.reader import open_store
 
@@ -388,8 +391,15 @@ def profile(model_path, budgets, settings_text, quality_text, quality_tokens, pe
             quality_text=Path(quality_text) if quality_text else None,
             quality_tokens=quality_tokens, n=n, prompt_tokens=prompt_tokens, runs=runs,
             threads=threads, ctx=ctx, out=Path(out))
+        storage = probe.cached_probe(reference / "weights.bin", models_dir())
+        if plan_only:
+            planned = sweep.plan_only(options, storage, progress)
+            (options.out / "plan.json").write_text(json.dumps(planned, indent=1))
+            click.echo(report.plan_table(planned))
+            return
         enforcement = limits.detect()
-        result = sweep.sweep(options, enforcement, process_baseline(), reference, progress)
+        result = sweep.sweep(options, enforcement, process_baseline(), reference, progress,
+                             storage)
         report.validate(result)
         (options.out / "profile.json").write_text(json.dumps(result, indent=1))
         (options.out / "profile.md").write_text(report.markdown(result))
@@ -406,6 +416,32 @@ def profile(model_path, budgets, settings_text, quality_text, quality_tokens, pe
         click.echo("\ninterrupted: no report written (quality measured so far is cached in "
                    f"{out})", err=True)
         sys.exit(130)
+
+
+@main.command(name="probe")
+@click.option("-m", "--model", "model_path", type=click.Path(), envvar="FLASHINFER_MODEL",
+              help="a model whose store's disk to probe  [default: the embedded Gemma 3 270M]")
+@click.option("--fresh", is_flag=True, help="probe again instead of reading the cache")
+def probe_command(model_path, fresh):
+    """Measure the store's disk: direct-read bandwidth by chunk size and queue depth, and
+    random 4 KiB reads per second (cached per device, used by profile --plan-only)."""
+    try:
+        from .api import ensure_store
+        from .default_model import default_model_path, models_dir
+        from .profiler import probe
+
+        progress = sys.stderr.isatty()
+        source = Path(model_path) if model_path else default_model_path(progress=progress)
+        store = ensure_store(source, "int8", progress)
+        result = probe.cached_probe(store / "weights.bin", models_dir(), fresh)
+        how = "direct I/O" if result["direct"] else "page cache: no O_DIRECT here"
+        click.echo(f"device {result['device']} ({how})")
+        for key, rate in result["bandwidth"].items():
+            chunk, depth = key.split("@")
+            click.echo(f"  {chunk:>6} reads, {depth:>2} in flight: {rate / 1e9:6.2f} GB/s")
+        click.echo(f"  random 4 KiB reads: {result['iops_4k']:,.0f} per second")
+    except FlashInferError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command(name="eval")

@@ -92,3 +92,26 @@ def test_bad_reports_and_arguments_are_refused(tmp_path):
     assert result.exit_code != 0 and "unknown setting" in result.output
     result = CliRunner().invoke(main, ["profile", "--budgets", "lots"])
     assert result.exit_code != 0 and "invalid memory budget" in result.output
+
+
+def test_plan_only_predicts_without_running_cells_and_probe_caches(tiny_gguf, tmp_path,
+                                                                   monkeypatch):
+    gguf = tiny_gguf("llama")
+    models = tmp_path / "models"
+    monkeypatch.setenv("FLASHINFER_MODELS_DIR", str(models))
+    result = CliRunner().invoke(main, ["probe", "-m", str(gguf)])
+    assert result.exit_code == 0, result.output
+    assert "64K reads,  1 in flight" in result.output and "random 4 KiB reads" in result.output
+    assert len(list(models.glob("probe-*.json"))) == 1  # cached per device
+    out = tmp_path / "plan"
+    result = CliRunner().invoke(main, ["profile", "-m", str(gguf), "--budgets", "1KB,none",
+                                       "--plan-only", "-n", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    planned = json.loads((out / "plan.json").read_text())
+    cells = {(c["setting"], c["budget"]): c for c in planned["cells"]}
+    assert cells["default", "1KB"]["status"] == "refused"
+    ran = cells["exact", "none"]
+    assert ran["status"] == "planned" and ran["predicted"]["decode_tps"] > 0
+    assert ran["plan"]["streamed_bytes"] == 0 and ran["predicted"]["io_ms"] == 0
+    assert "refused: needs >=" in result.output
+    assert not (out / "profile.json").exists()  # nothing was run as a cell

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FlashInferError
-from ..runtime.planner import BudgetError
+from ..runtime.planner import BudgetError, Plan
 
 
 def read_bytes() -> int:
@@ -76,26 +76,35 @@ def speed(spec: dict) -> dict:
     decoded = max(last.generation_tokens - 1, 1)
     io_wait = (last.io_wait - first.io_wait) / decoded
     cache = (last.cache_time - first.cache_time) / decoded
-    plan = model.plan
-    sparse = plan.sparse if plan is not None else None
-    config = {"store": str(model.path), "cache_type": spec["load"].get("cache_type", "f16"),
-              "head": "shortlist" if plan is not None and plan.shortlist else "exact",
-              "selector": sparse.selector if sparse else "dense",
-              "sparsity": sparse.sparsity if sparse else None,
-              "window": sparse.window if sparse else None,
-              "quality": spec["load"].get("quality", "auto")}
     return {
         "status": "ok", "decode_tps": decoded / seconds, "prompt_tps": first.prompt_tps,
         "ttft_s": ttft, "bytes_per_token": (read_bytes() - read_start) / decoded,
         "io_wait_ms": io_wait * 1000, "cache_ms": cache * 1000,
         "compute_ms": max(0.0, seconds / decoded - io_wait - cache) * 1000,
         "kv_spill_per_token": last.kv_bytes_read / decoded, "peak_rss": _peak_rss(),
-        "config": config,
-        "plan": None if plan is None else {
-            "resident_bytes": plan.resident_bytes, "streamed_bytes": plan.streamed_bytes,
+        "config": config_of(model.path, model.plan, spec["load"]),
+        "plan": plan_record(model.plan)}
+
+
+def config_of(store: Path, plan: Plan | None, load: dict) -> dict:
+    """The configuration the logits come from: what quality is measured for."""
+    sparse = plan.sparse if plan is not None else None
+    return {"store": str(store), "cache_type": load.get("cache_type", "f16"),
+            "head": "shortlist" if plan is not None and plan.shortlist else "exact",
+            "selector": sparse.selector if sparse else "dense",
+            "sparsity": sparse.sparsity if sparse else None,
+            "window": sparse.window if sparse else None,
+            "quality": load.get("quality", "auto")}
+
+
+def plan_record(plan: Plan | None) -> dict | None:
+    if plan is None:
+        return None
+    head_rows = plan.head_resident_rows
+    return {"resident_bytes": plan.resident_bytes, "streamed_bytes": plan.streamed_bytes,
             "kv_bytes": plan.kv_bytes, "kv_resident_tokens": plan.kv_resident_tokens,
             "smallest_budget": plan.fixed_bytes, "shortlist": plan.shortlist,
-            "prefill_batch": plan.prefill_batch}}
+            "prefill_batch": plan.prefill_batch, "head_resident_rows": head_rows}
 
 
 def peer(spec: dict) -> dict:
@@ -168,7 +177,26 @@ def _llama_perplexity(spec: dict, text: str) -> dict:
             "top1_agreement": None, "mean_kl": None}
 
 
-KINDS = {"speed": speed, "peer": peer, "quality": quality}
+def compute(spec: dict) -> dict:
+    """Decode seconds per token of a configuration with every weight resident under a
+    budget (the kernels a budget runs, no storage reads): the compute part of a prediction."""
+    from ..api import load
+
+    config = spec["config"]
+    model = load(config["store"], memory_budget=spec["budget"], ctx_size=spec["ctx"],
+                 threads=spec["threads"], head=config["head"], selector=config["selector"],
+                 sparsity=config["sparsity"], window=config["window"],
+                 cache_type=config["cache_type"])
+    text = Path(spec["prompt_file"]).read_text(encoding="utf-8")
+    ids = prompt_ids(lambda t: model.tokenize(t, add_special=False), text,
+                     spec["prompt_tokens"])
+    last = None
+    for last in model.stream(ids, max_tokens=spec["n"] + 1, temperature=0):  # noqa: B007
+        pass
+    return {"status": "ok", "compute_s": 1.0 / last.generation_tps}
+
+
+KINDS = {"speed": speed, "peer": peer, "quality": quality, "compute": compute}
 
 
 def main() -> None:

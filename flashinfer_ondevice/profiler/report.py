@@ -64,13 +64,13 @@ def rows(result: dict) -> list[list[str]]:
         head = [name, cell["setting"] or "", cell["budget"], _mb(cell["limit"]) or "none"]
         status = cell["status"]
         if status == "refused":
-            out.append(head + [f"refused: needs >= {_mb(cell['smallest'])} MB"] + [""] * 9)
+            out.append(head + [f"refused: needs >= {_mb(cell['smallest'])} MB"] + [""] * 10)
             continue
         if status != "ok":
             peak = cell.get("cgroup_peak") or cell.get("watched_peak")
             detail = f"OOM (limit {_mb(cell['limit'])} MB, peak {_mb(peak)} MB)" \
                 if status == "oom" else f"{status}: {cell.get('message', '')[:60]}"
-            out.append(head + [detail] + [""] * 9)
+            out.append(head + [detail] + [""] * 10)
             continue
         runs = cell["decode_tps_runs"]
         spread = f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else ""
@@ -79,8 +79,11 @@ def rows(result: dict) -> list[list[str]]:
         quality = result["quality"][cell["quality_key"]]
         peak = _mb(cell["peak_rss"]) + (f" / {_mb(cell['cgroup_peak'])}"
                                          if cell.get("cgroup_peak") else "")
+        predicted = cell.get("predicted")
         out.append(head + [
-            f"{cell['decode_tps']:.1f}{spread}", f"{cell['prompt_tps']:.0f}",
+            f"{cell['decode_tps']:.1f}{spread}",
+            "" if not predicted else f"{predicted['decode_tps']:.1f}",
+            f"{cell['prompt_tps']:.0f}",
             f"{cell['ttft_s']:.2f}", _mb(cell["bytes_per_token"]), split, peak,
             f"{quality['perplexity']:.3f}",
             "" if quality["top1_agreement"] is None else f"{quality['top1_agreement']:.1%}",
@@ -90,7 +93,8 @@ def rows(result: dict) -> list[list[str]]:
     return out
 
 
-HEADERS = ["system", "setting", "budget", "limit MB", "decode tok/s", "prompt tok/s",
+HEADERS = ["system", "setting", "budget", "limit MB", "decode tok/s", "predicted",
+           "prompt tok/s",
            "TTFT s", "MB read/token", "I/O / cache / compute ms", "peak RSS / cgroup MB",
            "perplexity", "top-1", "KL", "resident / streamed MB"]
 
@@ -120,3 +124,26 @@ def terminal(result: dict) -> str:
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
              for r in table]
     return "\n".join([_enforcement_line(result), *lines])
+
+
+PLAN_HEADERS = ["setting", "budget", "store", "head", "resident MB", "streamed MB/token",
+                "predicted tok/s", "I/O / compute ms"]
+
+
+def plan_table(result: dict) -> str:
+    """`profile --plan-only`: each cell's plan and predicted speed."""
+    table = [PLAN_HEADERS]
+    for cell in result["cells"]:
+        head = [cell["setting"], cell["budget"]]
+        if cell["status"] == "refused":
+            table.append(head + [f"refused: needs >= {_mb(cell['smallest'])} MB"] + [""] * 5)
+            continue
+        plan, predicted = cell["plan"], cell["predicted"]
+        table.append(head + [cell["config"]["store"].rsplit("/", 1)[-1],
+                             cell["config"]["head"], _mb(plan["resident_bytes"]),
+                             _mb(predicted["bytes_per_token"]),
+                             f"{predicted['decode_tps']:.1f}",
+                             f"{predicted['io_ms']:.1f} / {predicted['compute_ms']:.1f}"])
+    widths = [max(len(r[i]) for r in table) for i in range(len(PLAN_HEADERS))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+                     for r in table)

@@ -21,10 +21,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import FlashInferError
-from ..runtime.planner import parse_budget
+from ..runtime.planner import BudgetError, parse_budget
+from . import probe
+from .cell import config_of, plan_record
 from .limits import ChildRun, Enforcement, run_limited
 
 SCHEMA = "flashinfer-ondevice-profile/1"
+RESIDENT_BUDGET = 1 << 40  # "every weight resident under a budget" (compute calibration)
 # what each setting passes to load(); "default" is what run-model does unasked
 SETTINGS = {
     "default": {},
@@ -126,9 +129,10 @@ def _config_key(config: dict, text: Path, tokens: int, ctx: int) -> str:
 
 
 def sweep(options: SweepOptions, enforcement: Enforcement, baseline: int,
-          reference: Path, progress: bool = True) -> dict:
+          reference: Path, progress: bool = True, storage: dict | None = None) -> dict:
     """Run the whole profile; `reference`: the exact model's store quality is measured
-    against. Returns the result (report.py's schema)."""
+    against; `storage`: the probe (probe.py), for a prediction beside each measured cell.
+    Returns the result (report.py's schema)."""
     options.out.mkdir(parents=True, exist_ok=True)
     model_bytes = options.model.stat().st_size if options.model.is_file() else \
         sum(p.stat().st_size for p in options.model.rglob("*") if p.is_file())
@@ -163,6 +167,11 @@ def sweep(options: SweepOptions, enforcement: Enforcement, baseline: int,
                             "setting": setting, "budget": budget_text, "budget_bytes": budget,
                             "limit": limit, **_median(runs)})
     quality = _quality(options, results, text, reference, progress)
+    if storage is not None:
+        for cell in results:
+            if cell["system"] == "ours" and cell["status"] == "ok" and cell.get("plan"):
+                cell["predicted"] = _predict(options, cell["plan"], cell["config"],
+                                             cell["budget_bytes"] is not None, storage, prompt)
     return {"schema": SCHEMA, "model": str(options.model), "model_bytes": model_bytes,
             "baseline": baseline,
             "enforcement": {"kind": enforcement.kind, "enforced": enforcement.enforced,
@@ -173,6 +182,69 @@ def sweep(options: SweepOptions, enforcement: Enforcement, baseline: int,
                         "threads": options.threads, "ctx": options.ctx,
                         "quality_text": str(text), "quality_tokens": options.quality_tokens},
             "cells": results, "quality": quality}
+
+
+def _compute_seconds(options: SweepOptions, config: dict, budgeted: bool,
+                     prompt: dict) -> float:
+    """Compute seconds per token of `config` (cell.compute) with every weight resident, under
+    a budget (`budgeted`: the kernels a budget runs) or without one (the backend's prepared
+    forms), cached in the output folder."""
+    cache_file = options.out / "compute-cache.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    key = json.dumps([config, budgeted, options.threads, options.n], sort_keys=True)
+    if key not in cache:
+        spec = {"kind": "compute", "config": config,
+                "budget": RESIDENT_BUDGET if budgeted else None, **prompt}
+        result, _ = _child(spec, None, Enforcement("none", None, ""), [], options.timeout)
+        if result["status"] != "ok":
+            raise FlashInferError(f"compute rate of {config} could not be measured: "
+                                  f"{result.get('message')}")
+        cache[key] = result["compute_s"]
+        cache_file.write_text(json.dumps(cache, indent=1))
+    return cache[key]
+
+
+def _predict(options: SweepOptions, plan: dict, config: dict, budgeted: bool,
+             storage: dict, prompt: dict) -> dict:
+    from ..store.reader import open_store
+
+    rows = open_store(Path(config["store"])).config.vocab_size
+    return probe.predict(plan, _compute_seconds(options, config, budgeted, prompt), storage,
+                         plan["head_resident_rows"] / rows)
+
+
+def plan_only(options: SweepOptions, storage: dict, progress: bool = True) -> dict:
+    """Every (setting, budget) cell's plan and predicted speed, running nothing but the
+    compute calibration (cached)."""
+    from ..api import plan as plan_for
+
+    options.out.mkdir(parents=True, exist_ok=True)
+    model_bytes = options.model.stat().st_size if options.model.is_file() else \
+        sum(p.stat().st_size for p in options.model.rglob("*") if p.is_file())
+    text = options.quality_text or default_quality_text()
+    prompt = {"prompt_file": str(text), "prompt_tokens": options.prompt_tokens,
+              "n": options.n, "threads": options.threads, "ctx": options.ctx}
+    cells = []
+    for budget_text in options.budgets:
+        budget = budget_bytes(budget_text, model_bytes)
+        for setting in tqdm(options.settings, desc=f"plan {budget_text}", disable=not progress):
+            load = dict(SETTINGS[setting])
+            cell = {"system": "ours", "setting": setting, "budget": budget_text,
+                    "budget_bytes": budget}
+            try:
+                planned = plan_for(options.model, memory_budget=budget, ctx_size=options.ctx,
+                                   progress=False, **load)
+            except BudgetError as error:
+                cells.append({**cell, "status": "refused", "message": str(error),
+                              "smallest": error.smallest})
+                continue
+            record = plan_record(planned.plan)
+            config = config_of(planned.store.path, planned.plan, load)
+            cells.append({**cell, "status": "planned", "plan": record, "config": config,
+                          "predicted": _predict(options, record, config, budget is not None,
+                                                storage, prompt)})
+    return {"schema": SCHEMA + "+plan-only", "model": str(options.model), "cells": cells,
+            "probe": storage}
 
 
 def _quality(options: SweepOptions, results: list[dict], text: Path, reference: Path,

@@ -169,21 +169,27 @@ def _same_model(store: Store, paths: Sequence[Path],
     return found
 
 
-def open_store_session(path: str | Path, memory_budget: str | int | None = None,
+@dataclass
+class PlannedSession:
+    """What opening a store decides before reading a weight: the store (the one the budget
+    chose), its tokenizer, the context and the memory plan."""
+
+    store: Store
+    tokenizer: Tokenizer
+    ctx: int
+    plan: Plan
+    choice: str  # how the store was chosen among alternatives ("" when there was no choice)
+
+
+def plan_store_session(path: str | Path, memory_budget: str | int | None = None,
                        ctx_size: int | None = None, verify: bool = False,
-                       on_plan: Callable[[str], None] | None = None, stream_all: bool = False,
-                       selector: str | None = None, sparsity: float | None = None,
-                       window: int | None = None, head: str = "auto",
-                       quality: str = "auto", alternatives: Sequence[Path] = (),
-                       backend: Backend | None = None, prepare: bool = False,
-                       cache_type: str = "f16") -> Session:
-    """A session on the flash store at `path` (the arguments are load()'s, see api.py), or,
-    under a budget, on whichever of it and `alternatives` (other stores of the same model)
-    `quality` chooses (runtime/store_choice.py). `backend` computes (default: the default
-    backend); `prepare` lets it keep resident matrices in its own form, which happens only
-    without a budget (the planner counts codec bytes) and unless `quality` is "exact" (its
-    forms may round activations). Store builders leave `prepare` off: they read bytes."""
-    backend = backend or make_backend()
+                       stream_all: bool = False, selector: str | None = None,
+                       sparsity: float | None = None, window: int | None = None,
+                       head: str = "auto", quality: str = "auto",
+                       alternatives: Sequence[Path] = (),
+                       cache_type: str = "f16") -> PlannedSession:
+    """The plan open_store_session would run with (same arguments), reading no weight: what
+    `run-model profile --plan-only` predicts from."""
     check_cache_type(cache_type)
     if quality not in store_choice.QUALITY_MODES:
         raise FlashInferError(f"unknown quality {quality!r} (use "
@@ -218,6 +224,29 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
             store = chosen.store       # plan, stays
             if verify:
                 open_store(store.path, verify=True)
+    return PlannedSession(store, tokenizer, ctx, plan, choice)
+
+
+def open_store_session(path: str | Path, memory_budget: str | int | None = None,
+                       ctx_size: int | None = None, verify: bool = False,
+                       on_plan: Callable[[str], None] | None = None, stream_all: bool = False,
+                       selector: str | None = None, sparsity: float | None = None,
+                       window: int | None = None, head: str = "auto",
+                       quality: str = "auto", alternatives: Sequence[Path] = (),
+                       backend: Backend | None = None, prepare: bool = False,
+                       cache_type: str = "f16") -> Session:
+    """A session on the flash store at `path` (the arguments are load()'s, see api.py), or,
+    under a budget, on whichever of it and `alternatives` (other stores of the same model)
+    `quality` chooses (runtime/store_choice.py). `backend` computes (default: the default
+    backend); `prepare` lets it keep resident matrices in its own form, which happens only
+    without a budget (the planner counts codec bytes) and unless `quality` is "exact" (its
+    forms may round activations). Store builders leave `prepare` off: they read bytes."""
+    backend = backend or make_backend()
+    planned = plan_store_session(path, memory_budget, ctx_size, verify, stream_all, selector,
+                                 sparsity, window, head, quality, alternatives, cache_type)
+    store, tokenizer, ctx, plan, choice = (planned.store, planned.tokenizer, planned.ctx,
+                                           planned.plan, planned.choice)
+    budget = plan.budget
     if on_plan is not None:
         on_plan(plan.describe(store) + (f"\n{choice}" if choice else ""))
     reader = DirectReader(store.path / "weights.bin")
