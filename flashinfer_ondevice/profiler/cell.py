@@ -26,6 +26,9 @@ import numpy as np
 from ..errors import FlashInferError
 from ..runtime.planner import BudgetError, Plan
 
+RESIDENT_BUDGET = 1 << 40  # a budget that holds every weight: a budgeted run's kernels, no
+# storage reads (what quality and the compute part of a prediction are measured with)
+
 
 def read_bytes() -> int:
     """Bytes this process has read from storage (Linux; 0 elsewhere)."""
@@ -87,9 +90,12 @@ def speed(spec: dict) -> dict:
 
 
 def config_of(store: Path, plan: Plan | None, load: dict) -> dict:
-    """The configuration the logits come from: what quality is measured for."""
+    """The configuration the logits come from: what quality is measured for. `budgeted`:
+    whether it ran under a budget (without one the cpu backend multiplies resident matrices
+    with int8 activations, which changes the logits a little)."""
     sparse = plan.sparse if plan is not None else None
     return {"store": str(store), "cache_type": load.get("cache_type", "f16"),
+            "budgeted": plan is not None and plan.budget is not None,
             "head": "shortlist" if plan is not None and plan.shortlist else "exact",
             "selector": sparse.selector if sparse else "dense",
             "sparsity": sparse.sparsity if sparse else None,
@@ -140,11 +146,12 @@ def quality(spec: dict) -> dict:
 
     config = spec["config"]
     model = load(config["store"], ctx_size=spec["ctx"], threads=spec["threads"],
-                    head=config["head"], selector=config["selector"],
-                    sparsity=config["sparsity"], window=config["window"],
-                    cache_type=config["cache_type"], quality=config["quality"])
+                 memory_budget=RESIDENT_BUDGET if config["budgeted"] else None,
+                 head=config["head"], selector=config["selector"],
+                 sparsity=config["sparsity"], window=config["window"],
+                 cache_type=config["cache_type"], quality=config["quality"])
     reference = load(spec["reference"], ctx_size=spec["ctx"], threads=spec["threads"],
-                        selector="dense", head="exact", quality="exact")
+                     selector="dense", head="exact", quality="exact")
     report = evaluate(model, text, spec["ctx"], spec["tokens"], reference)
     return {"status": "ok", "tokens": report.tokens, "perplexity": report.perplexity,
             "top1_agreement": report.top1_agreement, "mean_kl": report.mean_kl}
@@ -178,12 +185,14 @@ def _llama_perplexity(spec: dict, text: str) -> dict:
 
 
 def compute(spec: dict) -> dict:
-    """Decode seconds per token of a configuration with every weight resident under a
-    budget (the kernels a budget runs, no storage reads): the compute part of a prediction."""
+    """Decode seconds per token of a configuration with every weight resident (under a
+    budget if it ran under one: the kernels a budget runs), no storage reads: the compute
+    part of a prediction."""
     from ..api import load
 
     config = spec["config"]
-    model = load(config["store"], memory_budget=spec["budget"], ctx_size=spec["ctx"],
+    model = load(config["store"], ctx_size=spec["ctx"],
+                 memory_budget=RESIDENT_BUDGET if config["budgeted"] else None,
                  threads=spec["threads"], head=config["head"], selector=config["selector"],
                  sparsity=config["sparsity"], window=config["window"],
                  cache_type=config["cache_type"])
@@ -196,7 +205,21 @@ def compute(spec: dict) -> dict:
     return {"status": "ok", "compute_s": 1.0 / last.generation_tps}
 
 
-KINDS = {"speed": speed, "peer": peer, "quality": quality, "compute": compute}
+def plan(spec: dict) -> dict:
+    """The plan load() would run with under the budget, reading no weight (a fresh process:
+    the plan depends on what the process holds above its baseline)."""
+    from ..api import plan as plan_for
+
+    try:
+        planned = plan_for(spec["model"], memory_budget=spec["budget"], ctx_size=spec["ctx"],
+                           progress=False, **spec["load"])
+    except BudgetError as error:
+        return {"status": "refused", "message": str(error), "smallest": error.smallest}
+    return {"status": "planned", "plan": plan_record(planned.plan),
+            "config": config_of(planned.store.path, planned.plan, spec["load"])}
+
+
+KINDS = {"speed": speed, "peer": peer, "quality": quality, "compute": compute, "plan": plan}
 
 
 def main() -> None:

@@ -21,13 +21,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import FlashInferError
-from ..runtime.planner import BudgetError, parse_budget
+from ..runtime.planner import parse_budget
 from . import probe
-from .cell import config_of, plan_record
 from .limits import ChildRun, Enforcement, run_limited
 
 SCHEMA = "flashinfer-ondevice-profile/1"
-RESIDENT_BUDGET = 1 << 40  # "every weight resident under a budget" (compute calibration)
 # what each setting passes to load(); "default" is what run-model does unasked
 SETTINGS = {
     "default": {},
@@ -170,8 +168,8 @@ def sweep(options: SweepOptions, enforcement: Enforcement, baseline: int,
     if storage is not None:
         for cell in results:
             if cell["system"] == "ours" and cell["status"] == "ok" and cell.get("plan"):
-                cell["predicted"] = _predict(options, cell["plan"], cell["config"],
-                                             cell["budget_bytes"] is not None, storage, prompt)
+                cell["predicted"] = _predict(options, cell["plan"], cell["config"], storage,
+                                             prompt)
     return {"schema": SCHEMA, "model": str(options.model), "model_bytes": model_bytes,
             "baseline": baseline,
             "enforcement": {"kind": enforcement.kind, "enforced": enforcement.enforced,
@@ -184,17 +182,13 @@ def sweep(options: SweepOptions, enforcement: Enforcement, baseline: int,
             "cells": results, "quality": quality}
 
 
-def _compute_seconds(options: SweepOptions, config: dict, budgeted: bool,
-                     prompt: dict) -> float:
-    """Compute seconds per token of `config` (cell.compute) with every weight resident, under
-    a budget (`budgeted`: the kernels a budget runs) or without one (the backend's prepared
-    forms), cached in the output folder."""
+def _compute_seconds(options: SweepOptions, config: dict, prompt: dict) -> float:
+    """Compute seconds per token of `config` (cell.compute), cached in the output folder."""
     cache_file = options.out / "compute-cache.json"
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    key = json.dumps([config, budgeted, options.threads, options.n], sort_keys=True)
+    key = json.dumps([config, options.threads, options.n], sort_keys=True)
     if key not in cache:
-        spec = {"kind": "compute", "config": config,
-                "budget": RESIDENT_BUDGET if budgeted else None, **prompt}
+        spec = {"kind": "compute", "config": config, **prompt}
         result, _ = _child(spec, None, Enforcement("none", None, ""), [], options.timeout)
         if result["status"] != "ok":
             raise FlashInferError(f"compute rate of {config} could not be measured: "
@@ -204,20 +198,18 @@ def _compute_seconds(options: SweepOptions, config: dict, budgeted: bool,
     return cache[key]
 
 
-def _predict(options: SweepOptions, plan: dict, config: dict, budgeted: bool,
-             storage: dict, prompt: dict) -> dict:
+def _predict(options: SweepOptions, plan: dict, config: dict, storage: dict,
+             prompt: dict) -> dict:
     from ..store.reader import open_store
 
     rows = open_store(Path(config["store"])).config.vocab_size
-    return probe.predict(plan, _compute_seconds(options, config, budgeted, prompt), storage,
+    return probe.predict(plan, _compute_seconds(options, config, prompt), storage,
                          plan["head_resident_rows"] / rows)
 
 
 def plan_only(options: SweepOptions, storage: dict, progress: bool = True) -> dict:
-    """Every (setting, budget) cell's plan and predicted speed, running nothing but the
-    compute calibration (cached)."""
-    from ..api import plan as plan_for
-
+    """Every (setting, budget) cell's plan (each in a fresh child, as the cell would plan it)
+    and predicted speed, running nothing but the compute calibration (cached)."""
     options.out.mkdir(parents=True, exist_ok=True)
     model_bytes = options.model.stat().st_size if options.model.is_file() else \
         sum(p.stat().st_size for p in options.model.rglob("*") if p.is_file())
@@ -228,21 +220,18 @@ def plan_only(options: SweepOptions, storage: dict, progress: bool = True) -> di
     for budget_text in options.budgets:
         budget = budget_bytes(budget_text, model_bytes)
         for setting in tqdm(options.settings, desc=f"plan {budget_text}", disable=not progress):
-            load = dict(SETTINGS[setting])
             cell = {"system": "ours", "setting": setting, "budget": budget_text,
                     "budget_bytes": budget}
-            try:
-                planned = plan_for(options.model, memory_budget=budget, ctx_size=options.ctx,
-                                   progress=False, **load)
-            except BudgetError as error:
-                cells.append({**cell, "status": "refused", "message": str(error),
-                              "smallest": error.smallest})
-                continue
-            record = plan_record(planned.plan)
-            config = config_of(planned.store.path, planned.plan, load)
-            cells.append({**cell, "status": "planned", "plan": record, "config": config,
-                          "predicted": _predict(options, record, config, budget is not None,
-                                                storage, prompt)})
+            spec = {"kind": "plan", "model": str(options.model), "budget": budget,
+                    "load": SETTINGS[setting], "ctx": options.ctx}
+            result, _ = _child(spec, None, Enforcement("none", None, ""), [], options.timeout)
+            for key in ("cgroup_peak", "watched_peak", "memory_trace"):
+                result.pop(key)
+            cell.update(result)
+            if result["status"] == "planned":
+                cell["predicted"] = _predict(options, result["plan"], result["config"],
+                                             storage, prompt)
+            cells.append(cell)
     return {"schema": SCHEMA + "+plan-only", "model": str(options.model), "cells": cells,
             "probe": storage}
 
