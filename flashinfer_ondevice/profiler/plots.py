@@ -36,6 +36,24 @@ def _series(result: dict, key: str) -> dict[str, list[tuple[float, float]]]:
     return series
 
 
+def _label_points(ax, points: list[tuple[float, float, str, bool]]) -> None:
+    """Label each point to its right; among points close in x, labels are kept at least a
+    line apart (moved down where needed) so none is drawn over another."""
+    ax.autoscale_view()
+    to_display = ax.transData.transform
+    per_point = 72 / ax.figure.dpi  # display pixels -> points
+    xs = [p[0] for p in points]
+    x_span = (max(xs) - min(xs)) or 1.0
+    placed: list[tuple[float, float]] = []  # (x, label's display y)
+    for x, y, label, _ in sorted(points, key=lambda p: -p[1]):
+        _, y_display = to_display((x, y))
+        below = [ly for px, ly in placed if abs(px - x) < 0.15 * x_span]
+        label_y = min([y_display] + [ly - 11 / per_point for ly in below])
+        placed.append((x, label_y))
+        ax.annotate(label, (x, y), fontsize=7, textcoords="offset points",
+                    xytext=(6, (label_y - y_display) * per_point - 3))
+
+
 def write(result: dict, folder: Path) -> list[Path]:
     """Write the PNGs into `folder`; their paths."""
     import matplotlib
@@ -51,7 +69,7 @@ def write(result: dict, folder: Path) -> list[Path]:
         plt.close(fig)
         written.append(folder / name)
 
-    name = Path(result["model"]).name
+    model = Path(result["model"]).name
     for key, scale, ylabel, title, file in (
             ("decode_tps", 1.0, "decode tokens per second", "Decode speed", PLOTS[0]),
             ("bytes_per_token", 1e6, "MB read from storage per token", "Storage reads",
@@ -63,26 +81,34 @@ def write(result: dict, folder: Path) -> list[Path]:
             ax.plot([p[0] for p in points], [p[1] / scale for p in points], style, label=label)
         ax.set_xlabel("memory budget above baseline (MB)")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{title} against the budget: {name}")
+        ax.set_title(f"{title} against the budget: {model}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         save(fig, file)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = []  # (perplexity, tok/s, label, ours)
     for cell in result["cells"]:
         if cell["status"] != "ok":
             continue
         quality = result["quality"][cell["quality_key"]]
         ours = cell["system"] == "ours"
-        ax.scatter(quality["perplexity"], cell["decode_tps"], marker="o" if ours else "s",
-                   color="tab:blue" if ours else "tab:orange")
-        ax.annotate(f"{_label(cell).split(': ', 1)[1]} @ {cell['budget']}",
-                    (quality["perplexity"], cell["decode_tps"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+        who = cell["setting"] if ours else "llama.cpp" + (
+            "" if cell["model"] == result["model"] else f" {Path(cell['model']).name}")
+        points.append((quality["perplexity"], cell["decode_tps"], f"{who} @ {cell['budget']}",
+                       ours))
+    for ours, color, marker, name in ((True, "tab:blue", "o", "ours"),
+                                      (False, "tab:orange", "s", "llama.cpp")):
+        chosen = [p for p in points if p[3] == ours]
+        if chosen:
+            ax.scatter([p[0] for p in chosen], [p[1] for p in chosen], color=color,
+                       marker=marker, label=name, zorder=3)
+    _label_points(ax, points)
     ax.set_xlabel("perplexity on held-out text (lower is better)")
     ax.set_ylabel("decode tokens per second")
-    ax.set_title(f"Speed against quality (blue: ours, orange: llama.cpp): {name}")
+    ax.set_title(f"Speed against quality: {model}")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     save(fig, PLOTS[2])
 
     traced = [c for c in result["cells"] if c.get("memory_trace") and c["limit"]

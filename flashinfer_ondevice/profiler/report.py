@@ -138,6 +138,10 @@ def plan_table(result: dict) -> str:
         if cell["status"] == "refused":
             table.append(head + [f"refused: needs >= {_mb(cell['smallest'])} MB"] + [""] * 5)
             continue
+        if cell["status"] != "planned":
+            table.append(head + [f"{cell['status']}: {cell.get('message', '')[:70]}"]
+                         + [""] * 5)
+            continue
         plan, predicted = cell["plan"], cell["predicted"]
         table.append(head + [cell["config"]["store"].rsplit("/", 1)[-1],
                              cell["config"]["head"], _mb(plan["resident_bytes"]),
