@@ -157,6 +157,9 @@ def quality(spec: dict) -> dict:
             "top1_agreement": report.top1_agreement, "mean_kl": report.mean_kl}
 
 
+SCORE_ROWS = 32  # positions whose log-softmax is computed at once
+
+
 def _llama_perplexity(spec: dict, text: str) -> dict:
     """Perplexity of llama.cpp on a GGUF, chunked as evaluate() chunks (BOS + ctx - 1)."""
     from llama_cpp import Llama
@@ -174,11 +177,14 @@ def _llama_perplexity(spec: dict, text: str) -> dict:
             break
         llm.reset()
         llm.eval(chunk[:-1])
-        logits = np.asarray(llm.scores[:len(chunk) - 1], dtype=np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        targets = np.asarray(chunk[1:])
-        nll -= float(logp[np.arange(1, len(chunk) - 1), targets[1:]].sum())  # not BOS's
+        # positions 1.. (BOS's prediction is not scored), a block of rows at a time: a row
+        # is the whole vocabulary (262k floats for Gemma 3)
+        for start in range(1, len(chunk) - 1, SCORE_ROWS):
+            end = min(start + SCORE_ROWS, len(chunk) - 1)
+            rows = np.array(llm.scores[start:end], dtype=np.float32)
+            top = rows.max(axis=1)
+            lse = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
+            nll -= float((rows[np.arange(end - start), chunk[start + 1:end + 1]] - lse).sum())
         scored += len(chunk) - 2
     return {"tokens": scored, "perplexity": float(np.exp(nll / scored)),
             "top1_agreement": None, "mean_kl": None}
