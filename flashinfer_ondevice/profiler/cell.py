@@ -16,7 +16,6 @@ Kinds of cell (SPEC["kind"]):
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FlashInferError
+from ..memory import peak_rss_bytes
 from ..runtime.planner import BudgetError, Plan
 
 RESIDENT_BUDGET = 1 << 40  # a budget that holds every weight: a budgeted run's kernels, no
@@ -39,11 +39,6 @@ def read_bytes() -> int:
     except OSError:
         pass
     return 0
-
-
-def _peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def prompt_ids(tokenize, text: str, n: int) -> list[int]:
@@ -84,7 +79,7 @@ def speed(spec: dict) -> dict:
         "ttft_s": ttft, "bytes_per_token": (read_bytes() - read_start) / decoded,
         "io_wait_ms": io_wait * 1000, "cache_ms": cache * 1000,
         "compute_ms": max(0.0, seconds / decoded - io_wait - cache) * 1000,
-        "kv_spill_per_token": last.kv_bytes_read / decoded, "peak_rss": _peak_rss(),
+        "kv_spill_per_token": last.kv_bytes_read / decoded, "peak_rss": peak_rss_bytes(),
         "config": config_of(model.path, model.plan, spec["load"]),
         "plan": plan_record(model.plan)}
 
@@ -132,7 +127,7 @@ def peer(spec: dict) -> dict:
     seconds = time.perf_counter() - decode_start
     return {"status": "ok", "decode_tps": spec["n"] / seconds, "prompt_tps": len(ids) / ttft,
             "ttft_s": ttft, "bytes_per_token": (read_bytes() - read_start) / spec["n"],
-            "peak_rss": _peak_rss()}
+            "peak_rss": peak_rss_bytes()}
 
 
 def quality(spec: dict) -> dict:

@@ -78,6 +78,13 @@ def parse_settings(text: str) -> list[str]:
     return names
 
 
+def _model_bytes(model: Path) -> int:
+    """What a percentage budget is a percentage of: the model file (or folder)'s bytes."""
+    if model.is_file():
+        return model.stat().st_size
+    return sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
+
+
 def budget_bytes(text: str, model_bytes: int) -> int | None:
     return None if text.strip().lower() == "none" else parse_budget(text, model_bytes)
 
@@ -135,8 +142,7 @@ def sweep(options: SweepOptions, enforcement: Enforcement, baseline: int,
     against; `storage`: the probe (probe.py), for a prediction beside each measured cell.
     Returns the result (report.py's schema)."""
     options.out.mkdir(parents=True, exist_ok=True)
-    model_bytes = options.model.stat().st_size if options.model.is_file() else \
-        sum(p.stat().st_size for p in options.model.rglob("*") if p.is_file())
+    model_bytes = _model_bytes(options.model)
     text = options.quality_text or default_quality_text()
     prompt = {"prompt_file": str(text), "prompt_tokens": options.prompt_tokens, "n": options.n,
               "threads": options.threads, "ctx": options.ctx}
@@ -214,8 +220,7 @@ def plan_only(options: SweepOptions, storage: dict, progress: bool = True) -> di
     """Every (setting, budget) cell's plan (each in a fresh child, as the cell would plan it)
     and predicted speed, running nothing but the compute calibration (cached)."""
     options.out.mkdir(parents=True, exist_ok=True)
-    model_bytes = options.model.stat().st_size if options.model.is_file() else \
-        sum(p.stat().st_size for p in options.model.rglob("*") if p.is_file())
+    model_bytes = _model_bytes(options.model)
     text = options.quality_text or default_quality_text()
     prompt = {"prompt_file": str(text), "prompt_tokens": options.prompt_tokens,
               "n": options.n, "threads": options.threads, "ctx": options.ctx}
