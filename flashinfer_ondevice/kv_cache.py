@@ -104,7 +104,7 @@ class _LayerCache:
                  window: int | None, spill_layer: int | None = None):
         dtype = CACHE_TYPES[cache_type]
         # a spilling ring is written to the spill file straight from its pages (O_DIRECT)
-        empty = _empty if spill_layer is None else _empty_aligned
+        empty = np.empty if spill_layer is None else _empty_aligned
         self.window = window
         self.spill_layer = spill_layer  # this layer's index in the spill file, if it spills
         self.spilled = 0  # blocks written to the spill file (positions 0..spilled * BLOCK)
@@ -137,10 +137,6 @@ class _LayerCache:
             return None if a is None else np.ascontiguousarray(a[:, slots])
         return KVEntries(take(self.keys), take(self.values), take(self.key_scales),
                          take(self.value_scales), self.positions[slots], len(slots))
-
-
-def _empty(shape: tuple[int, ...], dtype: type) -> np.ndarray:
-    return np.empty(shape, dtype)
 
 
 def _empty_aligned(shape: tuple[int, ...], dtype: type) -> np.ndarray:
@@ -192,7 +188,7 @@ class KVCache:
         if resident is not None:
             if spill_dir is None:
                 raise FlashInferError("a spilling KV cache needs a directory for its file")
-            self.spill = SpillFile(spill_dir, _global_layers(config), config.n_kv_heads,
+            self.spill = SpillFile(spill_dir, config.n_kv_heads,
                                    _spilled_blocks(max_tokens, resident),
                                    *_spilled_arrays(config, cache_type))
         spill_index = iter(range(config.n_layers))

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FlashInferError
-from .memory import PAGE, aligned_buffer
+from .memory import aligned_buffer, aligned_nbytes
 from .stats import IOStats
 
 BLOCK = 1024  # positions per spilled block
@@ -45,22 +45,24 @@ class SpillError(FlashInferError):
 
 
 class SpillFile:
-    """Spilled blocks of `layers` global layers, `max_blocks` at most per layer, of arrays
-    of `dtypes` whose one position of one kv head has shape `row_shapes`: (head_dim,) for
-    keys and values, () for scales."""
+    """Spilled blocks of global layers (numbered 0, 1, ... in the file), `max_blocks` at most
+    per layer, of arrays of `dtypes` whose one position of one kv head has shape
+    `row_shapes`: (head_dim,) for keys and values, () for scales."""
 
-    def __init__(self, directory: Path, layers: int, kv_heads: int, max_blocks: int,
+    def __init__(self, directory: Path, kv_heads: int, max_blocks: int,
                  dtypes: list[np.dtype], row_shapes: list[tuple[int, ...]]):
         self.kv_heads, self.max_blocks = kv_heads, max_blocks
         self.dtypes, self.row_shapes = dtypes, row_shapes
-        self.entry_nbytes = entry_nbytes(dtypes, row_shapes)
-        self.block_nbytes = [BLOCK * n for n in self.entry_nbytes]  # one head, one block
-        self.layers = layers
-        self.chunk_blocks = chunk_blocks(kv_heads, self.entry_nbytes, max_blocks)
+        entry = entry_nbytes(dtypes, row_shapes)
+        self.block_nbytes = [BLOCK * n for n in entry]  # one head, one block
+        regions = [kv_heads * max_blocks * n for n in self.block_nbytes]  # one layer's arrays
+        self._array_offsets = [sum(regions[:a]) for a in range(len(regions))]
+        self._layer_nbytes = sum(regions)
+        self.chunk_blocks = chunk_blocks(kv_heads, entry, max_blocks)
         self.stats = IOStats()  # bytes_read: spilled KV read back
         self.bytes_written = 0
         self._crcs: dict[tuple[int, int, int, int], int] = {}  # (layer, array, head, block)
-        self._fd, self.direct = _open_unlinked(directory)
+        self._fd = _open_unlinked(directory)
         self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="fi-kv-spill")
         self._close = weakref.finalize(self, _close, self._fd, self._pool)
         self._staging = [[aligned_buffer(kv_heads * self.chunk_blocks * n)
@@ -72,16 +74,15 @@ class SpillFile:
         """DRAM of the two staged chunks (what the planner counts on top of the rings)."""
         entry = entry_nbytes(dtypes, row_shapes)
         blocks = chunk_blocks(kv_heads, entry, max_blocks)
-        return 2 * sum(_pages(kv_heads * blocks * BLOCK * n) for n in entry)
+        return 2 * sum(aligned_nbytes(kv_heads * blocks * BLOCK * n) for n in entry)
 
     @property
     def staging_bytes(self) -> int:
         return sum(b.nbytes for slot in self._staging for b in slot)
 
     def _offset(self, layer: int, array: int, head: int, block: int) -> int:
-        before = sum(self.kv_heads * self.max_blocks * n for n in self.block_nbytes[:array])
-        region = layer * sum(self.kv_heads * self.max_blocks * n for n in self.block_nbytes)
-        return region + before + (head * self.max_blocks + block) * self.block_nbytes[array]
+        return layer * self._layer_nbytes + self._array_offsets[array] \
+            + (head * self.max_blocks + block) * self.block_nbytes[array]
 
     def write(self, layer: int, block: int, arrays: list[np.ndarray]) -> None:
         """Write block `block` of `layer`: arrays[a] (kv_heads, BLOCK, ...) C-contiguous per
@@ -190,13 +191,9 @@ def chunk_blocks(kv_heads: int, entry_nbytes: list[int], max_blocks: int) -> int
     return max(1, min(max_blocks, READ_BYTES // (kv_heads * BLOCK * sum(entry_nbytes))))
 
 
-def _pages(nbytes: int) -> int:
-    return max(PAGE, -(-nbytes // PAGE) * PAGE)
-
-
-def _open_unlinked(directory: Path) -> tuple[int, bool]:
+def _open_unlinked(directory: Path) -> int:
     """A new file in `directory`, opened for direct I/O where the filesystem allows, and
-    already unlinked; (descriptor, direct)."""
+    already unlinked."""
     try:
         fd, path = tempfile.mkstemp(prefix=".kv-spill-", dir=directory)
     except OSError as error:
@@ -204,10 +201,9 @@ def _open_unlinked(directory: Path) -> tuple[int, bool]:
     os.close(fd)
     try:
         try:
-            return os.open(path, os.O_RDWR | getattr(os, "O_DIRECT", 0)), \
-                hasattr(os, "O_DIRECT")
+            return os.open(path, os.O_RDWR | getattr(os, "O_DIRECT", 0))
         except OSError:  # no O_DIRECT on this filesystem (tmpfs)
-            return os.open(path, os.O_RDWR), False
+            return os.open(path, os.O_RDWR)
     finally:
         os.unlink(path)
 

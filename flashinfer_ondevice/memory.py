@@ -32,11 +32,15 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def aligned_nbytes(nbytes: int) -> int:
+    """What an aligned_buffer of `nbytes` takes: whole pages, at least one."""
+    return max(PAGE, -(-nbytes // PAGE) * PAGE)
+
+
 def aligned_buffer(nbytes: int) -> np.ndarray:
     """A page-aligned, zero-filled uint8 buffer (anonymous mmap), as O_DIRECT requires; its
     pages are committed as they are written."""
-    size = max(PAGE, -(-nbytes // PAGE) * PAGE)
-    return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
+    return np.frombuffer(mmap.mmap(-1, aligned_nbytes(nbytes)), dtype=np.uint8)
 
 
 def release_pages(buffer: np.ndarray) -> None:

@@ -32,7 +32,7 @@ def test_a_child_over_an_enforced_limit_is_reported_as_oom():
     over = limits.run_limited(python(ALLOCATE.format(mb=300)), 100 << 20, enforcement)
     assert over.oom_killed and over.returncode != 0
     # the profiler's cell runner turns it into a result, not an exception
-    result, _ = sweep._child({"kind": "speed"}, 20 << 20, enforcement, [], 60)
+    result = sweep._child({"kind": "speed"}, 20 << 20, enforcement, [], 60)
     assert result["status"] == "oom"
 
 

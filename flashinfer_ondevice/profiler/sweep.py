@@ -41,6 +41,7 @@ DEFAULT_SETTINGS = ("default", "exact")
 QUALITY_TEXT = "heldout-mpl-2.0.txt"  # package data, never the calibration text
 CTX = 512  # context of every cell and of quality's chunks (or the model's, if smaller)
 PROMPT_TOKENS = 64  # prompt of a speed cell
+UNLIMITED = Enforcement("none", None, "not measured for memory")
 TRACE_POINTS = 200  # samples of memory over time kept per cell (its first run)
 
 
@@ -90,26 +91,46 @@ def budget_bytes(text: str, model_bytes: int) -> int | None:
 
 
 def _child(spec: dict, limit: int | None, enforcement: Enforcement, cold: list[Path],
-           timeout: float) -> tuple[dict, ChildRun]:
-    """Run one cell; its JSON result, or a status saying how it ended."""
-    run = run_limited([sys.executable, "-m", "flashinfer_ondevice.profiler.cell",
-                       json.dumps(spec)], limit, enforcement, cold, timeout)
-    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
-    if run.returncode == 0 and lines:
-        result = json.loads(lines[-1])
-    elif run.oom_killed:
-        result = {"status": "oom", "message": f"killed by the {limit}-byte limit"}
-    elif run.returncode is None:
-        result = {"status": "timeout", "message": f"no result within {timeout:.0f} s"}
-    else:
-        said = [line for line in run.stderr.splitlines() if line.strip()]
-        result = {"status": "error", "message": said[-1][-300:] if said else
-                  f"exit status {run.returncode}"}
+           timeout: float | None) -> dict:
+    """Run one cell under `limit`: its JSON result, or a status saying how it ended, with the
+    memory it took (peaks, and a trace of its first TRACE_POINTS samples' worth)."""
+    run = run_limited(_command(spec), limit, enforcement, cold, timeout)
+    result = _outcome(run, limit, timeout)
     result["cgroup_peak"] = run.cgroup_peak
     result["watched_peak"] = run.watched_peak
     step = max(1, len(run.trace) // TRACE_POINTS)
     result["memory_trace"] = [list(sample) for sample in run.trace[::step]]
-    return result, run
+    return result
+
+
+def _command(spec: dict) -> list[str]:
+    return [sys.executable, "-m", "flashinfer_ondevice.profiler.cell", json.dumps(spec)]
+
+
+def _unlimited(spec: dict, timeout: float | None) -> dict:
+    """Run a cell that is not measured for memory (quality, compute rate, plan)."""
+    run = run_limited(_command(spec), None, UNLIMITED, [], timeout)
+    return _outcome(run, None, timeout)
+
+
+def _outcome(run: ChildRun, limit: int | None, timeout: float | None) -> dict:
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    if run.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    if run.oom_killed:
+        return {"status": "oom", "message": f"killed by the {limit}-byte limit"}
+    if run.returncode is None:
+        return {"status": "timeout", "message": f"no result within {timeout:.0f} s"}
+    said = [line for line in run.stderr.splitlines() if line.strip()]
+    return {"status": "error", "message": said[-1][-300:] if said else
+            f"exit status {run.returncode}"}
+
+
+def _prompt(options: SweepOptions) -> tuple[Path, dict]:
+    """The held-out text, and what every speed or compute cell is asked to run on it."""
+    text = options.quality_text or default_quality_text()
+    return text, {"prompt_file": str(text), "prompt_tokens": options.prompt_tokens,
+                  "n": options.n, "threads": options.threads, "ctx": options.ctx}
 
 
 def _median(runs: list[dict]) -> dict:
@@ -143,9 +164,7 @@ def sweep(options: SweepOptions, enforcement: Enforcement, baseline: int,
     Returns the result (report.py's schema)."""
     options.out.mkdir(parents=True, exist_ok=True)
     model_bytes = _model_bytes(options.model)
-    text = options.quality_text or default_quality_text()
-    prompt = {"prompt_file": str(text), "prompt_tokens": options.prompt_tokens, "n": options.n,
-              "threads": options.threads, "ctx": options.ctx}
+    text, prompt = _prompt(options)
     cells = [("ours", s, b) for b in options.budgets for s in options.settings] + \
         [(str(p), None, b) for b in options.budgets for p in options.peers]
     results = []
@@ -163,7 +182,7 @@ def sweep(options: SweepOptions, enforcement: Enforcement, baseline: int,
                 cold = [Path(system)]
             runs = []
             for _ in range(options.runs):
-                result, _ = _child(spec, limit, enforcement, cold, options.timeout)
+                result = _child(spec, limit, enforcement, cold, options.timeout)
                 runs.append(result)
                 bar.update(1)
                 if result["status"] == "refused":  # the planner's answer does not change
@@ -198,7 +217,7 @@ def _compute_seconds(options: SweepOptions, config: dict, prompt: dict) -> float
     key = json.dumps([config, options.threads, options.n], sort_keys=True)
     if key not in cache:
         spec = {"kind": "compute", "config": config, **prompt}
-        result, _ = _child(spec, None, Enforcement("none", None, ""), [], options.timeout)
+        result = _unlimited(spec, options.timeout)
         if result["status"] != "ok":
             raise FlashInferError(f"compute rate of {config} could not be measured: "
                                   f"{result.get('message')}")
@@ -221,9 +240,7 @@ def plan_only(options: SweepOptions, storage: dict, progress: bool = True) -> di
     and predicted speed, running nothing but the compute calibration (cached)."""
     options.out.mkdir(parents=True, exist_ok=True)
     model_bytes = _model_bytes(options.model)
-    text = options.quality_text or default_quality_text()
-    prompt = {"prompt_file": str(text), "prompt_tokens": options.prompt_tokens,
-              "n": options.n, "threads": options.threads, "ctx": options.ctx}
+    _, prompt = _prompt(options)
     cells = []
     for budget_text in options.budgets:
         budget = budget_bytes(budget_text, model_bytes)
@@ -232,9 +249,7 @@ def plan_only(options: SweepOptions, storage: dict, progress: bool = True) -> di
                     "budget_bytes": budget}
             spec = {"kind": "plan", "model": str(options.model), "budget": budget,
                     "load": SETTINGS[setting], "ctx": options.ctx}
-            result, _ = _child(spec, None, Enforcement("none", None, ""), [], options.timeout)
-            for key in ("cgroup_peak", "watched_peak", "memory_trace"):
-                result.pop(key)
+            result = _unlimited(spec, options.timeout)
             cell.update(result)
             if result["status"] == "planned":
                 cell["predicted"] = _predict(options, result["plan"], result["config"],
@@ -265,7 +280,7 @@ def _quality(options: SweepOptions, results: list[dict], text: Path, reference: 
         config = wanted[key]
         spec = {**base, **({"gguf": config["gguf"]} if "gguf" in config else
                            {"config": config})}
-        result, _ = _child(spec, None, Enforcement("none", None, ""), [], None)
+        result = _unlimited(spec, None)
         if result["status"] == "ok":
             cache[key] = {"config": config, **{k: result[k] for k in
                                                ("tokens", "perplexity", "top1_agreement",
