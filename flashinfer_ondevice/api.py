@@ -12,6 +12,7 @@ are arguments of each call, as in ollama and llama-cpp-python.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ from .backends import BACKENDS, make_backend
 from .build.convert import convert_in_child
 from .chat import render_chat
 from .default_model import default_model_path, models_dir
-from .errors import ContextLengthError, FlashInferError
+from .errors import ArgumentError, ContextLengthError, FlashInferError
 from .generate import GenerationResponse, prefill, stream_generate
 from .kv_cache import check_cache_type
 from .loader import load_checkpoint
@@ -40,9 +41,11 @@ from .runtime.engine import (
     plan_store_session,
     process_baseline,
 )
-from .sampling import make_logits_processors, make_sampler
+from .sampling import check_sampling, make_logits_processors, make_sampler
 from .store.reader import is_store
+from .values import describe, integer, number
 
+MAX_LOGITS_BYTES = 2 << 30  # Model.logits: the largest (positions x vocabulary) array it returns
 REFERENCE = "reference"  # load(backend=...): the float32 numpy run of the source file itself
 
 
@@ -74,15 +77,22 @@ class Model:
 
     # tokens ---------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise ArgumentError(f"the text to tokenize must be a string, got {describe(text)}")
         return self.tokenizer.encode(text, add_special=add_special)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids))
+        return self.tokenizer.decode(self._token_ids(ids))
 
     def apply_chat_template(self, messages: list[dict[str, str]],
                             add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise FlashInferError("this model has no chat template")
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role",
+                                                                              "content"))
+                for m in messages):
+            raise ArgumentError("messages must be a list of {'role': str, 'content': str}")
         bos_id = self.tokenizer.bos_id
         bos = self.tokenizer.special_text(bos_id) if bos_id is not None else ""
         return render_chat(self.chat_template, messages, bos_token=bos,
@@ -100,6 +110,13 @@ class Model:
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Next-token logits at every position of `ids`: float32 (len(ids), vocab)."""
         ids = self._checked_ids(ids, reserve=0)
+        nbytes = len(ids) * self.config.vocab_size * 4
+        if nbytes > MAX_LOGITS_BYTES:
+            raise ArgumentError(
+                f"logits of {len(ids)} positions would take {nbytes / 1e9:.1f} GB (limit "
+                f"{MAX_LOGITS_BYTES / 1e9:.1f} GB): ask for at most "
+                f"{MAX_LOGITS_BYTES // (self.config.vocab_size * 4)} positions at a time "
+                "(run-model eval scores long texts in chunks)")
         cache = self.engine.new_cache(len(ids))
         try:
             return prefill(self.engine, ids, cache, all_logits=True)
@@ -112,10 +129,13 @@ class Model:
                min_p: float = 0.05, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: Sequence[str] = ()) -> Iterator[GenerationResponse]:
         """Yield a `GenerationResponse` per token; the last has `finish_reason` set."""
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        integer(max_tokens, "max_tokens", 1, 1 << 31, error=ArgumentError)
+        check_sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
+        if isinstance(stop, str) or not isinstance(stop, Sequence) or \
+                not all(isinstance(s, str) and s for s in stop):
+            raise ArgumentError("stop must be a list of non-empty strings")
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else self._token_ids(prompt)
         ids = self._checked_ids(ids, reserve=1)
-        if max_tokens < 1:
-            raise FlashInferError(f"max_tokens must be at least 1, got {max_tokens}")
         sampler = make_sampler(temperature, top_p, top_k, min_p, seed)
         processors = make_logits_processors(repetition_penalty)
         cache = self.engine.new_cache(self.ctx_size)
@@ -130,15 +150,26 @@ class Model:
         """The generated text; takes the arguments of `stream`."""
         return "".join(response.text for response in self.stream(prompt, **kwargs))
 
+    def _token_ids(self, ids: Sequence[int]) -> list[int]:
+        """`ids` as a list of ints inside the vocabulary (anything else: ArgumentError)."""
+        if isinstance(ids, str | bytes) or not isinstance(ids, Sequence | np.ndarray):
+            raise ArgumentError(f"the prompt must be a string or a list of token ids, got "
+                                f"{describe(ids)}")
+        checked = []
+        for token in ids:
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+                raise ArgumentError(f"token id {describe(token)} is not an integer")
+            if not 0 <= token < self.config.vocab_size:
+                raise ArgumentError(f"token id {int(token)} is outside the vocabulary "
+                                    f"(0..{self.config.vocab_size - 1})")
+            checked.append(int(token))
+        return checked
+
     def _checked_ids(self, ids: Sequence[int], reserve: int) -> list[int]:
         """Validate token ids; `reserve` > 0 also requires room for that many new tokens."""
-        ids = [int(t) for t in ids]
+        ids = self._token_ids(ids)
         if not ids:
-            raise FlashInferError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise FlashInferError(f"token id {bad[0]} is outside the vocabulary "
-                                  f"(0..{self.config.vocab_size - 1})")
+            raise ArgumentError("the prompt is empty")
         if reserve and len(ids) + reserve > self.ctx_size:
             raise ContextLengthError(
                 f"prompt is {len(ids)} tokens; the context holds {self.ctx_size} "
@@ -194,17 +225,14 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
       keep resident matrices in its own form (the cpu backend: onnxruntime's MatMulNBits
       with int8 activations, as llama.cpp computes; cost measured in docs/benchmarks.md).
     """
-    if backend != REFERENCE and backend not in BACKENDS:
-        raise FlashInferError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)} or "
-                              f"{REFERENCE})")
+    _check_load_arguments(path, backend, ctx_size, threads, codec, selector, sparsity, window,
+                          head, quality, cache_type)
     if backend == "mlx" and memory_budget is not None:
         raise FlashInferError("the mlx backend runs without a memory budget for now (the "
                               "planner does not count MLX's copies of the weights)")
     if progress is None:
         progress = sys.stderr.isatty()
     if threads is not None:
-        if threads < 1:
-            raise FlashInferError(f"threads must be at least 1, got {threads}")
         threadpool_limits(limits=threads)
         from numba import set_num_threads
         set_num_threads(min(threads, os.cpu_count() or threads))
@@ -231,6 +259,32 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
                                  make_backend(backend, threads), prepare=True,
                                  cache_type=cache_type or "f16")
     return Model(session, time.perf_counter() - start)
+
+
+def _check_load_arguments(path, backend, ctx_size, threads, codec, selector, sparsity, window,
+                          head, quality, cache_type) -> None:
+    """Refuse load() arguments of the wrong type or range before anything is read."""
+    if path is not None and not isinstance(path, str | os.PathLike):
+        raise ArgumentError(f"path must be a file or folder name, got {describe(path)}")
+    choices = {"backend": (backend, (*BACKENDS, REFERENCE)),
+               "head": (head, ("auto", "exact", "shortlist")),
+               "quality": (quality, ("auto", "exact", "fastest")),
+               "selector": (selector, (None, "gate", "predicted", "dense")),
+               "cache_type": (cache_type, (None, "f16", "q8", "f32"))}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            shown = ", ".join(str(a) for a in allowed if a is not None)
+            raise ArgumentError(f"unknown {name} {describe(value)} (use {shown})")
+    if ctx_size is not None:
+        integer(ctx_size, "ctx_size", 1, 1 << 24, error=ArgumentError)
+    if threads is not None:
+        integer(threads, "threads", 1, 4096, error=ArgumentError)
+    if window is not None:
+        integer(window, "window", 1, 1 << 16, error=ArgumentError)
+    if sparsity is not None:
+        number(sparsity, "sparsity", 0.0, 1.0, low_open=False, error=ArgumentError)
+    if not isinstance(codec, str):
+        raise ArgumentError(f"codec must be a string such as 'int8', got {describe(codec)}")
 
 
 def plan(path: str | Path | None = None, *, memory_budget: str | int | None = None,

@@ -6,6 +6,7 @@ sit beside it. User errors print one line and exit 1; bad flags exit 2 with clic
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import click
 
 from .errors import FlashInferError
+from .sampling import MAX_SEED
+from .values import printable
 
 _MiB = 1024 * 1024
 
@@ -41,10 +44,34 @@ def _read_prompt(prompt: str | None, file: str | None) -> str:
         except (OSError, UnicodeDecodeError) as exc:
             raise FlashInferError(f"cannot read prompt file {file}: {exc}") from None
     if prompt == "-":
-        return sys.stdin.read()
+        try:
+            if sys.stdin is None:
+                raise OSError("standard input is closed")
+            return sys.stdin.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FlashInferError(f"cannot read the prompt from standard input: {exc}") from None
     if prompt is None:
         raise click.UsageError("no prompt: give one with -p TEXT, -p - (stdin) or -f FILE")
     return prompt
+
+
+def _finite(ctx, param, value: float | None) -> float | None:
+    """Callback of float options: click's ranges let NaN and infinities through."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _stops(ctx, param, value: tuple[str, ...]) -> tuple[str, ...]:
+    if any(not stop for stop in value):
+        raise click.BadParameter("a stop string cannot be empty")
+    return value
+
+
+def _terminal_safe(text: str) -> str:
+    """Generated text for a terminal: control characters other than newline and tab (escape
+    sequences a hostile vocabulary could emit) shown as escapes."""
+    return "".join(c if c in "\n\t" or c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _print_stats(model, first, last, seed: int) -> None:
@@ -126,7 +153,8 @@ def sparsity_options(command):
     command = click.option("--window", type=click.IntRange(1, 64), default=None,
                            help="tokens whose FFN neurons stay cached  [default: the "
                            "store's]")(command)
-    command = click.option("--sparsity", type=float, default=None,
+    command = click.option("--sparsity", type=click.FloatRange(0, 1), default=None,
+                           callback=_finite,
                            help="target fraction of FFN neurons skipped, one the store was "
                            "calibrated for (0.05 0.1 0.2 0.3 0.5 0.7)  "
                            "[default: the store's]")(command)
@@ -157,20 +185,22 @@ def sparsity_options(command):
 @click.option("-f", "--file", "prompt_file", help="read the prompt from a file")
 @click.option("-n", "--max-tokens", default=256, show_default=True,
               type=click.IntRange(min=1), help="tokens to generate at most")
-@click.option("--temp", default=0.8, show_default=True, type=click.FloatRange(min=0),
-              help="sampling temperature; 0 = greedy")
+@click.option("--temp", default=0.8, show_default=True, type=click.FloatRange(0, 1e4),
+              callback=_finite, help="sampling temperature; 0 = greedy")
 @click.option("--top-p", default=0.95, show_default=True,
-              type=click.FloatRange(0, 1, min_open=True), help="nucleus sampling mass")
+              type=click.FloatRange(0, 1, min_open=True), callback=_finite,
+              help="nucleus sampling mass")
 @click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0),
               help="keep the k most likely tokens; 0 = all")
 @click.option("--min-p", default=0.05, show_default=True, type=click.FloatRange(0, 1),
-              help="drop tokens below min-p x the top probability")
+              callback=_finite, help="drop tokens below min-p x the top probability")
 @click.option("--repeat-penalty", default=1.0, show_default=True,
-              type=click.FloatRange(min=0, min_open=True),
+              type=click.FloatRange(0, 1e4, min_open=True), callback=_finite,
               help="penalty on the last 64 tokens; 1.0 = off")
-@click.option("--seed", type=click.IntRange(min=0), default=None,
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None,
               help="random seed  [default: random, printed with the stats]")
-@click.option("--stop", multiple=True, help="stop when this text appears (repeatable)")
+@click.option("--stop", multiple=True, callback=_stops,
+              help="stop when this text appears (repeatable)")
 @click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=None,
               envvar="FLASHINFER_CTX_SIZE", help="context size in tokens  [default: 4096 or "
               "the model's, if smaller]")
@@ -196,6 +226,8 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
     The model runs from a flash store, converted into the models folder on first use."""
     try:
         text = _read_prompt(prompt, prompt_file)
+        if not text:
+            raise FlashInferError("the prompt is empty")
         from .api import load
 
         model = load(model_path, memory_budget=memory_budget, ctx_size=ctx_size,
@@ -208,18 +240,19 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
         else:
             ids = model.tokenize(text)
         seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+        tty = sys.stdout.isatty()
         first = last = None
         for response in model.stream(ids, max_tokens=max_tokens, temperature=temp, top_p=top_p,
                                      top_k=top_k, min_p=min_p,
                                      repetition_penalty=repeat_penalty, seed=seed, stop=stop):
             first = first or response
             last = response
-            sys.stdout.write(response.text)
+            sys.stdout.write(_terminal_safe(response.text) if tty else response.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
         _print_stats(model, first, last, seed)
     except FlashInferError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(printable(str(exc))) from None
     except KeyboardInterrupt:
         click.echo("\ninterrupted", err=True)
         sys.exit(130)
@@ -242,7 +275,10 @@ def _choose_codecs(ctx, source: Path, bits: float | None, target_size: str | Non
     if target_size is not None:
         if target_size.strip().endswith("%"):
             raise click.UsageError("--target-size is a size (120MB), not a percentage")
-        nbytes = parse_budget(target_size, 0)
+        try:
+            nbytes = parse_budget(target_size, 0)
+        except FlashInferError as exc:
+            raise click.BadParameter(str(exc), param_hint="--target-size") from None
     spec, record = choose_spec(source, nbytes, bits, progress=progress)
     nbytes = record["target_matrix_bytes"]
     click.echo(f"measured loss (mean KL, nats per token) and size of each tensor group by "
@@ -315,7 +351,7 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens, bit
                        f"window {d['window']}", err=True)
         click.echo(str(target))
     except FlashInferError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(printable(str(exc))) from None
     except KeyboardInterrupt:
         click.echo("\ninterrupted: nothing was written", err=True)
         sys.exit(130)
@@ -412,7 +448,7 @@ def profile(model_path, budgets, settings_text, quality_text, quality_tokens, pe
             click.echo(plots.INSTALL_HINT, err=True)
         click.echo(f"written: {', '.join(str(p) for p in written)}", err=True)
     except FlashInferError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(printable(str(exc))) from None
     except KeyboardInterrupt:
         click.echo("\ninterrupted: no report written (quality measured so far is cached in "
                    f"{out})", err=True)
@@ -442,7 +478,7 @@ def probe_command(model_path, fresh):
             click.echo(f"  {chunk:>6} reads, {depth:>2} in flight: {rate / 1e9:6.2f} GB/s")
         click.echo(f"  random 4 KiB reads: {result['iops_4k']:,.0f} per second")
     except FlashInferError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(printable(str(exc))) from None
 
 
 @main.command(name="eval")
@@ -492,7 +528,7 @@ def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_to
         click.echo(json.dumps({"store": str(model.path), **report.as_dict()}, indent=1)
                    if as_json else report.describe())
     except FlashInferError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(printable(str(exc))) from None
     except KeyboardInterrupt:
         click.echo("\ninterrupted", err=True)
         sys.exit(130)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import UnsupportedModelError
+from .errors import ModelFileError, UnsupportedModelError
+from .values import flag, integer, number, printable, text
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def traits_for(arch: str) -> ArchTraits:
     if arch not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise UnsupportedModelError(
-            f"unsupported architecture '{arch}' (supported: {supported})")
+            f"unsupported architecture '{printable(str(arch))}' (supported: {supported})")
     return ARCHITECTURES[arch]
 
 
@@ -80,21 +81,24 @@ class ModelConfig:
         return (layer + 1) % self.sliding_window_pattern != 0
 
     def validate(self) -> None:
-        """Reject hyperparameters that cannot describe a working model (hostile metadata)."""
+        """Reject values that cannot describe a working model (hostile or corrupt metadata):
+        every field's type, finiteness and range, and how the fields fit together."""
+        text(self.arch, "arch")
         traits_for(self.arch)
-        positive = {
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
-            "head_dim": self.head_dim, "ffn_size": self.ffn_size,
-            "context_length": self.context_length,
-        }
-        for name, value in positive.items():
-            if not isinstance(value, int) or value <= 0 or value > 1 << 24:
-                raise UnsupportedModelError(f"invalid model hyperparameter {name}={value}")
+        for name in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads",
+                     "head_dim", "ffn_size", "context_length"):
+            integer(getattr(self, name), name)
+        integer(self.sliding_window_pattern, "sliding_window_pattern", 0)
+        if self.sliding_window is not None:
+            integer(self.sliding_window, "sliding_window")
+        number(self.norm_eps, "norm_eps", 0.0, 1.0)
+        for name in ("rope_theta", "rope_theta_local"):
+            number(getattr(self, name), name, 0.0, 1e12)
+        number(self.rope_scale, "rope_scale", 0.0, 1e6)
+        number(self.attn_scale, "attn_scale", 0.0, 1e6, low_open=False)
+        flag(self.tie_embeddings, "tie_embeddings")
         if self.n_heads % self.n_kv_heads:
-            raise UnsupportedModelError(
+            raise ModelFileError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
-            raise UnsupportedModelError(f"head_dim={self.head_dim} must be even for rope")
-        if not (self.rope_theta > 0 and self.rope_theta_local > 0 and self.norm_eps > 0):
-            raise UnsupportedModelError("invalid rope base or norm epsilon in the model metadata")
+            raise ModelFileError(f"head_dim={self.head_dim} must be even for rope")

@@ -13,6 +13,10 @@ class UnsupportedModelError(FlashInferError):
     """A well-formed model this runtime cannot run (architecture, tensor type, feature)."""
 
 
+class ArgumentError(FlashInferError):
+    """An argument of an API call or a command-line value is of the wrong type or range."""
+
+
 class ContextLengthError(FlashInferError):
     """The prompt (plus the requested generation) does not fit in the context window."""
 
@@ -21,5 +25,6 @@ def error_kind(name: str) -> type[FlashInferError]:
     """The error class called `name` (an error raised in a child process comes back as the
     same class); FlashInferError for any other name."""
     kinds = {cls.__name__: cls for cls in (FlashInferError, ModelFileError,
-                                           UnsupportedModelError, ContextLengthError)}
+                                           UnsupportedModelError, ArgumentError,
+                                           ContextLengthError)}
     return kinds.get(name, FlashInferError)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import FlashInferError
 from .kv_cache import KVCache
 from .loader.tokenizer import Tokenizer
 from .memory import peak_rss_bytes, release_freed_memory
@@ -46,13 +47,19 @@ def prefill(engine: Transformer, tokens: Sequence[int], cache: KVCache,
             all_logits: bool = False) -> np.ndarray:
     """Run `tokens` through the model in batches of engine.prefill_batch (the memory plan's);
     logits of every position or of the last."""
-    outputs = []
+    outputs: np.ndarray | None = None  # every position's logits, filled batch by batch
     batch = engine.prefill_batch
     for start in range(0, len(tokens), batch):
         chunk = np.asarray(tokens[start:start + batch], dtype=np.int64)
         last = start + batch >= len(tokens)
-        if all_logits or last:
-            outputs.append(engine.forward(chunk, cache, all_logits=all_logits))
+        if all_logits:
+            logits = engine.forward(chunk, cache, all_logits=True)
+            if outputs is None:
+                outputs = np.empty((len(tokens), logits.shape[1]), np.float32)
+            outputs[start:start + len(chunk)] = logits
+            del logits
+        elif last:
+            outputs = engine.forward(chunk, cache)
         else:  # no output layer for a batch whose logits nobody reads
             engine.forward(chunk, cache, logits=False)
         if len(tokens) > batch:
@@ -60,7 +67,7 @@ def prefill(engine: Transformer, tokens: Sequence[int], cache: KVCache,
             # sizes as the context grows: without this, glibc keeps each batch's pieces and
             # RSS climbs by hundreds of MB over a long prompt
             release_freed_memory()
-    return np.concatenate(outputs) if all_logits else outputs[-1]
+    return outputs
 
 
 def generate_step(engine: Transformer, prompt: Sequence[int], cache: KVCache, sampler: Sampler,
@@ -69,6 +76,10 @@ def generate_step(engine: Transformer, prompt: Sequence[int], cache: KVCache, sa
     history = list(prompt)
     logits = prefill(engine, prompt, cache)[-1]
     while True:
+        if not np.isfinite(logits).all():
+            raise FlashInferError("the model produced NaN or infinite logits: its weights "
+                                  "may be damaged (check the store with --verify, or convert "
+                                  "it again)")
         for process in processors:
             logits = process(history, logits)
         token = sampler(logits)

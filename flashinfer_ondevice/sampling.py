@@ -11,6 +11,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .errors import ArgumentError
+from .values import integer, number
+
+MAX_SEED = (1 << 64) - 1
 Sampler = Callable[[np.ndarray], int]
 LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 
@@ -48,6 +52,18 @@ def min_p_mask(probs: np.ndarray, min_p: float) -> np.ndarray:
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max())
     return z / z.sum()
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int, min_p: float,
+                   repetition_penalty: float, seed: int | None) -> None:
+    """Refuse sampling settings that are of the wrong type, NaN, infinite or out of range."""
+    number(temperature, "temperature", 0.0, 1e4, low_open=False, error=ArgumentError)
+    number(top_p, "top_p", 0.0, 1.0, error=ArgumentError)
+    integer(top_k, "top_k", 0, 1 << 31, error=ArgumentError)
+    number(min_p, "min_p", 0.0, 1.0, low_open=False, error=ArgumentError)
+    number(repetition_penalty, "repetition_penalty", 0.0, 1e4, error=ArgumentError)
+    if seed is not None:
+        integer(seed, "seed", 0, MAX_SEED, error=ArgumentError)
 
 
 def make_sampler(temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40,

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # Lowest first; a module may import modules of its own layer or of a lower one. Keep in step
 # with the README's "Layout" section.
 LAYERS = [
-    {"errors", "stats", "memory", "functional", "detokenize"},  # foundations
+    {"errors", "values", "stats", "memory", "functional", "detokenize"},  # foundations
     {"config"},  # hyperparameters, the one table of architecture differences
     {"schema", "quant", "kv_cache", "kv_spill"},  # tensor names and shapes; codecs; the KV
     # cache and its spill file

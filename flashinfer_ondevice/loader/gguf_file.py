@@ -19,55 +19,71 @@ from ..errors import ModelFileError, UnsupportedModelError
 from ..quant.activations import input_format_for
 from ..quant.ggml import dequantize, stored_nbytes
 from ..schema import LAYER_TENSORS, expected_shapes, layer_tensor_name
+from ..values import integer, number, printable, text
 from ..weights import LayerWeights, Weights
 from .checkpoint import Checkpoint
 from .gguf_header import GGUFHeader, TensorRecord, read_header
 from .tokenizer import GGUFTokenizer
 
+_REQUIRED = object()  # read_config: a key without a default
+
 
 def read_config(header: GGUFHeader) -> ModelConfig:
+    """The model's hyperparameters from the GGUF metadata, each checked for type and range
+    under its GGUF key (the one place GGUF metadata numbers enter)."""
     meta = header.metadata
     arch = meta.get("general.architecture")
-    if not isinstance(arch, str):
+    if not isinstance(arch, str) or not arch:
         raise ModelFileError(f"{header.path}: GGUF has no general.architecture")
     traits_for(arch)
 
-    def key(name, default=None):
-        return meta.get(f"{arch}.{name}", default)
+    def key(name: str, read, default=_REQUIRED, **limits):
+        full = f"{arch}.{name}"
+        if full not in meta:
+            if default is _REQUIRED:
+                raise ModelFileError(f"{header.path}: GGUF lacks {full}")
+            return default
+        return read(meta[full], full, **limits)
 
-    hidden, n_heads, n_layers = (key("embedding_length"), key("attention.head_count"),
-                                 key("block_count"))
-    for name, value in (("embedding_length", hidden), ("attention.head_count", n_heads),
-                        ("block_count", n_layers)):
-        if not isinstance(value, int) or value <= 0:
-            raise ModelFileError(f"{header.path}: GGUF lacks a valid {arch}.{name}")
+    hidden = key("embedding_length", integer)
+    n_heads = key("attention.head_count", integer)
+    n_layers = key("block_count", integer)
     embed = header.tensors.get("token_embd.weight")
     if embed is None or len(embed.shape) != 2:
         raise ModelFileError(f"{header.path}: GGUF has no 2-D token_embd.weight")
-    rope_theta = float(key("rope.freq_base", 10000.0))
-    scaling = key("rope.scaling.type")
+    rope_theta = key("rope.freq_base", number, 10000.0, low=0.0, high=1e12)
+    scaling = key("rope.scaling.type", text, None)
     if scaling not in (None, "none", "linear"):
-        raise UnsupportedModelError(f"unsupported rope scaling '{scaling}'")
-    rope_scale = float(key("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
+        raise UnsupportedModelError(f"unsupported rope scaling '{printable(scaling)}'")
+    rope_scale = key("rope.scaling.factor", number, 1.0, low=0.0, high=1e6) \
+        if scaling == "linear" else 1.0
     sliding_window, pattern, rope_theta_local, attn_scale = None, 0, rope_theta, 0.0
     if arch == "gemma3":
         # llama.cpp's gemma3 conventions: every 6th layer is global, local layers use rope
         # base 10k and no scaling, and the 27B (62 layers) scales queries by 1/sqrt(hidden/heads).
-        sliding_window = key("attention.sliding_window")
+        sliding_window = key("attention.sliding_window", integer, None)
         pattern, rope_theta_local = 6, 10000.0
         if n_layers == 62:
             attn_scale = 1.0 / math.sqrt(hidden / n_heads)
+    n_kv_heads = key("attention.head_count_kv", integer, n_heads)
+    if n_heads % n_kv_heads:
+        raise ModelFileError(f"{header.path}: {arch}.attention.head_count={n_heads} is not a "
+                             f"multiple of {arch}.attention.head_count_kv={n_kv_heads}")
+    head_dim = key("attention.key_length", integer, max(hidden // n_heads, 1))
+    if head_dim % 2:
+        raise ModelFileError(f"{header.path}: {arch}.attention.key_length={head_dim} must be "
+                             "even for rope")
     config = ModelConfig(
         arch=arch,
         vocab_size=int(embed.shape[0]),
         hidden_size=hidden,
         n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=key("attention.head_count_kv", n_heads),
-        head_dim=key("attention.key_length", hidden // n_heads),
-        ffn_size=key("feed_forward_length"),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        context_length=key("context_length", 2048),
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        ffn_size=key("feed_forward_length", integer),
+        norm_eps=key("attention.layer_norm_rms_epsilon", number, 1e-6, low=0.0, high=1.0),
+        context_length=key("context_length", integer, 2048),
         rope_theta=rope_theta,
         rope_theta_local=rope_theta_local,
         rope_scale=rope_scale,
@@ -145,7 +161,10 @@ def load_gguf(path: Path, progress: bool = False, lazy: bool = False) -> Checkpo
         record = header.tensors[name]
         raw = np.memmap(path, dtype=np.uint8, mode="r", offset=record.offset,
                         shape=(sizes[name],))
-        return dequantize(raw, GGMLQuantizationType(record.ggml_type), shapes[name])
+        values = dequantize(raw, GGMLQuantizationType(record.ggml_type), shapes[name])
+        if not np.isfinite(values).all():
+            raise ModelFileError(f"{header.path}: tensor {name} holds NaN or infinite values")
+        return values
 
     def layer(i: int, floats: dict[str, np.ndarray]) -> LayerWeights:
         names = {field: layer_tensor_name(i, suffix) for suffix, field in LAYER_TENSORS.items()
@@ -186,5 +205,6 @@ def load_gguf(path: Path, progress: bool = False, lazy: bool = False) -> Checkpo
         raise ModelFileError(f"vocabulary has {tokenizer.vocab_size} tokens, the embedding "
                              f"{config.vocab_size}")
     template = header.metadata.get("tokenizer.chat_template")
-    return Checkpoint(config, weights, tokenizer, template if isinstance(template, str) else None,
-                      path, ggml_numerics=True)
+    if template is not None:
+        text(template, "tokenizer.chat_template")
+    return Checkpoint(config, weights, tokenizer, template, path, ggml_numerics=True)

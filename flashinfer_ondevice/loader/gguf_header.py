@@ -67,8 +67,9 @@ class GGUFHeader:
             out.write(GGUF_MAGIC + struct.pack("<IQQ", self.version, 0, len(self.metadata)))
             out.write(metadata)
 
-    def array(self, key: str) -> np.ndarray | list[str] | None:
-        """Materialize a metadata array (numbers as numpy, strings as a list)."""
+    def array(self, key: str, raw: bool = False) -> np.ndarray | list | None:
+        """Materialize a metadata array (numbers as numpy, strings as a list of str, or of
+        bytes if `raw`)."""
         ref = self.metadata.get(key)
         if not isinstance(ref, LazyArray):
             return None
@@ -76,7 +77,8 @@ class GGUFHeader:
             if ref.item_type in _NUMPY:
                 return np.frombuffer(m, _NUMPY[ref.item_type], ref.count, ref.offset).copy()
             cursor = _Cursor(m, ref.offset)
-            return [cursor.string() for _ in range(ref.count)]
+            read = cursor.raw_string if raw else cursor.string
+            return [read() for _ in range(ref.count)]
 
 
 class _Cursor:
@@ -97,12 +99,15 @@ class _Cursor:
         self.pos += n
         return value
 
-    def string(self, what: str = "string") -> str:
+    def raw_string(self, what: str = "string") -> bytes:
         length = self.scalar("<Q", what)
         self.need(length, what)
         raw = bytes(self.buffer[self.pos:self.pos + length])
         self.pos += length
-        return raw.decode("utf-8", errors="replace")
+        return raw
+
+    def string(self, what: str = "string") -> str:
+        return self.raw_string(what).decode("utf-8", errors="replace")
 
     def skip_string(self) -> None:
         length = self.scalar("<Q", "string")

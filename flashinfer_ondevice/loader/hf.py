@@ -12,10 +12,13 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..errors import ModelFileError, UnsupportedModelError
+from ..values import describe, flag, integer, number
 from ..weights import LayerWeights, Weights
 from .checkpoint import Checkpoint
 from .safetensors_file import SafetensorsFile
 from .tokenizer import HFTokenizer, read_json
+
+_REQUIRED = object()  # _config_from_hf: a field without a default
 
 _MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2",
                 "gemma3_text": "gemma3", "gemma3": "gemma3"}
@@ -39,45 +42,67 @@ _PREFIXES = ("language_model.model.", "model.language_model.", "model.")
 
 
 def _config_from_hf(raw: dict) -> ModelConfig:
+    """The model's hyperparameters from config.json, each checked for type and range under
+    its JSON key (the one place config.json numbers enter)."""
     model_type = raw.get("model_type")
     if model_type == "gemma3" and isinstance(raw.get("text_config"), dict):
         raw = {**raw["text_config"], "model_type": "gemma3_text"}
-    arch = _MODEL_TYPES.get(model_type)
+    arch = _MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
     if arch is None:
-        raise UnsupportedModelError(f"unsupported model_type '{model_type}' "
+        raise UnsupportedModelError(f"unsupported model_type {describe(model_type)} "
                                     f"(supported: {', '.join(sorted(_MODEL_TYPES))})")
-    try:
-        hidden, n_heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
-        scaling = raw.get("rope_scaling") or {}
-        rope_type = scaling.get("rope_type", scaling.get("type"))
-        if rope_type not in (None, "default", "linear"):
-            raise UnsupportedModelError(f"unsupported rope scaling '{rope_type}'")
-        gemma = arch == "gemma3"
-        head_dim = int(raw.get("head_dim") or hidden // n_heads)
-        config = ModelConfig(
-            arch=arch,
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=hidden,
-            n_layers=int(raw["num_hidden_layers"]),
-            n_heads=n_heads,
-            n_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
-            head_dim=head_dim,
-            ffn_size=int(raw["intermediate_size"]),
-            norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            context_length=int(raw.get("max_position_embeddings", 2048)),
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
-            rope_theta_local=float(raw.get("rope_local_base_freq", 10000.0)) if gemma
-            else float(raw.get("rope_theta", 10000.0)),
-            rope_scale=float(scaling.get("factor", 1.0)) if rope_type == "linear" else 1.0,
-            sliding_window=int(raw["sliding_window"]) if gemma and raw.get("sliding_window")
-            else None,
-            sliding_window_pattern=int(raw.get("sliding_window_pattern", 6)) if gemma else 0,
-            attn_scale=float(raw["query_pre_attn_scalar"]) ** -0.5
-            if gemma and raw.get("query_pre_attn_scalar", head_dim) != head_dim else 0.0,
-            tie_embeddings=bool(raw.get("tie_word_embeddings", gemma)),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"config.json lacks or mangles a field ({exc})") from None
+
+    def field(name: str, read, default=_REQUIRED, **limits):
+        value = raw.get(name)
+        if value is None:  # HF writes null for "the default"
+            if default is _REQUIRED:
+                raise ModelFileError(f"config.json lacks {name}")
+            return default
+        return read(value, f"config.json {name}", **limits)
+
+    hidden = field("hidden_size", integer)
+    n_heads = field("num_attention_heads", integer)
+    scaling = raw.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        raise ModelFileError(f"config.json rope_scaling must be an object, got "
+                             f"{describe(scaling)}")
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type not in (None, "default", "linear"):
+        raise UnsupportedModelError(f"unsupported rope scaling {describe(rope_type)}")
+    rope_scale = number(scaling.get("factor"), "config.json rope_scaling factor", 0.0, 1e6) \
+        if rope_type == "linear" else 1.0
+    gemma = arch == "gemma3"
+    head_dim = field("head_dim", integer, max(hidden // n_heads, 1))
+    rope_theta = field("rope_theta", number, 10000.0, low=0.0, high=1e12)
+    attn_scale = 0.0
+    if gemma:
+        scalar = field("query_pre_attn_scalar", number, float(head_dim), low=0.0, high=1e9)
+        attn_scale = scalar ** -0.5 if scalar != head_dim else 0.0
+    config = ModelConfig(
+        arch=arch,
+        vocab_size=field("vocab_size", integer),
+        hidden_size=hidden,
+        n_layers=field("num_hidden_layers", integer),
+        n_heads=n_heads,
+        n_kv_heads=field("num_key_value_heads", integer, n_heads),
+        head_dim=head_dim,
+        ffn_size=field("intermediate_size", integer),
+        norm_eps=field("rms_norm_eps", number, 1e-6, low=0.0, high=1.0),
+        context_length=field("max_position_embeddings", integer, 2048),
+        rope_theta=rope_theta,
+        rope_theta_local=field("rope_local_base_freq", number, 10000.0, low=0.0, high=1e12)
+        if gemma else rope_theta,
+        rope_scale=rope_scale,
+        sliding_window=field("sliding_window", integer, None) if gemma else None,
+        sliding_window_pattern=field("sliding_window_pattern", integer, 6) if gemma else 0,
+        attn_scale=attn_scale,
+        tie_embeddings=field("tie_word_embeddings", flag, gemma),
+    )
+    if config.n_heads % config.n_kv_heads:
+        raise ModelFileError(f"config.json num_attention_heads={n_heads} is not a multiple of "
+                             f"num_key_value_heads={config.n_kv_heads}")
+    if head_dim % 2:
+        raise ModelFileError(f"config.json head_dim={head_dim} must be even for rope")
     config.validate()
     return config
 
@@ -89,7 +114,15 @@ def _shard_files(folder: Path) -> list[Path]:
         if not files:
             raise ModelFileError(f"{folder}: no *.safetensors files")
         return files
-    names = set((index.get("weight_map") or {}).values())
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ModelFileError(f"{folder}: model.safetensors.index.json has no weight_map object")
+    names = set()
+    for name in weight_map.values():
+        if not isinstance(name, str):
+            raise ModelFileError(f"{folder}: index names a shard outside the folder: "
+                                 f"{describe(name)}")
+        names.add(name)
     for name in names:
         if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
             raise ModelFileError(f"{folder}: index names a shard outside the folder: {name!r}")
@@ -99,7 +132,8 @@ def _shard_files(folder: Path) -> list[Path]:
 def load_hf_folder(folder: Path, progress: bool = False) -> Checkpoint:
     raw = read_json(folder / "config.json")
     if raw is None:
-        raise ModelFileError(f"{folder} is a folder without config.json (not a model folder)")
+        raise ModelFileError(f"{folder} is neither a Hugging Face model folder (no config.json "
+                             "file) nor a flash store (no manifest.json file)")
     config = _config_from_hf(raw)
     tensors: dict[str, tuple[SafetensorsFile, str]] = {}  # short name -> (file, full name)
     for shard in _shard_files(folder):

@@ -16,6 +16,8 @@ import numpy as np
 from ..detokenize import ByteDetokenizer, IncrementalDetokenizer, StreamingDetokenizer
 from ..errors import ModelFileError
 from ..memory import release_freed_memory
+from ..values import describe, integer
+from .gguf_vocab import check_vocabulary_file
 from .llama_backend import check_vocabulary, load_llama_cpp
 
 
@@ -41,6 +43,7 @@ class GGUFTokenizer:
     """Tokenizes exactly as llama.cpp does, from the vocabulary stored in the GGUF file."""
 
     def __init__(self, path: Path):
+        check_vocabulary_file(path)  # what llama.cpp would abort on, refused here
         check_vocabulary(path)  # in a child first: llama.cpp must not crash this process
         llama_cpp = self._lib = load_llama_cpp()
         params = llama_cpp.llama_model_default_params()
@@ -158,23 +161,30 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         tok_config = read_json(folder / "tokenizer_config.json") or {}
         gen_config = read_json(folder / "generation_config.json") or {}
-        self.bos_id = self._special_id(tok_config.get("bos_token"), config.get("bos_token_id"))
+        self.bos_id = self._special_id(tok_config.get("bos_token"), "bos_token")
+        if self.bos_id is None and config.get("bos_token_id") is not None:
+            self.bos_id = self._checked_id(config["bos_token_id"], "bos_token_id")
         eos = gen_config.get("eos_token_id", config.get("eos_token_id"))
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        named = self._special_id(tok_config.get("eos_token"), None)
+        eos_ids = {self._checked_id(i, "eos_token_id")
+                   for i in (eos if isinstance(eos, list) else [eos] if eos is not None else [])}
+        named = self._special_id(tok_config.get("eos_token"), "eos_token")
         if named is not None:
             eos_ids.add(named)
-        self.eog_ids = frozenset(int(i) for i in eos_ids)
-        self.chat_template = tok_config.get("chat_template")
+        self.eog_ids = frozenset(eos_ids)
+        self.chat_template = _chat_template(tok_config.get("chat_template"), folder)
 
-    def _special_id(self, token: str | dict | None, fallback: int | None) -> int | None:
+    def _checked_id(self, value, name: str) -> int:
+        return integer(value, f"{name} (of the model folder's configs)", 0,
+                       self.vocab_size - 1)
+
+    def _special_id(self, token: str | dict | None, name: str) -> int | None:
+        """The id of a special token named by its text (or {"content": text})."""
         if isinstance(token, dict):
             token = token.get("content")
-        if isinstance(token, str):
-            found = self._tok.token_to_id(token)
-            if found is not None:
-                return found
-        return fallback
+        if token is not None and not isinstance(token, str):
+            raise ModelFileError(f"tokenizer_config.json: {name} must be a string, got "
+                                 f"{describe(token)}")
+        return None if token is None else self._tok.token_to_id(token)
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special).ids
@@ -194,8 +204,20 @@ def read_json(path: Path) -> dict | None:
         return None
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ModelFileError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise ModelFileError(f"{path}: expected a JSON object")
     return value
+
+
+def _chat_template(value, folder: Path) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of named templates (the
+    one named "default" is used)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                       and isinstance(t.get("template"), str) for t in value):
+        return next((t["template"] for t in value if t["name"] == "default"), None)
+    raise ModelFileError(f"{folder}/tokenizer_config.json: chat_template is neither a string "
+                         "nor a list of named templates")

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import ModelConfig
-from ..errors import FlashInferError
+from ..errors import ArgumentError, FlashInferError
 from ..kv_cache import MIN_RESIDENT, KVCache
 from ..kv_spill import BLOCK
 from ..model import prefill_nbytes
@@ -43,6 +43,7 @@ from ..sampling import scratch_nbytes
 from ..schema import LAYER_MATRICES, layer_key
 from ..store.format import align_up
 from ..store.reader import Store, TensorEntry
+from ..values import describe, number
 from . import neuron_cache, shortlist_head
 from .neuron_cache import NeuronCache
 from .selectors import gate_rows_nbytes, predictor_dram_nbytes
@@ -56,6 +57,7 @@ PREFILL_SHARE = 8  # a prompt batch may hold up to 1/8 of the budget (but at lea
 # smallest batch's bytes): larger batches buy prompt speed, not decode speed
 MIN_CACHE_ROWS = 64  # fewer cached neurons per layer than this is not worth planning
 HEAD_PLANS = ("auto", "exact", "shortlist")
+MAX_BUDGET = float(1 << 50)  # bytes: a memory budget beyond this is a typo
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 1024, "mib": 1 << 20, "gib": 1 << 30}
 
@@ -70,16 +72,17 @@ class BudgetError(FlashInferError):
 
 def parse_budget(text: str | int | float, store_bytes: int) -> int:
     """Bytes from 123456, "120MB", "1.5GB", "512MiB" or "50%" (of the store)."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[a-zA-Z]*)\s*", str(text))
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return int(number(text, "memory budget", 0.0, MAX_BUDGET, error=ArgumentError))
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[a-zA-Z]*)\s*", text) \
+        if isinstance(text, str) and len(text) < 64 else None
     if not match or (match.group(2) != "%" and match.group(2).lower() not in _UNITS):
-        raise FlashInferError(f"invalid memory budget '{text}' (use bytes, e.g. 120MB, 1.5GB, "
-                              "or a percentage of the store, e.g. 50%)")
+        raise ArgumentError(f"invalid memory budget {describe(text)} (use bytes, e.g. 120MB, "
+                            "1.5GB, or a percentage of the store, e.g. 50%)")
     value, unit = float(match.group(1)), match.group(2)
-    if unit == "%":
-        return int(store_bytes * value / 100)
-    return int(value * _UNITS[unit.lower()])
+    nbytes = store_bytes * value / 100 if unit == "%" else value * _UNITS[unit.lower()]
+    return int(number(nbytes, f"memory budget {text.strip()}", 0.0, MAX_BUDGET,
+                      error=ArgumentError))
 
 
 @dataclass(frozen=True)

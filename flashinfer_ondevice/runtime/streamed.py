@@ -26,7 +26,7 @@ from ..memory import aligned_buffer, release_freed_memory, release_pages
 from ..schema import LAYER_MATRICES, LAYER_VECTORS, layer_key
 from ..store.format import ALIGN, align_up
 from ..store.io import DirectReader, PendingRead
-from ..store.reader import Store, TensorEntry
+from ..store.reader import Store, StoreError, TensorEntry
 from ..store.sparsity_record import load_predictors
 from ..weights import Block, FeedForward
 from . import neuron_cache
@@ -65,6 +65,10 @@ class StreamedWeights:
         self._resident: dict[str, StoredMatrix | PreparedMatrix | BundledFFN] = {}
         self._vectors = {n: self._read_all(e).view(np.float32).reshape(-1)
                          for n, e in t.items() if e.codec == "f32"}
+        damaged = [n for n, v in self._vectors.items() if not np.isfinite(v).all()]
+        if damaged:  # norms and biases: NaN here would only show as garbage text
+            raise StoreError(f"corrupt store {store.path}: {damaged[0]} holds NaN or infinite "
+                             "values (run with --verify to check the checksums)")
         for name in plan.resident:
             entry = t[name]
             if entry.codec == "f32":

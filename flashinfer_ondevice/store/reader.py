@@ -16,6 +16,7 @@ from ..config import ModelConfig
 from ..errors import FlashInferError
 from ..quant.codecs import CODECS
 from ..schema import expected_tensors
+from ..values import describe, integer
 from .format import ALIGN, FORMAT, MANIFEST, MAX_MANIFEST_BYTES, VERSION
 from .head_proxy import expected_shapes as proxy_expected_shapes
 from .head_proxy import parse_rank
@@ -94,11 +95,17 @@ def _row_nbytes(codec_name: str, cols: int, bundle: bool) -> int | None:
 def _entry(path: Path, name: str, info, shape: tuple[int, int],
            sizes: dict[str, int]) -> TensorEntry:
     """A tensor record checked against its expected shape and its file."""
-    try:
-        entry = TensorEntry(name, path / info["file"], int(info["offset"]), int(info["rows"]),
-                            int(info["cols"]), str(info["codec"]), int(info["row_nbytes"]))
-    except (KeyError, TypeError, ValueError):
+    if not isinstance(info, dict) or not all(isinstance(info.get(k), str)
+                                             for k in ("file", "codec")):
         _fail(path, f"malformed record for tensor {name}")
+    try:
+        entry = TensorEntry(name, path / info["file"],
+                            *(integer(info.get(k), k, 0, 1 << 50, StoreError)
+                              for k in ("offset", "rows", "cols")),
+                            info["codec"], integer(info.get("row_nbytes"), "row_nbytes", 1,
+                                                   1 << 40, StoreError))
+    except StoreError as exc:
+        _fail(path, f"malformed record for tensor {name}: {exc}")
     if info["file"] not in sizes:
         _fail(path, f"tensor {name} lives in unlisted file {info['file']!r}")
     if (entry.rows, entry.cols) != shape:
@@ -123,15 +130,15 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
         _fail(path, f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         _fail(path, f"{MANIFEST} is not valid JSON ({exc})")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         _fail(path, f"{MANIFEST} is not a {FORMAT} manifest")
     if manifest.get("version") != VERSION:
-        raise StoreError(f"store {path} has format version {manifest.get('version')}; this "
-                         f"runtime reads version {VERSION} (convert the model again)")
+        raise StoreError(f"store {path} has format version {describe(manifest.get('version'))}"
+                         f"; this runtime reads version {VERSION} (convert the model again)")
     store_codec = manifest.get("codec")
-    if store_codec not in CODECS:
+    if not isinstance(store_codec, str) or store_codec not in CODECS:
         _fail(path, f"unknown codec {store_codec!r}")
     config = _config(path, manifest.get("config"))
 
@@ -144,11 +151,14 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
                 or name == MANIFEST:
             _fail(path, f"file name {name!r} is not a plain name inside the store")
         file_path = path / name
+        if file_path.is_symlink():  # a link could name any file on the machine
+            _fail(path, f"{name} is a symbolic link (a store's files live inside it)")
         if not file_path.is_file():
             _fail(path, f"missing file {name}")
         size = file_path.stat().st_size
-        if not isinstance(info, dict) or info.get("size") != size:
-            _fail(path, f"{name} has {size} bytes, the manifest says {info.get('size')}")
+        listed = info.get("size") if isinstance(info, dict) else None
+        if type(listed) is not int or listed != size:
+            _fail(path, f"{name} has {size} bytes, the manifest says {describe(listed)}")
         sizes[name] = size
 
     raw_tensors = manifest.get("tensors")
@@ -173,7 +183,8 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
                       for name, shape in proxy_shapes.items()}
     tokenizer = manifest.get("tokenizer")
     if not isinstance(tokenizer, dict) or tokenizer.get("kind") not in ("gguf", "hf") or \
-            not all(n in sizes for n in tokenizer.get("files", [])):
+            not isinstance(tokenizer.get("files", []), list) or \
+            not all(isinstance(n, str) and n in sizes for n in tokenizer.get("files", [])):
         _fail(path, "tokenizer record is missing or names unlisted files")
     sparsity = None
     if "sparsity" in manifest:
@@ -196,6 +207,8 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
             if digest.hexdigest() != info.get("sha256"):
                 _fail(path, f"checksum mismatch in {name}")
     template = manifest.get("chat_template")
-    return Store(path, store_codec, config, tensors, tokenizer,
-                 template if isinstance(template, str) else None, sizes.get("weights.bin", 0),
+    if template is not None and not isinstance(template, str):
+        _fail(path, "chat_template is not a string")
+    return Store(path, store_codec, config, tensors, tokenizer, template,
+                 sizes.get("weights.bin", 0),
                  sparsity, head_proxy, quality)
