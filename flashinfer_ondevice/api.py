@@ -29,7 +29,7 @@ from .default_model import default_model_path, models_dir
 from .errors import ArgumentError, ContextLengthError, FlashInferError
 from .generate import GenerationResponse, prefill, stream_generate
 from .kv_cache import check_cache_type
-from .loader import load_checkpoint
+from .loader import check_source, load_checkpoint
 from .model import reference_engine
 from .quant.codecs import parse_codec_spec
 from .runtime.engine import (
@@ -86,13 +86,13 @@ class Model:
 
     def apply_chat_template(self, messages: list[dict[str, str]],
                             add_generation_prompt: bool = True) -> str:
-        if not self.chat_template:
-            raise FlashInferError("this model has no chat template")
         if not isinstance(messages, list) or not all(
                 isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role",
                                                                               "content"))
                 for m in messages):
             raise ArgumentError("messages must be a list of {'role': str, 'content': str}")
+        if not self.chat_template:
+            raise FlashInferError("this model has no chat template")
         bos_id = self.tokenizer.bos_id
         bos = self.tokenizer.special_text(bos_id) if bos_id is not None else ""
         return render_chat(self.chat_template, messages, bos_token=bos,
@@ -357,6 +357,7 @@ def ensure_store(source: Path, codec: str = "int8", progress: bool = False) -> P
         raise FlashInferError(str(exc)) from None
     target = store_path_for(source, codec)
     if not is_store(target):
+        check_source(source)  # refused here in one line, not after starting a child
         if progress:
             print(f"converting {source} to a flash store (once)", file=sys.stderr)
         convert_in_child(source, target, codec, progress)

@@ -18,6 +18,7 @@ from .sampling import MAX_SEED
 from .values import printable
 
 _MiB = 1024 * 1024
+MAX_TEXT_CHARS = 64 << 20  # a prompt or evaluation text read from a file or stdin
 
 
 class DefaultCommandGroup(click.Group):
@@ -40,19 +41,26 @@ def _read_prompt(prompt: str | None, file: str | None) -> str:
     if file is not None:
         try:
             with open(file, encoding="utf-8") as f:
-                return f.read()
+                return _bounded(f.read(MAX_TEXT_CHARS + 1), file)
         except (OSError, UnicodeDecodeError) as exc:
             raise FlashInferError(f"cannot read prompt file {file}: {exc}") from None
     if prompt == "-":
         try:
             if sys.stdin is None:
                 raise OSError("standard input is closed")
-            return sys.stdin.read()
+            return _bounded(sys.stdin.read(MAX_TEXT_CHARS + 1), "standard input")
         except (OSError, UnicodeDecodeError) as exc:
             raise FlashInferError(f"cannot read the prompt from standard input: {exc}") from None
     if prompt is None:
         raise click.UsageError("no prompt: give one with -p TEXT, -p - (stdin) or -f FILE")
     return prompt
+
+
+def _bounded(text: str, source: str) -> str:
+    if len(text) > MAX_TEXT_CHARS:
+        raise FlashInferError(f"the text from {source} is longer than {MAX_TEXT_CHARS:,} "
+                              "characters (limit)")
+    return text
 
 
 def _finite(ctx, param, value: float | None) -> float | None:

@@ -24,3 +24,17 @@ def load_checkpoint(path: str | Path, progress: bool = False, lazy: bool = False
         return load_hf_folder(path, progress=progress)
     from .gguf_file import load_gguf
     return load_gguf(path, progress=progress, lazy=lazy)
+
+
+def check_source(path: str | Path) -> None:
+    """Validate a GGUF file or Hugging Face folder without reading its weights (headers,
+    config, tensor records, vocabulary): what conversion would refuse, refused at once."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"model not found: {path}")
+    if path.is_dir():
+        from .hf import check_hf_folder
+        check_hf_folder(path)
+    else:
+        from .gguf_file import check_gguf
+        check_gguf(path)

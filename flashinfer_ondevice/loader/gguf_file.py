@@ -17,12 +17,13 @@ from tqdm import tqdm
 from ..config import ModelConfig, traits_for
 from ..errors import ModelFileError, UnsupportedModelError
 from ..quant.activations import input_format_for
-from ..quant.ggml import dequantize, stored_nbytes
+from ..quant.ggml import SUPPORTED_TYPES, dequantize, stored_nbytes
 from ..schema import LAYER_TENSORS, expected_shapes, layer_tensor_name
 from ..values import integer, number, printable, text
 from ..weights import LayerWeights, Weights
 from .checkpoint import Checkpoint
 from .gguf_header import GGUFHeader, TensorRecord, read_header
+from .gguf_vocab import check_vocabulary_file
 from .tokenizer import GGUFTokenizer
 
 _REQUIRED = object()  # read_config: a key without a default
@@ -105,6 +106,10 @@ def check_tensor(record: TensorRecord, shape: tuple[int, ...], file_size: int) -
         qtype = GGMLQuantizationType(record.ggml_type)
     except ValueError:
         raise UnsupportedModelError(f"tensor {name} has unknown type {record.ggml_type}") from None
+    if qtype not in SUPPORTED_TYPES:
+        raise UnsupportedModelError(f"tensor {name} has type {qtype.name}, which this runtime "
+                                    "cannot read (supported: "
+                                    f"{', '.join(sorted(t.name for t in SUPPORTED_TYPES))})")
     block_size = GGML_QUANT_SIZES[qtype][0]
     if shape[-1] % block_size:
         raise ModelFileError(f"tensor {name}: rows of {shape[-1]} are not whole {qtype.name} "
@@ -142,9 +147,9 @@ class _LazyLayers(Sequence[LayerWeights]):
         return self._build(i % self._n_layers)
 
 
-def load_gguf(path: Path, progress: bool = False, lazy: bool = False) -> Checkpoint:
-    """Read a GGUF file. `lazy`: blocks are dequantized only when `weights.layers[i]` is read,
-    so peak memory is one block plus the embeddings instead of the whole float32 model."""
+def inspect_gguf(path: Path) -> tuple[GGUFHeader, ModelConfig, dict, dict[str, int]]:
+    """Header, config, expected shapes and byte sizes of every tensor, all checked against
+    the file: what load_gguf needs before reading any weight."""
     header = read_header(path)
     config = read_config(header)
     shapes = expected_shapes(config)
@@ -156,6 +161,22 @@ def load_gguf(path: Path, progress: bool = False, lazy: bool = False) -> Checkpo
         shapes["rope_freqs.weight"] = (config.head_dim // 2,)
     sizes = {name: check_tensor(header.tensors[name], shape, header.file_size)
              for name, shape in shapes.items()}
+    template = header.metadata.get("tokenizer.chat_template")
+    if template is not None:
+        text(template, "tokenizer.chat_template")
+    return header, config, shapes, sizes
+
+
+def check_gguf(path: Path) -> None:
+    """Everything about a GGUF that can be checked without reading its weights."""
+    inspect_gguf(path)
+    check_vocabulary_file(path)
+
+
+def load_gguf(path: Path, progress: bool = False, lazy: bool = False) -> Checkpoint:
+    """Read a GGUF file. `lazy`: blocks are dequantized only when `weights.layers[i]` is read,
+    so peak memory is one block plus the embeddings instead of the whole float32 model."""
+    header, config, shapes, sizes = inspect_gguf(path)
 
     def tensor(name: str) -> np.ndarray:
         record = header.tensors[name]
@@ -205,6 +226,4 @@ def load_gguf(path: Path, progress: bool = False, lazy: bool = False) -> Checkpo
         raise ModelFileError(f"vocabulary has {tokenizer.vocab_size} tokens, the embedding "
                              f"{config.vocab_size}")
     template = header.metadata.get("tokenizer.chat_template")
-    if template is not None:
-        text(template, "tokenizer.chat_template")
     return Checkpoint(config, weights, tokenizer, template, path, ggml_numerics=True)

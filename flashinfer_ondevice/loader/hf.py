@@ -129,6 +129,22 @@ def _shard_files(folder: Path) -> list[Path]:
     return [folder / name for name in sorted(names)]
 
 
+def check_hf_folder(folder: Path) -> None:
+    """Everything about a Hugging Face folder that can be checked without reading weights:
+    the config, every shard's header, and that a tokenizer is there."""
+    raw = read_json(folder / "config.json")
+    if raw is None:
+        raise ModelFileError(f"{folder} is neither a Hugging Face model folder (no config.json "
+                             "file) nor a flash store (no manifest.json file)")
+    _config_from_hf(raw)
+    for shard in _shard_files(folder):
+        if not shard.is_file():
+            raise ModelFileError(f"missing shard {shard}")
+        SafetensorsFile(shard)
+    if not (folder / "tokenizer.json").is_file():
+        raise ModelFileError(f"{folder}: no tokenizer.json")
+
+
 def load_hf_folder(folder: Path, progress: bool = False) -> Checkpoint:
     raw = read_json(folder / "config.json")
     if raw is None:

@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from ..errors import FlashInferError
 from ..memory import aligned_buffer
 from ..stats import IOStats
 from .format import ALIGN
@@ -47,7 +48,10 @@ class DirectReader:
             self.fd = os.open(self.path, flags)
             self.direct = bool(flags & getattr(os, "O_DIRECT", 0))
         except OSError:  # a filesystem without O_DIRECT (tmpfs): plain reads
-            self.fd = os.open(self.path, os.O_RDONLY)
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY)
+            except OSError as exc:
+                raise FlashInferError(f"cannot read {self.path}: {exc.strerror}") from None
             self.direct = False
         if not self.direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)

@@ -1,0 +1,29 @@
+"""The parsers' fuzzers (fuzz_parsers.py) at a fixed seed: 2,000 mutated inputs per parser.
+
+Only the project's own errors may escape a parser, and llama.cpp must load every vocabulary
+our checks accept without dying. A longer run: `python tests/fuzz_parsers.py --cases 20000`.
+"""
+
+from __future__ import annotations
+
+import pytest
+from fuzz_parsers import run_all
+
+CASES, SEED = 2000, 20261203
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    return {r.target: r for r in run_all(CASES, SEED, tmp_path_factory.mktemp("fuzz"))}
+
+
+@pytest.mark.slow  # the vocabulary fuzzer hands what it accepts to llama.cpp
+@pytest.mark.parametrize("target", ["gguf", "manifest", "safetensors", "config.json",
+                                    "vocabulary"])
+def test_only_our_errors_escape(reports, target):
+    report = reports[target]
+    print(report.line())
+    assert report.cases >= CASES * 0.95  # the vocabulary writer may refuse a few mutations
+    assert not report.escaped, "\n".join(report.escaped[:10])
+    # a fuzzer that only ever hits the first check would prove little
+    assert len(report.outcomes) >= 2, report.outcomes
