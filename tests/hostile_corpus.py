@@ -25,6 +25,8 @@ from gguf import GGUFValueType as T
 from hostile_runner import CLOSED
 from tiny_models import SHAPES, random_weights, vocabulary, write_hf_folder
 
+from flashinfer_ondevice.store.format import UNFINISHED
+
 # Case inputs are built in a folder from these, made once per session (see `Bases`).
 Build = Callable[["Bases", Path], list[str]]
 
@@ -196,6 +198,7 @@ def gguf_cases() -> list[Case]:
         _meta_case("blocks-zero", "block_count", 0, T.UINT32, "block_count"),
         _meta_case("blocks-huge", "block_count", 1 << 31, T.UINT32, "block_count"),
         _meta_case("blocks-string", "block_count", "7", T.STRING, "block_count"),
+        _meta_case("blocks-largest", "block_count", (1 << 24) - 1, T.UINT32, "block_count"),
         _meta_case("blocks-negative", "block_count", -7, T.INT32, "block_count"),
         _meta_case("blocks-bool", "block_count", True, T.BOOL, "block_count"),
         _meta_case("blocks-missing", "block_count", _DROP, None, "block_count"),
@@ -503,6 +506,8 @@ def hf_cases() -> list[Case]:
         _config_case("heads-zero", _cfg("num_attention_heads", 0), "num_attention_heads"),
         _config_case("heads-null", _cfg("num_attention_heads", None), "num_attention_heads"),
         _config_case("kv-heads-list", _cfg("num_key_value_heads", [2]), "num_key_value_heads"),
+        _config_case("layers-largest", _cfg("num_hidden_layers", (1 << 24) - 1),
+                     "num_hidden_layers"),
         _config_case("layers-missing", lambda c: c.pop("num_hidden_layers"),
                      "num_hidden_layers"),
         _config_case("eps-infinity", lambda c: json.dumps(c).replace('"rms_norm_eps": 1e-06',
@@ -567,12 +572,31 @@ def _write(name: str, text: str) -> Callable[[Path], None]:
     return lambda folder: (folder / name).write_text(text)
 
 
+def _tokenizer_edit(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        tokenizer = json.loads((folder / "tokenizer.json").read_text())
+        edit(tokenizer)
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return apply
+
+
 def _tokenizer_cases() -> list[Case]:
     return [
         _file_case("hf-tokenizer-missing", "hf", lambda f: (f / "tokenizer.json").unlink(),
                    "tokenizer.json"),
         _file_case("hf-tokenizer-garbage", "hf", _write("tokenizer.json", "{not json"),
                    "tokenizer"),
+        _file_case("hf-tokenizer-deep", "hf", _write("tokenizer.json", "[" * 100000),
+                   "tokenizer"),
+        _file_case("hf-tokenizer-id-huge", "hf", _tokenizer_edit(
+            lambda t: t["model"]["vocab"].__setitem__("a", 2**40)), "tokenizer"),
+        _file_case("hf-tokenizer-model-unknown", "hf", _tokenizer_edit(
+            lambda t: t.__setitem__("model", {"type": "Nope"})), "tokenizer"),
+        _file_case("hf-tokenizer-unk-missing", "hf", _tokenizer_edit(
+            lambda t: t["model"].__setitem__("unk_token", "zzz")), "tokenizer"),
+        _file_case("hf-tokenizer-added-id-huge", "hf", _tokenizer_edit(
+            lambda t: t.__setitem__("added_tokens", [{"id": 2**40, "content": "x"}])),
+            "tokenizer"),
         _file_case("hf-tokenizer-config-array", "hf", _write("tokenizer_config.json", "[]"),
                    "tokenizer_config.json"),
         _file_case("hf-bos-token-int", "hf", _write("tokenizer_config.json",
@@ -733,6 +757,8 @@ def store_cases() -> list[Case]:
         _manifest_case("config-extra", _config_field("evil", 1), "config"),
         _manifest_case("config-layers-string", _config_field("n_layers", "7"), "n_layers"),
         _manifest_case("config-layers-bool", _config_field("n_layers", True), "n_layers"),
+        _manifest_case("config-layers-largest", _config_field("n_layers", (1 << 24) - 1),
+                       "layers"),
         _manifest_case("config-eps-nan", lambda m: _json_with(m, "norm_eps", "NaN"),
                        "norm_eps"),
         _manifest_case("config-eps-inf", lambda m: _json_with(m, "norm_eps", "Infinity"),
@@ -856,7 +882,7 @@ def files_cases() -> list[Case]:
     def partial_store(bases: Bases, folder: Path) -> list[str]:
         target = folder / ".store.partial-999999"
         shutil.copytree(bases.store, target)
-        (target / ".partial").write_text("")  # what a killed convert leaves (see convert.py)
+        (target / UNFINISHED).write_text("")  # what a killed convert leaves (convert.py)
         return ["-m", str(target), *GEN]
 
     def unwritable_output(bases, folder):

@@ -211,7 +211,12 @@ def test_interrupted_calibration_leaves_a_working_store(calibrated, tmp_path, mo
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(calibration, "write_predictors", fail)
+    with monkeypatch.context() as m:  # before the store changes: it stays as it was
+        m.setattr(calibration, "write_predictors", fail)
+        with pytest.raises(KeyboardInterrupt):
+            calibrate(path, TEXT, tokens=300)
+    assert open_store(path, verify=True).sparsity is not None
+    monkeypatch.setattr(calibration, "sync_folder", fail)  # between the two manifests
     with pytest.raises(KeyboardInterrupt):
         calibrate(path, TEXT, tokens=300)
     store = open_store(path, verify=True)  # still consistent, now without calibration

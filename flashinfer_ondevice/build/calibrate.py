@@ -16,10 +16,16 @@ a-flash predictors), and record the results in the store.
    setting that met it (gate-first on a tie), else gate-first at the lightest target.
 4. Write sparsity.bin and then the manifest atomically: an interrupted run leaves the store
    as it was (or without calibration), never inconsistent.
+
+One calibrate per store at a time: it holds STORE/.calibrate.lock (store/lock.py; a second
+fails at once) and, holding it, first removes what a killed calibrate left in the store.
+A full disk or a read-only store is a one-line StoreWriteError, the store left as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -37,7 +43,9 @@ from ..functional import ACTIVATIONS, log_softmax
 from ..runtime.engine import Session, open_store_session
 from ..runtime.selectors import GateFirstSelector, PredictedSelector
 from ..runtime.sparse_ffn import SparseFFN
-from ..store.format import MANIFEST, write_manifest
+from ..store.format import MANIFEST, stage_manifest, sync_folder
+from ..store.lock import exclusive, write_error
+from ..store.reader import open_store
 from ..store.sparsity_record import (
     SELECTORS,
     SPARSITY_FILE,
@@ -58,6 +66,8 @@ DECODE_ROWS = 512
 HOLDOUT = 512  # held-out calibration tokens that choose the defaults
 TOP1_BAR, PERPLEXITY_BAR = 0.97, 0.03
 WINDOW = 4  # default window of the neuron caches (LLM in a flash: 2 for Llama-2, 4-5 for OPT)
+LOCK = ".calibrate.lock"  # in the store, while a calibrate writes it
+SCRATCH = ".calibration-"  # prefix of the temporary folder of recorded activations
 
 
 def default_text() -> str:
@@ -120,6 +130,49 @@ def calibrate(store_path: str | Path, text: str | None = None, tokens: int = TOK
               rank: int = RANK, recall: float = RECALL, progress: bool = False) -> SparsityRecord:
     """Calibrate the store at `store_path` and record the results in it."""
     store_path = Path(store_path)
+    open_store(store_path)  # not a store, or a corrupt one: its own error, before any write
+    with exclusive(store_path / LOCK, f"calibrating {store_path}", store_path):
+        _remove_leftovers(store_path)
+        needed = [0]  # bytes the calibration writes, once known
+        try:
+            return _calibrate_locked(store_path, text, tokens, rank, recall, progress, needed)
+        except OSError as exc:
+            error = write_error(exc, store_path, store_path, needed[0] or None)
+            if error is None:
+                raise
+            raise error from None
+
+
+def _remove_leftovers(store_path: Path) -> None:
+    """What a killed calibrate (or convert) left in the store: its scratch folder and its
+    partial files (never listed in the manifest). Called holding the store's lock."""
+    for entry in os.scandir(store_path):
+        if entry.name.startswith(SCRATCH) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        elif entry.name == SPARSITY_FILE + ".partial" or (
+                entry.name.startswith(MANIFEST + ".") and entry.name.endswith(".partial")):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
+def _scratch(path: Path, shape: tuple[int, int]) -> np.memmap:
+    """A float16 memmap at `path`, its blocks allocated now: a full disk fails here, with
+    ENOSPC, rather than later as a SIGBUS in a write through the map."""
+    nbytes = 2 * shape[0] * shape[1]
+    with open(path, "wb") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, max(nbytes, 1))
+        except AttributeError:  # no posix_fallocate (macOS): a sparse file
+            f.truncate(nbytes)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            f.truncate(nbytes)
+    return np.memmap(path, np.float16, "r+", shape=shape)
+
+
+def _calibrate_locked(store_path: Path, text: str | None, tokens: int, rank: int,
+                      recall: float, progress: bool, needed: list[int]) -> SparsityRecord:
     model = open_store_session(store_path, selector="dense")
     config = model.config
     rank = min(rank, config.hidden_size)
@@ -134,16 +187,17 @@ def calibrate(store_path: str | Path, text: str | None = None, tokens: int = TOK
     bos = [model.tokenizer.bos_id] if model.tokenizer.bos_id is not None else []
     chunks = [bos + ids[i:i + CHUNK - len(bos)] for i in range(0, len(ids), CHUNK - len(bos))]
     n = sum(len(c) for c in chunks)
+    needed[0] = 2 * n * (config.hidden_size + config.ffn_size) * config.n_layers + \
+        config.n_layers * predictor_nbytes(config, rank)
     activation_fn = ACTIVATIONS[config.traits.activation]
     weights = model.weights
-    tmp = Path(tempfile.mkdtemp(prefix=".calibration-", dir=store_path))
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=SCRATCH, dir=store_path))
         recorders = []
         for i in range(config.n_layers):
-            inputs = np.memmap(tmp / f"inputs-{i}.f16", np.float16, "w+",
-                               shape=(n, config.hidden_size))
-            gates = np.memmap(tmp / f"gates-{i}.f16", np.float16, "w+",
-                              shape=(n, config.ffn_size))
+            inputs = _scratch(tmp / f"inputs-{i}.f16", (n, config.hidden_size))
+            gates = _scratch(tmp / f"gates-{i}.f16", (n, config.ffn_size))
             recorders.append(_Recorder(weights.resident_ffn(i), inputs, gates))
             weights.ffns[i] = recorders[-1]
         with tqdm(total=n, unit="tok", desc="calibration: dense pass", disable=not progress) \
@@ -167,7 +221,8 @@ def calibrate(store_path: str | Path, text: str | None = None, tokens: int = TOK
         defaults, scored = choose_defaults(model, layers, holdout, len(bos), progress)
     finally:
         weights.ffns.clear()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         model.close()
     calibration = {"tokens": n, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
                    "predicted_kept": [float(np.mean([k[j] for k in kept]))
@@ -243,22 +298,42 @@ def choose_defaults(model: Session, layers: list[LayerSparsity], chunks: list[li
 
 
 def write_record(store_path: Path, record: SparsityRecord, config: ModelConfig) -> None:
-    """Replace the store's calibration: manifest without it, the new file, manifest with it.
-    The record is validated as a reader will validate it before anything is written."""
+    """Replace the store's calibration. First, while the store stays as it was, everything
+    is written and synced under partial names: the new sparsity.bin, the manifest without a
+    calibration (when the store has one) and the manifest with the new one. Then only
+    renames, which need no space: the manifest without, the new file, the manifest with it.
+    A kill at any point leaves a consistent store (the old calibration, none, or the new);
+    a failure to write (a full disk) leaves the store as it was. The record is validated
+    as a reader will validate it before anything is written."""
     size = config.n_layers * predictor_nbytes(config, record.rank)
     try:
         parse_record(json.loads(json.dumps(record.manifest())), config, {SPARSITY_FILE: size})
     except ValueError as exc:
         raise FlashInferError(f"calibration produced an invalid record ({exc})") from None
     manifest = json.loads((store_path / MANIFEST).read_text(encoding="utf-8"))
-    manifest.pop("sparsity", None)
-    manifest["files"].pop(SPARSITY_FILE, None)
-    write_manifest(store_path, manifest)
+    without = {key: value for key, value in manifest.items() if key != "sparsity"}
+    without["files"] = {name: info for name, info in manifest["files"].items()
+                        if name != SPARSITY_FILE}
     partial = store_path / (SPARSITY_FILE + ".partial")
-    write_predictors(partial, record.layers)
-    os.replace(partial, store_path / SPARSITY_FILE)
-    digest = hashlib.sha256((store_path / SPARSITY_FILE).read_bytes()).hexdigest()
-    manifest["files"][SPARSITY_FILE] = {"size": (store_path / SPARSITY_FILE).stat().st_size,
-                                        "sha256": digest}
-    manifest["sparsity"] = record.manifest()
-    write_manifest(store_path, manifest)
+    staged = []
+    try:
+        write_predictors(partial, record.layers)
+        digest = hashlib.sha256()
+        with open(partial, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+            os.fsync(f.fileno())
+        entry = {"size": partial.stat().st_size, "sha256": digest.hexdigest()}
+        if without != manifest:  # the old record names the file replaced below
+            staged.append(stage_manifest(store_path, without, "uncalibrated"))
+        staged.append(stage_manifest(store_path, {
+            **without, "files": {**without["files"], SPARSITY_FILE: entry},
+            "sparsity": record.manifest()}, "calibrated"))
+        renames = [(staged[0], MANIFEST)] if len(staged) == 2 else []
+        for source, name in [*renames, (partial, SPARSITY_FILE), (staged[-1], MANIFEST)]:
+            os.replace(source, store_path / name)
+            sync_folder(store_path)
+    finally:
+        for path in (partial, *staged):
+            with contextlib.suppress(OSError):
+                os.unlink(path)

@@ -1,20 +1,27 @@
 """Convert a checkpoint (GGUF or Hugging Face folder) into a flash store.
 
 Memory: a GGUF is read lazily, one transformer block at a time (plus the embeddings), so a
-7B model converts in a few GB. Atomic: everything is written into a hidden sibling folder
-that is renamed into place only after the manifest (written last) and the data are on disk,
-so an interrupted convert leaves nothing that opens as a store. The progress bar counts
-bytes written."""
+7B model converts in a few GB. Atomic: everything is written into a hidden sibling folder,
+PARENT/.NAME.partial-PID, marked unfinished (store/format.py: no reader opens it), which is
+renamed into place only after the manifest (written last) and the data are on disk, so an
+interrupted or killed convert leaves nothing that opens as a store; the next convert of the
+same target removes what a killed one left. One convert per target at a time (a lock beside
+it, store/lock.py). The progress bar counts bytes written."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +33,19 @@ from ..loader import load_checkpoint
 from ..loader.tokenizer import Tokenizer
 from ..quant.codecs import CODECS, Codec, InputStats, parse_codec_spec
 from ..schema import LAYER_MATRICES, LAYER_VECTORS, layer_key
-from ..store.format import ALIGN, FORMAT, VERSION, WEIGHTS, align_up, write_manifest
+from ..store.format import (
+    ALIGN,
+    FORMAT,
+    VERSION,
+    WEIGHTS,
+    align_up,
+    building,
+    finish_building,
+    sync_folder,
+    write_manifest,
+)
+from ..store.lock import StoreBusyError, StoreWriteError, exclusive, write_error
+from ..store.reader import is_store
 from . import codec_choice, head_proxy, store_quality
 from .calibrate import default_text
 from .head_proxy import MAX_CALIBRATION_TOKENS as PROXY_TOKENS
@@ -85,6 +104,11 @@ class _WeightsWriter:
         self.file.close()
         return self.offset, self.sha.hexdigest()
 
+    def discard(self) -> None:
+        """Close the file after a failure (what it could not write is dropped)."""
+        with contextlib.suppress(OSError):
+            self.file.close()
+
 
 def _bundles(layer, c: Codec, stats: dict[str, InputStats]) -> tuple[np.ndarray, Codec]:
     """(ffn, 3 x row_nbytes): neuron i's gate row, up row and down column, encoded, each
@@ -124,93 +148,183 @@ def convert(source: str | Path, target: str | Path, codec_name: str = "int8",
     `head_proxy_rank`: the output-layer proxy's rank (default: build/head_proxy.py's rule).
     Codecs that fit to data see the statistics of `calibration_tokens` tokens of
     `calibration_text` (default: the packaged calibration text). `codec_choice_record`: how
-    `codec_name` was chosen (choose_spec), kept in the manifest."""
+    `codec_name` was chosen (choose_spec), kept in the manifest.
+
+    One convert per target at a time: it holds PARENT/.NAME.lock (store/lock.py) while it
+    writes, and a second fails at once (StoreBusyError). A full disk or an unwritable folder
+    is a one-line StoreWriteError; whatever fails, nothing is left behind (the hidden
+    partial folder, the lock file and the folders it created go)."""
     calibration_text = default_text() if calibration_text is None else calibration_text
     source, target = Path(source), Path(target)
     try:
         chosen = parse_codec_spec(codec_name)
     except ValueError as exc:
         raise FlashInferError(str(exc)) from None
-    if target.exists():
+    if os.path.lexists(target):
         raise FlashInferError(f"{target} already exists; remove it or choose another -o")
+    created = _make_parent(target)
+    try:
+        with exclusive(target.parent / f".{target.name}.lock", f"converting into {target}",
+                       target):
+            if os.path.lexists(target):  # made while this one waited to start
+                raise FlashInferError(f"{target} already exists; remove it or choose "
+                                      "another -o")
+            for stale in _partial_folders(target):  # their writers are gone: the lock is free
+                shutil.rmtree(stale, ignore_errors=True)
+            _convert_locked(source, target, chosen, codec_name, progress, head_proxy_rank,
+                            calibration_text, calibration_tokens, codec_choice_record)
+    except BaseException:
+        for folder in created:  # deepest first; only while empty
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        raise
+    return target
+
+
+def _make_parent(target: Path) -> list[Path]:
+    """Create `target`'s parent folder; the folders created, deepest first."""
+    missing = []
+    for folder in (target.parent, *target.parent.parents):
+        if os.path.lexists(folder):
+            break
+        missing.append(folder)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise FlashInferError(f"cannot write {target}: a file is in the way of its "
+                              "folder") from None
+    except OSError as exc:
+        error = write_error(exc, target, missing[-1].parent if missing else target.parent)
+        if error is None:
+            raise
+        raise error from None
+    return missing
+
+
+def _partial_folders(target: Path) -> list[Path]:
+    """The hidden partial folders of converts into `target` (.NAME.partial-PID), by exact
+    name: never a pattern built from a user's name."""
+    prefix = f".{target.name}.partial-"
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return []
+    return [target.parent / name for name in names
+            if name.startswith(prefix) and name[len(prefix):].isascii()
+            and name[len(prefix):].isdigit()]
+
+
+def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_name: str,
+                    progress: bool, head_proxy_rank: int | None, calibration_text: str,
+                    calibration_tokens: int, codec_choice_record: dict | None) -> None:
+    """convert's work, under the target's lock: everything into a hidden partial folder
+    marked unfinished (store/format.py), synced, then the marker removed and the folder
+    renamed into place."""
     checkpoint = load_checkpoint(source, progress=progress, lazy=True)
     config, weights = checkpoint.config, checkpoint.weights
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.partial-*"):  # from a killed convert
-        shutil.rmtree(stale, ignore_errors=True)
+    needed = _estimated_bytes(config, chosen)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
-    tmp.mkdir()
+    out = None
     try:
-        tokenizer = _copy_tokenizer(checkpoint.source, tmp)
-        store_tokenizer = _store_tokenizer(tmp, tokenizer)
-        collector = None
-        if any(c.fits_inputs for c in chosen.values()):
-            chunks, _ = calibration_chunks(store_tokenizer, calibration_text,
-                                            calibration_tokens)
-            collector = InputStatsCollector(config, weights, chunks, progress)
-        held_out = store_quality.held_out_chunks(store_tokenizer, calibration_text,
-                                                 max(calibration_tokens, PROXY_TOKENS))
-        reference = store_quality.ReferenceRun(config, weights, held_out) if held_out else None
-        with tqdm(total=_estimated_bytes(config, chosen), unit="B", unit_scale=True,
-                  desc=f"converting to {codec_name}", disable=not progress) as bar:
-            out = _WeightsWriter(tmp / WEIGHTS, bar)
-            for i, layer in enumerate(weights.layers):
-                stats = {} if collector is None else collector.layer(i, layer)
-                if reference is not None:
-                    reference.layer(i, layer)
-                for field in LAYER_MATRICES:
-                    out.put_matrix(layer_key(i, field), getattr(layer, field), chosen["attn"],
-                                   stats.get(field))
-                for field in LAYER_VECTORS:
-                    if getattr(layer, field) is not None:
-                        out.put_vector(layer_key(i, field), getattr(layer, field))
-                bundles, c = _bundles(layer, chosen["ffn"], stats)
-                out.put(layer_key(i, "ffn"), bundles, c.name, bundles.shape[1],
-                        config.hidden_size, lambda rows: rows)
-            head_stats = None if collector is None else collector.head(weights.final_norm)
-            tied = None if head_stats is None else for_tied_embedding(head_stats)
-            out.put_matrix("embed", weights.embed, chosen["embed"],
-                           tied if weights.output is None else None)
-            if weights.output is not None:
-                out.put_matrix("output", weights.output, chosen["embed"], head_stats)
-            out.put_vector("final_norm", weights.final_norm)
-            if weights.rope_freq_factors is not None:
-                out.put_vector("rope_freqs", weights.rope_freq_factors)
-            size, sha = out.finish()
-        files = {WEIGHTS: {"size": size, "sha256": sha}}
-        for name in tokenizer["files"]:
-            files[name] = {"size": (tmp / name).stat().st_size,
-                           "sha256": _file_sha256(tmp / name)}
-        manifest = {
-            "format": FORMAT, "version": VERSION, "codec": chosen["ffn"].name,
-            "codecs": {group: c.name for group, c in chosen.items()}, "alignment": ALIGN,
-            "config": dataclasses.asdict(config), "tokenizer": tokenizer,
-            "chat_template": checkpoint.chat_template, "source": source.name,
-            "files": files, "tensors": out.tensors,
-        }
-        if codec_choice_record is not None:
-            manifest["codec_choice"] = codec_choice_record
-        if collector is not None:
-            manifest["input_statistics"] = {
-                "tokens": collector.tokens,
-                "text_sha256": hashlib.sha256(calibration_text.encode()).hexdigest()}
-        write_manifest(tmp, manifest)
-        rank = proxy_rank(config) if head_proxy_rank is None else head_proxy_rank
-        if rank is not None:
-            _add_head_proxy(tmp, manifest, rank, progress)
+        tmp.mkdir()
+        with building(tmp):
+            tokenizer = _copy_tokenizer(checkpoint.source, tmp)
+            store_tokenizer = _store_tokenizer(tmp, tokenizer)
+            collector = None
+            if any(c.fits_inputs for c in chosen.values()):
+                chunks, _ = calibration_chunks(store_tokenizer, calibration_text,
+                                                calibration_tokens)
+                collector = InputStatsCollector(config, weights, chunks, progress)
+            held_out = store_quality.held_out_chunks(store_tokenizer, calibration_text,
+                                                     max(calibration_tokens, PROXY_TOKENS))
+            reference = store_quality.ReferenceRun(config, weights, held_out) \
+                if held_out else None
+            with tqdm(total=_estimated_bytes(config, chosen), unit="B", unit_scale=True,
+                      desc=f"converting to {codec_name}", disable=not progress) as bar:
+                out = _WeightsWriter(tmp / WEIGHTS, bar)
+                for i, layer in enumerate(weights.layers):
+                    stats = {} if collector is None else collector.layer(i, layer)
+                    if reference is not None:
+                        reference.layer(i, layer)
+                    for field in LAYER_MATRICES:
+                        out.put_matrix(layer_key(i, field), getattr(layer, field),
+                                       chosen["attn"], stats.get(field))
+                    for field in LAYER_VECTORS:
+                        if getattr(layer, field) is not None:
+                            out.put_vector(layer_key(i, field), getattr(layer, field))
+                    bundles, c = _bundles(layer, chosen["ffn"], stats)
+                    out.put(layer_key(i, "ffn"), bundles, c.name, bundles.shape[1],
+                            config.hidden_size, lambda rows: rows)
+                head_stats = None if collector is None else collector.head(weights.final_norm)
+                tied = None if head_stats is None else for_tied_embedding(head_stats)
+                out.put_matrix("embed", weights.embed, chosen["embed"],
+                               tied if weights.output is None else None)
+                if weights.output is not None:
+                    out.put_matrix("output", weights.output, chosen["embed"], head_stats)
+                out.put_vector("final_norm", weights.final_norm)
+                if weights.rope_freq_factors is not None:
+                    out.put_vector("rope_freqs", weights.rope_freq_factors)
+                size, sha = out.finish()
+            files = {WEIGHTS: {"size": size, "sha256": sha}}
+            for name in tokenizer["files"]:
+                files[name] = {"size": (tmp / name).stat().st_size,
+                               "sha256": _file_sha256(tmp / name)}
+            manifest = {
+                "format": FORMAT, "version": VERSION, "codec": chosen["ffn"].name,
+                "codecs": {group: c.name for group, c in chosen.items()}, "alignment": ALIGN,
+                "config": dataclasses.asdict(config), "tokenizer": tokenizer,
+                "chat_template": checkpoint.chat_template, "source": source.name,
+                "files": files, "tensors": out.tensors,
+            }
+            if codec_choice_record is not None:
+                manifest["codec_choice"] = codec_choice_record
+            if collector is not None:
+                manifest["input_statistics"] = {
+                    "tokens": collector.tokens,
+                    "text_sha256": hashlib.sha256(calibration_text.encode()).hexdigest()}
             write_manifest(tmp, manifest)
-        if reference is not None:
-            try:
-                manifest["quality"] = store_quality.measure(tmp, reference, rank is not None,
-                                                            progress)
-            except ValueError as exc:  # not finite: the store runs, but is not weighed
-                print(f"warning: quality not recorded ({exc})", file=sys.stderr)
-            else:
+            rank = proxy_rank(config) if head_proxy_rank is None else head_proxy_rank
+            if rank is not None:
+                _add_head_proxy(tmp, manifest, rank, progress)
                 write_manifest(tmp, manifest)
+            if reference is not None:
+                try:
+                    manifest["quality"] = store_quality.measure(tmp, reference,
+                                                                rank is not None, progress)
+                except ValueError as exc:  # not finite: the store runs, but is not weighed
+                    print(f"warning: quality not recorded ({exc})", file=sys.stderr)
+                else:
+                    write_manifest(tmp, manifest)
+            _sync_files(tmp)
+        if os.path.lexists(target):  # a folder someone made meanwhile: never replaced
+            raise FlashInferError(f"{target} already exists; remove it or choose another -o")
+        finish_building(tmp)
         os.rename(tmp, target)
-    finally:
+        sync_folder(target.parent)
+    except BaseException as exc:
+        if out is not None:
+            out.discard()
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        error = write_error(exc, target, target.parent, needed) \
+            if isinstance(exc, OSError) else None
+        if error is None:
+            raise
+        raise error from None
+
+
+def _sync_files(folder: Path) -> None:
+    """fsync every file in `folder` and the folder itself (before it is renamed into place:
+    a crash of the machine then leaves the old state or the whole store)."""
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False):
+            fd = os.open(entry.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    sync_folder(folder)
 
 
 def _store_tokenizer(folder: Path, record: dict) -> Tokenizer:
@@ -313,40 +427,146 @@ def _copy_tokenizer(source: Path, folder: Path) -> dict:
             "bos_text": tokenizer.special_text(bos) if bos is not None else ""}
 
 
-_CHILD = ("import sys; from flashinfer_ondevice.build.convert import child_main; "
-          "sys.exit(child_main(sys.argv[1:]))")
+_CHILD = ("import sys\n"
+          "try:\n"
+          "    from flashinfer_ondevice.build.convert import child_main\n"
+          "except KeyboardInterrupt:\n"
+          "    sys.exit(130)\n"
+          "sys.exit(child_main(sys.argv[1:]))\n")
+_KINDS = {cls.__name__: cls for cls in (StoreBusyError, StoreWriteError)}
+_TAIL = 16384  # bytes of the child's output kept, to find its error line if it crashes
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b|"
+                         r"Fatal Python error|Segmentation fault|Bus error|Killed)")
 
 
 def convert_in_child(source: Path, target: Path, codec_name: str, progress: bool) -> None:
     """`convert` in a child process, so that its memory (the embeddings and a block in
-    float32) never counts in the caller's; its progress bar goes to this stderr, a
-    FlashInferError it raises comes back as one."""
-    child = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(source), str(target), codec_name,
-         "--progress" if progress else "--quiet"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
-    lines = child.stdout.strip().splitlines()
+    float32) never counts in the caller's. Its output (the progress bar) goes to this
+    stderr; its result comes back on a pipe of its own, so an error it raises comes back as
+    the same class with its message, and a crash (an uncaught exception, a signal) as a
+    FlashInferError naming the child's error line."""
+    env = None  # the progress bar as wide as our terminal (its output passes through us)
+    if progress and "TQDM_NCOLS" not in os.environ:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            columns = os.get_terminal_size(sys.stderr.fileno()).columns
+            env = {**os.environ, "TQDM_NCOLS": str(max(columns - 1, 20))}
+    read_fd, write_fd = os.pipe()
     try:
-        result = json.loads(lines[-1]) if lines else {}
-    except json.JSONDecodeError:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(write_fd), str(source), str(target),
+             codec_name, "--progress" if progress else "--quiet"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            pass_fds=(write_fd,), env=env)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    tail = bytearray()
+    relay = threading.Thread(target=_relay, args=(child.stdout, tail), daemon=True)
+    relay.start()
+    try:
+        with os.fdopen(read_fd, "rb") as results:
+            raw = results.read()  # until the child exits
+        child.wait()
+    except BaseException:  # Ctrl-C: let the child clean up (its partial folder) first
+        _stop(child)
+        raise
+    finally:
+        relay.join(timeout=5)
+    try:
+        result = json.loads(raw.decode()) if raw.strip() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
         result = {}
-    if child.returncode != 0 or result.get("store") != str(target):
-        kind = error_kind(str(result.get("kind")))
-        raise kind(result.get("error") or f"conversion of {source} failed (exit status "
-                   f"{child.returncode})")
+    if not isinstance(result, dict):
+        result = {}
+    if child.returncode == 0 and result.get("store") == str(target):
+        return
+    if "error" in result:
+        kind = _KINDS.get(str(result.get("kind"))) or error_kind(str(result.get("kind")))
+        if kind is FlashInferError and is_store(target) and "already exists" in \
+                str(result["error"]):
+            return  # another process converted it meanwhile: it is there to use
+        raise kind(str(result["error"]))
+    raise FlashInferError(f"conversion of {source} failed ({_exit_reason(child.returncode)})"
+                          + _error_line(bytes(tail)))
+
+
+def _stop(child: subprocess.Popen) -> None:
+    """End the child as Ctrl-C does, so that it removes what it wrote: a Ctrl-C at the
+    terminal reached it too (give it a moment), else send one; kill it if it hangs."""
+    for signum, grace in ((None, 2), (signal.SIGINT, 30), (signal.SIGKILL, None)):
+        if signum is not None:
+            with contextlib.suppress(OSError):
+                child.send_signal(signum)
+        try:
+            child.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _relay(stream, tail: bytearray) -> None:
+    """Copy the child's output to this stderr as it comes, keeping its last _TAIL bytes."""
+    out = getattr(sys.stderr, "buffer", None)
+    with contextlib.suppress(OSError, ValueError):
+        while block := stream.read1(65536):
+            tail += block
+            del tail[:-_TAIL]
+            try:
+                if out is not None:
+                    out.write(block)
+                    out.flush()
+                else:
+                    sys.stderr.write(block.decode(errors="replace"))
+                    sys.stderr.flush()
+            except (OSError, ValueError):
+                out = None  # our stderr is gone: keep reading, so the child never blocks
+    stream.close()
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exit status {code}"
+
+
+def _error_line(output: bytes) -> str:
+    """': ' + the child's error line (the last line of a traceback, or the like), else its
+    last line of output; '' when it printed nothing."""
+    lines = [line.strip() for line in re.split(r"[\r\n]+", output.decode(errors="replace"))]
+    lines = [line for line in lines if line]
+    for line in reversed(lines):
+        if _ERROR_LINE.match(line):
+            return f": {line}"
+    return f": {lines[-1]}" if lines else ""
 
 
 def child_main(argv: list[str]) -> int:
-    """Entry of convert_in_child's process: one JSON line on stdout, {"store"} or {"error"}."""
-    source, target, codec_name, flag = argv
-    try:
-        convert(source, target, codec_name, progress=flag == "--progress")
-    except FlashInferError as exc:
-        print(json.dumps({"error": str(exc), "kind": type(exc).__name__}))
-        return 1
-    except OSError as exc:  # disk full, permissions: the cause in one line, not a traceback
-        print(json.dumps({"error": f"conversion failed: {exc}", "kind": "FlashInferError"}))
-        return 1
-    print(json.dumps({"store": target}))
-    return 0
-
+    """Entry of convert_in_child's process: writes one JSON object on the result pipe,
+    {"store"} or {"error", "kind"}."""
+    result_fd, source, target, codec_name, flag = argv
+    with os.fdopen(int(result_fd), "w", encoding="utf-8") as results:
+        try:
+            convert(source, target, codec_name, progress=flag == "--progress")
+        except FlashInferError as exc:
+            result = {"error": str(exc), "kind": type(exc).__name__}
+        except KeyboardInterrupt:
+            return 130
+        except OSError as exc:  # an unreadable source, an I/O error (a full disk or an
+            # unwritable folder are StoreWriteErrors): the cause in one line
+            result = {"error": f"conversion of {source} failed: {exc}",
+                      "kind": "FlashInferError"}
+        except Exception as exc:  # a bug: its traceback on stderr, its line to the user
+            traceback.print_exc()
+            result = {"error": f"conversion of {source} failed: {type(exc).__name__}: {exc}",
+                      "kind": "FlashInferError"}
+        else:
+            result = {"store": target}
+        results.write(json.dumps(result))
+    return 0 if "store" in result else 1

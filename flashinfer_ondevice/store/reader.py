@@ -17,7 +17,7 @@ from ..errors import FlashInferError
 from ..quant.codecs import CODECS
 from ..schema import expected_tensors
 from ..values import describe, integer
-from .format import ALIGN, FORMAT, MANIFEST, MAX_MANIFEST_BYTES, VERSION
+from .format import ALIGN, FORMAT, MANIFEST, MAX_MANIFEST_BYTES, VERSION, unfinished
 from .head_proxy import expected_shapes as proxy_expected_shapes
 from .head_proxy import parse_rank
 from .quality_record import Quality, parse_quality
@@ -62,7 +62,7 @@ class Store:
 
 
 def is_store(path: Path) -> bool:
-    return path.is_dir() and (path / MANIFEST).is_file()
+    return path.is_dir() and (path / MANIFEST).is_file() and not unfinished(path)
 
 
 def _fail(path: Path, message: str):
@@ -124,6 +124,9 @@ def _entry(path: Path, name: str, info, shape: tuple[int, int],
 def open_store(path: str | Path, verify: bool = False) -> Store:
     path = Path(path)
     manifest_path = path / MANIFEST
+    if unfinished(path):
+        raise StoreError(f"{path} is an unfinished store (a convert still writing it, or "
+                         "killed while it did); convert the model again")
     if not manifest_path.is_file():
         raise StoreError(f"{path} is not a flash store (no {MANIFEST})")
     if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
@@ -164,6 +167,9 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
     raw_tensors = manifest.get("tensors")
     if not isinstance(raw_tensors, dict):
         _fail(path, "no tensor table")
+    if config.n_layers > len(raw_tensors):  # bounds the work the layer count causes
+        _fail(path, f"config has {config.n_layers} layers, the tensor table "
+                    f"{len(raw_tensors)} entries")
     expected = expected_tensors(config)
     missing = sorted(set(expected) - set(raw_tensors))
     if missing:
