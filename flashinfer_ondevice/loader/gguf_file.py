@@ -49,6 +49,9 @@ def read_config(header: GGUFHeader) -> ModelConfig:
     hidden = key("embedding_length", integer)
     n_heads = key("attention.head_count", integer)
     n_layers = key("block_count", integer)
+    if n_layers > len(header.tensors):  # bounds the work the layer count causes
+        raise ModelFileError(f"{header.path}: {arch}.block_count={n_layers}, but the file "
+                             f"holds only {len(header.tensors)} tensors")
     embed = header.tensors.get("token_embd.weight")
     if embed is None or len(embed.shape) != 2:
         raise ModelFileError(f"{header.path}: GGUF has no 2-D token_embd.weight")

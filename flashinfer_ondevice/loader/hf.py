@@ -136,11 +136,15 @@ def check_hf_folder(folder: Path) -> None:
     if raw is None:
         raise ModelFileError(f"{folder} is neither a Hugging Face model folder (no config.json "
                              "file) nor a flash store (no manifest.json file)")
-    _config_from_hf(raw)
+    config = _config_from_hf(raw)
+    n_tensors = 0
     for shard in _shard_files(folder):
         if not shard.is_file():
             raise ModelFileError(f"missing shard {shard}")
-        SafetensorsFile(shard)
+        n_tensors += len(SafetensorsFile(shard).entries)
+    if config.n_layers > n_tensors:  # bounds the work the layer count causes
+        raise ModelFileError(f"config.json num_hidden_layers={config.n_layers}, but the "
+                             f"folder holds only {n_tensors} tensors")
     if not (folder / "tokenizer.json").is_file():
         raise ModelFileError(f"{folder}: no tokenizer.json")
 
