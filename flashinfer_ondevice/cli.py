@@ -29,6 +29,24 @@ class DefaultCommandGroup(click.Group):
             args = [next(iter(self.commands)), *args]
         return super().parse_args(ctx, args)
 
+    def invoke(self, ctx: click.Context):
+        """Run the command; an error that is not the user's (a bug, or memory running out)
+        is one line too, its traceback shown only with FLASHINFER_DEBUG=1."""
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit,
+                KeyboardInterrupt):
+            raise
+        except MemoryError:
+            raise click.ClickException("out of memory (try a --memory-budget, a smaller "
+                                       "-c/--ctx-size or a smaller model)") from None
+        except Exception as exc:
+            if os.environ.get("FLASHINFER_DEBUG"):
+                raise
+            raise click.ClickException(
+                f"internal error: {type(exc).__name__}: {printable(str(exc))[:300]} (a bug: "
+                "please report it; FLASHINFER_DEBUG=1 shows where)") from None
+
 
 @click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:

@@ -130,6 +130,8 @@ def verdict(outcome: Outcome, expect: str, cause: str, memory_limit: int = MEMOR
         return f"killed by signal {signal.Signals(-code).name}"
     if "Traceback" in outcome.stderr:
         return f"traceback: {outcome.stderr.strip().splitlines()[-1]}"
+    if "(a bug" in outcome.stderr:  # the CLI's and the convert child's net for bugs
+        return f"a bug caught as one line: {outcome.stderr.strip().splitlines()[-1]}"
     if expect == "ok":
         if code != 0:
             return f"exit {code} on valid input: {outcome.stderr.strip()[-300:]}"

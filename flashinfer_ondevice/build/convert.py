@@ -562,9 +562,11 @@ def child_main(argv: list[str]) -> int:
             # unwritable folder are StoreWriteErrors): the cause in one line
             result = {"error": f"conversion of {source} failed: {exc}",
                       "kind": "FlashInferError"}
-        except Exception as exc:  # a bug: its traceback on stderr, its line to the user
-            traceback.print_exc()
-            result = {"error": f"conversion of {source} failed: {type(exc).__name__}: {exc}",
+        except Exception as exc:  # a bug: its line to the user, the traceback on request
+            if os.environ.get("FLASHINFER_DEBUG"):
+                traceback.print_exc()
+            result = {"error": f"conversion of {source} failed: {type(exc).__name__}: {exc} "
+                               "(a bug: FLASHINFER_DEBUG=1 shows where)",
                       "kind": "FlashInferError"}
         else:
             result = {"store": target}

@@ -187,10 +187,16 @@ class HFTokenizer:
         return None if token is None else self._tok.token_to_id(token)
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=add_special).ids
+        except Exception as exc:  # the Rust library's errors are plain Exceptions
+            raise ModelFileError(f"the model's tokenizer.json failed to encode: {exc}") from None
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+        try:
+            return self._tok.decode(ids, skip_special_tokens=True)
+        except Exception as exc:
+            raise ModelFileError(f"the model's tokenizer.json failed to decode: {exc}") from None
 
     def detokenizer(self) -> StreamingDetokenizer:
         return IncrementalDetokenizer(self.decode)
