@@ -107,21 +107,41 @@ class Model:
         return self.tokenize(text, add_special=not has_bos)
 
     # evaluation -----------------------------------------------------------------------
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Next-token logits at every position of `ids`: float32 (len(ids), vocab)."""
+    def logits(self, ids: Sequence[int], positions: Sequence[int] | None = None) -> np.ndarray:
+        """Next-token logits at every position of `ids` (or at `positions` only, e.g. [-1]):
+        float32 (positions, vocab). At most MAX_LOGITS_BYTES are returned; memory beyond
+        that is one prefill batch's, whatever the length of `ids`."""
         ids = self._checked_ids(ids, reserve=0)
-        nbytes = len(ids) * self.config.vocab_size * 4
+        rows = np.arange(len(ids)) if positions is None else self._positions(positions, len(ids))
+        nbytes = len(rows) * self.config.vocab_size * 4
         if nbytes > MAX_LOGITS_BYTES:
             raise ArgumentError(
-                f"logits of {len(ids)} positions would take {nbytes / 1e9:.1f} GB (limit "
+                f"logits of {len(rows)} positions would take {nbytes / 1e9:.1f} GB (limit "
                 f"{MAX_LOGITS_BYTES / 1e9:.1f} GB): ask for at most "
                 f"{MAX_LOGITS_BYTES // (self.config.vocab_size * 4)} positions at a time "
-                "(run-model eval scores long texts in chunks)")
+                "with positions=..., or score long texts with run-model eval")
         cache = self.engine.new_cache(len(ids))
         try:
-            return prefill(self.engine, ids, cache, all_logits=True)
+            return prefill(self.engine, ids, cache, rows=rows)
         finally:
             cache.close()
+
+    @staticmethod
+    def _positions(positions: Sequence[int], n: int) -> np.ndarray:
+        """`positions` (negative ones count from the end) as sorted distinct indices."""
+        if isinstance(positions, str | bytes) or not isinstance(positions,
+                                                                Sequence | np.ndarray):
+            raise ArgumentError(f"positions must be a list of integers, got {describe(positions)}")
+        rows = []
+        for p in positions:
+            index = integer(p, "position", -n, n - 1, error=ArgumentError)
+            rows.append(index % n)
+        if not rows:
+            raise ArgumentError("positions is empty")
+        order = np.array(sorted(set(rows)), np.int64)
+        if len(order) != len(rows) or rows != sorted(rows):
+            raise ArgumentError("positions must be distinct and in increasing order")
+        return order
 
     # generation -----------------------------------------------------------------------
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 256,

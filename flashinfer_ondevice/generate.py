@@ -44,20 +44,27 @@ class GenerationResponse:
 
 
 def prefill(engine: Transformer, tokens: Sequence[int], cache: KVCache,
-            all_logits: bool = False) -> np.ndarray:
+            all_logits: bool = False, rows: np.ndarray | None = None) -> np.ndarray:
     """Run `tokens` through the model in batches of engine.prefill_batch (the memory plan's);
-    logits of every position or of the last."""
-    outputs: np.ndarray | None = None  # every position's logits, filled batch by batch
+    the logits of the last position, of every position (`all_logits`), or of the positions
+    in `rows` (sorted, distinct), filled batch by batch into one array."""
+    if all_logits:
+        rows = np.arange(len(tokens))
+    outputs: np.ndarray | None = None
     batch = engine.prefill_batch
     for start in range(0, len(tokens), batch):
         chunk = np.asarray(tokens[start:start + batch], dtype=np.int64)
         last = start + batch >= len(tokens)
-        if all_logits:
-            logits = engine.forward(chunk, cache, all_logits=True)
-            if outputs is None:
-                outputs = np.empty((len(tokens), logits.shape[1]), np.float32)
-            outputs[start:start + len(chunk)] = logits
-            del logits
+        if rows is not None:
+            first, end = np.searchsorted(rows, [start, start + len(chunk)])
+            if end > first:
+                logits = engine.forward(chunk, cache, all_logits=True)
+                if outputs is None:
+                    outputs = np.empty((len(rows), logits.shape[1]), np.float32)
+                outputs[first:end] = logits[rows[first:end] - start]
+                del logits
+            else:
+                engine.forward(chunk, cache, logits=False)
         elif last:
             outputs = engine.forward(chunk, cache)
         else:  # no output layer for a batch whose logits nobody reads
