@@ -11,10 +11,12 @@ are arguments of each call, as in ollama and llama-cpp-python.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import numbers
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -43,8 +45,10 @@ from .runtime.engine import (
 )
 from .sampling import check_sampling, make_logits_processors, make_sampler
 from .store.reader import is_store
-from .values import describe, integer, number
+from .values import describe, flag, integer, number
 
+MAX_NAME_BYTES = 96  # of a source's name in its stores' names (file names end at 255 bytes)
+MAX_CHARS_PER_TOKEN = 64  # a prompt longer than this per context token cannot fit
 MAX_LOGITS_BYTES = 2 << 30  # Model.logits: the largest (positions x vocabulary) array it returns
 REFERENCE = "reference"  # load(backend=...): the float32 numpy run of the source file itself
 
@@ -64,10 +68,36 @@ class Model:
         self.weights = session.weights
         self.path = session.path
         self.load_seconds = load_seconds
+        self._closed = False
+        self._guard = threading.Lock()  # protects the two fields below
+        self._user: int | None = None  # the thread generating with this model, if any
+        self._generations = 0  # its generations in progress (interleaved streams)
 
     def close(self) -> None:
         """Release the store's reader threads and files; the model is unusable after."""
+        self._closed = True
         self.session.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ArgumentError("this model was closed; load it again")
+
+    @contextlib.contextmanager
+    def _generating(self) -> Iterator[None]:
+        """One thread at a time generates with a model: its KV caches are separate, but
+        the engine's scratch buffers and neuron caches are shared (a second thread gets an
+        error, not wrong text)."""
+        me = threading.get_ident()
+        with self._guard:
+            if self._generations and self._user != me:
+                raise ArgumentError("this model is generating in another thread; load one "
+                                    "model per thread")
+            self._user, self._generations = me, self._generations + 1
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._generations -= 1
 
     def __enter__(self) -> Model:
         return self
@@ -77,8 +107,15 @@ class Model:
 
     # tokens ---------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        self._check_open()
         if not isinstance(text, str):
             raise ArgumentError(f"the text to tokenize must be a string, got {describe(text)}")
+        flag(add_special, "add_special", ArgumentError)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ArgumentError("the text is not valid Unicode (it holds a lone surrogate "
+                                "code point)") from None
         return self.tokenizer.encode(text, add_special=add_special)
 
     def detokenize(self, ids: Sequence[int]) -> str:
@@ -111,6 +148,7 @@ class Model:
         """Next-token logits at every position of `ids` (or at `positions` only, e.g. [-1]):
         float32 (positions, vocab). At most MAX_LOGITS_BYTES are returned; memory beyond
         that is one prefill batch's, whatever the length of `ids`."""
+        self._check_open()
         ids = self._checked_ids(ids, reserve=0)
         rows = np.arange(len(ids)) if positions is None else self._positions(positions, len(ids))
         nbytes = len(rows) * self.config.vocab_size * 4
@@ -154,17 +192,23 @@ class Model:
         if isinstance(stop, str) or not isinstance(stop, Sequence) or \
                 not all(isinstance(s, str) and s for s in stop):
             raise ArgumentError("stop must be a list of non-empty strings")
+        self._check_open()
+        if isinstance(prompt, str) and len(prompt) > self.ctx_size * MAX_CHARS_PER_TOKEN:
+            raise ContextLengthError(  # refused before tokenizing it costs memory
+                f"the prompt is {len(prompt):,} characters; the context holds "
+                f"{self.ctx_size} tokens")
         ids = self.tokenize(prompt) if isinstance(prompt, str) else self._token_ids(prompt)
         ids = self._checked_ids(ids, reserve=1)
         sampler = make_sampler(temperature, top_p, top_k, min_p, seed)
         processors = make_logits_processors(repetition_penalty)
-        cache = self.engine.new_cache(self.ctx_size)
-        try:
-            yield from stream_generate(self.engine, self.tokenizer, ids, cache, sampler,
-                                       processors, max_tokens, stop,
-                                       self.reader.stats if self.reader is not None else None)
-        finally:
-            cache.close()
+        with self._generating():
+            cache = self.engine.new_cache(self.ctx_size)
+            try:
+                yield from stream_generate(
+                    self.engine, self.tokenizer, ids, cache, sampler, processors, max_tokens,
+                    stop, self.reader.stats if self.reader is not None else None)
+            finally:
+                cache.close()
 
     def generate(self, prompt: str | Sequence[int], **kwargs) -> str:
         """The generated text; takes the arguments of `stream`."""
@@ -172,7 +216,8 @@ class Model:
 
     def _token_ids(self, ids: Sequence[int]) -> list[int]:
         """`ids` as a list of ints inside the vocabulary (anything else: ArgumentError)."""
-        if isinstance(ids, str | bytes) or not isinstance(ids, Sequence | np.ndarray):
+        if isinstance(ids, str | bytes) or not isinstance(ids, Sequence | np.ndarray) or \
+                np.ndim(ids) != 1:
             raise ArgumentError(f"the prompt must be a string or a list of token ids, got "
                                 f"{describe(ids)}")
         checked = []
@@ -191,9 +236,11 @@ class Model:
         if not ids:
             raise ArgumentError("the prompt is empty")
         if reserve and len(ids) + reserve > self.ctx_size:
+            hint = (f"raise -c/--ctx-size, up to {self.config.context_length}"
+                    if self.ctx_size < self.config.context_length else
+                    "the model's whole context")
             raise ContextLengthError(
-                f"prompt is {len(ids)} tokens; the context holds {self.ctx_size} "
-                f"(raise -c/--ctx-size, up to {self.config.context_length})")
+                f"prompt is {len(ids)} tokens; the context holds {self.ctx_size} ({hint})")
         if len(ids) > self.config.context_length:
             raise ContextLengthError(f"{len(ids)} tokens exceed the model's context of "
                                      f"{self.config.context_length}")
@@ -247,38 +294,53 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
     """
     _check_load_arguments(path, backend, ctx_size, threads, codec, selector, sparsity, window,
                           head, quality, cache_type)
-    if backend == "mlx" and memory_budget is not None:
-        raise FlashInferError("the mlx backend runs without a memory budget for now (the "
-                              "planner does not count MLX's copies of the weights)")
-    if progress is None:
-        progress = sys.stderr.isatty()
-    if threads is not None:
-        threadpool_limits(limits=threads)
-        from numba import set_num_threads
-        set_num_threads(min(threads, os.cpu_count() or threads))
-    start = time.perf_counter()
-    path = default_model_path(progress=progress) if path is None else Path(path)
-    if backend == REFERENCE:
-        asked = {"memory_budget": memory_budget, "selector": selector, "sparsity": sparsity,
-                 "window": window, "head": None if head == "auto" else head,
-                 "quality": None if quality == "auto" else quality,
-                 "stream_all": stream_all or None}
-        given = [name for name, value in asked.items() if value is not None]
-        if given:
-            raise FlashInferError(f"{', '.join(given)}: flash-store settings; the reference "
-                                  "runs the source file in memory")
-        if is_store(path):
-            raise FlashInferError("the reference runs a GGUF file or Hugging Face folder, "
-                                  "not a flash store")
-        return Model(_reference_session(path, ctx_size, progress, cache_type),
-                     time.perf_counter() - start)
-    store = ensure_store(path, codec, progress)
-    alternatives = [] if store == path else stores_of(path)
-    session = open_store_session(store, memory_budget, ctx_size, verify, on_plan, stream_all,
-                                 selector, sparsity, window, head, quality, alternatives,
-                                 make_backend(backend, threads), prepare=True,
-                                 cache_type=cache_type or "f16")
-    return Model(session, time.perf_counter() - start)
+    for name, value in (("verify", verify), ("stream_all", stream_all),
+                        ("progress", False if progress is None else progress)):
+        flag(value, name, ArgumentError)
+    with os_errors():
+        if backend == "mlx" and memory_budget is not None:
+            raise FlashInferError("the mlx backend runs without a memory budget for now (the "
+                                  "planner does not count MLX's copies of the weights)")
+        if progress is None:
+            progress = sys.stderr.isatty()
+        if threads is not None:
+            threadpool_limits(limits=threads)
+            from numba import set_num_threads
+            set_num_threads(min(threads, os.cpu_count() or threads))
+        start = time.perf_counter()
+        path = default_model_path(progress=progress) if path is None else Path(path)
+        if backend == REFERENCE:
+            asked = {"memory_budget": memory_budget, "selector": selector, "sparsity": sparsity,
+                     "window": window, "head": None if head == "auto" else head,
+                     "quality": None if quality == "auto" else quality,
+                     "stream_all": stream_all or None}
+            given = [name for name, value in asked.items() if value is not None]
+            if given:
+                raise FlashInferError(f"{', '.join(given)}: flash-store settings; the reference "
+                                      "runs the source file in memory")
+            if is_store(path):
+                raise FlashInferError("the reference runs a GGUF file or Hugging Face folder, "
+                                      "not a flash store")
+            return Model(_reference_session(path, ctx_size, progress, cache_type),
+                         time.perf_counter() - start)
+        store = ensure_store(path, codec, progress)
+        alternatives = [] if store == path else stores_of(path)
+        session = open_store_session(store, memory_budget, ctx_size, verify, on_plan, stream_all,
+                                     selector, sparsity, window, head, quality, alternatives,
+                                     make_backend(backend, threads), prepare=True,
+                                     cache_type=cache_type or "f16")
+        return Model(session, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def os_errors() -> Iterator[None]:
+    """The operating system's errors (a file name too long, a folder in the way, no space)
+    as one-line FlashInferErrors naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        raise FlashInferError(f"{exc.strerror or exc}{where}") from None
 
 
 def _check_load_arguments(path, backend, ctx_size, threads, codec, selector, sparsity, window,
@@ -286,6 +348,8 @@ def _check_load_arguments(path, backend, ctx_size, threads, codec, selector, spa
     """Refuse load() arguments of the wrong type or range before anything is read."""
     if path is not None and not isinstance(path, str | os.PathLike):
         raise ArgumentError(f"path must be a file or folder name, got {describe(path)}")
+    if path is not None and "\0" in os.fspath(path):
+        raise ArgumentError("path holds a NUL character")
     choices = {"backend": (backend, (*BACKENDS, REFERENCE)),
                "head": (head, ("auto", "exact", "shortlist")),
                "quality": (quality, ("auto", "exact", "fastest")),
@@ -350,7 +414,8 @@ def _store_prefix(source: Path) -> str:
     stat = source.stat()
     identity = f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
     tag = hashlib.sha256(identity).hexdigest()[:10]
-    return f"{source.name.removesuffix('.gguf')}-{tag}."
+    name = source.name.removesuffix(".gguf").encode()[:MAX_NAME_BYTES]
+    return f"{name.decode('utf-8', errors='ignore')}-{tag}."
 
 
 def stores_of(source: Path) -> list[Path]:

@@ -6,6 +6,7 @@ sit beside it. User errors print one line and exit 1; bad flags exit 2 with clic
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -14,8 +15,7 @@ from pathlib import Path
 import click
 
 from .errors import FlashInferError
-from .sampling import MAX_SEED
-from .values import printable
+from .values import MAX_SEED, printable
 
 _MiB = 1024 * 1024
 MAX_TEXT_CHARS = 64 << 20  # a prompt or evaluation text read from a file or stdin
@@ -34,12 +34,17 @@ class DefaultCommandGroup(click.Group):
         is one line too, its traceback shown only with FLASHINFER_DEBUG=1."""
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit,
-                KeyboardInterrupt):
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
         except MemoryError:
             raise click.ClickException("out of memory (try a --memory-budget, a smaller "
                                        "-c/--ctx-size or a smaller model)") from None
+        except OSError as exc:  # a name too long, a file where a folder should be, ...
+            where = f": {exc.filename}" if exc.filename else ""
+            raise click.ClickException(printable(f"{exc.strerror or exc}{where}")) from None
         except Exception as exc:
             if os.environ.get("FLASHINFER_DEBUG"):
                 raise
@@ -92,6 +97,20 @@ def _stops(ctx, param, value: tuple[str, ...]) -> tuple[str, ...]:
     if any(not stop for stop in value):
         raise click.BadParameter("a stop string cannot be empty")
     return value
+
+
+def _emit(text: str) -> None:
+    """Write generated text to stdout. A reader that went away (`run-model ... | head`) ends
+    the run quietly; a full disk or a closed file is one line."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # so that Python's final flush stays quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(exc, BrokenPipeError):
+            sys.exit(141)
+        raise FlashInferError(f"cannot write the generated text: {exc.strerror}") from None
 
 
 def _terminal_safe(text: str) -> str:
@@ -251,6 +270,8 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
 
     The model runs from a flash store, converted into the models folder on first use."""
     try:
+        if sys.stdout is None:
+            raise FlashInferError("standard output is closed: nowhere to write the text")
         text = _read_prompt(prompt, prompt_file)
         if not text:
             raise FlashInferError("the prompt is empty")
@@ -273,9 +294,8 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
                                      repetition_penalty=repeat_penalty, seed=seed, stop=stop):
             first = first or response
             last = response
-            sys.stdout.write(_terminal_safe(response.text) if tty else response.text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+            _emit(_terminal_safe(response.text) if tty else response.text)
+        _emit("\n")
         _print_stats(model, first, last, seed)
     except FlashInferError as exc:
         raise click.ClickException(printable(str(exc))) from None
@@ -514,8 +534,9 @@ def probe_command(model_path, fresh):
 @click.option("--compare-dense", is_flag=True,
               help="also run the dense model: top-1 agreement and mean KL divergence")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-@click.option("-c", "--ctx-size", type=click.IntRange(min=2), default=512, show_default=True,
-              help="tokens per scored chunk (each a fresh context)")
+@click.option("-c", "--ctx-size", type=click.IntRange(min=3), default=None,
+              help="tokens per scored chunk (each a fresh context)  [default: 512, or the "
+              "model's context if smaller]")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="score at most this many tokens")
 @click.option("-t", "--threads", type=click.IntRange(min=1), default=os.cpu_count(),
@@ -533,14 +554,18 @@ def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_to
     try:
         import json
 
-        from .api import load
+        from .api import ensure_store, load
         from .default_model import default_model_path
         from .evaluate import evaluate
+        from .store.reader import open_store
 
         text = _read_prompt(None, text_file)
         progress = sys.stderr.isatty()
         source = Path(model_path) if model_path else default_model_path(progress=progress)
-        model = load(source, memory_budget=memory_budget, ctx_size=max(ctx_size, 2),
+        if ctx_size is None:  # 512, or the model's context if smaller
+            store = open_store(ensure_store(source, codec, progress))
+            ctx_size = min(512, store.config.context_length)
+        model = load(source, memory_budget=memory_budget, ctx_size=ctx_size,
                      threads=threads, codec=codec, progress=progress, selector=selector,
                      sparsity=sparsity, window=window, head=head, quality=quality,
                      backend=backend, cache_type=cache_type,

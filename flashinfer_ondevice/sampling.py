@@ -12,9 +12,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .errors import ArgumentError
-from .values import integer, number
+from .values import MAX_SEED, integer, number
 
-MAX_SEED = (1 << 64) - 1
 Sampler = Callable[[np.ndarray], int]
 LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 

@@ -14,6 +14,7 @@ import numbers
 from .errors import FlashInferError, ModelFileError
 
 MAX_SIZE = 1 << 24  # largest dimension, layer count or context any supported model has
+MAX_SEED = (1 << 64) - 1  # sampling seeds are unsigned 64-bit
 
 
 def describe(value: object) -> str:

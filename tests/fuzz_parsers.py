@@ -236,7 +236,7 @@ def _vocab_mutation(meta: dict, rng: random.Random) -> None:
     """Edit one tokenizer field of `meta` (hostile_corpus.base_metadata's form)."""
     from gguf import GGUFValueType as T
 
-    tokens = list(meta.get("tokenizer.ggml.tokens", (["a"],))[0])
+    tokens = list(meta.get("tokenizer.ggml.tokens", ([],))[0]) or ["a"]
     key = rng.choice(["tokens", "tokens", "scores", "types", "model", "special", "merges",
                       "drop"])
     if key == "tokens":

@@ -11,6 +11,7 @@ cli, api.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -39,7 +40,9 @@ class Case:
     build: Build  # writes the inputs into the case's folder, returns the args
     expect: str  # "error" or "ok"
     cause: str  # substring of the error line (or of stdout when "ok")
-    stdin: str | None = None  # None: stdin closed
+    stdin: str | None = None  # None: empty; hostile_runner.CLOSED: no file descriptor 0
+    env: tuple[tuple[str, str], ...] = ()  # environment variables set for the case
+                                           # ("{folder}" stands for the case's folder)
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,7 @@ def gguf_cases() -> list[Case]:
         _bytes_case("tensor-offset-misaligned", lambda d: _tensor_field(d, "offset", 7),
                     "aligned"),
         _bytes_case("tensor-name-duplicate", _duplicate_tensor_name, "twice"),
+        _bytes_case("metadata-key-duplicate", _duplicate_key, "twice"),
     ]
     return cases
 
@@ -874,6 +878,55 @@ def _truncate(path: Path, size: int) -> None:
 
 # --- files and the OS ---------------------------------------------------------------------------
 
+def _store_tokenizer_short(bases: Bases, folder: Path) -> list[str]:
+    """A store whose tokenizer.gguf holds fewer tokens than its model (checksums updated):
+    llama.cpp aborts on the first id past its vocabulary."""
+    target = _store_copy(bases, folder)
+    meta = base_metadata()
+    tokens = meta["tokenizer.ggml.tokens"][0][:-30]
+    meta["tokenizer.ggml.tokens"] = (tokens, T.ARRAY, T.STRING)
+    meta["tokenizer.ggml.scores"] = (meta["tokenizer.ggml.scores"][0][:-30], T.ARRAY, T.FLOAT32)
+    meta["tokenizer.ggml.token_type"] = (meta["tokenizer.ggml.token_type"][0][:-30], T.ARRAY,
+                                         T.INT32)
+    write_gguf(target / "tokenizer.gguf", meta, weights={})
+    _relist(target, "tokenizer.gguf")
+    return ["-m", str(target), *GEN, "--verify"]
+
+
+def _relist(store: Path, name: str) -> None:
+    """Record `name`'s new size and checksum in the store's manifest (a careful attacker)."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    data = (store / name).read_bytes()
+    manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (store / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _duplicate_key(data: bytearray) -> bytes:
+    return bytes(data).replace(b"tokenizer.ggml.pre", b"gemma3.block_count", 1)
+
+
+def _long_name(bases: Bases, folder: Path) -> list[str]:
+    target = folder / ("m" * 240 + ".gguf")
+    shutil.copy(bases.gguf, target)
+    return ["-m", str(target), *GEN]
+
+
+def _threads_code(store: Path) -> str:
+    return (f"import threading, flashinfer_ondevice as fi\n"
+            f"m = fi.load({str(store)!r}, threads=1)\n"
+            "first = m.stream([1, 5, 6], max_tokens=5, temperature=0)\n"
+            "next(first)  # a generation in progress in this thread\n"
+            "errors = []\n"
+            "def other():\n"
+            "    try:\n"
+            "        m.generate([1, 5, 6], max_tokens=2)\n"
+            "    except fi.FlashInferError as exc:\n"
+            "        errors.append(exc)\n"
+            "t = threading.Thread(target=other); t.start(); t.join()\n"
+            "list(first)\n"
+            "raise errors[0]\n")
+
+
 def files_cases() -> list[Case]:
     def args(*a: str) -> Build:
         return lambda bases, folder: [x.format(gguf=bases.gguf, folder=folder,
@@ -894,7 +947,36 @@ def files_cases() -> list[Case]:
         (folder / ".other.partial-1" / "keep").write_text("x")
         return ["convert", str(bases.gguf), "-o", str(folder / "*")]
 
+    def lean(bases: Bases, folder: Path) -> list[str]:
+        target = _store_copy(bases, folder)
+        _truncate(target / "pieces.idx", 100)
+        _relist(target, "pieces.idx")
+        return ["-m", str(target), *GEN, "--memory-budget", "50%"]
+
+    def models_dir_file(bases: Bases, folder: Path) -> list[str]:
+        (folder / "not-a-folder").write_text("")
+        return ["-m", str(bases.gguf), *GEN]
+
     return [
+        Case("files-store-tokenizer-short", "files", "cli", _store_tokenizer_short, "error",
+             "tokenizer.gguf holds"),
+        Case("files-store-pieces-short", "files", "cli", lean, "error", "piece table"),
+        Case("files-source-name-long-ok", "files", "cli", _long_name, "ok", ""),
+        Case("files-models-dir-is-a-file", "files", "cli", models_dir_file, "error",
+             "not-a-folder", env=(("FLASHINFER_MODELS_DIR", "{folder}/not-a-folder"),)),
+        Case("files-threads-garbage-env", "files", "cli", args("-m", "{store}", "-p", "abc",
+                                                                "-n", "2"),
+             "error", "threads", env=(("FLASHINFER_THREADS", "abc"),)),
+        Case("files-profile-out-under-file", "files", "cli", lambda b, f: (
+            (f / "x").write_text(""),
+            ["profile", "-m", str(b.gguf), "--plan-only", "--out", str(f / "x" / "p")])[1],
+            "error", "x"),
+        Case("files-prompt-beyond-context", "files", "cli", lambda b, f: (
+            (f / "p.txt").write_text("abc " * 300_000),
+            ["-m", str(b.store), "-f", str(f / "p.txt"), "-n", "2"])[1], "error", "context"),
+        Case("files-eval-default-context-ok", "files", "cli", lambda b, f: (
+            (f / "e.txt").write_text("abc def ghi jkl mno pqr stu vwx yz " * 20),
+            ["eval", "-m", str(b.store), "-f", str(f / "e.txt")])[1], "ok", "perplexity"),
         Case("files-model-missing", "files", "cli", args("-m", "{folder}/nope.gguf", *GEN),
              "error", "not found"),
         Case("files-model-dev-zero", "files", "cli", args("-m", "/dev/zero", *GEN), "error",
@@ -1062,6 +1144,15 @@ def api_cases() -> list[Case]:
         api("logits-too-long", "m.logits([1] * 5000)", "context"),
         api("logits-full-context-ok", "print(m.logits([1] * 256).shape)", "(256, 311)",
             expect="ok"),
+        api("tokenize-lone-surrogate", "m.tokenize('a\\ud800b')", "surrogate"),
+        api("logits-zero-dim-array", "import numpy as np; m.logits(np.array(5))", "prompt"),
+        api("use-after-close", "m.close(); m.generate([1, 5], max_tokens=2)", "closed"),
+        api("tokenize-add-special-string", "m.tokenize('abc', add_special='no')",
+            "add_special"),
+        Case("api-two-threads-one-model", "api", "api",
+             lambda b, f: [_threads_code(b.store)], "error", "another thread"),
+        bare("load-verify-string", "fi.load({store!r}, verify='no')", "verify"),
+        bare("load-path-nul", "fi.load('a\\x00b')", "NUL"),
         api("chat-messages-string", "m.apply_chat_template('hi')", "messages"),
         api("chat-role-int", "m.apply_chat_template([{'role': 1, 'content': 'x'}])",
             "messages"),

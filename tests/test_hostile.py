@@ -24,7 +24,8 @@ def _run_case(case: Case, bases, root: Path):
     folder = root / case.name
     folder.mkdir()
     env = {**os.environ, "FLASHINFER_MODELS_DIR": str(folder / "models"),
-           "XDG_CACHE_HOME": str(root / "cache"), "PYTHONWARNINGS": "ignore"}
+           "XDG_CACHE_HOME": str(root / "cache"), "PYTHONWARNINGS": "ignore",
+           **{k: v.format(folder=folder) for k, v in case.env}}
     args = case.build(bases, folder)
     return run(command_for(case.kind, args), folder, env, case.stdin)
 

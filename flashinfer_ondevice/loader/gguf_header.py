@@ -164,6 +164,8 @@ def _parse(path: Path, buffer, size: int) -> GGUFHeader:
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cursor.string("metadata key")
+        if key in metadata:  # llama.cpp refuses these too: which value would be meant?
+            raise ModelFileError(f"{path}: metadata key {key!r} appears twice")
         metadata[key] = cursor.value(cursor.scalar("<I", key), key)
     metadata_end = cursor.pos
     records = []

@@ -23,19 +23,20 @@ MAX_TOKENS = 1 << 22
 _TOKEN_TYPES = range(0, 7)  # llama_token_type: undefined .. byte
 _BYTE = 6
 _FLOAT_TYPES, _INT_TYPES, _STRING_TYPE = (6, 12), (0, 1, 2, 3, 4, 5, 10, 11), 8
-_checked: set[tuple] = set()
+_checked: dict[tuple, int] = {}  # (path, size, mtime) -> tokens, for files already checked
 
 
-def check_vocabulary_file(path: Path) -> None:
-    """Validate the vocabulary of the GGUF at `path` (once per file version per process)."""
+def check_vocabulary_file(path: Path) -> int:
+    """Validate the vocabulary of the GGUF at `path` (once per file version per process);
+    returns its number of tokens."""
     try:
         stat = path.stat()
     except OSError as exc:
         raise ModelFileError(f"cannot read {path}: {exc.strerror or exc}") from None
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _checked:
-        check_vocabulary(read_header(path))
-        _checked.add(key)
+        _checked[key] = check_vocabulary(read_header(path))
+    return _checked[key]
 
 
 def _array(header: GGUFHeader, key: str, item_types: tuple[int, ...], count: int | None,

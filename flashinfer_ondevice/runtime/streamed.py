@@ -152,7 +152,10 @@ class StreamedWeights:
         activation_fn = ACTIVATIONS[self.activation]
         k = record.target_index(sparse.sparsity)
         if sparse.selector == "predicted":
-            load_predictors(record, config, self.store.path)
+            try:
+                load_predictors(record, config, self.store.path)
+            except ValueError as exc:
+                raise StoreError(f"corrupt store {self.store.path}: {exc}") from None
             self._selector_arrays = [a for layer in record.layers for a in (layer.a, layer.b)]
         first = self.store.tensors[layer_key(0, "ffn")]
         scratch = spill = None

@@ -109,6 +109,9 @@ def load_predictors(record: SparsityRecord, config: ModelConfig, store_path: Pat
     for i, layer in enumerate(record.layers):
         block = np.fromfile(store_path / SPARSITY_FILE, dtype="<f2", count=per_layer // 2,
                             offset=i * per_layer).astype(np.float32)
+        if not np.isfinite(block).all():
+            raise ValueError(f"{SPARSITY_FILE}: layer {i}'s predictor holds NaN or infinite "
+                             "values")
         layer.a = block[:h * r].reshape(h, r)
         layer.b = block[h * r:].reshape(r, f)
 
