@@ -353,8 +353,7 @@ def _check_load_arguments(path, backend, ctx_size, threads, codec, selector, spa
     choices = {"backend": (backend, (*BACKENDS, REFERENCE)),
                "head": (head, ("auto", "exact", "shortlist")),
                "quality": (quality, ("auto", "exact", "fastest")),
-               "selector": (selector, (None, "gate", "predicted", "dense")),
-               "cache_type": (cache_type, (None, "f16", "q8", "f32"))}
+               "selector": (selector, (None, "gate", "predicted", "dense"))}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             shown = ", ".join(str(a) for a in allowed if a is not None)
@@ -369,6 +368,8 @@ def _check_load_arguments(path, backend, ctx_size, threads, codec, selector, spa
         number(sparsity, "sparsity", 0.0, 1.0, low_open=False, error=ArgumentError)
     if not isinstance(codec, str):
         raise ArgumentError(f"codec must be a string such as 'int8', got {describe(codec)}")
+    if cache_type is not None:
+        check_cache_type(cache_type)
 
 
 def plan(path: str | Path | None = None, *, memory_budget: str | int | None = None,

@@ -41,8 +41,8 @@ HIDDEN = 1 << 62  # position of a ring slot whose entry was spilled: after every
 
 
 def check_cache_type(cache_type: str) -> str:
-    if cache_type not in CACHE_TYPES:
-        raise FlashInferError(f"unknown KV cache type '{cache_type}' "
+    if not isinstance(cache_type, str) or cache_type not in CACHE_TYPES:
+        raise FlashInferError(f"unknown KV cache type {cache_type!r} "
                               f"(choose from {', '.join(CACHE_TYPES)})")
     return cache_type
 
