@@ -1,4 +1,4 @@
-"""The parsers' fuzzers (fuzz_parsers.py) at a fixed seed: 2,000 mutated inputs per parser.
+"""The parsers' fuzzers (fuzz_parsers.py) at a fixed seed: 5,000 mutated inputs per parser.
 
 Only the project's own errors may escape a parser, and llama.cpp must load every vocabulary
 our checks accept without dying. A longer run: `python tests/fuzz_parsers.py --cases 20000`.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from fuzz_parsers import run_all
 
-CASES, SEED = 2000, 20261203
+CASES, SEED = 5000, 20261203
 
 
 @pytest.fixture(scope="module")
