@@ -132,8 +132,14 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
     if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
         _fail(path, f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        text = manifest_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise StoreError(f"cannot read {manifest_path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        _fail(path, f"{MANIFEST} is not valid JSON ({exc})")
+    try:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
         _fail(path, f"{MANIFEST} is not valid JSON ({exc})")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         _fail(path, f"{MANIFEST} is not a {FORMAT} manifest")
