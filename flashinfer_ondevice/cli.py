@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -31,7 +32,10 @@ class DefaultCommandGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         """Run the command; an error that is not the user's (a bug, or memory running out)
-        is one line too, its traceback shown only with FLASHINFER_DEBUG=1."""
+        is one line too, its traceback shown only with FLASHINFER_DEBUG=1. numpy's overflow
+        warnings from damaged weights are not shown: the NaN-logit check says what happened."""
+        warnings.filterwarnings("ignore", category=RuntimeWarning,
+                                module=r"flashinfer_ondevice\.")
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
