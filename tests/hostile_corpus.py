@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import struct
@@ -149,7 +150,10 @@ def _bytes_case(name: str, edit: Callable[[bytearray], bytes], cause: str,
                 category: str = "gguf") -> Case:
     def build(bases: Bases, folder: Path) -> list[str]:
         target = folder / "m.gguf"
-        target.write_bytes(edit(bytearray(bases.gguf.read_bytes())))
+        data = edit(bytearray(bases.gguf.read_bytes()))
+        target.write_bytes(data.removesuffix(SPARSE_TAIL))
+        if data.endswith(SPARSE_TAIL):
+            _truncate(target, (1 << 36) + (64 << 10))
         return ["-m", str(target), *GEN]
     return Case(f"gguf-bytes-{name}", category, "cli", build, "error", cause)
 
@@ -284,6 +288,10 @@ def gguf_cases() -> list[Case]:
                     "aligned"),
         _bytes_case("tensor-name-duplicate", _duplicate_tensor_name, "twice"),
         _bytes_case("metadata-key-duplicate", _duplicate_key, "twice"),
+        _bytes_case("string-huge-sparse", lambda d: _sparse_string(d, "tokenizer.ggml.pre"),
+                    "limit"),
+        _bytes_case("token-huge-sparse", lambda d: _sparse_string(d, "tokenizer.ggml.tokens"),
+                    "limit"),
     ]
     return cases
 
@@ -320,6 +328,20 @@ def _walk(data: bytes):
         yield "tensor", name, pos, None
         (n_dims,) = struct.unpack_from("<I", data, pos)
         pos += 4 + 8 * n_dims + 4 + 8
+
+
+def _sparse_string(data: bytearray, key: str) -> bytes:
+    """`key`'s string (or its array's first string) claims 2**36 bytes: the file ends where
+    the claim starts, padded to the claimed size by a hole (see _bytes_case's writer)."""
+    for _kind, name, _, value_at in _walk(bytes(data)):
+        if name == key:
+            at = value_at + (12 if key.endswith("tokens") else 0)
+            struct.pack_into("<Q", data, at, 1 << 36)
+            return bytes(data[:at + 8]) + SPARSE_TAIL
+    raise AssertionError(f"no {key}")
+
+
+SPARSE_TAIL = b"\0sparse"  # _bytes_case: extend the file to 2**36 + 64 KiB bytes, a hole
 
 
 def _array_item_type(data: bytearray, item_type: int) -> bytes:
@@ -693,6 +715,8 @@ def safetensors_cases() -> list[Case]:
         _st_case("dtype-list", _entry("dtype", ["F32"]), "dtype"),
         _st_case("shape-huge-int", _entry("shape", [10**30, 64]), "shape"),
         _st_case("offsets-float", _entry("data_offsets", [0.0, 1e30]), "data_offsets"),
+        Case("safetensors-declared-huge-sparse", "safetensors", "cli", _huge_tensor, "error",
+             "shape"),
         _st_case("metadata-not-dict", lambda h, d: ({**h, "__metadata__": [1]}, d),
                  "__metadata__"),
     ]
@@ -702,6 +726,26 @@ def safetensors_cases() -> list[Case]:
         Case("safetensors-empty", "safetensors", "cli", raw_prefix(b""), "error", "too short"),
     ]
     return cases
+
+
+def _huge_tensor(bases: Bases, folder: Path) -> list[str]:
+    """The embedding declares 2**20 x 4096 floats (16 GiB) in a file that is mostly a hole:
+    refused from the header, before any byte is read."""
+    target = _hf_copy(bases, folder)
+    raw = (target / "model.safetensors").read_bytes()
+    (n,) = struct.unpack_from("<Q", raw, 0)
+    header = json.loads(raw[8:8 + n])
+    size = (1 << 20) * 4096 * 4
+    header[_EMBED] = {"dtype": "F32", "shape": [1 << 20, 4096], "data_offsets": [0, size]}
+    for name, info in header.items():
+        if name != _EMBED and name != "__metadata__":
+            begin, end = info["data_offsets"]
+            info["data_offsets"] = [begin + size, end + size]
+    text = json.dumps(header).encode()
+    path = target / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text)
+    _truncate(path, 8 + len(text) + size + len(raw))
+    return ["-m", str(target), *GEN]
 
 
 def _nan_fill(header: dict, data: bytes) -> bytes:
@@ -977,6 +1021,7 @@ def files_cases() -> list[Case]:
         Case("files-eval-default-context-ok", "files", "cli", lambda b, f: (
             (f / "e.txt").write_text("abc def ghi jkl mno pqr stu vwx yz " * 20),
             ["eval", "-m", str(b.store), "-f", str(f / "e.txt")])[1], "ok", "perplexity"),
+        Case("files-model-fifo", "files", "cli", _fifo_model, "error", "neither"),
         Case("files-model-missing", "files", "cli", args("-m", "{folder}/nope.gguf", *GEN),
              "error", "not found"),
         Case("files-model-dev-zero", "files", "cli", args("-m", "/dev/zero", *GEN), "error",
@@ -1008,6 +1053,11 @@ def files_cases() -> list[Case]:
         Case("files-convert-store-again", "files", "cli", args("convert", "{store}"), "error",
              "already a flash store"),
     ]
+
+
+def _fifo_model(bases: Bases, folder: Path) -> list[str]:
+    os.mkfifo(folder / "m.gguf")  # opening it for reading would wait for a writer forever
+    return ["-m", str(folder / "m.gguf"), *GEN]
 
 
 def _binary_prompt(bases: Bases, folder: Path) -> list[str]:

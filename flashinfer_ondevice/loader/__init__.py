@@ -16,9 +16,7 @@ from .checkpoint import Checkpoint
 
 def load_checkpoint(path: str | Path, progress: bool = False, lazy: bool = False) -> Checkpoint:
     """`lazy`: a GGUF's blocks are dequantized only when read (see load_gguf)."""
-    path = Path(path)
-    if not path.exists():
-        raise ModelFileError(f"model not found: {path}")
+    path = _existing(path)
     if path.is_dir():
         from .hf import load_hf_folder
         return load_hf_folder(path, progress=progress)
@@ -29,12 +27,21 @@ def load_checkpoint(path: str | Path, progress: bool = False, lazy: bool = False
 def check_source(path: str | Path) -> None:
     """Validate a GGUF file or Hugging Face folder without reading its weights (headers,
     config, tensor records, vocabulary): what conversion would refuse, refused at once."""
-    path = Path(path)
-    if not path.exists():
-        raise ModelFileError(f"model not found: {path}")
+    path = _existing(path)
     if path.is_dir():
         from .hf import check_hf_folder
         check_hf_folder(path)
     else:
         from .gguf_file import check_gguf
         check_gguf(path)
+
+
+def _existing(path: str | Path) -> Path:
+    """`path` as a Path naming a folder or a regular file (a FIFO or a device would block
+    or never end)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"model not found: {path}")
+    if not path.is_dir() and not path.is_file():
+        raise ModelFileError(f"{path} is neither a model file nor a folder")
+    return path

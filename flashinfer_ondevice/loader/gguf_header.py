@@ -10,6 +10,8 @@ before anything is allocated, so a hostile header fails with `ModelFileError`.
 from __future__ import annotations
 
 import mmap
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: n
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4
 _MAX_NAME = 65536
+MAX_STRING = 64 << 20  # bytes of one metadata string (a chat template is ~10 KB)
+MAX_STRINGS = 1 << 22  # strings in one array (vocabularies have up to ~256k tokens)
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class LazyArray:
     item_type: int
     count: int
     offset: int  # where the first item starts
+    nbytes: int = 0  # bytes the items span in the file
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,9 @@ class _Cursor:
 
     def raw_string(self, what: str = "string") -> bytes:
         length = self.scalar("<Q", what)
+        if length > MAX_STRING:  # a sparse file can claim any length for free
+            raise ModelFileError(f"GGUF {what}: a string of {length} bytes (limit "
+                                 f"{MAX_STRING})")
         self.need(length, what)
         raw = bytes(self.buffer[self.pos:self.pos + length])
         self.pos += length
@@ -109,9 +117,12 @@ class _Cursor:
     def string(self, what: str = "string") -> str:
         return self.raw_string(what).decode("utf-8", errors="replace")
 
-    def skip_string(self) -> None:
-        length = self.scalar("<Q", "string")
-        self.need(length, "string")
+    def skip_string(self, what: str) -> None:
+        length = self.scalar("<Q", what)
+        if length > MAX_STRING:
+            raise ModelFileError(f"GGUF {what}: a string of {length} bytes (limit "
+                                 f"{MAX_STRING})")
+        self.need(length, what)
         self.pos += length
 
     def value(self, value_type: int, key: str):
@@ -127,17 +138,22 @@ class _Cursor:
                 self.need(count * np.dtype(_NUMPY[item_type]).itemsize, key)
                 self.pos += count * np.dtype(_NUMPY[item_type]).itemsize
             elif item_type == _STRING:
+                if count > MAX_STRINGS:
+                    raise ModelFileError(f"GGUF metadata {key}: {count} strings (limit "
+                                         f"{MAX_STRINGS})")
                 self.need(count * 8, key)  # every string has at least its length prefix
                 for _ in range(count):
-                    self.skip_string()
+                    self.skip_string(key)
             else:
                 raise ModelFileError(f"GGUF metadata {key}: unsupported array type {item_type}")
-            return LazyArray(item_type, count, start)
+            return LazyArray(item_type, count, start, self.pos - start)
         raise ModelFileError(f"GGUF metadata {key}: unknown value type {value_type}")
 
 
 def read_header(path: Path) -> GGUFHeader:
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device blocks or never ends
+            raise ModelFileError(f"{path} is not a regular file")
         with open(path, "rb") as f:
             magic = f.read(4)
             if magic != GGUF_MAGIC:

@@ -20,6 +20,7 @@ from .gguf_header import GGUFHeader, LazyArray, read_header
 
 TOKENIZER_MODELS = ("llama", "gpt2")  # SentencePiece-style and byte-level BPE
 MAX_TOKENS = 1 << 22
+MAX_VOCAB_BYTES = 256 << 20  # of the token or merge strings (Gemma 3's tokens: ~4 MB)
 _TOKEN_TYPES = range(0, 7)  # llama_token_type: undefined .. byte
 _BYTE = 6
 _FLOAT_TYPES, _INT_TYPES, _STRING_TYPE = (6, 12), (0, 1, 2, 3, 4, 5, 10, 11), 8
@@ -68,6 +69,11 @@ def check_vocabulary(header: GGUFHeader) -> int:
     n = tokens.count
     if not 1 <= n <= MAX_TOKENS:
         raise ModelFileError(f"{path}: tokenizer.ggml.tokens has {n} tokens")
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        array = meta.get(key)
+        if isinstance(array, LazyArray) and array.nbytes > MAX_VOCAB_BYTES:
+            raise ModelFileError(f"{path}: {key} spans {array.nbytes} bytes (limit "
+                                 f"{MAX_VOCAB_BYTES})")
     texts = header.array("tokenizer.ggml.tokens", raw=True)
     seen: dict[bytes, int] = {}
     for i, token in enumerate(texts):

@@ -170,10 +170,16 @@ def load_hf_folder(folder: Path, progress: bool = False) -> Checkpoint:
                    "q_norm", "k_norm"}
     bar = tqdm(total=config.n_layers + 1, desc="loading", disable=not progress, leave=False)
 
+    shapes = _expected_hf_shapes(config, layer_names)
+
     def read(name: str):
         if name not in tensors:
             raise ModelFileError(f"{folder}: missing tensor {name}")
         st, full_name = tensors[name]
+        declared = st.entries[full_name][1]
+        if name in shapes and declared != shapes[name]:  # checked before reading its bytes
+            raise ModelFileError(f"tensor {name} has shape {declared}, the config implies "
+                                 f"{shapes[name]}")
         return st.read(full_name)
 
     layers = []
@@ -199,6 +205,24 @@ def load_hf_folder(folder: Path, progress: bool = False) -> Checkpoint:
     _check_shapes(config, weights)
     tokenizer = HFTokenizer(folder, raw)
     return Checkpoint(config, weights, tokenizer, tokenizer.chat_template, folder)
+
+
+def _expected_hf_shapes(config: ModelConfig, layer_names: dict[str, str]
+                        ) -> dict[str, tuple[int, ...]]:
+    """The shape the config implies for each HF tensor name (prefix stripped)."""
+    from ..schema import LAYER_TENSORS, expected_shapes, layer_tensor_name
+
+    gguf_shapes = expected_shapes(config)
+    suffix_of = {field: suffix for suffix, field in LAYER_TENSORS.items()}
+    shapes = {"embed_tokens.weight": gguf_shapes["token_embd.weight"],
+              "lm_head.weight": gguf_shapes.get("output.weight", gguf_shapes["token_embd.weight"]),
+              "norm.weight": gguf_shapes["output_norm.weight"]}
+    for i in range(config.n_layers):
+        for hf_suffix, field in layer_names.items():
+            name = layer_tensor_name(i, suffix_of[field])
+            if name in gguf_shapes:
+                shapes[f"layers.{i}.{hf_suffix}"] = gguf_shapes[name]
+    return shapes
 
 
 def _check_shapes(config: ModelConfig, weights: Weights) -> None:
