@@ -343,9 +343,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=2000, help="cases per target")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None, help="also write the reports here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         reports = run_all(args.cases, args.seed, Path(work), progress=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps([{"target": r.target, "cases": r.cases,
+                                          "outcomes": dict(r.outcomes), "escaped": r.escaped}
+                                         for r in reports], indent=1))
     return 1 if any(r.escaped for r in reports) else 0
 
 
