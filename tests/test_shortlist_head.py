@@ -125,11 +125,12 @@ def test_gemma_shortlist_quality(gemma_store):
 
     text = (Path(__file__).resolve().parents[1] / "data/eval/apache-2.0.txt").read_text()
     # under a budget both compute from the codec bytes (nothing prepared, float
-    # activations), so the difference is the shortlist's
-    exact_model = fi.load(gemma_store, head="exact", threads=2, memory_budget="2GB")
+    # activations), so the difference is the shortlist's; the budget is generous because
+    # the planner counts this test session's growth (and the first model) as overhead
+    exact_model = fi.load(gemma_store, head="exact", threads=2, memory_budget="4GB")
     ids = exact_model.tokenize(text)[:192]
     exact = exact_model.logits(ids)
-    short = fi.load(gemma_store, head="shortlist", threads=2, memory_budget="2GB").logits(ids)
+    short = fi.load(gemma_store, head="shortlist", threads=2, memory_budget="4GB").logits(ids)
     agree = np.mean(short.argmax(1) == exact.argmax(1))
     assert agree >= 0.97, agree
     top = exact.argmax(1)

@@ -106,10 +106,10 @@ class _Cursor:
 
     def raw_string(self, what: str = "string") -> bytes:
         length = self.scalar("<Q", what)
-        if length > MAX_STRING:  # a sparse file can claim any length for free
+        self.need(length, what)
+        if length > MAX_STRING:  # a sparse file can hold any length for free
             raise ModelFileError(f"GGUF {what}: a string of {length} bytes (limit "
                                  f"{MAX_STRING})")
-        self.need(length, what)
         raw = bytes(self.buffer[self.pos:self.pos + length])
         self.pos += length
         return raw
@@ -119,10 +119,10 @@ class _Cursor:
 
     def skip_string(self, what: str) -> None:
         length = self.scalar("<Q", what)
+        self.need(length, what)
         if length > MAX_STRING:
             raise ModelFileError(f"GGUF {what}: a string of {length} bytes (limit "
                                  f"{MAX_STRING})")
-        self.need(length, what)
         self.pos += length
 
     def value(self, value_type: int, key: str):
@@ -138,10 +138,10 @@ class _Cursor:
                 self.need(count * np.dtype(_NUMPY[item_type]).itemsize, key)
                 self.pos += count * np.dtype(_NUMPY[item_type]).itemsize
             elif item_type == _STRING:
+                self.need(count * 8, key)  # every string has at least its length prefix
                 if count > MAX_STRINGS:
                     raise ModelFileError(f"GGUF metadata {key}: {count} strings (limit "
                                          f"{MAX_STRINGS})")
-                self.need(count * 8, key)  # every string has at least its length prefix
                 for _ in range(count):
                     self.skip_string(key)
             else:
