@@ -366,6 +366,12 @@ def choose_spec(source: str | Path, matrix_nbytes: int | None = None,
         if bits is None:
             raise FlashInferError("give a size or bits per weight for the codec choice")
         matrix_nbytes = int(bits * codec_choice.matrix_parameters(config) / 8)
+    smallest = sum(min(codec_choice.group_nbytes(config, group, CODECS[name])
+                       for name in codec_choice.CANDIDATES)
+                   for group in codec_choice.TENSOR_GROUPS)
+    if smallest > matrix_nbytes:  # known from the config: refused before measuring anything
+        raise FlashInferError(f"no codec mix fits {matrix_nbytes / 1e6:.1f} MB of matrices; "
+                              f"the smallest is {smallest / 1e6:.1f} MB")
     chunks, held_out = calibration_chunks(checkpoint.tokenizer, text, STATS_TOKENS,
                                            STATS_CHUNK)
     collector = InputStatsCollector(config, weights, chunks, progress)
