@@ -28,7 +28,7 @@ from .backends import BACKENDS, make_backend
 from .build.convert import convert_in_child
 from .chat import render_chat
 from .default_model import default_model_path, models_dir
-from .errors import ArgumentError, ContextLengthError, FlashInferError
+from .errors import ArgumentError, ContextLengthError, FlashInferError, os_error_line
 from .generate import GenerationResponse, prefill, stream_generate
 from .kv_cache import check_cache_type
 from .loader import check_source, load_checkpoint
@@ -43,8 +43,11 @@ from .runtime.engine import (
     plan_store_session,
     process_baseline,
 )
+from .runtime.planner import HEAD_PLANS
+from .runtime.store_choice import QUALITY_MODES
 from .sampling import check_sampling, make_logits_processors, make_sampler
 from .store.reader import is_store
+from .store.sparsity_record import SELECTORS
 from .values import describe, flag, integer, number
 
 MAX_NAME_BYTES = 96  # of a source's name in its stores' names (file names end at 255 bytes)
@@ -339,8 +342,7 @@ def os_errors() -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        raise FlashInferError(f"{exc.strerror or exc}{where}") from None
+        raise FlashInferError(os_error_line(exc)) from None
 
 
 def _check_load_arguments(path, backend, ctx_size, threads, codec, selector, sparsity, window,
@@ -350,10 +352,9 @@ def _check_load_arguments(path, backend, ctx_size, threads, codec, selector, spa
         raise ArgumentError(f"path must be a file or folder name, got {describe(path)}")
     if path is not None and "\0" in os.fspath(path):
         raise ArgumentError("path holds a NUL character")
-    choices = {"backend": (backend, (*BACKENDS, REFERENCE)),
-               "head": (head, ("auto", "exact", "shortlist")),
-               "quality": (quality, ("auto", "exact", "fastest")),
-               "selector": (selector, (None, "gate", "predicted", "dense"))}
+    choices = {"backend": (backend, (*BACKENDS, REFERENCE)), "head": (head, HEAD_PLANS),
+               "quality": (quality, QUALITY_MODES),
+               "selector": (selector, (None, *SELECTORS, "dense"))}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             shown = ", ".join(str(a) for a in allowed if a is not None)

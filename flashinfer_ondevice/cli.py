@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .errors import FlashInferError
+from .errors import FlashInferError, os_error_line
 from .values import MAX_SEED, printable
 
 _MiB = 1024 * 1024
@@ -31,15 +31,18 @@ class DefaultCommandGroup(click.Group):
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
-        """Run the command; an error that is not the user's (a bug, or memory running out)
-        is one line too, its traceback shown only with FLASHINFER_DEBUG=1. numpy's overflow
-        warnings from damaged weights are not shown: the NaN-logit check says what happened."""
+        """Run the command; every error is one line, escaped for the terminal: the user's
+        (FlashInferError), the system's (OSError, memory) and ours (a bug: its traceback
+        only with FLASHINFER_DEBUG=1). numpy's overflow warnings from damaged weights are
+        not shown: the NaN-logit check says what happened."""
         warnings.filterwarnings("ignore", category=RuntimeWarning,
                                 module=r"flashinfer_ondevice\.")
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
+        except FlashInferError as exc:  # the user's input or files: the cause, escaped
+            raise click.ClickException(printable(str(exc))) from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(130)
@@ -47,8 +50,7 @@ class DefaultCommandGroup(click.Group):
             raise click.ClickException("out of memory (try a --memory-budget, a smaller "
                                        "-c/--ctx-size or a smaller model)") from None
         except OSError as exc:  # a name too long, a file where a folder should be, ...
-            where = f": {exc.filename}" if exc.filename else ""
-            raise click.ClickException(printable(f"{exc.strerror or exc}{where}")) from None
+            raise click.ClickException(printable(os_error_line(exc))) from None
         except Exception as exc:
             if os.environ.get("FLASHINFER_DEBUG"):
                 raise
@@ -115,12 +117,6 @@ def _emit(text: str) -> None:
         if isinstance(exc, BrokenPipeError):
             sys.exit(141)
         raise FlashInferError(f"cannot write the generated text: {exc.strerror}") from None
-
-
-def _terminal_safe(text: str) -> str:
-    """Generated text for a terminal: control characters other than newline and tab (escape
-    sequences a hostile vocabulary could emit) shown as escapes."""
-    return "".join(c if c in "\n\t" or c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _print_stats(model, first, last, seed: int) -> None:
@@ -298,11 +294,10 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
                                      repetition_penalty=repeat_penalty, seed=seed, stop=stop):
             first = first or response
             last = response
-            _emit(_terminal_safe(response.text) if tty else response.text)
+            # on a terminal, escape sequences a hostile vocabulary could emit are shown
+            _emit(printable(response.text, keep="\n\t") if tty else response.text)
         _emit("\n")
         _print_stats(model, first, last, seed)
-    except FlashInferError as exc:
-        raise click.ClickException(printable(str(exc))) from None
     except KeyboardInterrupt:
         click.echo("\ninterrupted", err=True)
         sys.exit(130)
@@ -400,8 +395,6 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens, bit
                        f"defaults: {d['selector']} selector at {d['sparsity']:.0%} sparsity, "
                        f"window {d['window']}", err=True)
         click.echo(str(target))
-    except FlashInferError as exc:
-        raise click.ClickException(printable(str(exc))) from None
     except KeyboardInterrupt:
         click.echo("\ninterrupted: nothing was written", err=True)
         sys.exit(130)
@@ -497,8 +490,6 @@ def profile(model_path, budgets, settings_text, quality_text, quality_tokens, pe
         else:
             click.echo(plots.INSTALL_HINT, err=True)
         click.echo(f"written: {', '.join(str(p) for p in written)}", err=True)
-    except FlashInferError as exc:
-        raise click.ClickException(printable(str(exc))) from None
     except KeyboardInterrupt:
         click.echo("\ninterrupted: no report written (quality measured so far is cached in "
                    f"{out})", err=True)
@@ -512,23 +503,20 @@ def profile(model_path, budgets, settings_text, quality_text, quality_tokens, pe
 def probe_command(model_path, fresh):
     """Measure the store's disk: direct-read bandwidth by chunk size and queue depth, and
     random 4 KiB reads per second (cached per device, used by profile --plan-only)."""
-    try:
-        from .api import ensure_store
-        from .default_model import default_model_path, models_dir
-        from .profiler import probe
+    from .api import ensure_store
+    from .default_model import default_model_path, models_dir
+    from .profiler import probe
 
-        progress = sys.stderr.isatty()
-        source = Path(model_path) if model_path else default_model_path(progress=progress)
-        store = ensure_store(source, "int8", progress)
-        result = probe.cached_probe(store / "weights.bin", models_dir(), fresh)
-        how = "direct I/O" if result["direct"] else "page cache: no O_DIRECT here"
-        click.echo(f"device {result['device']} ({how})")
-        for key, rate in result["bandwidth"].items():
-            chunk, depth = key.split("@")
-            click.echo(f"  {chunk:>6} reads, {depth:>2} in flight: {rate / 1e9:6.2f} GB/s")
-        click.echo(f"  random 4 KiB reads: {result['iops_4k']:,.0f} per second")
-    except FlashInferError as exc:
-        raise click.ClickException(printable(str(exc))) from None
+    progress = sys.stderr.isatty()
+    source = Path(model_path) if model_path else default_model_path(progress=progress)
+    store = ensure_store(source, "int8", progress)
+    result = probe.cached_probe(store / "weights.bin", models_dir(), fresh)
+    how = "direct I/O" if result["direct"] else "page cache: no O_DIRECT here"
+    click.echo(f"device {result['device']} ({how})")
+    for key, rate in result["bandwidth"].items():
+        chunk, depth = key.split("@")
+        click.echo(f"  {chunk:>6} reads, {depth:>2} in flight: {rate / 1e9:6.2f} GB/s")
+    click.echo(f"  random 4 KiB reads: {result['iops_4k']:,.0f} per second")
 
 
 @main.command(name="eval")
@@ -582,8 +570,6 @@ def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_to
         report = evaluate(model, text, ctx_size, max_tokens, reference, progress)
         click.echo(json.dumps({"store": str(model.path), **report.as_dict()}, indent=1)
                    if as_json else report.describe())
-    except FlashInferError as exc:
-        raise click.ClickException(printable(str(exc))) from None
     except KeyboardInterrupt:
         click.echo("\ninterrupted", err=True)
         sys.exit(130)

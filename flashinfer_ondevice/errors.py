@@ -21,6 +21,11 @@ class ContextLengthError(FlashInferError):
     """The prompt (plus the requested generation) does not fit in the context window."""
 
 
+def os_error_line(exc: OSError) -> str:
+    """An error of the operating system in one line: its cause and the file it names."""
+    return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
+
+
 def error_kind(name: str) -> type[FlashInferError]:
     """The error class called `name` (an error raised in a child process comes back as the
     same class); FlashInferError for any other name."""

@@ -25,9 +25,10 @@ def describe(value: object) -> str:
     return f"{printable(text)} ({type(value).__name__})"
 
 
-def printable(text: str) -> str:
-    """`text` with control characters (terminal escapes, newlines) shown as escapes."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+def printable(text: str, keep: str = "") -> str:
+    """`text` with control characters (terminal escapes, newlines) shown as escapes, except
+    those in `keep`."""
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
 
 
 def integer(value: object, name: str, low: int = 1, high: int = MAX_SIZE,

@@ -129,14 +129,18 @@ def _shard_files(folder: Path) -> list[Path]:
     return [folder / name for name in sorted(names)]
 
 
-def check_hf_folder(folder: Path) -> None:
-    """Everything about a Hugging Face folder that can be checked without reading weights:
-    the config, every shard's header, and that a tokenizer is there."""
+def _config_json(folder: Path) -> dict:
     raw = read_json(folder / "config.json")
     if raw is None:
         raise ModelFileError(f"{folder} is neither a Hugging Face model folder (no config.json "
                              "file) nor a flash store (no manifest.json file)")
-    config = _config_from_hf(raw)
+    return raw
+
+
+def check_hf_folder(folder: Path) -> None:
+    """Everything about a Hugging Face folder that can be checked without reading weights:
+    the config, every shard's header, and that a tokenizer is there."""
+    config = _config_from_hf(_config_json(folder))
     n_tensors = 0
     for shard in _shard_files(folder):
         if not shard.is_file():
@@ -150,10 +154,7 @@ def check_hf_folder(folder: Path) -> None:
 
 
 def load_hf_folder(folder: Path, progress: bool = False) -> Checkpoint:
-    raw = read_json(folder / "config.json")
-    if raw is None:
-        raise ModelFileError(f"{folder} is neither a Hugging Face model folder (no config.json "
-                             "file) nor a flash store (no manifest.json file)")
+    raw = _config_json(folder)
     config = _config_from_hf(raw)
     tensors: dict[str, tuple[SafetensorsFile, str]] = {}  # short name -> (file, full name)
     for shard in _shard_files(folder):

@@ -21,7 +21,7 @@ import numpy as np
 from ..backends import make_backend
 from ..backends.base import Backend
 from ..config import ModelConfig
-from ..errors import FlashInferError
+from ..errors import FlashInferError, os_error_line
 from ..kv_cache import check_cache_type
 from ..loader.gguf_vocab import check_vocabulary_file
 from ..loader.llama_backend import LlamaCppError, llama_cpp_available, load_llama_cpp
@@ -38,7 +38,7 @@ from ..quant.codecs import CODECS, codec
 from ..schema import layer_key
 from ..store.format import ALIGN
 from ..store.io import DirectReader
-from ..store.reader import Store, StoreError, open_store
+from ..store.reader import Store, corrupt, open_store
 from ..store.sparsity_record import MAX_WINDOW, SELECTORS
 from . import store_choice
 from .planner import Plan, SparseSettings, make_plan, parse_budget
@@ -142,8 +142,8 @@ def _tokenizer(store: Store, lean: bool) -> tuple[Tokenizer, int]:
         return HFTokenizer(path, read_json(path / "config.json") or {}), 0
     n = check_vocabulary_file(path / "tokenizer.gguf")
     if n != store.config.vocab_size:  # llama.cpp would abort on an id past its vocabulary
-        raise StoreError(f"corrupt store {path}: tokenizer.gguf holds {n} tokens, the model "
-                         f"{store.config.vocab_size}")
+        raise corrupt(path, f"tokenizer.gguf holds {n} tokens, the model "
+                            f"{store.config.vocab_size}")
     if not lean:
         return GGUFTokenizer(path / "tokenizer.gguf"), 0
     before = current_rss_bytes()
@@ -154,14 +154,14 @@ def _tokenizer(store: Store, lean: bool) -> tuple[Tokenizer, int]:
         pieces = np.fromfile(path / "pieces.bin", dtype=np.uint8)
         offsets = np.fromfile(path / "pieces.idx", dtype="<u4").astype(np.int64)
     except OSError as exc:
-        raise StoreError(f"corrupt store {path}: {exc.strerror}: {exc.filename}") from None
+        raise corrupt(path, os_error_line(exc)) from None
     bos_id, eog_ids, bos_text = (record.get("bos_id"), record.get("eog_ids", []),
                                  record.get("bos_text", ""))
     if len(offsets) != n + 1 or not (bos_id is None or _token_id(bos_id, n)) or \
             not isinstance(eog_ids, list) or not all(_token_id(t, n) for t in eog_ids) or \
             not isinstance(bos_text, str):
-        raise StoreError(f"corrupt store {path}: its token piece table or special tokens do "
-                         "not fit the vocabulary")
+        raise corrupt(path, "its token piece table or special tokens do not fit the "
+                            "vocabulary")
     return LeanGGUFTokenizer(path / "tokenizer.gguf", pieces, offsets, bos_id, eog_ids,
                              bos_text), transient
 

@@ -19,7 +19,7 @@ from ..memory import aligned_buffer, release_pages
 from ..store.format import align_up
 from ..store.head_proxy import BASIS, RESIDUAL, SCORES
 from ..store.io import DirectReader
-from ..store.reader import StoreError, TensorEntry
+from ..store.reader import TensorEntry, corrupt
 from .stored import StoredMatrix
 
 CANDIDATES = 1024  # output-layer candidates computed exactly per position
@@ -36,8 +36,8 @@ class ShortlistHead:
         self.basis = self._read_f32(proxy[BASIS])  # (rank, hidden)
         self.residual = self._read_f32(proxy[RESIDUAL])  # (hidden, hidden): error moment
         if not (np.isfinite(self.basis).all() and np.isfinite(self.residual).all()):
-            raise StoreError(f"corrupt store: its output-layer proxy ({proxy[BASIS].path.name})"
-                             " holds NaN or infinite values")
+            raise corrupt(proxy[BASIS].path.parent, f"its output-layer proxy "
+                          f"({proxy[BASIS].path.name}) holds NaN or infinite values")
         self._scores_entry = proxy[SCORES]
         self._scores_buffer = aligned_buffer(align_up(self._scores_entry.nbytes))
         self._load_scores()

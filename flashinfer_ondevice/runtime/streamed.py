@@ -26,7 +26,7 @@ from ..memory import aligned_buffer, release_freed_memory, release_pages
 from ..schema import LAYER_MATRICES, LAYER_VECTORS, layer_key
 from ..store.format import ALIGN, align_up
 from ..store.io import DirectReader, PendingRead
-from ..store.reader import Store, StoreError, TensorEntry
+from ..store.reader import Store, TensorEntry, corrupt
 from ..store.sparsity_record import load_predictors
 from ..weights import Block, FeedForward
 from . import neuron_cache
@@ -67,8 +67,8 @@ class StreamedWeights:
                          for n, e in t.items() if e.codec == "f32"}
         damaged = [n for n, v in self._vectors.items() if not np.isfinite(v).all()]
         if damaged:  # norms and biases: NaN here would only show as garbage text
-            raise StoreError(f"corrupt store {store.path}: {damaged[0]} holds NaN or infinite "
-                             "values (run with --verify to check the checksums)")
+            raise corrupt(store.path, f"{damaged[0]} holds NaN or infinite values (run with "
+                                      "--verify to check the checksums)")
         for name in plan.resident:
             entry = t[name]
             if entry.codec == "f32":
@@ -155,7 +155,7 @@ class StreamedWeights:
             try:
                 load_predictors(record, config, self.store.path)
             except ValueError as exc:
-                raise StoreError(f"corrupt store {self.store.path}: {exc}") from None
+                raise corrupt(self.store.path, str(exc)) from None
             self._selector_arrays = [a for layer in record.layers for a in (layer.a, layer.b)]
         first = self.store.tensors[layer_key(0, "ffn")]
         scratch = spill = None

@@ -65,8 +65,13 @@ def is_store(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file() and not unfinished(path)
 
 
+def corrupt(path: Path, message: str) -> StoreError:
+    """The error of a store that is damaged or hostile: which store, and what is wrong."""
+    return StoreError(f"corrupt store {path}: {message}")
+
+
 def _fail(path: Path, message: str):
-    raise StoreError(f"corrupt store {path}: {message}")
+    raise corrupt(path, message)
 
 
 def _config(path: Path, raw) -> ModelConfig:
