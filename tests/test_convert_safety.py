@@ -426,6 +426,19 @@ def test_a_partial_folder_never_opens_as_a_store(source, tmp_path, monkeypatch):
     assert names(tmp_path) == {"copy"}
 
 
+def wait_or_kill(child: subprocess.Popen, delay: float | None) -> int:
+    """The child's exit status: it kills itself at its point, or is killed after `delay`
+    seconds; never left running."""
+    try:
+        if delay is not None:
+            time.sleep(delay)
+            child.send_signal(signal.SIGKILL)
+        return child.wait(timeout=120)
+    finally:
+        child.kill()
+        child.wait()
+
+
 @pytest.mark.parametrize("point, delay", [
     ("weights", None), ("proxy", None), ("synced", None), ("marker", None),
     ("none", 0.05), ("none", 0.4)])
@@ -434,15 +447,7 @@ def test_kill_9_leaves_the_old_state_or_the_new_and_the_next_convert_succeeds(
     out = tmp_path / "out"
     target = out / "s.store"
     rank = RANK if point in ("proxy", "marker") else None  # the proxy's fit takes a while
-    child = start_child(tmp_path, point, source, target, rank)
-    try:
-        if delay is not None:
-            time.sleep(delay)
-            child.send_signal(signal.SIGKILL)
-        code = child.wait(timeout=120)
-    finally:
-        child.kill()
-        child.wait()
+    code = wait_or_kill(start_child(tmp_path, point, source, target, rank), delay)
     # killed at its point (a timed kill may come after a quick convert ended)
     assert code == -signal.SIGKILL or (delay is not None and code == 0)
     assert_never_half_made(out, target)
@@ -486,15 +491,9 @@ def test_kill_9_during_calibrate_leaves_a_consistent_store(store_copy, tmp_path,
     script.write_text(_CALIBRATE_CHILD)
     child = subprocess.Popen([sys.executable, str(script), point, str(store_copy), TEXT],
                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "ready"
-        if delay is not None:
-            time.sleep(delay)
-            child.send_signal(signal.SIGKILL)
-        code = child.wait(timeout=120)
-    finally:
-        child.kill()
-        child.wait()
+    ready = child.stdout.readline().strip()  # the delay counts from here
+    code = wait_or_kill(child, delay)
+    assert ready == "ready"
     assert code == -signal.SIGKILL or (delay is not None and code == 0)
     store = open_store(store_copy, verify=True)  # every file it names whole
     if point == "replace-1":
