@@ -81,7 +81,7 @@ def tiny_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend_name", [b for b in INSTALLED if b != "numpy"])
-@pytest.mark.parametrize("codec_name", ["int8", "int4", "pal4"])
+@pytest.mark.parametrize("codec_name", ["int8", "int4", "pal4", "bpal4"])
 def test_tiny_model_runs_alike_on_every_backend(tiny_folder, backend_name, codec_name):
     """The same store through each backend gives the numpy backend's logits: to float
     rounding when streamed (codec bytes, nothing prepared), within int8

@@ -29,7 +29,7 @@ from ..quant.codecs import CODECS, TENSOR_GROUPS, Codec, InputStats
 from ..weights import DenseWeights, Weights
 from .input_stats import for_tied_embedding
 
-CANDIDATES = ("int8", "int4", "pal4", "pal3", "pal2")
+CANDIDATES = ("int8", "int4", "bpal4", "bpal3", "bpal2", "pal4", "pal3", "pal2")
 GROUP_FIELDS = {"attn": ("wq", "wk", "wv", "wo"), "ffn": ("w_gate", "w_up", "w_down")}
 
 

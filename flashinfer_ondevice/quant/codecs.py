@@ -14,11 +14,18 @@ for one token; the store, the planner, the runtime and the CLI learn codecs from
         a palette per row: a table of 2^b float16 values and a b-bit
         index per weight (8 indices in b bytes)   b + 2^(b+4)/cols bits/weight
         (4.4, 3.2, 2.1 on 640-wide rows)
+  bpal4, bpal3, bpal2
+        block-scaled palettes: one fixed table of 2^b values for all rows,
+        a float16 scale per block of 32 and a b-bit index per weight
+        (indices packed as the palettes')                  b + 0.5 bits/weight
 
 A row of a grouped codec is `[scales][payload]`; scales are float32 (not float16) so the
-numba kernels (quant/kernels.py) read them directly. A palette row is `[table][indices]`;
-its tables are fitted to the inputs the matrix multiplies when calibration statistics are
-given (`InputStats`, see quant/palette_fit.py). Codecs without fused kernels (f16) are
+numba kernels (quant/kernels.py) read them directly. A palette row is `[table][indices]`,
+a block-scaled palette row `[float16 scales][indices]`; both are fitted to the inputs the
+matrix multiplies when calibration statistics are given (`InputStats`, see
+quant/palette_fit.py and quant/block_palette_fit.py). On Gemma 3 270M (whose GGUF holds
+32-weight blocks) a scale per block halves to thirds the KL of a table per row at the same
+bits (docs/benchmarks.md). Codecs without fused kernels (f16) are
 computed by decoding a block of rows at a time, as are several tokens (prefill): that, and
 which kernels run, is a backend's choice (backends/).
 """
@@ -30,7 +37,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from . import kernels, palette_fit, palette_kernels
+from . import block_palette_fit, block_palette_kernels, kernels, palette_fit, palette_kernels
 from .kernels import GROUP
 
 ACTIVATION_KINDS = {"gelu_tanh": 0, "silu": 1}  # the kernels' activation codes
@@ -207,6 +214,28 @@ class Int4(_Grouped):
         return q
 
 
+def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
+    """(n, cols) indices -> (n, cols * bits / 8) bytes: each run of 8 indices is one
+    little-endian integer of `bits` bytes, index i at bit bits * i."""
+    n, cols = indices.shape
+    words = np.zeros((n, cols // 8), np.uint32)
+    for i in range(8):
+        words |= indices[:, i::8].astype(np.uint32) << np.uint32(bits * i)
+    return words.view(np.uint8).reshape(n, cols // 8, 4)[:, :, :bits].reshape(n, -1)
+
+
+def unpack_indices(payload: np.ndarray, cols: int, bits: int) -> np.ndarray:
+    """The inverse of pack_indices: (n, cols) int64 indices."""
+    n = len(payload)
+    padded = np.zeros((n, cols // 8, 4), np.uint8)
+    padded[:, :, :bits] = payload.reshape(n, cols // 8, bits)
+    words = padded.view(np.uint32)[:, :, 0]
+    indices = np.empty((n, cols), np.int64)
+    for i in range(8):
+        indices[:, i::8] = (words >> np.uint32(bits * i)) & np.uint32((1 << bits) - 1)
+    return indices
+
+
 class _Palette(Codec):
     """A table of 2^bits float16 values per row and a bits-wide index per weight, packed
     little-endian (8 indices in `bits` bytes); fused kernels in quant/palette_kernels.py."""
@@ -233,7 +262,7 @@ class _Palette(Codec):
                                           None if stats is None else stats.second_moment,
                                           None if stats is None else stats.hessian)
         return np.concatenate([tables.astype(np.float16).view(np.uint8),
-                               self._pack(indices)], axis=1)
+                               pack_indices(indices, self.bits)], axis=1)
 
     def encode_columns(self, columns: np.ndarray, stats: InputStats | None = None
                        ) -> np.ndarray:
@@ -244,26 +273,7 @@ class _Palette(Codec):
                              f"{columns.shape[1]}")
         tables, indices = palette_fit.fit_columns(columns, self.entries, stats.hessian)
         return np.concatenate([tables.astype(np.float16).view(np.uint8),
-                               self._pack(indices)], axis=1)
-
-    def _pack(self, indices: np.ndarray) -> np.ndarray:
-        """(n, cols) indices -> (n, cols * bits / 8) bytes: each run of 8 indices is one
-        little-endian integer of `bits` bytes, index i at bit bits * i."""
-        n, cols = indices.shape
-        words = np.zeros((n, cols // 8), np.uint32)
-        for i in range(8):
-            words |= indices[:, i::8].astype(np.uint32) << np.uint32(self.bits * i)
-        return words.view(np.uint8).reshape(n, cols // 8, 4)[:, :, :self.bits].reshape(n, -1)
-
-    def _unpack(self, payload: np.ndarray, cols: int) -> np.ndarray:
-        n = len(payload)
-        padded = np.zeros((n, cols // 8, 4), np.uint8)
-        padded[:, :, :self.bits] = payload.reshape(n, cols // 8, self.bits)
-        words = padded.view(np.uint32)[:, :, 0]
-        indices = np.empty((n, cols), np.int64)
-        for i in range(8):
-            indices[:, i::8] = (words >> np.uint32(self.bits * i)) & np.uint32(self.entries - 1)
-        return indices
+                               pack_indices(indices, self.bits)], axis=1)
 
     def decode(self, raw: np.ndarray, cols: int) -> np.ndarray:
         out = np.empty((len(raw), cols), np.float32)
@@ -273,7 +283,8 @@ class _Palette(Codec):
     def decode_reference(self, raw: np.ndarray, cols: int) -> np.ndarray:
         raw = np.ascontiguousarray(raw)
         tables = raw[:, :2 * self.entries].view(np.float16).astype(np.float32)
-        return np.take_along_axis(tables, self._unpack(raw[:, 2 * self.entries:], cols), axis=1)
+        indices = unpack_indices(raw[:, 2 * self.entries:], cols, self.bits)
+        return np.take_along_axis(tables, indices, axis=1)
 
     def warm_up(self) -> None:
         palette_kernels.warm_up(self.bits)
@@ -303,6 +314,107 @@ class Pal3(_Palette):
 @register
 class Pal2(_Palette):
     name, bits = "pal2", 2
+
+
+class _BlockPalette(Codec):
+    """One fixed table of 2^bits values (`grid`, shared by every row and tensor), a float16
+    scale per block of BLOCK weights and a bits-wide index per weight: a weight is
+    scale[block] * grid[index]. Rows are [scales][indices], indices packed as the per-row
+    palettes pack them. Fitted by quant/block_palette_fit.py; fused kernels in
+    quant/block_palette_kernels.py."""
+
+    fused = True
+    fits_inputs = True
+    grid: ClassVar[np.ndarray]  # ascending float32, largest magnitude 1
+
+    def supports(self, cols: int) -> bool:
+        return cols % block_palette_fit.BLOCK == 0
+
+    def row_nbytes(self, cols: int) -> int:
+        return 2 * (cols // block_palette_fit.BLOCK) + cols * self.bits // 8
+
+    def _check(self, cols: int) -> None:
+        if not self.supports(cols):
+            raise ValueError(f"{self.name} needs rows in whole blocks of "
+                             f"{block_palette_fit.BLOCK}, got {cols}")
+
+    def _row_bytes(self, scales: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        return np.concatenate([scales.astype(np.float16).view(np.uint8),
+                               pack_indices(indices, self.bits)], axis=1)
+
+    def encode(self, rows: np.ndarray, stats: InputStats | None = None) -> np.ndarray:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        self._check(rows.shape[1])
+        grid = self.grid.astype(np.float64)
+        parts = [block_palette_fit.fit(rows[s:s + palette_fit.ROWS_PER_BLOCK], grid,
+                                       None if stats is None else stats.second_moment,
+                                       None if stats is None else stats.hessian)
+                 for s in range(0, len(rows), palette_fit.ROWS_PER_BLOCK)]
+        return np.concatenate([self._row_bytes(*part) for part in parts]) if parts else \
+            np.zeros((0, self.row_nbytes(rows.shape[1])), np.uint8)
+
+    def encode_columns(self, columns: np.ndarray, stats: InputStats | None = None
+                       ) -> np.ndarray:
+        if stats is None or stats.hessian is None:
+            return self.encode(columns)
+        self._check(columns.shape[1])
+        return self._row_bytes(*block_palette_fit.fit_columns(
+            columns, self.grid.astype(np.float64), stats.hessian))
+
+    def decode(self, raw: np.ndarray, cols: int) -> np.ndarray:
+        out = np.empty((len(raw), cols), np.float32)
+        block_palette_kernels.decode(np.ascontiguousarray(raw), self.bits, self.grid, out)
+        return out
+
+    def decode_reference(self, raw: np.ndarray, cols: int) -> np.ndarray:
+        raw = np.ascontiguousarray(raw)
+        blocks = cols // block_palette_fit.BLOCK
+        scales = raw[:, :2 * blocks].view(np.float16).astype(np.float32)
+        indices = unpack_indices(raw[:, 2 * blocks:], cols, self.bits)
+        return np.repeat(scales, block_palette_fit.BLOCK, axis=1) * self.grid[indices]
+
+    def warm_up(self) -> None:
+        block_palette_kernels.warm_up(self.bits, self.grid)
+
+    def matvec(self, raw, x, out) -> None:
+        block_palette_kernels.matvec(raw, x, self.bits, self.grid, out)
+
+    def gate_activations(self, raw, x, activation, out) -> None:
+        block_palette_kernels.gate_activations(raw, x, self.bits, self.grid,
+                                               ACTIVATION_KINDS[activation], out)
+
+    def bundle_ffn(self, raw, rows, x, activation, gate_act, hidden_act, out) -> None:
+        known = _NONE if gate_act is None else np.ascontiguousarray(gate_act, np.float32)
+        block_palette_kernels.bundled_ffn(raw, rows, x, self.bits, self.grid,
+                                          self.row_nbytes(len(x)),
+                                          ACTIVATION_KINDS[activation], known, hidden_act, out)
+
+
+def _grid(values: list[float]) -> np.ndarray:
+    grid = np.array(sorted(values), np.float32)
+    return grid / np.abs(grid).max()
+
+
+@register
+class BPal4(_BlockPalette):
+    # IQ4_NL's table (ggml's kvalues_iq4nl): non-uniform, denser near zero, with one value
+    # near zero and the wider side negative; the block scale's search picks the sign
+    name, bits = "bpal4", 4
+    grid = _grid([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
+
+
+@register
+class BPal3(_BlockPalette):
+    # the 8-level Lloyd-Max quantizer of a unit Gaussian (Max 1960)
+    name, bits = "bpal3", 3
+    grid = _grid([-2.152, -1.344, -0.756, -0.2451, 0.2451, 0.756, 1.344, 2.152])
+
+
+@register
+class BPal2(_BlockPalette):
+    # the 4-level Lloyd-Max quantizer of a unit Gaussian (Max 1960)
+    name, bits = "bpal2", 2
+    grid = _grid([-1.510, -0.4528, 0.4528, 1.510])
 
 
 def codec(name: str) -> Codec:

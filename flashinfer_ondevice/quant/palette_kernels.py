@@ -19,16 +19,22 @@ _EXP2 = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)], np.floa
 
 
 @njit(cache=True, inline="always")
+def half_to_float(half):
+    """The float32 value of a finite float16 given as its 16 bits (the encoders write
+    float16 of finite values, never infinities)."""
+    h = np.uint32(half)
+    exponent = (h >> 10) & 31
+    mantissa = h & 1023
+    value = np.float32(mantissa + (1024 if exponent else 0)) * _EXP2[exponent]
+    return -value if h & 0x8000 else value
+
+
+@njit(cache=True, inline="always")
 def _table(row, k, table):
-    """table[:k] = the row's float16 table as float32 (finite values: a table never holds
-    infinities, the encoder writes float16 of finite weights)."""
+    """table[:k] = the row's float16 table as float32."""
     halves = row[:2 * k].view(np.uint16)
     for i in range(k):
-        h = np.uint32(halves[i])
-        exponent = (h >> 10) & 31
-        mantissa = h & 1023
-        value = np.float32(mantissa + (1024 if exponent else 0)) * _EXP2[exponent]
-        table[i] = -value if h & 0x8000 else value
+        table[i] = half_to_float(halves[i])
 
 
 @njit(cache=True, inline="always", fastmath=True)
