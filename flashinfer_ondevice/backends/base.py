@@ -59,6 +59,8 @@ class Backend:
 
     name: ClassVar[str] = "base"
     install_hint: ClassVar[str] = ""  # what to install when `installed()` is False
+    device_tier: ClassVar[bool] = False  # keeps resident weights in a device form that a
+    # device budget (--gpu-memory-budget) places: `device_nbytes` says their bytes
 
     @classmethod
     def installed(cls) -> bool:

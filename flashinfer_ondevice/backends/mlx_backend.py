@@ -167,9 +167,11 @@ class MlxBackend(Backend):
 
     name = "mlx"
     install_hint = "pip install mlx (Apple silicon), mlx[cuda] (NVIDIA) or mlx[cpu]"
+    device_tier = True
 
     def __init__(self, threads: int | None = None):
         super().__init__(threads)
+        import mlx.core  # noqa: F401  imported before any plan measures the process's memory
         self._staging: _Staging | None = None
 
     @classmethod
