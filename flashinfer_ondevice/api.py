@@ -38,6 +38,7 @@ from .runtime.engine import (
     DEFAULT_CTX,
     PlannedSession,
     Session,
+    check_device_budget,
     context_size,
     open_store_session,
     plan_store_session,
@@ -256,7 +257,8 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
          progress: bool | None = None, on_plan: Callable[[str], None] | None = None,
          stream_all: bool = False, selector: str | None = None,
          sparsity: float | None = None, window: int | None = None,
-         head: str = "auto", quality: str = "auto", cache_type: str | None = None) -> Model:
+         head: str = "auto", quality: str = "auto", cache_type: str | None = None,
+         gpu_memory_budget: str | int | None = None) -> Model:
     """Load a model; no path loads the embedded default model.
 
     path: a GGUF file, a Hugging Face folder or a flash store. A GGUF or folder is converted
@@ -266,6 +268,11 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
       or "reference": the float32 numpy run of the source file itself (no store, no budget).
     memory_budget: memory above the process's baseline: bytes, "120MB", "1.5GB" or "50%"
       (of the store). None runs the store fully resident.
+    gpu_memory_budget: bytes of weights the mlx backend keeps in its own (device) form, in
+      the same units: the planner places resident weights there first, then in DRAM (up to
+      memory_budget), the rest streams from the store. Where MLX's memory is the process's
+      (its CPU device, Apple silicon) the memory budget counts it too. None: every resident
+      weight in the device form without a memory budget, none under one.
     ctx_size: context window in tokens (default min(4096, the model's); 1024 under a budget).
     cache_type: the KV cache's type: "f16" (the default, as llama.cpp) or "q8" (int8 with a
       scale per head per token: half the memory; "f32" too for the reference, whose
@@ -297,13 +304,11 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
     """
     _check_load_arguments(path, backend, ctx_size, threads, codec, selector, sparsity, window,
                           head, quality, cache_type)
+    check_device_budget(backend, gpu_memory_budget)
     for name, value in (("verify", verify), ("stream_all", stream_all),
                         ("progress", False if progress is None else progress)):
         flag(value, name, ArgumentError)
     with os_errors():
-        if backend == "mlx" and memory_budget is not None:
-            raise FlashInferError("the mlx backend runs without a memory budget for now (the "
-                                  "planner does not count MLX's copies of the weights)")
         if progress is None:
             progress = sys.stderr.isatty()
         if threads is not None:
@@ -331,7 +336,8 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
         session = open_store_session(store, memory_budget, ctx_size, verify, on_plan, stream_all,
                                      selector, sparsity, window, head, quality, alternatives,
                                      make_backend(backend, threads), prepare=True,
-                                     cache_type=cache_type or "f16")
+                                     cache_type=cache_type or "f16",
+                                     gpu_memory_budget=gpu_memory_budget)
         return Model(session, time.perf_counter() - start)
 
 

@@ -176,7 +176,14 @@ def codec_option(help_text: str):
 
 
 def backend_option(command):
-    """--backend, shared by generate and eval (checked by load(), which names the choices)."""
+    """--backend and --gpu-memory-budget, shared by generate and eval (checked by load(),
+    which names the choices)."""
+    command = click.option(
+        "--gpu-memory-budget", default=None, envvar="FLASHINFER_GPU_MEMORY_BUDGET",
+        help="weights the mlx backend keeps in its device form: bytes, e.g. 2GB, or a "
+        "percentage of the store; resident weights go there first, then to DRAM (up to "
+        "--memory-budget), the rest streams  [default: all without --memory-budget, none "
+        "with it]")(command)
     return click.option("--backend", default="cpu", show_default=True,
                         envvar="FLASHINFER_BACKEND",
                         help="where the arithmetic runs: cpu (numba kernels; resident "
@@ -264,8 +271,8 @@ def sparsity_options(command):
               help="send the prompt as raw text even if the model has a chat template")
 def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, min_p,
              repeat_penalty, seed, stop, ctx_size, threads, memory_budget, codec, verify,
-             selector, sparsity, window, head, quality, backend, cache_type, system_prompt,
-             no_chat_template):
+             selector, sparsity, window, head, quality, backend, gpu_memory_budget, cache_type,
+             system_prompt, no_chat_template):
     """Generate text from a prompt, streaming it to stdout (stats go to stderr).
 
     The model runs from a flash store, converted into the models folder on first use."""
@@ -281,7 +288,8 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
                      threads=threads, codec=codec, verify=verify, progress=sys.stderr.isatty(),
                      on_plan=lambda text: click.echo(text, err=True), selector=selector,
                      sparsity=sparsity, window=window, head=head, quality=quality,
-                     backend=backend, cache_type=cache_type)
+                     backend=backend, cache_type=cache_type,
+                     gpu_memory_budget=gpu_memory_budget)
         if model.chat_template and not no_chat_template:
             ids = model.chat_prompt_ids(text, system_prompt)
         else:
@@ -541,7 +549,7 @@ def probe_command(model_path, fresh):
 @cache_type_option
 def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_tokens, threads,
                  memory_budget, codec, selector, sparsity, window, head, quality, backend,
-                 cache_type):
+                 gpu_memory_budget, cache_type):
     """Score a text: perplexity (and, with --compare-dense, agreement with the dense model)."""
     try:
         import json
@@ -561,6 +569,7 @@ def eval_command(model_path, text_file, compare_dense, as_json, ctx_size, max_to
                      threads=threads, codec=codec, progress=progress, selector=selector,
                      sparsity=sparsity, window=window, head=head, quality=quality,
                      backend=backend, cache_type=cache_type,
+                     gpu_memory_budget=gpu_memory_budget,
                      on_plan=None if as_json else lambda text: click.echo(text, err=True))
         # the dense reference runs the store the budget chose (--quality may pick another),
         # every product exact (float activations)

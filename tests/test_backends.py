@@ -119,8 +119,8 @@ def test_streamed_and_resident_plans_generate_the_same_text(tmp_path, arch, back
 def test_backend_choice_errors_name_the_choices(tiny_folder):
     with pytest.raises(FlashInferError, match="unknown backend 'gpu'.*cpu"):
         fi.load(tiny_folder, backend="gpu")
-    with pytest.raises(FlashInferError, match="mlx backend runs without a memory budget"):
-        fi.load(tiny_folder, backend="mlx", memory_budget="1GB")
+    with pytest.raises(FlashInferError, match="GPU memory budget is for .*mlx.*'cpu'"):
+        fi.load(tiny_folder, backend="cpu", gpu_memory_budget="1GB")
     missing = [name for name in BACKENDS if name not in INSTALLED]
     for name in missing:
         with pytest.raises(FlashInferError, match="not installed"):

@@ -20,7 +20,8 @@ fi
 export PYTHONUNBUFFERED=1
 python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" \
     | tee -a "$OUT/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_backends.py -k "mlx" 2>&1 \
+python3 -m pytest -q -p no:cacheprovider tests/test_backends.py tests/test_mlx_budget.py \
+    -k "mlx" 2>&1 \
     | tee "$OUT/tests.txt"
 (cd tools && python3 bench_kernels.py --backends mlx cpu numba --codecs int8 int4 -t 16 \
     --json "$OUT/kernels.json" --md "$OUT/kernels.md")

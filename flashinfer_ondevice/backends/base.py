@@ -59,6 +59,8 @@ class Backend:
 
     name: ClassVar[str] = "base"
     install_hint: ClassVar[str] = ""  # what to install when `installed()` is False
+    device_tier: ClassVar[bool] = False  # keeps resident weights in a device form that a
+    # device budget (--gpu-memory-budget) places: `device_nbytes` says their bytes
 
     @classmethod
     def installed(cls) -> bool:
@@ -81,6 +83,32 @@ class Backend:
         """A resident dense FFN (row-column bundles raw) in this backend's own form, or None
         to compute from `raw`."""
         return None
+
+    # memory beyond codec bytes: the planner asks, the runtime allocates (planner.py) -------
+    @property
+    def device_shares_host(self) -> bool:
+        """Whether a device form lives in the process's own memory (then the DRAM budget
+        counts it too)."""
+        return True
+
+    def device_nbytes(self, codec: Codec, rows: int, cols: int) -> int | None:
+        """Bytes a resident rows x cols matrix takes in this backend's device form (what
+        `prepare` makes, placed under a device budget), or None where it keeps none."""
+        return None
+
+    def ffn_device_nbytes(self, codec: Codec, rows: int, hidden: int) -> int | None:
+        """Bytes a dense FFN of `rows` bundles takes in the device form `prepare_ffn` makes,
+        or None where it keeps none."""
+        return None
+
+    def staging_nbytes(self, largest: int) -> int:
+        """Memory held to compute from codec bytes (streamed or resident) when no matrix
+        exceeds `largest` bytes: the backend's conversion buffers (none here)."""
+        return 0
+
+    def reserve_staging(self, largest: int) -> int:
+        """Allocate what `staging_nbytes(largest)` counts; its bytes."""
+        return 0
 
     def prepare_attention(self, cache_type: str) -> None:
         """Get attention over a `cache_type` cache ready (compile what it needs) before the

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backends import make_backend
+from ..backends import BACKENDS, make_backend
 from ..backends.base import Backend
 from ..config import ModelConfig
-from ..errors import FlashInferError, os_error_line
+from ..errors import ArgumentError, FlashInferError, os_error_line
 from ..kv_cache import check_cache_type
 from ..loader.gguf_vocab import check_vocabulary_file
 from ..loader.llama_backend import LlamaCppError, llama_cpp_available, load_llama_cpp
@@ -206,10 +206,13 @@ def plan_store_session(path: str | Path, memory_budget: str | int | None = None,
                        sparsity: float | None = None, window: int | None = None,
                        head: str = "auto", quality: str = "auto",
                        alternatives: Sequence[Path] = (),
-                       cache_type: str = "f16") -> PlannedSession:
+                       cache_type: str = "f16", backend: Backend | None = None,
+                       gpu_memory_budget: str | int | None = None) -> PlannedSession:
     """The plan open_store_session would run with (same arguments), reading no weight: what
     `run-model profile --plan-only` predicts from."""
     check_cache_type(cache_type)
+    backend = backend or make_backend()
+    check_device_budget(backend.name, gpu_memory_budget)
     if quality not in store_choice.QUALITY_MODES:
         raise FlashInferError(f"unknown quality {quality!r} (use "
                               f"{', '.join(store_choice.QUALITY_MODES)})")
@@ -222,12 +225,14 @@ def plan_store_session(path: str | Path, memory_budget: str | int | None = None,
     ctx = context_size(store.config, ctx_size,
                        DEFAULT_CTX if memory_budget is None else BUDGET_DEFAULT_CTX)
     budget = None if memory_budget is None else parse_budget(memory_budget, store.nbytes)
+    device_budget = None if gpu_memory_budget is None else \
+        parse_budget(gpu_memory_budget, store.nbytes, "GPU memory budget")
     overhead = max(0, current_rss_bytes() - baseline)
 
     def plan_for(s: Store, h: str) -> Plan:
         return make_plan(s, budget, ctx, overhead, transient, stream_all,
                          sparse_settings(s, budget, selector, sparsity, window), h,
-                         cache_type=cache_type)
+                         cache_type=cache_type, backend=backend, device_budget=device_budget)
 
     choice = ""
     if budget is None or stream_all or quality == "exact" or store.quality is None:
@@ -246,6 +251,15 @@ def plan_store_session(path: str | Path, memory_budget: str | int | None = None,
     return PlannedSession(store, tokenizer, ctx, plan, choice)
 
 
+def check_device_budget(backend: str, gpu_memory_budget: object) -> None:
+    """Refuse a GPU memory budget for a backend (named) without a device tier."""
+    if gpu_memory_budget is not None and not (backend in BACKENDS
+                                              and BACKENDS[backend].device_tier):
+        tiered = ", ".join(n for n, b in BACKENDS.items() if b.device_tier)
+        raise ArgumentError(f"a GPU memory budget is for backends that keep weights on the "
+                            f"device ({tiered}), not {backend!r}")
+
+
 def open_store_session(path: str | Path, memory_budget: str | int | None = None,
                        ctx_size: int | None = None, verify: bool = False,
                        on_plan: Callable[[str], None] | None = None, stream_all: bool = False,
@@ -253,16 +267,21 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
                        window: int | None = None, head: str = "auto",
                        quality: str = "auto", alternatives: Sequence[Path] = (),
                        backend: Backend | None = None, prepare: bool = False,
-                       cache_type: str = "f16") -> Session:
+                       cache_type: str = "f16",
+                       gpu_memory_budget: str | int | None = None) -> Session:
     """A session on the flash store at `path` (the arguments are load()'s, see api.py), or,
     under a budget, on whichever of it and `alternatives` (other stores of the same model)
     `quality` chooses (runtime/store_choice.py). `backend` computes (default: the default
     backend); `prepare` lets it keep resident matrices in its own form, which happens only
     without a budget (the planner counts codec bytes) and unless `quality` is "exact" (its
-    forms may round activations). Store builders leave `prepare` off: they read bytes."""
+    forms may round activations). Store builders leave `prepare` off: they read bytes.
+    `gpu_memory_budget` (bytes, "1GB" or a percentage of the store): the weights a backend
+    with a device tier (mlx) keeps in its device form, as the planner places them; the
+    rest stays codec bytes in DRAM or streams."""
     backend = backend or make_backend()
     planned = plan_store_session(path, memory_budget, ctx_size, verify, stream_all, selector,
-                                 sparsity, window, head, quality, alternatives, cache_type)
+                                 sparsity, window, head, quality, alternatives, cache_type,
+                                 backend, gpu_memory_budget)
     store, tokenizer, ctx, plan, choice = (planned.store, planned.tokenizer, planned.ctx,
                                            planned.plan, planned.choice)
     budget = plan.budget
@@ -271,7 +290,8 @@ def open_store_session(path: str | Path, memory_budget: str | int | None = None,
     reader = DirectReader(store.path / "weights.bin")
     try:
         weights = StreamedWeights(store, plan, reader, backend, prepare and budget is None
-                                  and not stream_all and quality != "exact")
+                                  and plan.device_budget is None and not stream_all
+                                  and quality != "exact")
     except BaseException:
         reader.close()
         raise

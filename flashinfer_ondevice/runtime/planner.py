@@ -22,6 +22,15 @@ resident prefix). The output layer then never streams whole; its logits are exac
 candidates and approximate elsewhere (quality: docs/benchmarks.md). `head="exact"` keeps the
 exact plan; `head="shortlist"` asks for the shortlist even when everything fits (less compute).
 
+A backend that keeps resident weights in a device form of its own (the mlx backend:
+MLX arrays, on a GPU where there is one) gets a third tier above DRAM when given a device
+budget (--gpu-memory-budget): each resident tensor goes to the device form while the
+device budget holds it (the bytes the backend says that form takes), else stays as codec
+bytes in DRAM; what does not fit either streams. Where the device form lives in the
+process's own memory (MLX on its CPU device, Apple silicon's unified memory) it counts
+against the memory budget too. The backend's conversion buffers (`staging_nbytes`) are
+run memory like the I/O ring.
+
 With activation sparsity (a selector), FFNs never stream whole: each layer computes only the
 neurons its selector picks, from a windowed neuron cache of `cache_rows` bundles that reads
 what it lacks. The selector's data (predictors, or gate rows for gate-first) is resident,
@@ -34,11 +43,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..backends.base import Backend
 from ..config import ModelConfig
 from ..errors import ArgumentError, FlashInferError
 from ..kv_cache import MIN_RESIDENT, KVCache
 from ..kv_spill import BLOCK
 from ..model import prefill_nbytes
+from ..quant.codecs import codec
 from ..sampling import scratch_nbytes
 from ..schema import LAYER_MATRICES, layer_key
 from ..store.format import align_up
@@ -70,18 +81,19 @@ class BudgetError(FlashInferError):
         self.smallest = smallest
 
 
-def parse_budget(text: str | int | float, store_bytes: int) -> int:
-    """Bytes from 123456, "120MB", "1.5GB", "512MiB" or "50%" (of the store)."""
+def parse_budget(text: str | int | float, store_bytes: int, name: str = "memory budget") -> int:
+    """Bytes from 123456, "120MB", "1.5GB", "512MiB" or "50%" (of the store); `name` says
+    which budget in errors."""
     if isinstance(text, int | float) and not isinstance(text, bool):
-        return int(number(text, "memory budget", 0.0, MAX_BUDGET, error=ArgumentError))
+        return int(number(text, name, 0.0, MAX_BUDGET, error=ArgumentError))
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[a-zA-Z]*)\s*", text) \
         if isinstance(text, str) and len(text) < 64 else None
     if not match or (match.group(2) != "%" and match.group(2).lower() not in _UNITS):
-        raise ArgumentError(f"invalid memory budget {describe(text)} (use bytes, e.g. 120MB, "
+        raise ArgumentError(f"invalid {name} {describe(text)} (use bytes, e.g. 120MB, "
                             "1.5GB, or a percentage of the store, e.g. 50%)")
     value, unit = float(match.group(1)), match.group(2)
     nbytes = store_bytes * value / 100 if unit == "%" else value * _UNITS[unit.lower()]
-    return int(number(nbytes, f"memory budget {text.strip()}", 0.0, MAX_BUDGET,
+    return int(number(nbytes, f"{name} {text.strip()}", 0.0, MAX_BUDGET,
                       error=ArgumentError))
 
 
@@ -125,11 +137,19 @@ class Plan:
     weight_bytes: int = 0  # resident tensors and output-layer rows
     prefill_batch: int = PREFILL_BATCHES[0]  # prompt tokens per forward pass
     prefill_bytes: int = 0  # what one such pass holds at the full context (prefill_nbytes)
+    device_budget: int | None = None  # bytes of weights the backend may keep in its device
+    # form; None: no device tier
+    device: set[str] = field(default_factory=set)  # resident tensors in that form
+    device_bytes: int = 0  # their bytes in that form (Backend.device_nbytes)
+    device_shares_host: bool = True  # the device form is in the process's memory
+    staging_bytes: int = 0  # the backend's conversion buffers (Backend.staging_nbytes)
 
     @property
     def ledger(self) -> dict[str, int]:
-        """Planned bytes of each part of run memory above the baseline."""
-        return {"resident weights": self.weight_bytes, "KV cache": self.kv_bytes,
+        """Planned bytes of each part of run memory above the baseline ("device weights" in
+        device memory when that is not the process's, see `device_shares_host`)."""
+        return {"resident weights": self.weight_bytes, "device weights": self.device_bytes,
+                "backend staging": self.staging_bytes, "KV cache": self.kv_bytes,
                 "I/O ring": self.buffer_bytes, "shortlist head": self.shortlist_bytes,
                 "selectors": self.selector_bytes, "neuron caches": self.cache_bytes,
                 "scratch": self.scratch_bytes, "prefill": self.prefill_bytes,
@@ -150,9 +170,14 @@ class Plan:
                           f"; shortlist: proxy {self.shortlist_bytes / mb:.1f} MB scores every "
                           f"token, the best {self.shortlist} are computed exactly"))
         return (f"memory plan: budget {budget} above baseline; store {total / mb:.1f} MB\n"
-                f"  resident {self.resident_bytes / mb:7.1f} MB (weights, proxy, caches; {head})\n"
+                + self._device_line()
+                + f"  resident {(self.resident_bytes - self.device_bytes) / mb:7.1f} MB "
+                f"(weights, proxy, caches; {head})\n"
                 f"  KV cache ({self.cache_type}) {self.kv_bytes / mb:.1f} MB, I/O buffers "
-                f"{self.buffer_bytes / mb:.1f} MB, scratch {self.scratch_bytes / mb:.1f} MB, "
+                f"{self.buffer_bytes / mb:.1f} MB, "
+                + ("" if not self.staging_bytes else
+                   f"backend staging {self.staging_bytes / mb:.1f} MB, ")
+                + f"scratch {self.scratch_bytes / mb:.1f} MB, "
                 f"prompt batches of {self.prefill_batch} tokens "
                 f"{self.prefill_bytes / mb:.1f} MB, tokenizer and runtime "
                 f"{self.overhead_bytes / mb:.1f} MB "
@@ -170,6 +195,16 @@ class Plan:
                    + ("all neurons resident" if not self.cache_rows else
                       f"neuron caches of {self.cache_rows} of {store.config.ffn_size} neurons "
                       "per layer, the rest read on demand" + self._cache_warning(store))))
+
+    def _device_line(self) -> str:
+        """The device tier: what the backend keeps in its own form, and where that lives."""
+        if self.device_budget is None:
+            return ""
+        where = ("in this process's memory, counted in the budget" if self.device_shares_host
+                 else "device memory")
+        return (f"  device   {self.device_bytes / 1e6:7.1f} MB ({len(self.device)} weight "
+                f"tensors in the backend's form, of up to {self.device_budget / 1e6:.1f} MB; "
+                f"{where})\n")
 
     def _cache_warning(self, store: Store) -> str:
         """A note when a token's neurons (at the target sparsity) outnumber the cache's."""
@@ -224,20 +259,25 @@ def selector_bytes(store: Store, sparse: SparseSettings, ffn_resident: bool) -> 
 def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
               transient: int = 0, stream_all: bool = False,
               sparse: SparseSettings | None = None, head: str = "auto",
-              candidates: int = shortlist_head.CANDIDATES, cache_type: str = "f16") -> Plan:
+              candidates: int = shortlist_head.CANDIDATES, cache_type: str = "f16",
+              backend: Backend | None = None, device_budget: int | None = None) -> Plan:
     """`overhead`: bytes above baseline in use now; `transient`: bytes needed briefly while
     no generation runs (encoding a prompt loads the vocabulary), sharing the room that the
     KV cache, scratch and margin take during generation. `stream_all` keeps no weight
     resident (the naive baseline of the benchmarks: every weight read every token).
     `head`: the output layer's plan, "exact", "shortlist" or "auto" (shortlist when the
     output layer does not fit and the store has a proxy), computing `candidates` rows exactly.
-    `cache_type`: the KV cache's type (kv_cache.CACHE_TYPES), which sets its bytes."""
+    `cache_type`: the KV cache's type (kv_cache.CACHE_TYPES), which sets its bytes.
+    `backend`: what will compute (its conversion buffers and device form are counted; None:
+    one that keeps nothing but codec bytes); `device_budget`: bytes of weights it may keep
+    in its device form (None: no device tier)."""
     if head not in HEAD_PLANS:
         raise FlashInferError(f"unknown output-layer plan {head!r} (use {', '.join(HEAD_PLANS)})")
     if head == "shortlist" and store.head_proxy is None:
         raise FlashInferError(f"store {store.path} has no output-layer proxy (convert the "
                               "model again with this version)")
-    args = (store, budget, ctx, overhead, transient, stream_all, sparse, cache_type)
+    args = (store, budget, ctx, overhead, transient, stream_all, sparse, cache_type,
+            backend or Backend(), device_budget)
     if head == "exact" or store.head_proxy is None or stream_all:
         return _make_plan(*args, 0)
     if head == "shortlist":
@@ -263,14 +303,15 @@ class _UnitTooSmall(Exception):
 
 def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transient: int,
                stream_all: bool, sparse: SparseSettings | None, cache_type: str,
-               shortlist: int) -> Plan:
+               backend: Backend, device_budget: int | None, shortlist: int) -> Plan:
     """The plan with the whole KV cache in DRAM; when that does not fit, global layers keep
     MIN_RESIDENT positions and spill older ones to flash (kv_spill.py), and what that frees
     goes to weights first: a resident weight byte saves a read every token, a resident KV
     byte only once the context has grown past it (and never more than one). Positions are
     added back while no weight has to leave for them. Refused only when even MIN_RESIDENT
     positions do not fit."""
-    args = (store, budget, ctx, overhead, transient, stream_all, sparse, cache_type, shortlist)
+    args = (store, budget, ctx, overhead, transient, stream_all, sparse, cache_type, backend,
+            device_budget, shortlist)
     try:
         return _fit(*args, kv_resident=None)
     except BudgetError:
@@ -293,13 +334,13 @@ def _make_plan(store: Store, budget: int | None, ctx: int, overhead: int, transi
 
 
 def _fit(store: Store, budget: int | None, ctx: int, overhead: int, transient: int,
-         stream_all: bool, sparse: SparseSettings | None, cache_type: str, shortlist: int,
-         kv_resident: int | None) -> Plan:
+         stream_all: bool, sparse: SparseSettings | None, cache_type: str, backend: Backend,
+         device_budget: int | None, shortlist: int, kv_resident: int | None) -> Plan:
     """The ring's buffers must hold the largest unit that streams, which depends on what
     stays resident, which depends on the ring. First pass: buffers sized for a whole layer;
     second: sized for what the first pass streams (kept if it fits and streams no more)."""
-    args = (store, budget, ctx, overhead, transient, stream_all, sparse, cache_type, shortlist,
-            kv_resident)
+    args = (store, budget, ctx, overhead, transient, stream_all, sparse, cache_type, backend,
+            device_budget, shortlist, kv_resident)
     first = _place(*args, unit_hint=None)
     if budget is None or not first.buffers or stream_all:
         return first
@@ -311,8 +352,9 @@ def _fit(store: Store, budget: int | None, ctx: int, overhead: int, transient: i
 
 
 def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient: int,
-           stream_all: bool, sparse: SparseSettings | None, cache_type: str, shortlist: int,
-           kv_resident: int | None, unit_hint: int | None) -> Plan:
+           stream_all: bool, sparse: SparseSettings | None, cache_type: str, backend: Backend,
+           device_budget: int | None, shortlist: int, kv_resident: int | None,
+           unit_hint: int | None) -> Plan:
     """One placement; `unit_hint`: the ring buffer's size (else one fitting any layer);
     `kv_resident`: positions a global layer's KV keeps in DRAM (None: all)."""
     config = store.config
@@ -326,7 +368,9 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
                 kv_bytes=KVCache.planned_nbytes(config, ctx, cache_type, kv_resident),
                 kv_resident_tokens=kv_resident, cache_type=cache_type,
                 scratch_bytes=scratch_nbytes(config.vocab_size), overhead_bytes=overhead,
-                transient_bytes=transient, sparse=sparse, shortlist=shortlist)
+                transient_bytes=transient, sparse=sparse, shortlist=shortlist,
+                device_budget=device_budget, device_shares_host=backend.device_shares_host,
+                staging_bytes=backend.staging_nbytes(largest_matrix(store)))
     if shortlist:
         plan.shortlist_bytes = ShortlistHead.planned_nbytes(store.head_proxy, tensors[head],
                                                             shortlist, own_scratch=True)
@@ -335,10 +379,11 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
     units = attention if ffn_cached else attention + ffn
     if sparse is not None:
         plan.selector_bytes = selector_bytes(store, sparse, ffn_resident=budget is None)
+    tiers = _Tiers(tensors, backend, device_budget, sparse is not None)
     if budget is None:
         plan.prefill_bytes = prefill_nbytes(config, plan.prefill_batch, ctx, False)
         for names in units:
-            plan.resident |= set(names)
+            tiers.place(names, plan, None)
         plan.head_resident_rows = tensors[head].rows
     else:
         # a layer streams as one unit: its attention (and FFN unless cached) read together
@@ -364,7 +409,7 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
         encoding = transient + MARGIN // 2
         # everything but the weights, the ring and the shortlist head (which depends on it)
         base = overhead + sum(tensors[n].nbytes for n in vectors) + generation + min_caches \
-            + plan.selector_bytes
+            + plan.selector_bytes + plan.staging_bytes
         weights = sum(e.nbytes for n, e in tensors.items() if n not in vectors
                       and n != ("output" if head == "embed" else "embed")
                       and not (shortlist and n == head))
@@ -374,6 +419,8 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
         # cache row costs, beyond the minimum caches already in `base`)
         all_weights = weights if not ffn_cached else \
             weights + (config.ffn_size - MIN_CACHE_ROWS) * caches_per_row
+        if plan.device_shares_host:  # what the device form costs beyond the codec bytes
+            all_weights += tiers.device_extra(units)
 
         def uses_ring_scratch(depth: int, unit: int) -> bool:
             """The shortlist reads its candidates into a free ring buffer (no own scratch)."""
@@ -413,11 +460,8 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
                 + (" or --cache-type q8" if cache_type != "q8" else "") + " lowers it)",
                 plan.fixed_bytes)
         room = 0 if stream_all else budget - fixed
-        for names in units:
-            size = sum(tensors[n].nbytes for n in names)
-            if size <= room:
-                plan.resident |= set(names)
-                room -= size
+        for names in [] if stream_all else units:
+            room = tiers.place(names, plan, room)
         if plan.buffers and not stream_all:  # buffers need hold only what really streams
             streamed = [[n for n in names if n not in plan.resident] for names in layer_units]
             unit = align_up(_unit_capacity(tensors, streamed, head, shortlist))
@@ -438,9 +482,10 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
             room -= plan.cache_bytes - caches_fixed
         plan.head_resident_rows = min(tensors[head].rows,
                                       max(0, room) // tensors[head].row_nbytes)
-    plan.weight_bytes = sum(tensors[n].nbytes for n in plan.resident) \
+    plan.weight_bytes = sum(tensors[n].nbytes for n in plan.resident - plan.device) \
         + plan.head_resident_rows * tensors[head].row_nbytes
-    plan.resident_bytes = plan.weight_bytes + plan.shortlist_bytes + plan.cache_bytes
+    plan.resident_bytes = plan.weight_bytes + plan.device_bytes + plan.shortlist_bytes \
+        + plan.cache_bytes
     streamed = [n for n in tensors if n not in plan.resident and n not in ("embed", "output")
                 and not (plan.cache_rows and n.endswith(".ffn"))]
     plan.streamed_bytes = sum(tensors[n].nbytes for n in streamed)
@@ -448,6 +493,67 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
         plan.streamed_bytes += (tensors[head].rows - plan.head_resident_rows) \
             * tensors[head].row_nbytes
     return plan
+
+
+class _Tiers:
+    """Places resident tensors: in the backend's device form while the device budget holds
+    them, else as codec bytes in DRAM (plan.resident; plan.device for the former)."""
+
+    def __init__(self, tensors: dict[str, TensorEntry], backend: Backend,
+                 device_budget: int | None, sparse: bool):
+        self.tensors, self.backend, self.sparse = tensors, backend, sparse
+        self.device_room = 0 if device_budget is None else device_budget
+        self.shares_host = backend.device_shares_host
+
+    def device_nbytes(self, name: str) -> int | None:
+        """Bytes of `name` in the device form; None where the backend keeps none (a sparse
+        plan's FFN bundles are read as bytes by the selectors and caches)."""
+        e = self.tensors[name]
+        if not name.endswith(".ffn"):
+            return self.backend.device_nbytes(codec(e.codec), e.rows, e.cols)
+        return None if self.sparse else \
+            self.backend.ffn_device_nbytes(codec(e.codec), e.rows, e.cols)
+
+    def _split(self, names: list[str], device_room: int) -> tuple[list[str], int]:
+        """The tensors of a unit the device budget takes, and their device bytes."""
+        on_device, nbytes = [], 0
+        for name in names:
+            size = self.device_nbytes(name)
+            if size is not None and nbytes + size <= device_room:
+                on_device.append(name)
+                nbytes += size
+        return on_device, nbytes
+
+    def place(self, names: list[str], plan: Plan, room: int | None) -> int | None:
+        """Make the unit `names` resident if it fits `room` bytes of DRAM (None: any), its
+        tensors in the device form while the device budget lasts; the DRAM left."""
+        on_device, device_bytes = self._split(names, self.device_room)
+        in_dram = sum(self.tensors[n].nbytes for n in names if n not in on_device)
+        host = in_dram + (device_bytes if self.shares_host else 0)
+        if room is not None and host > room:  # the device form costs more DRAM: bytes
+            on_device, device_bytes = [], 0
+            host = sum(self.tensors[n].nbytes for n in names)
+            if host > room:
+                return room
+        plan.resident |= set(names)
+        plan.device |= set(on_device)
+        plan.device_bytes += device_bytes
+        self.device_room -= device_bytes
+        return None if room is None else room - host
+
+    def device_extra(self, units: list[list[str]]) -> int:
+        """DRAM the device form would take beyond the codec bytes were every unit resident."""
+        room, extra = self.device_room, 0
+        for names in units:
+            on_device, nbytes = self._split(names, room)
+            room -= nbytes
+            extra += nbytes - sum(self.tensors[n].nbytes for n in on_device)
+        return extra
+
+
+def largest_matrix(store: Store) -> int:
+    """Bytes of the store's largest weight matrix (what sizes a backend's staging)."""
+    return max(e.nbytes for e in store.tensors.values() if e.codec != "f32")
 
 
 def _unit_capacity(tensors: dict[str, TensorEntry], layer_units: list[list[str]], head: str,

@@ -31,7 +31,7 @@ from ..store.sparsity_record import load_predictors
 from ..weights import Block, FeedForward
 from . import neuron_cache
 from .neuron_cache import NeuronCache
-from .planner import Plan
+from .planner import Plan, largest_matrix
 from .selectors import GateFirstSelector, PredictedSelector
 from .shortlist_head import ShortlistHead
 from .sparse_ffn import SparseFFN
@@ -49,9 +49,10 @@ EMBED_SCRATCH = 256 << 10  # pages a prompt's embedding rows are read through (p
 
 class StreamedWeights:
     """`ffns[i]`, when set, replaces layer i's FFN (sparse FFNs, calibration recorders).
-    `backend` computes from the bytes; with `prepare`, resident matrices and dense FFNs are
-    handed to it once to keep in its own form (backends/base.py), which the planner does
-    not count: only without a budget."""
+    `backend` computes from the bytes; the tensors of the plan's device tier are handed to
+    it once to keep in its own form (backends/base.py), as the plan counted them; with
+    `prepare`, every resident matrix and dense FFN is, which the planner does not count:
+    only without a budget."""
 
     lm_head: _StreamedHead | ShortlistHead
 
@@ -69,11 +70,14 @@ class StreamedWeights:
         if damaged:  # norms and biases: NaN here would only show as garbage text
             raise corrupt(store.path, f"{damaged[0]} holds NaN or infinite values (run with "
                                       "--verify to check the checksums)")
+        self._staging_nbytes = backend.reserve_staging(largest_matrix(store))
         for name in plan.resident:
             entry = t[name]
             if entry.codec == "f32":
                 continue
-            if prepare and name.endswith(".ffn") and plan.sparse is None:
+            if name in plan.device:
+                self._resident[name] = self._device_form(entry)
+            elif prepare and name.endswith(".ffn") and plan.sparse is None:
                 self._resident[name] = resident_ffn(self._read_all(entry), entry.codec,
                                                     entry.cols, self.activation, backend)
             elif prepare and not name.endswith(".ffn"):
@@ -126,7 +130,7 @@ class StreamedWeights:
         # a prepared output layer keeps no embedding rows: a prompt's are read in one go
         self._embed_scratch = aligned_buffer(EMBED_SCRATCH) \
             if isinstance(self._head_resident, PreparedMatrix) else None
-        if prepare:  # the codec bytes handed to the backend, freed
+        if prepare or plan.device:  # the codec bytes handed to the backend, freed
             release_freed_memory()
         self.ffns: dict[int, FeedForward] = {}
         self._caches: list[NeuronCache] = []
@@ -134,6 +138,20 @@ class StreamedWeights:
         self._selector_arrays: list[np.ndarray] = []
         if plan.sparse is not None:
             self._make_sparse_ffns()
+
+    def _device_form(self, entry: TensorEntry) -> PreparedMatrix:
+        """A tensor of the device tier in the backend's form (the planner asked the backend
+        that it keeps one)."""
+        if entry.name.endswith(".ffn"):
+            prepared = resident_ffn(self._read_all(entry), entry.codec, entry.cols,
+                                    self.activation, self.backend)
+        else:
+            prepared = resident_matrix(lambda start, end: self._read_rows(entry, start, end),
+                                       entry.rows, entry.codec, entry.cols, self.backend)
+        if not isinstance(prepared, PreparedMatrix):
+            raise AssertionError(f"the {self.backend.name} backend kept no device form of "
+                                 f"{entry.name}, which the plan placed there")
+        return prepared
 
     def _shortlist_head(self) -> ShortlistHead:
         return ShortlistHead(self.store.head_proxy, self._head_resident,
@@ -233,9 +251,11 @@ class StreamedWeights:
     def allocated(self) -> dict[str, int]:
         """Bytes of run memory this holds per component, in the terms of `Plan.ledger`."""
         weights = sum(a.nbytes for a in self._vectors.values()) + self._head_resident.nbytes
-        weights += sum(w.nbytes for w in self._resident.values())
+        weights += sum(w.nbytes for n, w in self._resident.items() if n not in self.plan.device)
+        device = sum(w.nbytes for n, w in self._resident.items() if n in self.plan.device)
         shortlist = self.lm_head.nbytes() if isinstance(self.lm_head, ShortlistHead) else 0
-        return {"resident weights": weights,
+        return {"resident weights": weights, "device weights": device,
+                "backend staging": self._staging_nbytes,
                 "I/O ring": sum(len(b) for b in self._buffers)
                 + (0 if self._embed_scratch is None else len(self._embed_scratch)),
                 "shortlist head": shortlist,
