@@ -15,7 +15,7 @@ from numba import njit, prange
 
 from .block_palette_fit import BLOCK
 from .kernels import activate
-from .palette_kernels import half_to_float
+from .palette_kernels import gather_dot, half_to_float
 
 
 @njit(cache=True, inline="always")
@@ -39,26 +39,11 @@ def _row_dot(row, x, bits, grid, table, scales):
     blocks = x.shape[0] // BLOCK
     _prepare(row, grid, blocks, table, scales)
     p = row[2 * blocks:]
+    per_group = 8 // bits if bits != 3 else 8
+    shift = 5 - (1 if bits == 4 else 2 if bits == 2 else 3)  # group j is in block j >> shift
     acc = np.float32(0.0)
-    if bits == 4:
-        for j in range(x.shape[0] // 2):
-            b = p[j]
-            acc += (table[b & 15] * x[2 * j] + table[b >> 4] * x[2 * j + 1]) * scales[j >> 4]
-    elif bits == 2:
-        for j in range(x.shape[0] // 4):
-            b = p[j]
-            acc += (table[b & 3] * x[4 * j] + table[(b >> 2) & 3] * x[4 * j + 1]
-                    + table[(b >> 4) & 3] * x[4 * j + 2]
-                    + table[b >> 6] * x[4 * j + 3]) * scales[j >> 3]
-    else:
-        for g in range(x.shape[0] // 8):
-            w = np.uint32(p[3 * g]) | (np.uint32(p[3 * g + 1]) << 8) | \
-                (np.uint32(p[3 * g + 2]) << 16)
-            xs = x[8 * g:8 * g + 8]
-            acc += (table[w & 7] * xs[0] + table[(w >> 3) & 7] * xs[1]
-                    + table[(w >> 6) & 7] * xs[2] + table[(w >> 9) & 7] * xs[3]
-                    + table[(w >> 12) & 7] * xs[4] + table[(w >> 15) & 7] * xs[5]
-                    + table[(w >> 18) & 7] * xs[6] + table[(w >> 21) & 7] * xs[7]) * scales[g >> 2]
+    for j in range(x.shape[0] // per_group):
+        acc += gather_dot(p, j, x, bits, table) * scales[j >> shift]
     return acc
 
 

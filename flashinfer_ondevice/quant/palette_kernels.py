@@ -38,30 +38,33 @@ def _table(row, k, table):
 
 
 @njit(cache=True, inline="always", fastmath=True)
+def gather_dot(p, j, x, bits, table):
+    """Sum of table[index] * x over the indices of packed group j: byte j (2 indices at 4
+    bits, 4 at 2 bits) or bytes 3j..3j+2 (8 indices at 3 bits)."""
+    if bits == 4:
+        b = p[j]
+        return table[b & 15] * x[2 * j] + table[b >> 4] * x[2 * j + 1]
+    if bits == 2:
+        b = p[j]
+        return (table[b & 3] * x[4 * j] + table[(b >> 2) & 3] * x[4 * j + 1]
+                + table[(b >> 4) & 3] * x[4 * j + 2] + table[b >> 6] * x[4 * j + 3])
+    w = np.uint32(p[3 * j]) | (np.uint32(p[3 * j + 1]) << 8) | (np.uint32(p[3 * j + 2]) << 16)
+    xs = x[8 * j:8 * j + 8]
+    return (table[w & 7] * xs[0] + table[(w >> 3) & 7] * xs[1]
+            + table[(w >> 6) & 7] * xs[2] + table[(w >> 9) & 7] * xs[3]
+            + table[(w >> 12) & 7] * xs[4] + table[(w >> 15) & 7] * xs[5]
+            + table[(w >> 18) & 7] * xs[6] + table[(w >> 21) & 7] * xs[7])
+
+
+@njit(cache=True, inline="always", fastmath=True)
 def _row_dot(row, x, bits, table):
-    """Dot product of one palette row with x (one loop per width: the shifts are constants)."""
+    """Dot product of one palette row with x."""
     k = 1 << bits
     _table(row, k, table)
     p = row[2 * k:]
     acc = np.float32(0.0)
-    if bits == 4:
-        for j in range(x.shape[0] // 2):
-            b = p[j]
-            acc += table[b & 15] * x[2 * j] + table[b >> 4] * x[2 * j + 1]
-    elif bits == 2:
-        for j in range(x.shape[0] // 4):
-            b = p[j]
-            acc += (table[b & 3] * x[4 * j] + table[(b >> 2) & 3] * x[4 * j + 1]
-                    + table[(b >> 4) & 3] * x[4 * j + 2] + table[b >> 6] * x[4 * j + 3])
-    else:
-        for g in range(x.shape[0] // 8):
-            w = np.uint32(p[3 * g]) | (np.uint32(p[3 * g + 1]) << 8) | \
-                (np.uint32(p[3 * g + 2]) << 16)
-            xs = x[8 * g:8 * g + 8]
-            acc += (table[w & 7] * xs[0] + table[(w >> 3) & 7] * xs[1]
-                    + table[(w >> 6) & 7] * xs[2] + table[(w >> 9) & 7] * xs[3]
-                    + table[(w >> 12) & 7] * xs[4] + table[(w >> 15) & 7] * xs[5]
-                    + table[(w >> 18) & 7] * xs[6] + table[(w >> 21) & 7] * xs[7])
+    for j in range(x.shape[0] // (8 // bits if bits != 3 else 8)):
+        acc += gather_dot(p, j, x, bits, table)
     return acc
 
 
