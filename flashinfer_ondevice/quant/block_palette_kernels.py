@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from .block_palette_fit import BLOCK
-from .kernels import activate
+from .kernels import FFN_PARTS, activate, sum_parts
 from .palette_kernels import gather_dot, half_to_float
 
 
@@ -114,15 +114,12 @@ def gate_activations(raw, x, bits, grid, activation, out):
         out[i] = activate(_row_dot(raw[i], x, bits, grid, table, scales), activation)
 
 
-_FFN_PARTS = 32  # as in quant/kernels.py
-
-
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def bundled_ffn(raw, rows, x, bits, grid, row_nbytes, activation, gate_act, hidden_act, out):
     """FFN over the bundles raw[rows] for one token; see quant/kernels.bundled_ffn."""
     n = rows.shape[0]
     known = gate_act.shape[0] == n
-    parts = max(1, min(n, _FFN_PARTS))
+    parts = max(1, min(n, FFN_PARTS))
     hidden = x.shape[0]
     partial = np.zeros((parts, hidden), np.float32)
     for p in prange(parts):
@@ -142,11 +139,7 @@ def bundled_ffn(raw, rows, x, bits, grid, row_nbytes, activation, gate_act, hidd
             if h != 0.0:
                 _add_scaled_row(raw[i, 2 * row_nbytes:3 * row_nbytes], h, bits, grid, table,
                                 scales, acc, scratch)
-    for c in prange(hidden):
-        total = np.float32(0.0)
-        for p in range(parts):
-            total += partial[p, c]
-        out[c] = total
+    sum_parts(partial, out)
 
 
 def warm_up(bits: int, grid: np.ndarray) -> None:

@@ -89,7 +89,18 @@ def _add_scaled_row(row, a, ng, bits, acc):
                 acc[base + 2 * k + 1] += s * np.float32(np.int32(b >> 4) - 8)
 
 
-_FFN_PARTS = 32  # neurons are split into this many parts, each summing its own output
+FFN_PARTS = 32  # neurons are split into this many parts, each summing its own output
+
+
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
+def sum_parts(partial, out):
+    """out = the sum of the parts' partial outputs (parts, hidden), in a fixed order (so the
+    result depends only on the inputs); every bundled FFN kernel ends with it."""
+    for k in prange(out.shape[0]):
+        total = np.float32(0.0)
+        for p in range(partial.shape[0]):
+            total += partial[p, k]
+        out[k] = total
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
@@ -106,7 +117,7 @@ def bundled_ffn(raw, rows, x, ng, bits, row_nbytes, activation, gate_act, hidden
     """
     n = rows.shape[0]
     known = gate_act.shape[0] == n
-    parts = max(1, min(n, _FFN_PARTS))
+    parts = max(1, min(n, FFN_PARTS))
     partial = np.zeros((parts, ng * GROUP), np.float32)
     for p in prange(parts):
         acc = partial[p]
@@ -120,11 +131,7 @@ def bundled_ffn(raw, rows, x, ng, bits, row_nbytes, activation, gate_act, hidden
             hidden_act[j] = h
             if h != 0.0:
                 _add_scaled_row(raw[i, 2 * row_nbytes:3 * row_nbytes], h, ng, bits, acc)
-    for k in prange(ng * GROUP):
-        total = np.float32(0.0)
-        for p in range(parts):
-            total += partial[p, k]
-        out[k] = total
+    sum_parts(partial, out)
 
 
 def warm_up(bits: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .kernels import activate
+from .kernels import FFN_PARTS, activate, sum_parts
 
 # 2^(e - 25) for a half's exponent field e (e = 0: the subnormal scale 2^-24)
 _EXP2 = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)], np.float32)
@@ -150,15 +150,12 @@ def gate_activations(raw, x, bits, activation, out):
         out[i] = activate(_row_dot(raw[i], x, bits, table), activation)
 
 
-_FFN_PARTS = 32  # as in quant/kernels.py
-
-
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def bundled_ffn(raw, rows, x, bits, row_nbytes, activation, gate_act, hidden_act, out):
     """FFN over the bundles raw[rows] for one token; see quant/kernels.bundled_ffn."""
     n = rows.shape[0]
     known = gate_act.shape[0] == n
-    parts = max(1, min(n, _FFN_PARTS))
+    parts = max(1, min(n, FFN_PARTS))
     hidden = x.shape[0]
     partial = np.zeros((parts, hidden), np.float32)
     for p in prange(parts):
@@ -174,11 +171,7 @@ def bundled_ffn(raw, rows, x, bits, row_nbytes, activation, gate_act, hidden_act
             hidden_act[j] = h
             if h != 0.0:
                 _add_scaled_row(raw[i, 2 * row_nbytes:3 * row_nbytes], h, bits, table, acc)
-    for c in prange(hidden):
-        total = np.float32(0.0)
-        for p in range(parts):
-            total += partial[p, c]
-        out[c] = total
+    sum_parts(partial, out)
 
 
 def warm_up(bits: int) -> None:
