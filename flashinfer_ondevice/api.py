@@ -379,20 +379,26 @@ def _check_load_arguments(path, backend, ctx_size, threads, codec, selector, spa
         check_cache_type(cache_type)
 
 
-def plan(path: str | Path | None = None, *, memory_budget: str | int | None = None,
-         ctx_size: int | None = None, codec: str = "int8", selector: str | None = None,
-         sparsity: float | None = None, window: int | None = None, head: str = "auto",
-         quality: str = "auto", cache_type: str | None = None,
+def plan(path: str | Path | None = None, *, backend: str = "cpu",
+         memory_budget: str | int | None = None, ctx_size: int | None = None,
+         codec: str = "int8", selector: str | None = None, sparsity: float | None = None,
+         window: int | None = None, head: str = "auto", quality: str = "auto",
+         cache_type: str | None = None, gpu_memory_budget: str | int | None = None,
          progress: bool | None = None) -> PlannedSession:
     """The memory plan load() would run with for these arguments, reading no weight (the
-    model is converted first if it never was)."""
+    model is converted first if it never was). `backend` and `gpu_memory_budget` as for
+    load(): a backend with a device tier places weights in it."""
+    if backend == REFERENCE:
+        raise FlashInferError("the reference runs the source file in memory: it has no plan")
+    check_device_budget(backend, gpu_memory_budget)
     if progress is None:
         progress = sys.stderr.isatty()
     path = default_model_path(progress=progress) if path is None else Path(path)
     store = ensure_store(path, codec, progress)
     alternatives = [] if store == path else stores_of(path)
     return plan_store_session(store, memory_budget, ctx_size, False, False, selector, sparsity,
-                              window, head, quality, alternatives, cache_type or "f16")
+                              window, head, quality, alternatives, cache_type or "f16",
+                              make_backend(backend), gpu_memory_budget)
 
 
 def _reference_session(path: Path, ctx_size: int | None, progress: bool,

@@ -176,8 +176,8 @@ def codec_option(help_text: str):
 
 
 def backend_option(command):
-    """--backend and --gpu-memory-budget, shared by generate and eval (checked by load(),
-    which names the choices)."""
+    """--backend and --gpu-memory-budget, shared by generate, eval and profile (checked by
+    load(), which names the choices)."""
     command = click.option(
         "--gpu-memory-budget", default=None, envvar="FLASHINFER_GPU_MEMORY_BUDGET",
         help="weights the mlx backend keeps in its device form: bytes, e.g. 2GB, or a "
@@ -439,21 +439,28 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens, bit
 @click.option("--plan-only", is_flag=True,
               help="print each cell's plan and predicted speed (from `run-model probe` and a "
               "measured compute rate) without running the cells")
+@backend_option
 def profile(model_path, budgets, settings_text, quality_text, quality_tokens, peer,
-            peer_model, n, runs, threads, out, plan_only):
+            peer_model, n, runs, threads, out, plan_only, backend, gpu_memory_budget):
     """Profile speed, memory and quality at each memory budget, beside llama.cpp."""
     try:
         import json
 
         from .api import ensure_store
+        from .backends import make_backend
         from .default_model import default_model_path, models_dir
         from .loader.gguf_file import read_config
         from .loader.gguf_header import read_header
         from .profiler import limits, plots, probe, report, sweep
-        from .runtime.engine import process_baseline
+        from .runtime.engine import check_device_budget, process_baseline
+        from .runtime.planner import parse_budget
         from .store.reader import open_store
 
         settings = sweep.parse_settings(settings_text)  # bad arguments fail before anything
+        make_backend(backend)
+        check_device_budget(backend, gpu_memory_budget)
+        if gpu_memory_budget is not None:
+            parse_budget(gpu_memory_budget, 1, "GPU memory budget")
         budget_list = [b.strip() for b in budgets.split(",") if b.strip()]
         if not budget_list:
             raise FlashInferError("--budgets names no budget")
@@ -478,7 +485,8 @@ def profile(model_path, budgets, settings_text, quality_text, quality_tokens, pe
             model=source, budgets=budget_list, settings=settings, peers=peers,
             quality_text=Path(quality_text) if quality_text else None,
             quality_tokens=quality_tokens, n=n, prompt_tokens=prompt_tokens, runs=runs,
-            threads=threads, ctx=ctx, out=Path(out))
+            threads=threads, ctx=ctx, out=Path(out), backend=backend,
+            gpu_memory_budget=gpu_memory_budget)
         storage = probe.cached_probe(reference / "weights.bin", models_dir())
         if plan_only:
             planned = sweep.plan_only(options, storage, progress)

@@ -16,6 +16,7 @@ import pytest
 from tiny_models import write_hf_folder
 
 import flashinfer_ondevice as fi
+from flashinfer_ondevice.api import plan as api_plan
 from flashinfer_ondevice.backends import installed_backends, make_backend
 from flashinfer_ondevice.backends.mlx_backend import MlxBackend
 from flashinfer_ondevice.build.convert import convert
@@ -77,6 +78,12 @@ def smallest(store, backend) -> int:
     raise AssertionError("a 1-byte budget was accepted")
 
 
+def head_device_row(store) -> int:
+    """Bytes of one output-layer row in MLX's form."""
+    e = store.tensors["embed"]
+    return MlxBackend().device_nbytes(codec(e.codec), 1, e.cols)
+
+
 def device_nbytes(store, name: str) -> int:
     e, backend = store.tensors[name], MlxBackend()
     if name.endswith(".ffn"):
@@ -88,8 +95,9 @@ def device_nbytes(store, name: str) -> int:
                                              ("qwen2", "pal4")])
 def test_every_split_gives_the_numpy_logits_and_the_same_text(stores, arch, codec_name):
     """Budgets from the smallest to all resident, and every weight streamed, each without
-    and with half the weights on the device: logits within 1e-4 of the numpy backend's range (as the
-    other mlx tests), greedy tokens those of the fully resident run."""
+    and with half the weights or all that fit on the device (then output-layer rows too):
+    logits within 1e-4 of the numpy backend's range (as the other mlx tests), greedy tokens
+    those of the fully resident run."""
     store = open_store(stores(arch, codec_name).path)
     reference, _, _ = run(store, make_plan(store, None, CTX, 0), make_backend("numpy"))
     scale = np.abs(reference).max()
@@ -99,7 +107,7 @@ def test_every_split_gives_the_numpy_logits_and_the_same_text(stores, arch, code
     low = smallest(store, mlx)
     cases = [(low + int(f * weights), False) for f in (0.0, 0.5, 1.0)] + [(low, True)]
     for budget, stream_all in cases:
-        for device_budget in (None, weights // 2):
+        for device_budget in (None, weights // 2, 10**12):
             backend = MlxBackend()
             plan = make_plan(store, budget, CTX, 0, stream_all=stream_all, backend=backend,
                              device_budget=device_budget)
@@ -120,16 +128,23 @@ def test_the_device_budget_places_the_expected_bytes(stores):
     weights = {n for n, e in store.tensors.items() if e.codec != "f32"} - {"embed"}
     attention_bytes = sum(device_nbytes(store, n) for n in attention)
     everything = attention_bytes + sum(device_nbytes(store, n) for n in ffns)
+    head_entry = store.tensors["embed"]
+    per_row = head_device_row(store)
     texts = set()
     for device_budget, on_device in ((1, set()), (attention_bytes, attention),
                                      (attention_bytes + 1, attention),
-                                     (everything, attention | ffns), (10**12, attention | ffns)):
+                                     (everything, attention | ffns),
+                                     (everything + 20 * per_row + 1, attention | ffns),
+                                     (10**12, attention | ffns)):
         backend = MlxBackend()
         plan = make_plan(store, None, CTX, 0, backend=backend, device_budget=device_budget)
         assert plan.device == on_device
-        assert plan.device_bytes == sum(device_nbytes(store, n) for n in on_device)
+        layers = sum(device_nbytes(store, n) for n in on_device)
+        head_rows = min(head_entry.rows, (device_budget - layers) // per_row)  # then the head
+        assert plan.head_device_rows == head_rows
+        assert plan.device_bytes == layers + head_rows * per_row
         in_dram = weights - on_device
-        head = plan.head_resident_rows * store.tensors["embed"].row_nbytes
+        head = (plan.head_resident_rows - head_rows) * head_entry.row_nbytes
         vectors = sum(e.nbytes for e in store.tensors.values() if e.codec == "f32")
         assert plan.weight_bytes == sum(store.tensors[n].nbytes for n in in_dram) + head \
             + vectors
@@ -137,6 +152,42 @@ def test_the_device_budget_places_the_expected_bytes(stores):
         assert "device" in plan.describe(store).splitlines()[1]
         texts.add(tuple(run(store, plan, backend)[1]))
     assert len(texts) == 1
+
+
+@pytest.mark.parametrize("arch,codec_name", [("gemma3", "int8"), ("llama", "int4")])
+def test_output_layer_rows_on_the_device(stores, arch, codec_name):
+    """The output layer goes to the device tier after every layer, its first rows (tied
+    embeddings: the prompt's tokens below 20 are looked up from the store, the others from
+    the rows kept in DRAM): logits those of the numpy backend, with and without a DRAM budget
+    (which the device rows count in where they are the process's memory)."""
+    store = open_store(stores(arch, codec_name).path)
+    reference, resident_tokens, _ = run(store, make_plan(store, None, CTX, 0),
+                                        make_backend("numpy"))
+    scale = np.abs(reference).max()
+    layers = sum(device_nbytes(store, n) for n, e in store.tensors.items()
+                 if e.codec != "f32" and n not in ("embed", "output"))
+    head = store.tensors["output" if "output" in store.tensors else "embed"]
+    per_row = MlxBackend().device_nbytes(codec(head.codec), 1, head.cols)
+    for budget in (None, 10**9):
+        backend = MlxBackend()
+        plan = make_plan(store, budget, CTX, 0, backend=backend,
+                         device_budget=layers + 20 * per_row)
+        assert plan.head_device_rows == 20
+        assert plan.head_resident_rows == head.rows
+        assert "the first 20 in the device form" in plan.describe(store)
+        logits, tokens, _ = run(store, plan, backend)
+        assert np.abs(logits - reference).max() <= 1e-4 * scale, budget
+        assert tokens == resident_tokens, budget
+
+
+def test_plan_api_places_the_device_tier(tiny_folder):
+    """api.plan() plans for the backend asked, with its device budget (and refuses one for a
+    backend without a device tier)."""
+    planned = api_plan(tiny_folder, backend="mlx", gpu_memory_budget="100%")
+    assert planned.plan.device and planned.plan.head_device_rows
+    assert not api_plan(tiny_folder).plan.device
+    with pytest.raises(FlashInferError, match="not 'cpu'"):
+        api_plan(tiny_folder, gpu_memory_budget="50%")
 
 
 def test_a_device_in_host_memory_counts_in_the_memory_budget(stores, monkeypatch):

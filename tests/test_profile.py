@@ -11,6 +11,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from flashinfer_ondevice.backends import installed_backends
 from flashinfer_ondevice.cli import main
 from flashinfer_ondevice.profiler import limits, plots, report, sweep
 
@@ -92,6 +93,10 @@ def test_bad_reports_and_arguments_are_refused(tmp_path):
     assert result.exit_code != 0 and "unknown setting" in result.output
     result = CliRunner().invoke(main, ["profile", "--budgets", "lots"])
     assert result.exit_code != 0 and "invalid memory budget" in result.output
+    result = CliRunner().invoke(main, ["profile", "--backend", "gpu9000"])
+    assert result.exit_code != 0 and "unknown backend 'gpu9000'" in result.output
+    result = CliRunner().invoke(main, ["profile", "--gpu-memory-budget", "1GB"])
+    assert result.exit_code != 0 and "not 'cpu'" in result.output
 
 
 def test_plan_only_predicts_without_running_cells_and_probe_caches(tiny_gguf, tmp_path,
@@ -115,3 +120,22 @@ def test_plan_only_predicts_without_running_cells_and_probe_caches(tiny_gguf, tm
     assert ran["plan"]["streamed_bytes"] == 0 and ran["predicted"]["io_ms"] == 0
     assert "refused: needs >=" in result.output
     assert not (out / "profile.json").exists()  # nothing was run as a cell
+
+
+@pytest.mark.skipif("mlx" not in installed_backends(), reason="mlx not installed")
+def test_plan_only_plans_for_the_backend_and_its_device_tier(tiny_gguf, tmp_path, monkeypatch):
+    """--backend mlx --gpu-memory-budget: every cell plans (and measures its compute) on mlx,
+    with the device tier holding the layers and the output layer's rows."""
+    gguf = tiny_gguf("gemma3")
+    monkeypatch.setenv("FLASHINFER_MODELS_DIR", str(tmp_path / "models"))
+    out = tmp_path / "plan"
+    result = CliRunner().invoke(main, ["profile", "-m", str(gguf), "--budgets", "none",
+                                       "--settings", "default", "--plan-only", "-n", "4",
+                                       "--backend", "mlx", "--gpu-memory-budget", "100%",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    cells = json.loads((out / "plan.json").read_text())["cells"]
+    (cell,) = [c for c in cells if c["setting"] == "default"]
+    assert cell["config"]["backend"] == "mlx" and cell["config"]["gpu_memory_budget"] == "100%"
+    assert cell["plan"]["device_bytes"] > 0 and cell["plan"]["head_device_rows"] > 0
+    assert cell["predicted"]["decode_tps"] > 0

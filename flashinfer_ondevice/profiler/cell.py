@@ -95,7 +95,8 @@ def config_of(store: Path, plan: Plan | None, load: dict) -> dict:
             "selector": sparse.selector if sparse else "dense",
             "sparsity": sparse.sparsity if sparse else None,
             "window": sparse.window if sparse else None,
-            "quality": load.get("quality", "auto")}
+            "quality": load.get("quality", "auto"), "backend": load.get("backend", "cpu"),
+            "gpu_memory_budget": load.get("gpu_memory_budget")}
 
 
 def plan_record(plan: Plan | None) -> dict | None:
@@ -105,7 +106,8 @@ def plan_record(plan: Plan | None) -> dict | None:
     return {"resident_bytes": plan.resident_bytes, "streamed_bytes": plan.streamed_bytes,
             "kv_bytes": plan.kv_bytes, "kv_resident_tokens": plan.kv_resident_tokens,
             "smallest_budget": plan.fixed_bytes, "shortlist": plan.shortlist,
-            "prefill_batch": plan.prefill_batch, "head_resident_rows": head_rows}
+            "prefill_batch": plan.prefill_batch, "head_resident_rows": head_rows,
+            "device_bytes": plan.device_bytes, "head_device_rows": plan.head_device_rows}
 
 
 def peer(spec: dict) -> dict:
@@ -144,7 +146,8 @@ def quality(spec: dict) -> dict:
                  memory_budget=RESIDENT_BUDGET if config["budgeted"] else None,
                  head=config["head"], selector=config["selector"],
                  sparsity=config["sparsity"], window=config["window"],
-                 cache_type=config["cache_type"], quality=config["quality"])
+                 cache_type=config["cache_type"], quality=config["quality"],
+                 backend=config["backend"], gpu_memory_budget=config["gpu_memory_budget"])
     reference = load(spec["reference"], ctx_size=spec["ctx"], threads=spec["threads"],
                      selector="dense", head="exact", quality="exact")
     report = evaluate(model, text, spec["ctx"], spec["tokens"], reference)
@@ -196,7 +199,8 @@ def compute(spec: dict) -> dict:
                  memory_budget=RESIDENT_BUDGET if config["budgeted"] else None,
                  threads=spec["threads"], head=config["head"], selector=config["selector"],
                  sparsity=config["sparsity"], window=config["window"],
-                 cache_type=config["cache_type"])
+                 cache_type=config["cache_type"], backend=config["backend"],
+                 gpu_memory_budget=config["gpu_memory_budget"])
     text = Path(spec["prompt_file"]).read_text(encoding="utf-8")
     ids = prompt_ids(lambda t: model.tokenize(t, add_special=False), text,
                      spec["prompt_tokens"])

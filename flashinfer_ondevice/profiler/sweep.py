@@ -60,6 +60,15 @@ class SweepOptions:
     ctx: int = CTX
     out: Path = Path("profile")
     timeout: float = 900.0
+    backend: str = "cpu"  # what computes in our cells (load()'s backend)
+    gpu_memory_budget: str | None = None  # its device tier, where it has one
+
+    def load_arguments(self, setting: str) -> dict:
+        """load()'s arguments for a cell of `setting`: the setting's, and the backend's."""
+        extra: dict = {} if self.backend == "cpu" else {"backend": self.backend}
+        if self.gpu_memory_budget is not None:
+            extra["gpu_memory_budget"] = self.gpu_memory_budget
+        return {**SETTINGS[setting], **extra}
 
 
 def default_quality_text() -> Path:
@@ -175,7 +184,7 @@ def sweep(options: SweepOptions, enforcement: Enforcement, baseline: int,
             limit = None if budget is None else budget + baseline
             if system == "ours":
                 spec = {"kind": "speed", "model": str(options.model), "budget": budget,
-                        "load": SETTINGS[setting], **prompt}
+                        "load": options.load_arguments(setting), **prompt}
                 cold = [options.model]
             else:
                 spec = {"kind": "peer", "model": system, **prompt}
@@ -248,7 +257,7 @@ def plan_only(options: SweepOptions, storage: dict, progress: bool = True) -> di
             cell = {"system": "ours", "setting": setting, "budget": budget_text,
                     "budget_bytes": budget}
             spec = {"kind": "plan", "model": str(options.model), "budget": budget,
-                    "load": SETTINGS[setting], "ctx": options.ctx}
+                    "load": options.load_arguments(setting), "ctx": options.ctx}
             result = _unlimited(spec, options.timeout)
             cell.update(result)
             if result["status"] == "planned":

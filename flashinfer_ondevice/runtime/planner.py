@@ -113,7 +113,8 @@ class Plan:
     budget: int | None
     head: str  # tensor holding the output layer ("embed" when tied, else "output")
     resident: set[str] = field(default_factory=set)  # whole tensors kept in DRAM
-    head_resident_rows: int = 0  # rows of the output layer kept in DRAM
+    head_resident_rows: int = 0  # rows of the output layer kept resident (the first ones)
+    head_device_rows: int = 0  # of those, the first ones in the backend's device form
     kv_bytes: int = 0  # the KV cache, full (KVCache.planned_nbytes)
     kv_resident_tokens: int | None = None  # positions each global layer keeps in DRAM when
     # its KV spills to flash (kv_spill.py); None: every position stays
@@ -166,9 +167,11 @@ class Plan:
         budget = "unlimited" if self.budget is None else f"{self.budget / mb:.1f} MB"
         total = sum(e.nbytes for e in store.tensors.values())
         head = (f"output layer {self.head_resident_rows} of {store.tensors[self.head].rows} "
-                "rows" + ("" if not self.shortlist else
-                          f"; shortlist: proxy {self.shortlist_bytes / mb:.1f} MB scores every "
-                          f"token, the best {self.shortlist} are computed exactly"))
+                "rows" + ("" if not self.head_device_rows else
+                          f", the first {self.head_device_rows} in the device form")
+                + ("" if not self.shortlist else
+                   f"; shortlist: proxy {self.shortlist_bytes / mb:.1f} MB scores every "
+                   f"token, the best {self.shortlist} are computed exactly"))
         return (f"memory plan: budget {budget} above baseline; store {total / mb:.1f} MB\n"
                 + self._device_line()
                 + f"  resident {(self.resident_bytes - self.device_bytes) / mb:7.1f} MB "
@@ -202,9 +205,11 @@ class Plan:
             return ""
         where = ("in this process's memory, counted in the budget" if self.device_shares_host
                  else "device memory")
+        head = "" if not self.head_device_rows else \
+            f" and {self.head_device_rows} output-layer rows"
         return (f"  device   {self.device_bytes / 1e6:7.1f} MB ({len(self.device)} weight "
-                f"tensors in the backend's form, of up to {self.device_budget / 1e6:.1f} MB; "
-                f"{where})\n")
+                f"tensors{head} in the backend's form, of up to "
+                f"{self.device_budget / 1e6:.1f} MB; {where})\n")
 
     def _cache_warning(self, store: Store) -> str:
         """A note when a token's neurons (at the target sparsity) outnumber the cache's."""
@@ -385,6 +390,8 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
         for names in units:
             tiers.place(names, plan, None)
         plan.head_resident_rows = tensors[head].rows
+        if not shortlist:
+            tiers.place_head_rows(tensors[head], plan, None)
     else:
         # a layer streams as one unit: its attention (and FFN unless cached) read together
         layer_units = [attention[i] + ([] if ffn_cached else ffn[i])
@@ -480,10 +487,12 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
             plan.cache_rows = min(config.ffn_size, max(0, room) // caches_per_row)
             plan.cache_bytes = caches_fixed + plan.cache_rows * caches_per_row
             room -= plan.cache_bytes - caches_fixed
-        plan.head_resident_rows = min(tensors[head].rows,
-                                      max(0, room) // tensors[head].row_nbytes)
+        if not shortlist:  # the shortlist reads its candidate rows as codec bytes
+            room = tiers.place_head_rows(tensors[head], plan, max(0, room))
+        plan.head_resident_rows = plan.head_device_rows + min(
+            tensors[head].rows - plan.head_device_rows, max(0, room) // tensors[head].row_nbytes)
     plan.weight_bytes = sum(tensors[n].nbytes for n in plan.resident - plan.device) \
-        + plan.head_resident_rows * tensors[head].row_nbytes
+        + (plan.head_resident_rows - plan.head_device_rows) * tensors[head].row_nbytes
     plan.resident_bytes = plan.weight_bytes + plan.device_bytes + plan.shortlist_bytes \
         + plan.cache_bytes
     streamed = [n for n in tensors if n not in plan.resident and n not in ("embed", "output")
@@ -540,6 +549,22 @@ class _Tiers:
         plan.device_bytes += device_bytes
         self.device_room -= device_bytes
         return None if room is None else room - host
+
+    def place_head_rows(self, entry: TensorEntry, plan: Plan, room: int | None) -> int | None:
+        """Put the output layer's first rows in the device form, as many as the device budget
+        (and `room` bytes of DRAM where the device form is the process's memory) holds: its
+        largest tensor, placed after every layer; the DRAM left."""
+        per_row = self.backend.device_nbytes(codec(entry.codec), 1, entry.cols)
+        if per_row is None or self.device_room < per_row:
+            return room
+        rows = min(entry.rows, self.device_room // per_row)
+        if room is not None and self.shares_host:
+            rows = min(rows, room // per_row)
+        nbytes = self.backend.device_nbytes(codec(entry.codec), rows, entry.cols)
+        plan.head_device_rows = rows
+        plan.device_bytes += nbytes
+        self.device_room -= nbytes
+        return None if room is None else room - (nbytes if self.shares_host else 0)
 
     def device_extra(self, units: list[list[str]]) -> int:
         """DRAM the device form would take beyond the codec bytes were every unit resident."""

@@ -87,12 +87,27 @@ class StreamedWeights:
             else:
                 self._resident[name] = self._wrap(entry, self._read_all(entry))
         head = t[plan.head]
-        self._head_resident: StoredMatrix | PreparedMatrix = (
-            resident_matrix(lambda start, end: self._read_rows(head, start, end),
-                            plan.head_resident_rows, head.codec, head.cols, backend)
-            if prepare and not plan.shortlist else
-            StoredMatrix(self._read_rows(head, 0, plan.head_resident_rows), head.codec,
-                         head.cols, backend))
+        prepared_head = prepare and not plan.shortlist
+        # the output layer's resident rows: the first plan.head_device_rows in the device
+        # form, the next ones as codec bytes in DRAM (`_head_dram`, rows from
+        # `_head_dram_start`), unless a budget-free run prepared them all
+        self._head_dram_start = 0 if prepared_head else plan.head_device_rows
+        self._head_dram: StoredMatrix | None = None if prepared_head else StoredMatrix(
+            self._read_rows(head, self._head_dram_start, plan.head_resident_rows), head.codec,
+            head.cols, backend)
+        self._head_device_nbytes = 0
+        if prepared_head:
+            self._head_resident: StoredMatrix | PreparedMatrix = resident_matrix(
+                lambda start, end: self._read_rows(head, start, end), plan.head_resident_rows,
+                head.codec, head.cols, backend)
+        elif plan.head_device_rows:
+            on_device = self._device_rows(head, plan.head_device_rows)
+            self._head_device_nbytes = on_device.nbytes
+            self._head_resident = PreparedMatrix(
+                on_device.parts + ([self._head_dram] if self._head_dram.rows else []),
+                plan.head_resident_rows)
+        else:
+            self._head_resident = self._head_dram
         self._units: list[Unit] = []
         self._layer_unit: dict[int, int] = {}
         for i in range(self.config.n_layers):
@@ -129,8 +144,8 @@ class StreamedWeights:
         self.lm_head_rows = self._head_resident  # the output layer's resident rows
         # a prepared output layer keeps no embedding rows: a prompt's are read in one go
         self._embed_scratch = aligned_buffer(EMBED_SCRATCH) \
-            if isinstance(self._head_resident, PreparedMatrix) else None
-        if prepare or plan.device:  # the codec bytes handed to the backend, freed
+            if isinstance(self._head_resident, PreparedMatrix) and prepared_head else None
+        if prepare or plan.device or plan.head_device_rows:  # codec bytes handed over, freed
             release_freed_memory()
         self.ffns: dict[int, FeedForward] = {}
         self._caches: list[NeuronCache] = []
@@ -142,12 +157,20 @@ class StreamedWeights:
     def _device_form(self, entry: TensorEntry) -> PreparedMatrix:
         """A tensor of the device tier in the backend's form (the planner asked the backend
         that it keeps one)."""
-        if entry.name.endswith(".ffn"):
-            prepared = resident_ffn(self._read_all(entry), entry.codec, entry.cols,
-                                    self.activation, self.backend)
-        else:
-            prepared = resident_matrix(lambda start, end: self._read_rows(entry, start, end),
-                                       entry.rows, entry.codec, entry.cols, self.backend)
+        if not entry.name.endswith(".ffn"):
+            return self._device_rows(entry, entry.rows)
+        prepared = resident_ffn(self._read_all(entry), entry.codec, entry.cols,
+                                self.activation, self.backend)
+        if not isinstance(prepared, PreparedMatrix):
+            raise AssertionError(f"the {self.backend.name} backend kept no device form of "
+                                 f"{entry.name}, which the plan placed there")
+        return prepared
+
+    def _device_rows(self, entry: TensorEntry, rows: int) -> PreparedMatrix:
+        """The first `rows` rows of a matrix in the device form (all of a layer's matrix, or
+        the output layer's share of the device tier)."""
+        prepared = resident_matrix(lambda start, end: self._read_rows(entry, start, end), rows,
+                                   entry.codec, entry.cols, self.backend)
         if not isinstance(prepared, PreparedMatrix):
             raise AssertionError(f"the {self.backend.name} backend kept no device form of "
                                  f"{entry.name}, which the plan placed there")
@@ -237,7 +260,7 @@ class StreamedWeights:
             self.lm_head.close()
         self.reader.close()
         self._resident.clear()  # prepared forms hold their own memory and threads
-        self._head_resident = None
+        self._head_resident = self._head_dram = None
 
     def resident_ffn(self, layer: int) -> BundledFFN | None:
         """Layer `layer`'s FFN bundles if resident as bytes (never prepared: builders open
@@ -250,9 +273,11 @@ class StreamedWeights:
 
     def allocated(self) -> dict[str, int]:
         """Bytes of run memory this holds per component, in the terms of `Plan.ledger`."""
-        weights = sum(a.nbytes for a in self._vectors.values()) + self._head_resident.nbytes
+        weights = sum(a.nbytes for a in self._vectors.values()) + self._head_resident.nbytes \
+            - self._head_device_nbytes
         weights += sum(w.nbytes for n, w in self._resident.items() if n not in self.plan.device)
-        device = sum(w.nbytes for n, w in self._resident.items() if n in self.plan.device)
+        device = self._head_device_nbytes + sum(
+            w.nbytes for n, w in self._resident.items() if n in self.plan.device)
         shortlist = self.lm_head.nbytes() if isinstance(self.lm_head, ShortlistHead) else 0
         return {"resident weights": weights, "device weights": device,
                 "backend staging": self._staging_nbytes,
@@ -328,9 +353,8 @@ class StreamedWeights:
 
     def embedding(self, tokens: np.ndarray) -> np.ndarray:
         """Input embedding rows, read on demand (from DRAM if that row is resident as codec
-        bytes; a prepared output layer keeps none)."""
+        bytes; rows in a backend's form are read from the store)."""
         entry = self.store.tensors["embed"]
-        resident = self._head_resident
         tokens = np.asarray(tokens)
         if len(tokens) and (tokens.min() < 0 or tokens.max() >= entry.rows):
             raise FlashInferError(f"token ids must be within 0..{entry.rows - 1}")
@@ -341,11 +365,12 @@ class StreamedWeights:
                                   raw)
             return StoredMatrix(raw, entry.codec, entry.cols, self.backend).decode_rows(
                 0, len(unique))[where.reshape(-1)]
-        in_dram = self.plan.head == "embed" and isinstance(resident, StoredMatrix)
+        in_dram, start = self._head_dram if self.plan.head == "embed" else None, \
+            self._head_dram_start
         rows = []
         for token in tokens.tolist():
-            if in_dram and token < resident.rows:
-                rows.append(resident.decode_rows(token, token + 1))
+            if in_dram is not None and start <= token < start + in_dram.rows:
+                rows.append(in_dram.decode_rows(token - start, token - start + 1))
             else:
                 raw = self._read_rows(entry, token, token + 1)
                 rows.append(StoredMatrix(raw, entry.codec, entry.cols,
