@@ -91,6 +91,10 @@ def test_kernels_match_the_numpy_decode(name):
     out = np.empty(ffn, np.float32)
     c.matvec(raw, x, out)
     np.testing.assert_allclose(out, dense @ x, rtol=1e-4, atol=1e-5)
+    for n in (1, 2, 3, 7):  # odd and even counts (kernels may take rows in pairs)
+        part = np.empty(n, np.float32)
+        c.matvec(raw[:n], x, part)
+        np.testing.assert_allclose(part, dense[:n] @ x, rtol=1e-4, atol=1e-5)
 
     gate, up, down_t = rows(ffn, hidden, 3), rows(ffn, hidden, 4), rows(ffn, hidden, 5)
     bundles = np.concatenate([c.encode(gate), c.encode(up), c.encode(down_t)], axis=1)

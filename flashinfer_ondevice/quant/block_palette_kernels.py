@@ -28,6 +28,13 @@ def _prepare(row, grid, blocks, table, scales):
         scales[b] = half_to_float(halves[b])
 
 
+@njit(cache=True, inline="always")
+def _groups(bits):
+    """(indices per packed group of gather_dot, shift): group j is in block j >> shift."""
+    per_group = 8 // bits if bits != 3 else 8
+    return per_group, 5 - (1 if bits == 4 else 2 if bits == 2 else 3)
+
+
 # The loops below run over a whole row, each value's product multiplied by its block's scale
 # (scales[j >> shift]): measured on 8192x640, one thread, this is 1.4x int4's matvec, while a
 # loop per block (sum a block, then scale it) is 3x slower than this (LLVM vectorizes the
@@ -39,12 +46,35 @@ def _row_dot(row, x, bits, grid, table, scales):
     blocks = x.shape[0] // BLOCK
     _prepare(row, grid, blocks, table, scales)
     p = row[2 * blocks:]
-    per_group = 8 // bits if bits != 3 else 8
-    shift = 5 - (1 if bits == 4 else 2 if bits == 2 else 3)  # group j is in block j >> shift
+    per_group, shift = _groups(bits)
     acc = np.float32(0.0)
     for j in range(x.shape[0] // per_group):
         acc += gather_dot(p, j, x, bits, table) * scales[j >> shift]
     return acc
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def _pair_dot(first, second, x, bits, grid, table, first_scales, second_scales):
+    """(first . x, second . x) for two encoded rows in one pass over x (each x value loaded
+    once for both; the FFN's gate and up rows, or neighbouring rows of a matrix). Measured on
+    Gemma 3's 2048-neuron bpal4 FFN, 2 threads: the bundled kernel 1.1 ms with two _row_dot
+    calls, 0.6 ms with this."""
+    blocks = x.shape[0] // BLOCK
+    _prepare(first, grid, blocks, table, first_scales)
+    _prepare(second, grid, blocks, table, second_scales)
+    p, q = first[2 * blocks:], second[2 * blocks:]
+    a, b = np.float32(0.0), np.float32(0.0)
+    if bits == 4:  # the loop written out for 4 bits: x loaded once for both rows
+        for j in range(x.shape[0] // 2):
+            x0, x1, c, d = x[2 * j], x[2 * j + 1], p[j], q[j]
+            a += (table[c & 15] * x0 + table[c >> 4] * x1) * first_scales[j >> 4]
+            b += (table[d & 15] * x0 + table[d >> 4] * x1) * second_scales[j >> 4]
+        return a, b
+    per_group, shift = _groups(bits)
+    for j in range(x.shape[0] // per_group):
+        a += gather_dot(p, j, x, bits, table) * first_scales[j >> shift]
+        b += gather_dot(q, j, x, bits, table) * second_scales[j >> shift]
+    return a, b
 
 
 @njit(cache=True, inline="always", fastmath=True)
@@ -98,11 +128,27 @@ def decode(raw, bits, grid, out):
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def matvec(raw, x, bits, grid, out):
-    """out[r] = decode(raw[r]) . x for every row r."""
-    for r in prange(raw.shape[0]):
+    """out[r] = decode(raw[r]) . x for every row r; at 4 bits two rows at a time (_pair_dot:
+    on Gemma 3's 262144 x 640 bpal4 output layer, 2 threads, 31-35 ms a row at a time, 21-22
+    ms so; at 3 and 2 bits pairs measured 1.25-1.4x slower on 8192 x 640)."""
+    n = raw.shape[0]
+    if bits != 4:
+        for r in prange(n):
+            table = np.empty(grid.shape[0], np.float32)
+            scales = np.empty(x.shape[0] // BLOCK, np.float32)
+            out[r] = _row_dot(raw[r], x, bits, grid, table, scales)
+        return
+    for pair in prange(n // 2):
         table = np.empty(grid.shape[0], np.float32)
         scales = np.empty(x.shape[0] // BLOCK, np.float32)
-        out[r] = _row_dot(raw[r], x, bits, grid, table, scales)
+        second_scales = np.empty(x.shape[0] // BLOCK, np.float32)
+        r = 2 * pair
+        a, b = _pair_dot(raw[r], raw[r + 1], x, bits, grid, table, scales, second_scales)
+        out[r], out[r + 1] = a, b
+    if n % 2:
+        table = np.empty(grid.shape[0], np.float32)
+        scales = np.empty(x.shape[0] // BLOCK, np.float32)
+        out[n - 1] = _row_dot(raw[n - 1], x, bits, grid, table, scales)
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
@@ -127,14 +173,16 @@ def bundled_ffn(raw, rows, x, bits, grid, row_nbytes, activation, gate_act, hidd
         scratch = np.empty(hidden, np.float32)
         table = np.empty(grid.shape[0], np.float32)
         scales = np.empty(hidden // BLOCK, np.float32)
+        up_scales = np.empty(hidden // BLOCK, np.float32)
         for j in range(p * n // parts, (p + 1) * n // parts):
             i = rows[j]
+            up_row = raw[i, row_nbytes:2 * row_nbytes]
             if known:
-                act = gate_act[j]
+                h = gate_act[j] * _row_dot(up_row, x, bits, grid, table, scales)
             else:
-                act = activate(_row_dot(raw[i, :row_nbytes], x, bits, grid, table, scales),
-                               activation)
-            h = act * _row_dot(raw[i, row_nbytes:2 * row_nbytes], x, bits, grid, table, scales)
+                gate, up = _pair_dot(raw[i, :row_nbytes], up_row, x, bits, grid, table,
+                                     scales, up_scales)
+                h = activate(gate, activation) * up
             hidden_act[j] = h
             if h != 0.0:
                 _add_scaled_row(raw[i, 2 * row_nbytes:3 * row_nbytes], h, bits, grid, table,
