@@ -9,7 +9,8 @@ with float activations (`quality="exact"`: numba kernels only), the cpu backend 
 output layer's shortlist plan (approximate logits outside the best 1024 candidates; quality in
 docs/benchmarks.md) and, for a calibrated store, gate-first FFN sparsity at the store's
 calibrated default level; `--codecs` adds the cpu backend on stores of other codecs (their
-quality: tools/bench_codecs.py). Each run times every
+quality: tools/bench_codecs.py), `--exact-codecs` the same with float activations (numba
+kernels only). Each run times every
 engine back to back (order alternating) on the same prompt and greedy 64-token
 decode, so machine noise hits all alike. Reports medians and ratios to llama.cpp, with the
 machine they were measured on (tools/machine.py) in the JSON and above the table.
@@ -100,6 +101,10 @@ def main() -> None:
                         "30 GB, and every engine holds its own copy of the weights)")
     parser.add_argument("--codecs", nargs="*", default=[],
                         help="also time the fast path on stores of these codec specs")
+    parser.add_argument("--exact-codecs", nargs="*", default=[],
+                        help="also time stores of these codec specs with float activations "
+                        "(numba kernels only, as the float engine: codecs compared kernel for "
+                        "kernel)")
     args = parser.parse_args()
 
     import flashinfer_ondevice as fi
@@ -125,6 +130,9 @@ def main() -> None:
     for spec in args.codecs:
         engines[f"fast path ({spec} store)"] = fi.load(ensure_store(gguf, spec),
                                                        threads=args.threads, selector="dense")
+    for spec in args.exact_codecs:
+        engines[f"float activations ({spec} store)"] = fi.load(
+            ensure_store(gguf, spec), threads=args.threads, selector="dense", quality="exact")
     record = open_store(store).sparsity
     if record is not None:  # asked for explicitly: by default this store runs dense
         sparsity = record.defaults["sparsity"]
