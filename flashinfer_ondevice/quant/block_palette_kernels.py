@@ -145,10 +145,12 @@ def matvec(raw, x, bits, grid, out):
         r = 2 * pair
         a, b = _pair_dot(raw[r], raw[r + 1], x, bits, grid, table, scales, second_scales)
         out[r], out[r + 1] = a, b
-    if n % 2:
+    if n % 2:  # the last row paired with itself: the same arithmetic as in a pair, so a
+        # row's product does not depend on where its matrix (or streamed chunk) starts
         table = np.empty(grid.shape[0], np.float32)
         scales = np.empty(x.shape[0] // BLOCK, np.float32)
-        out[n - 1] = _row_dot(raw[n - 1], x, bits, grid, table, scales)
+        out[n - 1] = _pair_dot(raw[n - 1], raw[n - 1], x, bits, grid, table, scales,
+                               np.empty(x.shape[0] // BLOCK, np.float32))[0]
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
