@@ -312,9 +312,9 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
         if progress is None:
             progress = sys.stderr.isatty()
         if threads is not None:
-            threadpool_limits(limits=threads)
             from numba import set_num_threads
             set_num_threads(min(threads, os.cpu_count() or threads))
+            threadpool_limits(limits=threads)  # after numba's OpenMP library is loaded
         start = time.perf_counter()
         path = default_model_path(progress=progress) if path is None else Path(path)
         if backend == REFERENCE:

@@ -123,7 +123,11 @@ class Transformer:
                   cache: KVCache) -> np.ndarray:
         cfg = self.config
         n_tokens = len(x)
-        q, k, v = layer.wq.apply(x), layer.wk.apply(x), layer.wv.apply(x)
+        if layer.wqkv is not None:
+            q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+            q, k, v = np.split(layer.wqkv.apply(x), [q_out, q_out + kv_out], axis=1)
+        else:
+            q, k, v = layer.wq.apply(x), layer.wk.apply(x), layer.wv.apply(x)
         if self.traits.qkv_bias:
             q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
         q = q.reshape(n_tokens, cfg.n_heads, cfg.head_dim)

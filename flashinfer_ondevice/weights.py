@@ -43,9 +43,9 @@ class Block:
     """What the forward pass reads of one transformer block. Optional vectors are None
     where the architecture has none."""
 
-    wq: Matrix
-    wk: Matrix
-    wv: Matrix
+    wq: Matrix | None  # None where `wqkv` holds wq, wk and wv
+    wk: Matrix | None
+    wv: Matrix | None
     wo: Matrix
     ffn: FeedForward
     attn_norm: np.ndarray
@@ -57,6 +57,7 @@ class Block:
     k_norm: np.ndarray | None = None
     post_attn_norm: np.ndarray | None = None
     post_ffn_norm: np.ndarray | None = None
+    wqkv: Matrix | None = None  # wq, wk and wv stacked (rows in that order): one product
 
 
 class ModelWeights(Protocol):

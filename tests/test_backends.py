@@ -127,29 +127,45 @@ def test_backend_choice_errors_name_the_choices(tiny_folder):
             make_backend(name)
 
 
+_THREADS_CHILD = """
+import json, sys, warnings
+import numba
+from threadpoolctl import threadpool_info
+import flashinfer_ondevice as fi
+from flashinfer_ondevice.backends import onnx_matmul
+from flashinfer_ondevice.runtime.stored import PreparedMatrix
+weights = fi.load(sys.argv[1], codec="int8", threads=1).session.weights
+sessions = [part.session for w in (weights._head_resident, *weights._resident.values())
+            if isinstance(w, PreparedMatrix) for part in w.parts]
+numba_threads, blas = numba.get_num_threads(), [p["num_threads"] for p in threadpool_info()]
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fi.load(sys.argv[1], codec="int8", threads=2)
+print(json.dumps({"numba": numba_threads, "blas": blas,
+                  "sessions": len(sessions), "pool": onnx_matmul._pool_threads,
+                  "shared": all(not s.get_session_options().use_per_session_threads
+                                for s in sessions),
+                  "warned": [str(w.message) for w in caught]}))
+"""
+
+
 def test_threads_are_honoured_by_every_pool(tiny_folder):
-    """-t reaches numba, BLAS and every onnxruntime session."""
-    import numba
-    from threadpoolctl import threadpool_info, threadpool_limits
+    """-t reaches numba, BLAS and onnxruntime's pool, which every session of an all-prepared
+    model shares; a later load in the same process asking other threads is told it runs on
+    the pool's (a fresh process: the pool is made once per process)."""
+    import json
+    import subprocess
+    import sys
 
-    from flashinfer_ondevice.runtime.stored import PreparedMatrix
-
-    numba_before = numba.get_num_threads()
-    blas_before = {pool["internal_api"]: pool["num_threads"] for pool in threadpool_info()}
-    try:
-        model = fi.load(tiny_folder, codec="int8", threads=1)
-        assert numba.get_num_threads() == 1
-        assert all(pool["num_threads"] == 1 for pool in threadpool_info())
-        weights = model.session.weights
-        prepared = [w for w in (weights._head_resident, *weights._resident.values())
-                    if isinstance(w, PreparedMatrix)]
-        assert prepared, "nothing was prepared: the cpu backend should prepare int8 matrices"
-        for w in prepared:
-            for part in w.parts:
-                assert part.session.get_session_options().intra_op_num_threads == 1
-    finally:  # later tests run with the threads they had
-        numba.set_num_threads(numba_before)
-        threadpool_limits(blas_before)
+    fi.load(tiny_folder, codec="int8")  # the store, converted before the child opens it
+    child = subprocess.run([sys.executable, "-c", _THREADS_CHILD, str(tiny_folder)],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    seen = json.loads(child.stdout.strip().splitlines()[-1])
+    assert seen["numba"] == 1 and all(n == 1 for n in seen["blas"])
+    assert seen["sessions"], "nothing was prepared: the cpu backend should prepare int8"
+    assert seen["pool"] == 1 and seen["shared"]
+    assert any("made for 1 threads" in m and "not on 2" in m for m in seen["warned"])
 
 
 def test_matrices_prepared_in_chunks_compute_as_one(tiny_folder, monkeypatch):
@@ -162,3 +178,23 @@ def test_matrices_prepared_in_chunks_compute_as_one(tiny_folder, monkeypatch):
     chunked = fi.load(tiny_folder, codec="int8")
     assert len(chunked.session.weights._head_resident.parts) > 1
     np.testing.assert_allclose(chunked.logits(IDS), whole.logits(IDS), rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_qkv_computes_as_three_matrices(tiny_folder, monkeypatch):
+    """An all-prepared model multiplies each layer's wq, wk and wv as one stacked matrix
+    (one product), with the logits of the three prepared one by one; with anything left to
+    compute from codec bytes (here: palettized FFNs) nothing is stacked."""
+    from flashinfer_ondevice.runtime.streamed import StreamedWeights
+
+    stacked = fi.load(tiny_folder, codec="int8")
+    blocks = list(stacked.session.weights.blocks())
+    assert all(b.wqkv is not None and b.wq is None for b in blocks)
+    assert stacked.session.weights._all_prepared()
+    monkeypatch.setattr(StreamedWeights, "_stack_qkv", lambda self: set())
+    separate = fi.load(tiny_folder, codec="int8")
+    assert all(b.wqkv is None and b.wq is not None for b in separate.session.weights.blocks())
+    np.testing.assert_allclose(stacked.logits(IDS), separate.logits(IDS), rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    mixed = fi.load(tiny_folder, codec="int8,ffn=pal4")
+    assert not mixed.session.weights._all_prepared()
+    assert all(b.wqkv is None and b.wq is not None for b in mixed.session.weights.blocks())

@@ -74,14 +74,25 @@ class Backend:
         """(n, row_nbytes) codec bytes -> (n, cols) float32."""
         return codec.decode(raw, cols)
 
-    def prepare(self, codec: Codec, raw: np.ndarray, cols: int) -> Prepared | None:
-        """A resident matrix in this backend's own form, or None to compute from `raw`."""
+    def prepares(self, codec: Codec, cols: int) -> bool:
+        """Whether `prepare` keeps a matrix of this codec and width in its own form."""
+        return False
+
+    def prepares_ffn(self, codec: Codec, hidden: int, neurons: int) -> bool:
+        """Whether `prepare_ffn` keeps a dense FFN of this codec and shape in its own form."""
+        return False
+
+    def prepare(self, codec: Codec, raw: np.ndarray, cols: int,
+                alone: bool = False) -> Prepared | None:
+        """A resident matrix in this backend's own form, or None to compute from `raw`.
+        `alone`: every product of a token will run in prepared forms (nothing is computed
+        from codec bytes between them), so the backend may keep its threads waiting hot."""
         return None
 
-    def prepare_ffn(self, codec: Codec, raw: np.ndarray, hidden: int,
-                    activation: str) -> Prepared | None:
+    def prepare_ffn(self, codec: Codec, raw: np.ndarray, hidden: int, activation: str,
+                    alone: bool = False) -> Prepared | None:
         """A resident dense FFN (row-column bundles raw) in this backend's own form, or None
-        to compute from `raw`."""
+        to compute from `raw`; `alone` as for `prepare`."""
         return None
 
     # memory beyond codec bytes: the planner asks, the runtime allocates (planner.py) -------

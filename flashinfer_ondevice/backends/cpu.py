@@ -79,17 +79,23 @@ class CpuBackend(Backend):
     def prepare_attention(self, cache_type: str) -> None:
         attention_kernels.kernels(cache_type)
 
-    def prepare(self, codec: Codec, raw: np.ndarray, cols: int) -> Prepared | None:
-        if not self.prepare_resident or codec.name not in onnx_matmul.BITS or \
-                not codec.supports(cols):
-            return None
-        return onnx_matmul.OnnxMatMul(codec, raw, cols, self.threads)
+    def prepares(self, codec: Codec, cols: int) -> bool:
+        return self.prepare_resident and codec.name in onnx_matmul.BITS and codec.supports(cols)
 
-    def prepare_ffn(self, codec: Codec, raw: np.ndarray, hidden: int,
-                    activation: str) -> Prepared | None:
-        if not self.prepare_resident or not onnx_matmul.supports_ffn(codec, hidden, len(raw)):
+    def prepares_ffn(self, codec: Codec, hidden: int, neurons: int) -> bool:
+        return self.prepare_resident and onnx_matmul.supports_ffn(codec, hidden, neurons)
+
+    def prepare(self, codec: Codec, raw: np.ndarray, cols: int,
+                alone: bool = False) -> Prepared | None:
+        if not self.prepares(codec, cols):
             return None
-        return onnx_matmul.OnnxFFN(codec, raw, hidden, activation, self.threads)
+        return onnx_matmul.OnnxMatMul(codec, raw, cols, self.threads, alone)
+
+    def prepare_ffn(self, codec: Codec, raw: np.ndarray, hidden: int, activation: str,
+                    alone: bool = False) -> Prepared | None:
+        if not self.prepares_ffn(codec, hidden, len(raw)):
+            return None
+        return onnx_matmul.OnnxFFN(codec, raw, hidden, activation, self.threads, alone)
 
     def matvec(self, codec: Codec, raw: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         if codec.fused:

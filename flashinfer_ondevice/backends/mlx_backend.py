@@ -204,14 +204,21 @@ class MlxBackend(Backend):
             self._staging = _Staging(min(STAGE_BYTES, largest))
         return _Staging.planned_nbytes(self._staging.capacity)
 
-    def prepare(self, codec: Codec, raw: np.ndarray, cols: int) -> Prepared | None:
-        if device_nbytes(codec, len(raw), cols) is None:
+    def prepares(self, codec: Codec, cols: int) -> bool:
+        return device_nbytes(codec, 1, cols) is not None
+
+    def prepares_ffn(self, codec: Codec, hidden: int, neurons: int) -> bool:
+        return self.prepares(codec, hidden)
+
+    def prepare(self, codec: Codec, raw: np.ndarray, cols: int,
+                alone: bool = False) -> Prepared | None:
+        if not self.prepares(codec, cols):
             return None
         return _MlxMatrix(codec, raw, cols)
 
-    def prepare_ffn(self, codec: Codec, raw: np.ndarray, hidden: int,
-                    activation: str) -> Prepared | None:
-        if device_nbytes(codec, len(raw), hidden) is None or activation not in ACTIVATIONS:
+    def prepare_ffn(self, codec: Codec, raw: np.ndarray, hidden: int, activation: str,
+                    alone: bool = False) -> Prepared | None:
+        if not self.prepares_ffn(codec, hidden, len(raw)) or activation not in ACTIVATIONS:
             return None
         return _MlxFFN(codec, raw, hidden, activation)
 

@@ -8,15 +8,25 @@ where the CPU has them); tests/test_backends.py measures what that costs in top-
 
 The weights are handed to onnxruntime as in-memory external initializers; it packs them into
 its own layout (1.15x the int8 bytes, 1.27x the int4 bytes, measured) and keeps only that,
-so a prepared matrix's codec bytes can be let go. Each session has its own pool of `-t`
-threads that sleep between products: spinning workers (onnxruntime's default, and all a
-global pool allows) took the cores from numba's FFN kernels, 8x slower decode (measured).
+so a prepared matrix's codec bytes can be let go.
+
+Threads: where every product of a token runs here (`alone`: all weights resident, dense
+FFNs, codecs mapped here), the sessions share onnxruntime's process-wide pool of `-t`
+threads (`pool_threads`), whose workers spin briefly between products, as llama.cpp's do: a
+Gemma 3 270M token runs ~90 small products, and waking a sleeping worker for each one cost
+a fifth of the token (decode 41 -> 53 tok/s, docs/benchmarks.md). Otherwise numba's
+parallel kernels run between products (sparse FFNs, other codecs), and spinning workers
+would take their cores (3x slower decode, measured): each session gets a pool of its own
+whose workers sleep. Once the shared pool exists every session must use it (onnxruntime's
+rule), so a later load in the same process runs on it whatever it asks (its workers then
+stop spinning after each product of a session that is not `alone`; slower, but correct).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,21 +50,45 @@ def installed() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
-def _session_options(threads: int | None) -> onnxruntime.SessionOptions:
+_pool_threads: int | None = None  # threads of onnxruntime's process-wide pool, once made
+
+
+def pool_threads(threads: int) -> int:
+    """The threads of onnxruntime's process-wide pool, made for `threads` at the first call.
+    Once it exists every session must run on it, so a later load asking another count gets
+    this one, and a warning."""
+    global _pool_threads
+    if _pool_threads is None:
+        import onnxruntime.capi.onnxruntime_pybind11_state as ort_state
+        ort_state.set_global_thread_pool_sizes(threads, 1)
+        _pool_threads = threads
+    elif _pool_threads != threads:
+        warnings.warn(f"onnxruntime's thread pool was made for {_pool_threads} threads in "
+                      f"this process; its products run on those, not on {threads}",
+                      RuntimeWarning, stacklevel=2)
+    return _pool_threads
+
+
+def _session_options(threads: int | None, alone: bool) -> onnxruntime.SessionOptions:
     import onnxruntime as ort
     options = ort.SessionOptions()
-    # a pool per session (a global pool ignores these): its workers sleep between products
-    # instead of spinning on the cores numba's and BLAS's threads need
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    cores = os.cpu_count() or 1
-    options.intra_op_num_threads = min(threads, cores) if threads else 0  # 0: one per core
-    options.inter_op_num_threads = 1
     options.log_severity_level = 3
     # no arena: packed weights and run buffers allocated exactly (an arena kept ~200 MB of
     # load-time buffers of the output layer's packing)
     options.enable_cpu_mem_arena = False
     options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+    count = min(threads, os.cpu_count() or 1) if threads else os.cpu_count() or 1
+    if alone or _pool_threads is not None:
+        pool_threads(count)
+        options.use_per_session_threads = False
+        if not alone:  # the shared workers stop spinning after this session's products
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+        return options
+    # a pool of its own, whose workers sleep between products
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.intra_op_num_threads = count
+    options.inter_op_num_threads = 1
     return options
 
 
@@ -107,7 +141,7 @@ class _Graph:
         from onnx import helper
         self.nodes.append(helper.make_node(op, inputs, outputs, domain=domain, **attributes))
 
-    def session(self, cols: int, rows: int, threads: int | None
+    def session(self, cols: int, rows: int, threads: int | None, alone: bool
                 ) -> onnxruntime.InferenceSession:
         """The session computing "y" (tokens, rows) from "x" (tokens, cols); the codec bytes
         handed over are onnxruntime's to pack, and not held after."""
@@ -121,7 +155,7 @@ class _Graph:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                         helper.make_opsetid("com.microsoft", 1)])
         model.ir_version = 9
-        options = _session_options(threads)
+        options = _session_options(threads, alone)
         options.add_external_initializers(
             list(self.arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays.values()])
         session = ort.InferenceSession(model.SerializeToString(), options,
@@ -143,10 +177,11 @@ class _Prepared:
 class OnnxMatMul(_Prepared):
     """x @ W.T for a resident grouped-codec matrix, through one MatMulNBits session."""
 
-    def __init__(self, codec: Codec, raw: np.ndarray, cols: int, threads: int | None):
+    def __init__(self, codec: Codec, raw: np.ndarray, cols: int, threads: int | None,
+                 alone: bool):
         graph = _Graph()
         graph.matmul(codec.name, raw, cols, "x", "y")
-        self.session = graph.session(cols, len(raw), threads)
+        self.session = graph.session(cols, len(raw), threads, alone)
         self.rows = len(raw)
         self.nbytes = graph.nbytes
 
@@ -159,7 +194,7 @@ class OnnxFFN(_Prepared):
     which adds an int8 rounding (smaller than the int8 activations' own)."""
 
     def __init__(self, bundle_codec: Codec, raw: np.ndarray, hidden: int, activation: str,
-                 threads: int | None):
+                 threads: int | None, alone: bool):
         if activation not in ("gelu_tanh", "silu"):
             raise ValueError(f"no onnxruntime form of the activation {activation!r}")
         neurons, rb = len(raw), bundle_codec.row_nbytes(hidden)
@@ -176,7 +211,7 @@ class OnnxFFN(_Prepared):
         down = bundle_codec.decode(raw[:, 2 * rb:], hidden).T  # (hidden, neurons) float32
         graph.matmul("int8", codec("int8").encode(np.ascontiguousarray(down)), neurons,
                      "h", "y")
-        self.session = graph.session(hidden, hidden, threads)
+        self.session = graph.session(hidden, hidden, threads, alone)
         self.nbytes = graph.nbytes
 
 

@@ -71,16 +71,17 @@ class PreparedMatrix:
 
 
 def resident_matrix(read: Callable[[int, int], np.ndarray], rows: int, codec_name: str,
-                    cols: int, backend: Backend) -> StoredMatrix | PreparedMatrix:
+                    cols: int, backend: Backend,
+                    alone: bool = False) -> StoredMatrix | PreparedMatrix:
     """A matrix that stays in memory, its rows [start, end) given by `read`: prepared by the
     backend a chunk of rows at a time where it does that (so loading never holds a large
-    matrix twice), else its codec bytes."""
+    matrix twice), else its codec bytes; `alone` as for Backend.prepare."""
     c = codec(codec_name)
     chunk = max(1, PREPARE_CHUNK // c.row_nbytes(cols))
     parts = []
     for start in range(0, rows, chunk):
         raw = read(start, min(start + chunk, rows))
-        prepared = backend.prepare(c, raw, cols)
+        prepared = backend.prepare(c, raw, cols, alone)
         if prepared is None:  # the backend computes from bytes: keep them all
             return StoredMatrix(raw if rows <= chunk else read(0, rows), codec_name, cols,
                                 backend)
@@ -91,10 +92,10 @@ def resident_matrix(read: Callable[[int, int], np.ndarray], rows: int, codec_nam
 
 
 def resident_ffn(raw: np.ndarray, codec_name: str, hidden: int, activation: str,
-                 backend: Backend) -> BundledFFN | PreparedMatrix:
+                 backend: Backend, alone: bool = False) -> BundledFFN | PreparedMatrix:
     """A dense FFN that stays in memory: prepared by the backend where it does that (a
-    hidden x hidden map, x -> FFN(x)), else its bundles."""
-    prepared = backend.prepare_ffn(codec(codec_name), raw, hidden, activation)
+    hidden x hidden map, x -> FFN(x)), else its bundles; `alone` as for Backend.prepare."""
+    prepared = backend.prepare_ffn(codec(codec_name), raw, hidden, activation, alone)
     if prepared is None:
         return BundledFFN(raw, codec_name, hidden, activation, backend)
     return PreparedMatrix([prepared], hidden)

@@ -23,6 +23,7 @@ from ..config import ModelConfig
 from ..errors import FlashInferError
 from ..functional import ACTIVATIONS
 from ..memory import aligned_buffer, release_freed_memory, release_pages
+from ..quant.codecs import codec
 from ..schema import LAYER_MATRICES, LAYER_VECTORS, layer_key
 from ..store.format import ALIGN, align_up
 from ..store.io import DirectReader, PendingRead
@@ -71,19 +72,22 @@ class StreamedWeights:
             raise corrupt(store.path, f"{damaged[0]} holds NaN or infinite values (run with "
                                       "--verify to check the checksums)")
         self._staging_nbytes = backend.reserve_staging(largest_matrix(store))
+        alone = prepare and self._all_prepared()
+        stacked = self._stack_qkv() if alone else set()
         for name in plan.resident:
             entry = t[name]
-            if entry.codec == "f32":
+            if entry.codec == "f32" or name in stacked:
                 continue
             if name in plan.device:
                 self._resident[name] = self._device_form(entry)
             elif prepare and name.endswith(".ffn") and plan.sparse is None:
                 self._resident[name] = resident_ffn(self._read_all(entry), entry.codec,
-                                                    entry.cols, self.activation, backend)
+                                                    entry.cols, self.activation, backend,
+                                                    alone)
             elif prepare and not name.endswith(".ffn"):
                 self._resident[name] = resident_matrix(
                     lambda start, end, e=entry: self._read_rows(e, start, end), entry.rows,
-                    entry.codec, entry.cols, backend)
+                    entry.codec, entry.cols, backend, alone)
             else:
                 self._resident[name] = self._wrap(entry, self._read_all(entry))
         head = t[plan.head]
@@ -99,7 +103,7 @@ class StreamedWeights:
         if prepared_head:
             self._head_resident: StoredMatrix | PreparedMatrix = resident_matrix(
                 lambda start, end: self._read_rows(head, start, end), plan.head_resident_rows,
-                head.codec, head.cols, backend)
+                head.codec, head.cols, backend, alone)
         elif plan.head_device_rows:
             on_device = self._device_rows(head, plan.head_device_rows)
             self._head_device_nbytes = on_device.nbytes
@@ -153,6 +157,41 @@ class StreamedWeights:
         self._selector_arrays: list[np.ndarray] = []
         if plan.sparse is not None:
             self._make_sparse_ffns()
+
+    def _all_prepared(self) -> bool:
+        """Whether, prepared, every product of a token runs in the backend's own forms: all
+        weights resident, dense FFNs, an exact output layer, codecs the backend prepares."""
+        plan, t, backend = self.plan, self.store.tensors, self.backend
+        head = t[plan.head]
+        if plan.sparse is not None or plan.shortlist or plan.device or \
+                plan.head_resident_rows < head.rows or \
+                not backend.prepares(codec(head.codec), head.cols):
+            return False
+        for i in range(self.config.n_layers):
+            for field in (*LAYER_MATRICES, "ffn"):
+                entry = t[layer_key(i, field)]
+                c = codec(entry.codec)
+                if entry.name not in plan.resident or not (
+                        backend.prepares_ffn(c, entry.cols, entry.rows) if field == "ffn"
+                        else backend.prepares(c, entry.cols)):
+                    return False
+        return True
+
+    def _stack_qkv(self) -> set[str]:
+        """Prepare each layer's wq, wk and wv as one matrix (`Block.wqkv`: one product
+        instead of three) where they share a codec; the names of the matrices it took."""
+        taken = set()
+        for i in range(self.config.n_layers):
+            names = [layer_key(i, f) for f in ("wq", "wk", "wv")]
+            entries = [self.store.tensors[n] for n in names]
+            if len({e.codec for e in entries}) > 1:
+                continue
+            stacked = np.concatenate([self._read_all(e) for e in entries])
+            self._resident[layer_key(i, "wqkv")] = resident_matrix(
+                lambda start, end, rows=stacked: rows[start:end], len(stacked),
+                entries[0].codec, entries[0].cols, self.backend, alone=True)
+            taken.update(names)
+        return taken
 
     def _device_form(self, entry: TensorEntry) -> PreparedMatrix:
         """A tensor of the device tier in the backend's form (the planner asked the backend
@@ -349,7 +388,11 @@ class StreamedWeights:
 
             vectors = {f: self._vectors.get(layer_key(i, f)) for f in LAYER_VECTORS}
             ffn = self.ffns[i] if i in self.ffns else get("ffn")
-            yield Block(get("wq"), get("wk"), get("wv"), get("wo"), ffn, **vectors)
+            wqkv = self._resident.get(layer_key(i, "wqkv"))
+            if wqkv is not None:
+                yield Block(None, None, None, get("wo"), ffn, wqkv=wqkv, **vectors)
+            else:
+                yield Block(get("wq"), get("wk"), get("wv"), get("wo"), ffn, **vectors)
 
     def embedding(self, tokens: np.ndarray) -> np.ndarray:
         """Input embedding rows, read on demand (from DRAM if that row is resident as codec
