@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_dense import PROMPT, LlamaWorker, time_llama_cpp, time_ours
+from bench_dense import llama_cpp, ours
 from machine import describe_machine, machine_summary, save_results
 
 HOG = "while True: pass"
@@ -37,36 +37,36 @@ def main() -> None:
     parser.add_argument("--md", type=Path, default=Path("bench-results/busy.md"))
     args = parser.parse_args()
 
-    import flashinfer_ondevice as fi
     from flashinfer_ondevice.api import ensure_store
     from flashinfer_ondevice.default_model import default_model_path
 
     machine = describe_machine(sys.executable)
     gguf = Path(args.model) if args.model else default_model_path()
-    store = ensure_store(gguf, "int8")
-    engines = {
-        "cpu backend (int8 store)": fi.load(store, threads=args.threads, selector="dense"),
-        "cpu backend, float activations (numba)": fi.load(
-            store, threads=args.threads, selector="dense", quality="exact"),
+    store, t = str(ensure_store(gguf, "int8")), args.threads
+    workers = {
+        "cpu backend (int8 store)": ours({"path": store, "threads": t, "selector": "dense"}),
+        "cpu backend, float activations (numba)": ours(
+            {"path": store, "threads": t, "selector": "dense", "quality": "exact"}),
     }
-    ids = engines["cpu backend (int8 store)"].tokenize(PROMPT)
-    timers = {name: (time_ours, model) for name, model in engines.items()}
-    timers["llama.cpp"] = (time_llama_cpp, LlamaWorker(sys.executable, gguf, args.threads))
-    for fn, engine in timers.values():
-        fn(engine, ids, 4)  # warm up
-    samples = {n: {"idle": [], "busy": []} for n in timers}
+    ids = workers["cpu backend (int8 store)"].ids
+    workers["llama.cpp"] = llama_cpp(sys.executable, gguf, t)
+    for worker in workers.values():
+        worker.time(ids, 4)  # warm up
+    samples = {n: {"idle": [], "busy": []} for n in workers}
     for run in range(args.runs):
         for condition in ("idle", "busy"):
             hogs = [subprocess.Popen([sys.executable, "-c", HOG])
                     for _ in range(args.hogs if condition == "busy" else 0)]
             try:
-                order = list(timers.items())
-                for name, (fn, engine) in (order if run % 2 == 0 else order[::-1]):
-                    samples[name][condition].append(fn(engine, ids, args.decode_tokens)[1])
+                order = list(workers.items())
+                for name, worker in (order if run % 2 == 0 else order[::-1]):
+                    samples[name][condition].append(worker.time(ids, args.decode_tokens)[1])
             finally:
                 for hog in hogs:
                     hog.kill()
                     hog.wait()
+    for worker in workers.values():
+        worker.close()
     med = {n: {c: statistics.median(v) for c, v in s.items()} for n, s in samples.items()}
     kept = {n: med[n]["busy"] / med[n]["idle"] for n in samples}
     result = {"model": gguf.name, "threads": args.threads, "hogs": args.hogs,

@@ -10,10 +10,11 @@ output layer's shortlist plan (approximate logits outside the best 1024 candidat
 docs/benchmarks.md) and, for a calibrated store, gate-first FFN sparsity at the store's
 calibrated default level; `--codecs` adds the cpu backend on stores of other codecs (their
 quality: tools/bench_codecs.py), `--exact-codecs` the same with float activations (numba
-kernels only). Each run times every
-engine back to back (order alternating) on the same prompt and greedy 64-token
-decode, so machine noise hits all alike. Reports medians and ratios to llama.cpp, with the
-machine they were measured on (tools/machine.py) in the JSON and above the table.
+kernels only). Each run times every engine back to back (order alternating) on the same
+prompt and greedy 64-token decode, so machine noise hits all alike; every engine runs in a
+process of its own, as a user runs one model (thread pools never meet another engine's).
+Reports medians and ratios to llama.cpp, with the machine they were measured on
+(tools/machine.py) in the JSON and above the table.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from machine import describe_machine, machine_summary, save_results
@@ -31,19 +33,29 @@ PROMPT = ("Python is a programming language that lets you work quickly and integ
           "more effectively. It is used for web development, data analysis, scripting and ")
 
 
-def time_ours(model, ids: list[int], n_decode: int) -> tuple[float, float]:
-    responses = list(model.stream(ids, max_tokens=n_decode + 1, temperature=0))
-    return responses[-1].prompt_tps, responses[-1].generation_tps
+# Every engine runs in a child process of its own, as a user runs one model: thread pools
+# (onnxruntime's process-wide one, numba's, llama.cpp's) never meet another engine's. A
+# worker loads its engine, prints the prompt's token ids, then times each request it reads.
+OURS_WORKER = """
+import json, sys
+import flashinfer_ondevice as fi
+model = fi.load(**json.loads(sys.argv[1]))
+print(json.dumps(model.tokenize(sys.argv[2])), flush=True)
+for line in sys.stdin:
+    request = json.loads(line)
+    responses = list(model.stream(request["ids"], max_tokens=request["n"] + 1, temperature=0))
+    print(json.dumps([responses[-1].prompt_tps, responses[-1].generation_tps]), flush=True)
+"""
 
-
-# llama.cpp runs in a child process of the Python given by --llama-python, so the peer can be
-# a faster build than the portable one this environment has (tools/bench_llama_builds.py).
+# llama.cpp runs with the Python given by --llama-python, so the peer can be a faster build
+# than the portable one this environment has (tools/bench_llama_builds.py).
 LLAMA_WORKER = """
 import json, sys, time
 import numpy as np
 from llama_cpp import Llama
 llm = Llama(sys.argv[1], n_ctx=512, n_batch=512, n_threads=int(sys.argv[2]),
             n_threads_batch=int(sys.argv[2]), verbose=False)
+print("[]", flush=True)
 for line in sys.stdin:
     request = json.loads(line)
     ids, n_decode = request["ids"], request["n"]
@@ -61,25 +73,46 @@ for line in sys.stdin:
 """
 
 
-class LlamaWorker:
-    """llama.cpp on the GGUF, loaded once in a child process that times requests."""
+SETTLE_S = 0.5  # pause before each timing: without it, the engine timed right after the numpy
+# reference prefilled at half speed (that process's BLAS threads still spinning, measured)
 
-    def __init__(self, python: str, gguf: Path, threads: int):
-        self.child = subprocess.Popen([python, "-c", LLAMA_WORKER, str(gguf), str(threads)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def time(self, ids: list[int], n_decode: int) -> tuple[float, float]:
-        self.child.stdin.write(json.dumps({"ids": ids, "n": n_decode}) + "\n")
-        self.child.stdin.flush()
+class Worker:
+    """An engine loaded once in a child process that times requests (prompt and greedy
+    decode speed); `ids`: what it printed when ready (ours: the prompt's token ids)."""
+
+    def __init__(self, argv: list[str]):
+        self.child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True)
+        self.ids = json.loads(self._line())
+
+    def _line(self) -> str:
         line = self.child.stdout.readline()
         if not line:
-            raise SystemExit(f"the llama.cpp worker died (exit {self.child.wait()})")
-        prompt_tps, decode_tps = json.loads(line)
+            raise SystemExit(f"a benchmark worker died (exit {self.child.wait()}): "
+                             f"{' '.join(self.child.args[:3])}")
+        return line
+
+    def time(self, ids: list[int], n_decode: int) -> tuple[float, float]:
+        time.sleep(SETTLE_S)  # the previous engine's threads (BLAS, OpenMP) stop spinning
+        self.child.stdin.write(json.dumps({"ids": ids, "n": n_decode}) + "\n")
+        self.child.stdin.flush()
+        prompt_tps, decode_tps = json.loads(self._line())
         return prompt_tps, decode_tps
 
+    def close(self) -> None:
+        self.child.stdin.close()
+        self.child.wait()
 
-def time_llama_cpp(worker: LlamaWorker, ids: list[int], n_decode: int) -> tuple[float, float]:
-    return worker.time(ids, n_decode)
+
+def ours(load_arguments: dict) -> Worker:
+    """Our engine, `fi.load(**load_arguments)` (JSON values), in a worker."""
+    return Worker([sys.executable, "-c", OURS_WORKER, json.dumps(load_arguments), PROMPT])
+
+
+def llama_cpp(python: str, gguf: Path, threads: int) -> Worker:
+    """llama.cpp on the GGUF in a worker of the given Python."""
+    return Worker([python, "-c", LLAMA_WORKER, str(gguf), str(threads)])
 
 
 def main() -> None:
@@ -107,7 +140,6 @@ def main() -> None:
                         "kernel)")
     args = parser.parse_args()
 
-    import flashinfer_ondevice as fi
     from flashinfer_ondevice.api import ensure_store
     from flashinfer_ondevice.default_model import default_model_path
     from flashinfer_ondevice.store.reader import open_store
@@ -115,43 +147,46 @@ def main() -> None:
     machine = describe_machine(args.llama_python)
     gguf = Path(args.model) if args.model else default_model_path()
     store = ensure_store(gguf, args.store_codec)
-    engines = {}
+    store, t = str(store), args.threads
+    engines = {}  # name -> fi.load arguments
     if "reference" not in args.skip:
-        engines["numpy reference (GGUF)"] = fi.load(gguf, backend="reference",
-                                                    threads=args.threads)
-    engines[f"cpu backend ({args.store_codec} store)"] = fi.load(store, threads=args.threads,
-                                                                 selector="dense")
+        engines["numpy reference (GGUF)"] = {"path": str(gguf), "backend": "reference",
+                                             "threads": t}
+    engines[f"cpu backend ({args.store_codec} store)"] = {"path": store, "threads": t,
+                                                          "selector": "dense"}
     if "float" not in args.skip:
-        engines["cpu backend, float activations (numba only)"] = fi.load(
-            store, threads=args.threads, selector="dense", quality="exact")
+        engines["cpu backend, float activations (numba only)"] = {
+            "path": store, "threads": t, "selector": "dense", "quality": "exact"}
     if "shortlist" not in args.skip:
-        engines["cpu backend + shortlist output layer"] = fi.load(
-            store, threads=args.threads, selector="dense", head="shortlist")
+        engines["cpu backend + shortlist output layer"] = {
+            "path": store, "threads": t, "selector": "dense", "head": "shortlist"}
     for spec in args.codecs:
-        engines[f"fast path ({spec} store)"] = fi.load(ensure_store(gguf, spec),
-                                                       threads=args.threads, selector="dense")
+        engines[f"fast path ({spec} store)"] = {"path": str(ensure_store(gguf, spec)),
+                                                "threads": t, "selector": "dense"}
     for spec in args.exact_codecs:
-        engines[f"float activations ({spec} store)"] = fi.load(
-            ensure_store(gguf, spec), threads=args.threads, selector="dense", quality="exact")
+        engines[f"float activations ({spec} store)"] = {
+            "path": str(ensure_store(gguf, spec)), "threads": t, "selector": "dense",
+            "quality": "exact"}
     record = open_store(store).sparsity
     if record is not None:  # asked for explicitly: by default this store runs dense
         sparsity = record.defaults["sparsity"]
-        engines[f"fast path + gate-first {sparsity:.0%} sparsity"] = fi.load(
-            store, threads=args.threads, selector="gate", sparsity=sparsity)
-    llm = LlamaWorker(args.llama_python, gguf, args.threads)
-    ids = next(iter(engines.values())).tokenize(PROMPT)
-    timers = {name: (time_ours, model) for name, model in engines.items()}
-    timers["llama.cpp"] = (time_llama_cpp, llm)
-    for fn, engine in timers.values():
-        fn(engine, ids, 4)  # warm up
+        engines[f"fast path + gate-first {sparsity:.0%} sparsity"] = {
+            "path": store, "threads": t, "selector": "gate", "sparsity": sparsity}
+    workers = {name: ours(arguments) for name, arguments in engines.items()}
+    ids = next(iter(workers.values())).ids
+    workers["llama.cpp"] = llama_cpp(args.llama_python, gguf, t)
+    for worker in workers.values():
+        worker.time(ids, 4)  # warm up
     samples: dict[str, dict[str, list[float]]] = {n: {"prompt": [], "decode": []}
-                                                  for n in timers}
+                                                  for n in workers}
     for run in range(args.runs):
-        order = list(timers.items())
-        for name, (fn, engine) in (order if run % 2 == 0 else order[::-1]):
-            prompt_tps, decode_tps = fn(engine, ids, args.decode_tokens)
+        order = list(workers.items())
+        for name, worker in (order if run % 2 == 0 else order[::-1]):
+            prompt_tps, decode_tps = worker.time(ids, args.decode_tokens)
             samples[name]["prompt"].append(prompt_tps)
             samples[name]["decode"].append(decode_tps)
+    for worker in workers.values():
+        worker.close()
     med = {n: {k: statistics.median(v) for k, v in s.items()} for n, s in samples.items()}
     sd = {n: {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in s.items()}
           for n, s in samples.items()}
