@@ -18,8 +18,9 @@ a fifth of the token (decode 41 -> 53 tok/s, docs/benchmarks.md). Otherwise numb
 parallel kernels run between products (sparse FFNs, other codecs), and spinning workers
 would take their cores (3x slower decode, measured): each session gets a pool of its own
 whose workers sleep. Once the shared pool exists every session must use it (onnxruntime's
-rule), so a later load in the same process runs on it whatever it asks (its workers then
-stop spinning after each product of a session that is not `alone`; slower, but correct).
+rule), so a later load in the same process runs on it whatever it asks: one that is not
+`alone` then pays the spinning (resident sparse FFNs 3x slower; `session.force_spinning_stop`
+did not help, measured).
 """
 
 from __future__ import annotations
@@ -81,8 +82,6 @@ def _session_options(threads: int | None, alone: bool) -> onnxruntime.SessionOpt
     if alone or _pool_threads is not None:
         pool_threads(count)
         options.use_per_session_threads = False
-        if not alone:  # the shared workers stop spinning after this session's products
-            options.add_session_config_entry("session.force_spinning_stop", "1")
         return options
     # a pool of its own, whose workers sleep between products
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

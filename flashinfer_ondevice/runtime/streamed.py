@@ -53,7 +53,9 @@ class StreamedWeights:
     `backend` computes from the bytes; the tensors of the plan's device tier are handed to
     it once to keep in its own form (backends/base.py), as the plan counted them; with
     `prepare`, every resident matrix and dense FFN is, which the planner does not count:
-    only without a budget."""
+    only without a budget. Where every product of a token then runs in the backend's forms
+    (`_all_prepared`), the backend is told so (`alone`) and each layer's wq, wk and wv are
+    prepared as one matrix."""
 
     lm_head: _StreamedHead | ShortlistHead
 
