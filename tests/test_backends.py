@@ -134,36 +134,49 @@ from threadpoolctl import threadpool_info
 import flashinfer_ondevice as fi
 from flashinfer_ondevice.backends import onnx_matmul
 from flashinfer_ondevice.runtime.stored import PreparedMatrix
-weights = fi.load(sys.argv[1], codec="int8", threads=1).session.weights
-sessions = [part.session for w in (weights._head_resident, *weights._resident.values())
+
+def sessions(model):
+    weights = model.session.weights
+    return [part.session for w in (weights._head_resident, *weights._resident.values())
             if isinstance(w, PreparedMatrix) for part in w.parts]
+
+mixed = sessions(fi.load(sys.argv[1], codec="int8,ffn=pal4", threads=1))
+own_pools = [(s.get_session_options().use_per_session_threads,
+              s.get_session_options().intra_op_num_threads) for s in mixed]
+pool_after_mixed = onnx_matmul._pool_threads
+alone = sessions(fi.load(sys.argv[1], codec="int8", threads=1))
 numba_threads, blas = numba.get_num_threads(), [p["num_threads"] for p in threadpool_info()]
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     fi.load(sys.argv[1], codec="int8", threads=2)
 print(json.dumps({"numba": numba_threads, "blas": blas,
-                  "sessions": len(sessions), "pool": onnx_matmul._pool_threads,
+                  "sessions": len(alone), "pool": onnx_matmul._pool_threads,
                   "shared": all(not s.get_session_options().use_per_session_threads
-                                for s in sessions),
+                                for s in alone),
+                  "own_pools": own_pools, "pool_after_mixed": pool_after_mixed,
                   "warned": [str(w.message) for w in caught]}))
 """
 
 
 def test_threads_are_honoured_by_every_pool(tiny_folder):
-    """-t reaches numba, BLAS and onnxruntime's pool, which every session of an all-prepared
-    model shares; a later load in the same process asking other threads is told it runs on
-    the pool's (a fresh process: the pool is made once per process)."""
+    """-t reaches numba, BLAS and onnxruntime's pools: a model with numba kernels between
+    its products (palettized FFNs) gets a sleeping pool per session, an all-prepared one the
+    shared pool; a later load in the same process asking other threads is told it runs on
+    the shared pool's (a fresh process: the pool is made once per process)."""
     import json
     import subprocess
     import sys
 
-    fi.load(tiny_folder, codec="int8")  # the store, converted before the child opens it
+    for spec in ("int8", "int8,ffn=pal4"):  # the stores, converted before the child runs
+        fi.load(tiny_folder, codec=spec)
     child = subprocess.run([sys.executable, "-c", _THREADS_CHILD, str(tiny_folder)],
                            capture_output=True, text=True, timeout=300)
     assert child.returncode == 0, child.stderr[-2000:]
     seen = json.loads(child.stdout.strip().splitlines()[-1])
     assert seen["numba"] == 1 and all(n == 1 for n in seen["blas"])
     assert seen["sessions"], "nothing was prepared: the cpu backend should prepare int8"
+    assert seen["own_pools"] and all(p == [True, 1] for p in seen["own_pools"])
+    assert seen["pool_after_mixed"] is None
     assert seen["pool"] == 1 and seen["shared"]
     assert any("made for 1 threads" in m and "not on 2" in m for m in seen["warned"])
 
