@@ -32,13 +32,14 @@ def top_k_mask(probs: np.ndarray, k: int) -> np.ndarray:
     return probs >= kth
 
 
-def top_p_mask(probs: np.ndarray, p: float) -> np.ndarray:
-    """Smallest set of most likely tokens whose probability reaches `p`."""
+def top_p_mask(probs: np.ndarray, p: float, total: float | None = None) -> np.ndarray:
+    """Smallest set of most likely tokens whose probability reaches `p` of `total` (default:
+    the sum of `probs`; the whole distribution's when `probs` are its most likely tokens)."""
     if p >= 1.0:
         return np.ones(len(probs), bool)
     order = np.argsort(-probs, kind="stable")
     cumulative = np.cumsum(probs[order])
-    keep = np.searchsorted(cumulative, p * cumulative[-1]) + 1
+    keep = np.searchsorted(cumulative, p * (cumulative[-1] if total is None else total)) + 1
     mask = np.zeros(len(probs), bool)
     mask[order[:keep]] = True
     return mask
@@ -73,9 +74,15 @@ def make_sampler(temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40,
 
     def sample(logits: np.ndarray) -> int:
         probs = softmax(logits.astype(np.float64) / temperature)
-        keep = top_k_mask(probs, top_k) & top_p_mask(probs, top_p) & min_p_mask(probs, min_p)
-        probs = np.where(keep, probs, 0.0)
-        return int(rng.choice(len(probs), p=probs / probs.sum()))
+        # each filter keeps the most likely tokens, so top-p and min-p choose the same ones
+        # among top-k's candidates as on the whole vocabulary: sorting 40 candidates instead
+        # of 262k tokens took sampling from 35 ms to 3 on Gemma 3 (the CLI's decode
+        # was spending two thirds of its time here)
+        candidates = np.flatnonzero(top_k_mask(probs, top_k))
+        weights = probs[candidates]
+        keep = top_p_mask(weights, top_p, total=probs.sum()) & min_p_mask(weights, min_p)
+        candidates, weights = candidates[keep], weights[keep]
+        return int(candidates[rng.choice(len(weights), p=weights / weights.sum())])
 
     return sample
 

@@ -35,6 +35,24 @@ def test_filters():
     assert repetition_penalty(2.0)([0, 1], logits).tolist() == [1.0, -4.0, 1.0]
 
 
+@pytest.mark.parametrize("top_k, top_p, min_p", [(40, 0.95, 0.05), (5, 0.5, 0.0),
+                                                  (0, 0.9, 0.1), (1000, 1.0, 0.2)])
+def test_sampler_draws_what_the_filters_on_the_whole_vocabulary_give(top_k, top_p, min_p):
+    """The sampler filters top-k's candidates only; it picks the token that the three masks
+    over the whole vocabulary and a draw over all of it pick, seed for seed."""
+    from flashinfer_ondevice.sampling import make_sampler, softmax
+
+    rng = np.random.default_rng(3)
+    for seed in range(40):
+        logits = (rng.standard_normal(5000) * rng.uniform(0.5, 4)).astype(np.float32)
+        sample = make_sampler(0.7, top_p, top_k, min_p, seed=seed)
+        probs = softmax(logits.astype(np.float64) / 0.7)
+        keep = top_k_mask(probs, top_k) & top_p_mask(probs, top_p) & min_p_mask(probs, min_p)
+        kept = np.where(keep, probs, 0.0)
+        expected = int(np.random.default_rng(seed).choice(len(kept), p=kept / kept.sum()))
+        assert sample(logits) == expected
+
+
 def test_stream_responses_and_finish_reasons(tiny):
     responses = list(tiny.stream("abc", max_tokens=6, temperature=0))
     assert len(responses) == 6
