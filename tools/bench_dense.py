@@ -146,8 +146,7 @@ def main() -> None:
 
     machine = describe_machine(args.llama_python)
     gguf = Path(args.model) if args.model else default_model_path()
-    store = ensure_store(gguf, args.store_codec)
-    store, t = str(store), args.threads
+    store, t = str(ensure_store(gguf, args.store_codec)), args.threads
     engines = {}  # name -> fi.load arguments
     if "reference" not in args.skip:
         engines["numpy reference (GGUF)"] = {"path": str(gguf), "backend": "reference",
