@@ -10,14 +10,17 @@ import shutil
 import numpy as np
 import pytest
 
+import flashinfer_ondevice as fi
 from flashinfer_ondevice.build.convert import convert
 from flashinfer_ondevice.errors import FlashInferError
 from flashinfer_ondevice.generate import prefill
+from flashinfer_ondevice.loader import load_checkpoint
 from flashinfer_ondevice.memory import aligned_buffer
 from flashinfer_ondevice.model import Transformer, reference_engine
 from flashinfer_ondevice.quant.codecs import CODECS, codec
 from flashinfer_ondevice.runtime.planner import BudgetError, make_plan, parse_budget
 from flashinfer_ondevice.runtime.streamed import StreamedWeights
+from flashinfer_ondevice.schema import layer_key
 from flashinfer_ondevice.store.io import DirectReader
 from flashinfer_ondevice.store.reader import StoreError, open_store
 from flashinfer_ondevice.weights import LayerWeights, Weights
@@ -211,6 +214,72 @@ def _edit_manifest(change):
 ])
 def test_corrupt_stores_are_refused(stores, tmp_path, edit, message):
     assert message in _corrupt(stores, tmp_path, edit)
+
+
+def test_int4_stores_keep_the_down_projection_by_row(stores, tiny_gguf):
+    """An int4 store also holds each down projection by row, encoded once from the source
+    (store/down_rows.py); an int8 store, whose re-encoding is near-lossless, does not."""
+    store = open_store(stores("llama", "int4"))
+    source = load_checkpoint(tiny_gguf("llama")).weights
+    assert store.down_rows is not None
+    assert set(store.down_rows) == {layer_key(i, "ffn") for i in range(store.config.n_layers)}
+    for i, layer in enumerate(source.layers):
+        e = store.down_rows[layer_key(i, "ffn")]
+        assert e.path.name == "down_rows.bin"
+        raw = np.fromfile(e.path, np.uint8, e.nbytes, offset=e.offset).reshape(e.rows, -1)
+        np.testing.assert_array_equal(raw, codec("int4").encode(layer.w_down))
+    assert open_store(stores("llama", "int8")).down_rows is None
+
+
+def _int4_copy(stores, tmp_path, edit):
+    path = tmp_path / "store"
+    shutil.copytree(stores("llama", "int4"), path)
+    edit(path)
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_edit_manifest(lambda m: m.update(down_rows={"codec": "int8"})), "do not match"),
+    (_edit_manifest(lambda m: m["tensors"].pop("layers.1.ffn_down")), "rows are missing"),
+    (_edit_manifest(lambda m: m["tensors"]["layers.0.ffn_down"].update(file="weights.bin")),
+     "rows in down_rows.bin"),
+    (_edit_manifest(lambda m: m["tensors"]["layers.0.ffn_down"].update(cols=64)),
+     "config implies"),
+    (lambda p: (p / "down_rows.bin").write_bytes(b""), "down_rows.bin has 0 bytes"),
+])
+def test_corrupt_down_rows_are_refused(stores, tmp_path, edit, message):
+    with pytest.raises(StoreError, match=message):
+        open_store(_int4_copy(stores, tmp_path, edit))
+
+
+def test_resident_ffns_multiply_by_the_down_rows_where_the_store_has_them(stores, tmp_path):
+    """Resident on the cpu backend, an int4 store's FFNs use its down rows: the logits are
+    the float engine's on those rows within int8 activations' error. A store converted
+    before down rows existed opens and runs with down re-encoded as int8 from the bundles:
+    the float engine's logits on the bundles, to the same tolerance."""
+    def drop(path):
+        manifest = json.loads((path / "manifest.json").read_text())
+        del manifest["down_rows"]
+        del manifest["files"]["down_rows.bin"]
+        for i in range(manifest["config"]["n_layers"]):
+            del manifest["tensors"][layer_key(i, "ffn_down")]
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        (path / "down_rows.bin").unlink()
+    with_rows = stores("llama", "int4")
+    older = _int4_copy(stores, tmp_path, drop)
+    assert open_store(older).down_rows is None
+    store = open_store(with_rows)
+    by_bundles = decoded_weights(with_rows)
+    by_rows = decoded_weights(with_rows)
+    for i, layer in enumerate(by_rows.layers):
+        e = store.down_rows[layer_key(i, "ffn")]
+        raw = np.fromfile(e.path, np.uint8, e.nbytes, offset=e.offset).reshape(e.rows, -1)
+        layer.w_down = codec("int4").decode(raw, e.cols)
+    for path, weights in ((with_rows, by_rows), (older, by_bundles)):
+        reference = reference_engine(store.config, weights)
+        expected = reference.forward(np.array(IDS), reference.new_cache(64), all_logits=True)
+        resident = fi.load(path).logits(IDS)
+        assert np.abs(resident - expected).max() <= 3e-2 * np.abs(expected).max()
 
 
 def test_codec_per_tensor_group(tiny_gguf, tmp_path):

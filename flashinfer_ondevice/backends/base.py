@@ -90,9 +90,11 @@ class Backend:
         return None
 
     def prepare_ffn(self, codec: Codec, raw: np.ndarray, hidden: int, activation: str,
-                    alone: bool = False) -> Prepared | None:
+                    alone: bool = False, down_rows: np.ndarray | None = None
+                    ) -> Prepared | None:
         """A resident dense FFN (row-column bundles raw) in this backend's own form, or None
-        to compute from `raw`; `alone` as for `prepare`."""
+        to compute from `raw`; `alone` as for `prepare`; `down_rows`: the store's copy of
+        the down projection by row (hidden x neurons, the same codec), where it has one."""
         return None
 
     # memory beyond codec bytes: the planner asks, the runtime allocates (planner.py) -------

@@ -92,10 +92,12 @@ class CpuBackend(Backend):
         return onnx_matmul.OnnxMatMul(codec, raw, cols, self.threads, alone)
 
     def prepare_ffn(self, codec: Codec, raw: np.ndarray, hidden: int, activation: str,
-                    alone: bool = False) -> Prepared | None:
+                    alone: bool = False, down_rows: np.ndarray | None = None
+                    ) -> Prepared | None:
         if not self.prepares_ffn(codec, hidden, len(raw)):
             return None
-        return onnx_matmul.OnnxFFN(codec, raw, hidden, activation, self.threads, alone)
+        return onnx_matmul.OnnxFFN(codec, raw, hidden, activation, self.threads, alone,
+                                   down_rows)
 
     def matvec(self, codec: Codec, raw: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         if codec.fused:

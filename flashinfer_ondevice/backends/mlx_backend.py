@@ -217,7 +217,9 @@ class MlxBackend(Backend):
         return _MlxMatrix(codec, raw, cols)
 
     def prepare_ffn(self, codec: Codec, raw: np.ndarray, hidden: int, activation: str,
-                    alone: bool = False) -> Prepared | None:
+                    alone: bool = False, down_rows: np.ndarray | None = None
+                    ) -> Prepared | None:
+        # MLX multiplies by the bundles' down columns as they are (no re-encoding)
         if not self.prepares_ffn(codec, hidden, len(raw)) or activation not in ACTIVATIONS:
             return None
         return _MlxFFN(codec, raw, hidden, activation)

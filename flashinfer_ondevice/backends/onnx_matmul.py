@@ -189,11 +189,12 @@ class OnnxFFN(_Prepared):
     """A dense FFN from row-column bundles in one session: gate and up rows in one
     MatMulNBits (mapped as stored), the activation, and the down projection. The bundles
     hold down by column (quantized along the hidden size), MatMulNBits needs it by row
-    (along the FFN size): it is decoded and re-encoded as int8 groups along the FFN size,
-    which adds an int8 rounding (smaller than the int8 activations' own)."""
+    (along the FFN size): the store's copy by row where it keeps one (`down_rows`, int4
+    stores: store/down_rows.py), else the columns decoded and re-encoded as int8 groups
+    along the FFN size, which adds an int8 rounding (smaller than the int8 activations')."""
 
     def __init__(self, bundle_codec: Codec, raw: np.ndarray, hidden: int, activation: str,
-                 threads: int | None, alone: bool):
+                 threads: int | None, alone: bool, down_rows: np.ndarray | None = None):
         if activation not in ("gelu_tanh", "silu"):
             raise ValueError(f"no onnxruntime form of the activation {activation!r}")
         neurons, rb = len(raw), bundle_codec.row_nbytes(hidden)
@@ -207,9 +208,15 @@ class OnnxFFN(_Prepared):
             graph.node("Sigmoid", ["gate"], ["sigmoid"])
             graph.node("Mul", ["gate", "sigmoid"], ["act"])
         graph.node("Mul", ["act", "up"], ["h"])
-        down = bundle_codec.decode(raw[:, 2 * rb:], hidden).T  # (hidden, neurons) float32
-        graph.matmul("int8", codec("int8").encode(np.ascontiguousarray(down)), neurons,
-                     "h", "y")
+        if down_rows is not None:
+            if down_rows.shape != (hidden, bundle_codec.row_nbytes(neurons)):
+                raise ValueError(f"down-projection rows of shape {down_rows.shape} do not "
+                                 f"fit {neurons} {bundle_codec.name} neurons")
+            graph.matmul(bundle_codec.name, down_rows, neurons, "h", "y")
+        else:
+            down = bundle_codec.decode(raw[:, 2 * rb:], hidden).T  # (hidden, neurons) float32
+            graph.matmul("int8", codec("int8").encode(np.ascontiguousarray(down)), neurons,
+                         "h", "y")
         self.session = graph.session(hidden, hidden, threads, alone)
         self.nbytes = graph.nbytes
 

@@ -33,6 +33,7 @@ from ..loader import load_checkpoint
 from ..loader.tokenizer import Tokenizer
 from ..quant.codecs import CODECS, Codec, InputStats, parse_codec_spec
 from ..schema import LAYER_MATRICES, LAYER_VECTORS, layer_key
+from ..store import down_rows
 from ..store.format import (
     ALIGN,
     FORMAT,
@@ -59,9 +60,11 @@ MIN_STATS_TOKENS = 256
 
 
 class _WeightsWriter:
-    """Appends aligned tensor records to weights.bin, hashing and counting as it goes."""
+    """Appends aligned tensor records to a store's file (weights.bin, down_rows.bin),
+    hashing and counting as it goes."""
 
     def __init__(self, path: Path, bar: tqdm):
+        self.name = path.name
         self.file = open(path, "wb")  # noqa: SIM115 - closed in finish()
         self.sha = hashlib.sha256()
         self.offset = 0
@@ -83,7 +86,7 @@ class _WeightsWriter:
             encoded = encode(rows[begin:begin + _CHUNK_ROWS])
             assert encoded.shape[1] == row_nbytes
             self._write(np.ascontiguousarray(encoded).tobytes())
-        self.tensors[name] = {"file": WEIGHTS, "offset": start, "rows": len(rows), "cols": cols,
+        self.tensors[name] = {"file": self.name, "offset": start, "rows": len(rows), "cols": cols,
                               "codec": codec_name, "row_nbytes": row_nbytes}
 
     def put_vector(self, name: str, values: np.ndarray) -> None:
@@ -121,12 +124,21 @@ def _bundles(layer, c: Codec, stats: dict[str, InputStats]) -> tuple[np.ndarray,
                                             stats.get("w_down"))], axis=1), c
 
 
+def _down_rows_codec(config: ModelConfig, chosen: dict[str, Codec]) -> Codec | None:
+    """The codec of the FFNs' down projections by row (store/down_rows.py), if the store
+    keeps them: FFN codecs whose re-encoding by row would round twice."""
+    c = chosen["ffn"]
+    return c if c.down_by_row and c.supports(config.hidden_size) and \
+        c.supports(config.ffn_size) else None
+
+
 def _estimated_bytes(config: ModelConfig, chosen: dict[str, Codec]) -> int:
     """Bytes the store's matrices will take, from the config (the blocks may not be loaded)."""
     h, q_out, kv_out = config.hidden_size, config.n_heads * config.head_dim, \
         config.n_kv_heads * config.head_dim
+    by_row = 1 if _down_rows_codec(config, chosen) else 0
     values = {"attn": config.n_layers * (2 * h * q_out + 2 * h * kv_out),
-              "ffn": config.n_layers * 3 * h * config.ffn_size,
+              "ffn": config.n_layers * (3 + by_row) * h * config.ffn_size,
               "embed": config.vocab_size * h * (1 if config.tie_embeddings else 2)}
     return int(sum(n * (chosen[group].bits + 0.5) / 8 for group, n in values.items()))
 
@@ -226,7 +238,8 @@ def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_
     config, weights = checkpoint.config, checkpoint.weights
     needed = _estimated_bytes(config, chosen)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
-    out = None
+    out = down_out = None
+    down_codec = _down_rows_codec(config, chosen)
     try:
         tmp.mkdir()
         with building(tmp):
@@ -244,6 +257,8 @@ def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_
             with tqdm(total=_estimated_bytes(config, chosen), unit="B", unit_scale=True,
                       desc=f"converting to {codec_name}", disable=not progress) as bar:
                 out = _WeightsWriter(tmp / WEIGHTS, bar)
+                if down_codec is not None:
+                    down_out = _WeightsWriter(tmp / down_rows.FILE, bar)
                 for i, layer in enumerate(weights.layers):
                     stats = {} if collector is None else collector.layer(i, layer)
                     if reference is not None:
@@ -257,6 +272,9 @@ def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_
                     bundles, c = _bundles(layer, chosen["ffn"], stats)
                     out.put(layer_key(i, "ffn"), bundles, c.name, bundles.shape[1],
                             config.hidden_size, lambda rows: rows)
+                    if down_out is not None:
+                        down_out.put_matrix(down_rows.tensor_name(i), layer.w_down, down_codec,
+                                            stats.get("w_down"))
                 head_stats = None if collector is None else collector.head(weights.final_norm)
                 tied = None if head_stats is None else for_tied_embedding(head_stats)
                 out.put_matrix("embed", weights.embed, chosen["embed"],
@@ -267,7 +285,10 @@ def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_
                 if weights.rope_freq_factors is not None:
                     out.put_vector("rope_freqs", weights.rope_freq_factors)
                 size, sha = out.finish()
-            files = {WEIGHTS: {"size": size, "sha256": sha}}
+                files = {WEIGHTS: {"size": size, "sha256": sha}}
+                if down_out is not None:
+                    size, sha = down_out.finish()
+                    files[down_rows.FILE] = {"size": size, "sha256": sha}
             for name in tokenizer["files"]:
                 files[name] = {"size": (tmp / name).stat().st_size,
                                "sha256": _file_sha256(tmp / name)}
@@ -278,6 +299,9 @@ def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_
                 "chat_template": checkpoint.chat_template, "source": source.name,
                 "files": files, "tensors": out.tensors,
             }
+            if down_out is not None:
+                manifest["tensors"].update(down_out.tensors)
+                manifest["down_rows"] = {"codec": down_codec.name}
             if codec_choice_record is not None:
                 manifest["codec_choice"] = codec_choice_record
             if collector is not None:
@@ -304,8 +328,9 @@ def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_
         os.rename(tmp, target)
         sync_folder(target.parent)
     except BaseException as exc:
-        if out is not None:
-            out.discard()
+        for writer in (out, down_out):
+            if writer is not None:
+                writer.discard()
         shutil.rmtree(tmp, ignore_errors=True)
         error = write_error(exc, target, target.parent, needed) \
             if isinstance(exc, OSError) else None

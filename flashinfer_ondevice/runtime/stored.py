@@ -92,10 +92,13 @@ def resident_matrix(read: Callable[[int, int], np.ndarray], rows: int, codec_nam
 
 
 def resident_ffn(raw: np.ndarray, codec_name: str, hidden: int, activation: str,
-                 backend: Backend, alone: bool = False) -> BundledFFN | PreparedMatrix:
+                 backend: Backend, alone: bool = False,
+                 down_rows: np.ndarray | None = None) -> BundledFFN | PreparedMatrix:
     """A dense FFN that stays in memory: prepared by the backend where it does that (a
-    hidden x hidden map, x -> FFN(x)), else its bundles; `alone` as for Backend.prepare."""
-    prepared = backend.prepare_ffn(codec(codec_name), raw, hidden, activation, alone)
+    hidden x hidden map, x -> FFN(x)), else its bundles; `alone` and `down_rows` as for
+    Backend.prepare_ffn."""
+    prepared = backend.prepare_ffn(codec(codec_name), raw, hidden, activation, alone,
+                                   down_rows)
     if prepared is None:
         return BundledFFN(raw, codec_name, hidden, activation, backend)
     return PreparedMatrix([prepared], hidden)

@@ -76,6 +76,7 @@ class StreamedWeights:
         self._staging_nbytes = backend.reserve_staging(largest_matrix(store))
         alone = prepare and self._all_prepared()
         stacked = self._stack_qkv() if alone else set()
+        down_rows = self._down_rows_reader() if prepare and plan.sparse is None else None
         for name in plan.resident:
             entry = t[name]
             if entry.codec == "f32" or name in stacked:
@@ -83,15 +84,21 @@ class StreamedWeights:
             if name in plan.device:
                 self._resident[name] = self._device_form(entry)
             elif prepare and name.endswith(".ffn") and plan.sparse is None:
+                down = None if down_rows is None else down_rows.read(
+                    store.down_rows[name].offset, store.down_rows[name].nbytes).reshape(
+                    entry.cols, -1)
                 self._resident[name] = resident_ffn(self._read_all(entry), entry.codec,
                                                     entry.cols, self.activation, backend,
-                                                    alone)
+                                                    alone, down)
+                del down
             elif prepare and not name.endswith(".ffn"):
                 self._resident[name] = resident_matrix(
                     lambda start, end, e=entry: self._read_rows(e, start, end), entry.rows,
                     entry.codec, entry.cols, backend, alone)
             else:
                 self._resident[name] = self._wrap(entry, self._read_all(entry))
+        if down_rows is not None:
+            down_rows.close()
         head = t[plan.head]
         prepared_head = prepare and not plan.shortlist
         # the output layer's resident rows: the first plan.head_device_rows in the device
@@ -159,6 +166,18 @@ class StreamedWeights:
         self._selector_arrays: list[np.ndarray] = []
         if plan.sparse is not None:
             self._make_sparse_ffns()
+
+    def _down_rows_reader(self) -> DirectReader | None:
+        """A reader of the store's down projections by row (store/down_rows.py), where it
+        keeps them and the backend prepares the dense FFNs from them."""
+        store, backend = self.store, self.backend
+        if store.down_rows is None:
+            return None
+        ffn = store.tensors[layer_key(0, "ffn")]
+        if not backend.prepares_ffn(codec(ffn.codec), ffn.cols, ffn.rows):
+            return None
+        entry = next(iter(store.down_rows.values()))
+        return DirectReader(entry.path, threads=4, stats=self.reader.stats)
 
     def _all_prepared(self) -> bool:
         """Whether, prepared, every product of a token runs in the backend's own forms: all

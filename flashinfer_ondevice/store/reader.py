@@ -15,8 +15,9 @@ from pathlib import Path
 from ..config import ModelConfig
 from ..errors import FlashInferError
 from ..quant.codecs import CODECS
-from ..schema import expected_tensors
+from ..schema import expected_tensors, layer_key
 from ..values import describe, integer
+from . import down_rows as down_rows_record
 from .format import ALIGN, FORMAT, MANIFEST, MAX_MANIFEST_BYTES, VERSION, unfinished
 from .head_proxy import expected_shapes as proxy_expected_shapes
 from .head_proxy import parse_rank
@@ -58,6 +59,8 @@ class Store:
     # measured at convert (store/quality_record.py): "exact" vs the source, and "shortlist"
     # (the shortlist head vs the exact store) when it has a proxy; None for older stores
     quality: dict[str, Quality] | None = None
+    # each FFN's down projection by row (store/down_rows.py), by the FFN tensor's name
+    down_rows: dict[str, TensorEntry] | None = None
 
 
 
@@ -198,6 +201,23 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
             _fail(path, "output-layer proxy tensors are missing")
         head_proxy = {name: _entry(path, name, raw_tensors[name], shape, sizes)
                       for name, shape in proxy_shapes.items()}
+    down_rows = None
+    if "down_rows" in manifest:
+        try:
+            down_codec = down_rows_record.parse_codec(manifest["down_rows"],
+                                                      tensors[layer_key(0, "ffn")].codec)
+        except ValueError as exc:
+            _fail(path, str(exc))
+        shapes = down_rows_record.expected_shapes(config)
+        if not set(shapes) <= set(raw_tensors):
+            _fail(path, "down-projection rows are missing")
+        down_rows = {}
+        for i, (name, shape) in enumerate(shapes.items()):
+            entry = _entry(path, name, raw_tensors[name], shape, sizes)
+            if entry.codec != down_codec or entry.path.name != down_rows_record.FILE:
+                _fail(path, f"tensor {name} is not {down_codec!r} rows in "
+                            f"{down_rows_record.FILE}")
+            down_rows[layer_key(i, "ffn")] = entry
     tokenizer = manifest.get("tokenizer")
     if not isinstance(tokenizer, dict) or tokenizer.get("kind") not in ("gguf", "hf") or \
             not isinstance(tokenizer.get("files", []), list) or \
@@ -228,4 +248,4 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
         _fail(path, "chat_template is not a string")
     return Store(path, store_codec, config, tensors, tokenizer, template,
                  sizes.get("weights.bin", 0),
-                 sparsity, head_proxy, quality)
+                 sparsity, head_proxy, quality, down_rows)
