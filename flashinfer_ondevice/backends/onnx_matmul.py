@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 BITS = {"int8": 8, "int4": 4}  # the codecs this maps
 # onnxruntime's packed bytes / our codec bytes, measured (RSS) on the 262144x640 output layer:
-# int8 178 MB -> 203 MB, int4 94 MB -> 119 MB (the 7B geometry's int4 store: 4.28 GB -> ~5.5 GB)
+# int8 178 MB -> 203 MB, int4 94 MB -> 119 MB
 PACKED_FACTOR = {8: 1.15, 4: 1.27}
 
 

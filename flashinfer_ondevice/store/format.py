@@ -11,7 +11,8 @@
 Tensor records: {file, offset, rows, cols, codec, row_nbytes}. A matrix is `rows` encoded rows.
 FFN weights are one record per layer, "layers.{i}.ffn", whose row i is neuron i's bundle:
 gate row, up row and down column, each encoded on its own, side by side (row_nbytes = 3 x one
-encoded row). Vectors (norms, biases) are single f32 rows.
+encoded row). Vectors (norms, biases) are single f32 rows. Optional files: head_proxy.bin
+(store/head_proxy.py), down_rows.bin (store/down_rows.py).
 """
 
 from __future__ import annotations
