@@ -12,7 +12,6 @@ from flashinfer_ondevice.functional import ACTIVATIONS, rms_norm
 from flashinfer_ondevice.quant import block_palette_fit, palette_fit
 from flashinfer_ondevice.quant.codecs import (
     CODECS,
-    GROUP,
     InputStats,
     codec,
     pack_indices,
@@ -41,8 +40,8 @@ def test_round_trip_within_the_stated_error(name):
     if name == "f16":
         np.testing.assert_array_equal(decoded, w.astype(np.float16).astype(np.float32))
     elif name.startswith("int"):  # within half a step of each group's scale
-        scale = np.abs(w.reshape(64, -1, GROUP)).max(-1, keepdims=True) / c.limit
-        err = np.abs((decoded - w).reshape(64, -1, GROUP))
+        scale = np.abs(w.reshape(64, -1, c.group)).max(-1, keepdims=True) / c.limit
+        err = np.abs((decoded - w).reshape(64, -1, c.group))
         assert (err <= scale / 2 * (1 + 1e-5)).all()
     elif name in BLOCK_PALETTES:  # every value decodes to the grid value nearest it at
         # its block's stored scale

@@ -80,7 +80,7 @@ class CpuBackend(Backend):
         attention_kernels.kernels(cache_type)
 
     def prepares(self, codec: Codec, cols: int) -> bool:
-        return self.prepare_resident and codec.name in onnx_matmul.BITS and codec.supports(cols)
+        return self.prepare_resident and codec.name in onnx_matmul.MAPPED and codec.supports(cols)
 
     def prepares_ffn(self, codec: Codec, hidden: int, neurons: int) -> bool:
         return self.prepare_resident and onnx_matmul.supports_ffn(codec, hidden, neurons)

@@ -1,10 +1,11 @@
 """Resident int8/int4 matrices multiplied by onnxruntime's `MatMulNBits` (MLAS kernels).
 
-Our grouped codecs (quant/codecs.py: a float32 scale per 64 values, int8 values or int4
-nibbles low first, stored +8) map byte for byte onto MatMulNBits' blocks (block_size 64,
-default zero point 2^(bits-1): int8 is stored +128 for it). `accuracy_level=4` quantizes the
-activations to int8 per block, as llama.cpp does for its integer formats (VNNI dot products
-where the CPU has them); tests/test_backends.py measures what that costs in top-1 and KL.
+Our grouped codecs (quant/codecs.py: a float32 scale per 64 values (int4g128: 128), int8
+values or int4 nibbles low first, stored +8) map byte for byte onto MatMulNBits' blocks
+(block_size the codec's group, default zero point 2^(bits-1): int8 is stored +128 for it).
+`accuracy_level=4` quantizes the activations to int8 per block, as llama.cpp does for its
+integer formats (VNNI dot products where the CPU has them); tests/test_backends.py measures
+what that costs in top-1 and KL.
 
 The weights are handed to onnxruntime as in-memory external initializers; it packs them into
 its own layout (1.15x the int8 bytes, 1.27x the int4 bytes, measured) and keeps only that,
@@ -39,10 +40,10 @@ if TYPE_CHECKING:
     import onnx
     import onnxruntime
 
-BITS = {"int8": 8, "int4": 4}  # the codecs this maps
+MAPPED = ("int8", "int4", "int4g128")  # the codecs this maps
 # onnxruntime's packed bytes / our codec bytes, measured (RSS) on the 262144x640 output layer:
 # int8 178 MB -> 203 MB, int4 94 MB -> 119 MB
-PACKED_FACTOR = {8: 1.15, 4: 1.27}
+PACKED_FACTOR = {8: 1.15, 4: 1.27}  # (int4g128 counted as int4: an overestimate)
 
 
 def installed() -> bool:
@@ -116,19 +117,19 @@ class _Graph:
         self.arrays: dict[str, np.ndarray] = {}
         self.nbytes = 0
 
-    def matmul(self, codec_name: str, raw: np.ndarray, cols: int, x: str, y: str) -> None:
+    def matmul(self, c: Codec, raw: np.ndarray, cols: int, x: str, y: str) -> None:
         """y = x @ W.T for W the grouped-codec rows `raw` (bytes mapped as they are)."""
         from onnx import helper
-        bits = BITS[codec_name]
-        rows, groups = len(raw), cols // GROUP
+        bits, group = c.bits, c.group
+        rows, groups = len(raw), cols // group
         scales = np.ascontiguousarray(raw[:, :4 * groups]).view(np.float32).reshape(-1)
         payload = raw[:, 4 * groups:]
         if bits == 8:  # int8 -> uint8 with zero point 128
             payload = payload ^ np.uint8(0x80)
-        weights = np.ascontiguousarray(payload).reshape(rows, groups, GROUP * bits // 8)
+        weights = np.ascontiguousarray(payload).reshape(rows, groups, group * bits // 8)
         w, s = f"{y}.w", f"{y}.scales"
         self.nodes.append(helper.make_node("MatMulNBits", [x, w, s], [y], domain="com.microsoft",
-                                           K=cols, N=rows, bits=bits, block_size=GROUP,
+                                           K=cols, N=rows, bits=bits, block_size=group,
                                            accuracy_level=4))
         for name, array in ((w, weights), (s, scales)):
             self.initializers.append(_external(name, array))
@@ -179,7 +180,7 @@ class OnnxMatMul(_Prepared):
     def __init__(self, codec: Codec, raw: np.ndarray, cols: int, threads: int | None,
                  alone: bool):
         graph = _Graph()
-        graph.matmul(codec.name, raw, cols, "x", "y")
+        graph.matmul(codec, raw, cols, "x", "y")
         self.session = graph.session(cols, len(raw), threads, alone)
         self.rows = len(raw)
         self.nbytes = graph.nbytes
@@ -199,7 +200,7 @@ class OnnxFFN(_Prepared):
             raise ValueError(f"no onnxruntime form of the activation {activation!r}")
         neurons, rb = len(raw), bundle_codec.row_nbytes(hidden)
         graph = _Graph()
-        graph.matmul(bundle_codec.name, np.concatenate([raw[:, :rb], raw[:, rb:2 * rb]]),
+        graph.matmul(bundle_codec, np.concatenate([raw[:, :rb], raw[:, rb:2 * rb]]),
                      hidden, "x", "gate_up")
         graph.node("Split", ["gate_up"], ["gate", "up"], axis=1)
         if activation == "gelu_tanh":  # FastGelu is the tanh approximation
@@ -212,15 +213,15 @@ class OnnxFFN(_Prepared):
             if down_rows.shape != (hidden, bundle_codec.row_nbytes(neurons)):
                 raise ValueError(f"down-projection rows of shape {down_rows.shape} do not "
                                  f"fit {neurons} {bundle_codec.name} neurons")
-            graph.matmul(bundle_codec.name, down_rows, neurons, "h", "y")
+            graph.matmul(bundle_codec, down_rows, neurons, "h", "y")
         else:
             down = bundle_codec.decode(raw[:, 2 * rb:], hidden).T  # (hidden, neurons) float32
-            graph.matmul("int8", codec("int8").encode(np.ascontiguousarray(down)), neurons,
-                         "h", "y")
+            graph.matmul(codec("int8"), codec("int8").encode(np.ascontiguousarray(down)),
+                         neurons, "h", "y")
         self.session = graph.session(hidden, hidden, threads, alone)
         self.nbytes = graph.nbytes
 
 
 def supports_ffn(codec: Codec, hidden: int, neurons: int) -> bool:
     """Whether OnnxFFN can take these bundles (down re-encoded in groups along `neurons`)."""
-    return codec.name in BITS and codec.supports(hidden) and neurons % GROUP == 0
+    return codec.name in MAPPED and codec.supports(hidden) and neurons % GROUP == 0
