@@ -76,7 +76,6 @@ class StreamedWeights:
         self._staging_nbytes = backend.reserve_staging(largest_matrix(store))
         alone = prepare and self._all_prepared()
         stacked = self._stack_qkv() if alone else set()
-        down_rows = self._down_rows_reader() if prepare and plan.sparse is None else None
         for name in plan.resident:
             entry = t[name]
             if entry.codec == "f32" or name in stacked:
@@ -84,9 +83,7 @@ class StreamedWeights:
             if name in plan.device:
                 self._resident[name] = self._device_form(entry)
             elif prepare and name.endswith(".ffn") and plan.sparse is None:
-                down = None if down_rows is None else down_rows.read(
-                    store.down_rows[name].offset, store.down_rows[name].nbytes).reshape(
-                    entry.cols, -1)
+                down = self._down_rows(entry)
                 self._resident[name] = resident_ffn(self._read_all(entry), entry.codec,
                                                     entry.cols, self.activation, backend,
                                                     alone, down)
@@ -97,8 +94,6 @@ class StreamedWeights:
                     entry.codec, entry.cols, backend, alone)
             else:
                 self._resident[name] = self._wrap(entry, self._read_all(entry))
-        if down_rows is not None:
-            down_rows.close()
         head = t[plan.head]
         prepared_head = prepare and not plan.shortlist
         # the output layer's resident rows: the first plan.head_device_rows in the device
@@ -167,17 +162,18 @@ class StreamedWeights:
         if plan.sparse is not None:
             self._make_sparse_ffns()
 
-    def _down_rows_reader(self) -> DirectReader | None:
-        """A reader of the store's down projections by row (store/down_rows.py), where it
-        keeps them and the backend prepares the dense FFNs from them."""
-        store, backend = self.store, self.backend
-        if store.down_rows is None:
+    def _down_rows(self, ffn: TensorEntry) -> np.ndarray | None:
+        """An FFN's down projection by row (store/down_rows.py), where the store keeps it
+        and the backend prepares the FFN."""
+        entry = (self.store.down_rows or {}).get(ffn.name)
+        if entry is None or not self.backend.prepares_ffn(codec(ffn.codec), ffn.cols,
+                                                          ffn.rows):
             return None
-        ffn = store.tensors[layer_key(0, "ffn")]
-        if not backend.prepares_ffn(codec(ffn.codec), ffn.cols, ffn.rows):
-            return None
-        entry = next(iter(store.down_rows.values()))
-        return DirectReader(entry.path, threads=4, stats=self.reader.stats)
+        reader = DirectReader(entry.path, threads=4, stats=self.reader.stats)
+        try:
+            return reader.read(entry.offset, entry.nbytes).reshape(entry.rows, -1)
+        finally:
+            reader.close()
 
     def _all_prepared(self) -> bool:
         """Whether, prepared, every product of a token runs in the backend's own forms: all
