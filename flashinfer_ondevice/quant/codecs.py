@@ -166,12 +166,12 @@ class _Grouped(Codec):
         safe = np.where(scales > 0, scales, 1.0)[..., None]
         q = np.clip(np.rint(grouped / safe), self.lowest, self.limit).astype(np.int8)
         if self.search_scales:
-            scales, q = self._searched(grouped, scales, q)
+            scales, q = self._searched(grouped, q)
         payload = self._pack(q.reshape(n, cols))
         return np.concatenate([scales.astype(np.float32).view(np.uint8).reshape(n, -1),
                                payload], axis=1)
 
-    def _searched(self, grouped: np.ndarray, scales: np.ndarray, q: np.ndarray
+    def _searched(self, grouped: np.ndarray, q: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray]:
         """Per group, the least-squares scale of the best of several roundings: amax/limit's
         (so never worse than it), and ones mapping the largest-magnitude value to about
