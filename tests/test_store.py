@@ -282,6 +282,29 @@ def test_resident_ffns_multiply_by_the_down_rows_where_the_store_has_them(stores
         assert np.abs(resident - expected).max() <= 3e-2 * np.abs(expected).max()
 
 
+def test_only_backends_that_multiply_by_the_down_rows_read_them(stores, tmp_path):
+    """Loading an int4 store resident, the cpu backend reads its down rows (beyond what the
+    same store without them reads); the mlx backend prepares FFNs from the bundles' down
+    columns and reads not a byte more than without them."""
+    pytest.importorskip("mlx.core")
+    with_rows = stores("llama", "int4")
+    rows_nbytes = sum(e.nbytes for e in open_store(with_rows).down_rows.values())
+
+    def drop(path):
+        manifest = json.loads((path / "manifest.json").read_text())
+        del manifest["down_rows"], manifest["files"]["down_rows.bin"]
+        for i in range(manifest["config"]["n_layers"]):
+            del manifest["tensors"][layer_key(i, "ffn_down")]
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    older = _int4_copy(stores, tmp_path, drop)
+    for backend in ("cpu", "mlx"):
+        read = [fi.load(p, backend=backend).reader.stats.bytes_read for p in (with_rows, older)]
+        if backend == "cpu":
+            assert read[0] - read[1] >= rows_nbytes
+        else:
+            assert read[0] == read[1]
+
+
 def test_codec_per_tensor_group(tiny_gguf, tmp_path):
     """A codec spec sets each group's codec; the manifest records it; the store runs."""
     path = convert(tiny_gguf("gemma3"), tmp_path / "mixed", "int8,ffn=pal3,embed=int4")

@@ -82,6 +82,12 @@ class Backend:
         """Whether `prepare_ffn` keeps a dense FFN of this codec and shape in its own form."""
         return False
 
+    def takes_down_rows(self, codec: Codec) -> bool:
+        """Whether `prepare_ffn` multiplies by the store's down projection by row where one
+        is given (then the runtime reads it; a backend that prepares from the bundles' down
+        columns says no, and nothing is read for it)."""
+        return False
+
     def prepare(self, codec: Codec, raw: np.ndarray, cols: int,
                 alone: bool = False) -> Prepared | None:
         """A resident matrix in this backend's own form, or None to compute from `raw`.

@@ -91,6 +91,9 @@ class CpuBackend(Backend):
             return None
         return onnx_matmul.OnnxMatMul(codec, raw, cols, self.threads, alone)
 
+    def takes_down_rows(self, codec: Codec) -> bool:
+        return codec.down_by_row  # OnnxFFN multiplies by them instead of re-encoding
+
     def prepare_ffn(self, codec: Codec, raw: np.ndarray, hidden: int, activation: str,
                     alone: bool = False, down_rows: np.ndarray | None = None
                     ) -> Prepared | None:

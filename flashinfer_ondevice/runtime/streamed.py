@@ -166,8 +166,9 @@ class StreamedWeights:
         """An FFN's down projection by row (store/down_rows.py), where the store keeps it
         and the backend prepares the FFN."""
         entry = (self.store.down_rows or {}).get(ffn.name)
-        if entry is None or not self.backend.prepares_ffn(codec(ffn.codec), ffn.cols,
-                                                          ffn.rows):
+        ffn_codec = codec(ffn.codec)
+        if entry is None or not self.backend.takes_down_rows(ffn_codec) or \
+                not self.backend.prepares_ffn(ffn_codec, ffn.cols, ffn.rows):
             return None
         reader = DirectReader(entry.path, threads=4, stats=self.reader.stats)
         try:
