@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flashinfer_ondevice.functional import ACTIVATIONS, rms_norm
-from flashinfer_ondevice.quant import block_palette_fit, palette_fit
+from flashinfer_ondevice.quant import block_palette_fit, block_palette_kernels, palette_fit
 from flashinfer_ondevice.quant.codecs import (
     CODECS,
     InputStats,
@@ -126,6 +126,38 @@ def test_kernels_match_the_numpy_decode(name):
     np.testing.assert_allclose(gates, act(g @ x), rtol=1e-4, atol=1e-6)
     c.bundle_ffn(bundles, selected, x, "gelu_tanh", gates[selected], hidden_act, out)
     np.testing.assert_allclose(out, expected_h @ d[selected], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", BLOCK_PALETTES)
+def test_block_palette_kernels_agree_on_both_sides_of_the_table_limit(name):
+    """At 2 and 3 bits rows up to the width whose partial-sum table fits LUT_MAX_BYTES are
+    multiplied from that table, wider ones by gathering from the grid: both match the
+    decode, in every kernel (a single FFN bundle row is as wide as the model)."""
+    c = codec(name)
+    rng = np.random.default_rng(6)
+    widths = [w for w in (640, 2048, 4352, 8448) if c.supports(w)]
+    uses_table = [block_palette_kernels.lut_entries(c.bits, w) > 0 for w in widths]
+    if c.bits == 4:
+        assert not any(uses_table)
+    else:
+        assert uses_table[0] and not uses_table[-1]
+    for width in widths:
+        x = rng.standard_normal(width).astype(np.float32)
+        raw = c.encode(rows(6, width, seed=width))
+        dense = c.decode_reference(raw, width)
+        out = np.empty(6, np.float32)
+        c.matvec(raw, x, out)
+        np.testing.assert_allclose(out, dense @ x, rtol=1e-4, atol=1e-4)
+        bundles = np.concatenate([raw[:2], raw[2:4], raw[4:]], axis=1)
+        gate_act = np.empty(2, np.float32)
+        c.gate_activations(bundles, x, "gelu_tanh", gate_act)
+        act = ACTIVATIONS["gelu_tanh"]
+        np.testing.assert_allclose(gate_act, act(dense[:2] @ x), rtol=1e-4, atol=1e-5)
+        hidden_act, ffn_out = np.empty(2, np.float32), np.empty(width, np.float32)
+        c.bundle_ffn(bundles, np.arange(2), x, "gelu_tanh", None, hidden_act, ffn_out)
+        expected = act(dense[:2] @ x) * (dense[2:4] @ x)
+        np.testing.assert_allclose(hidden_act, expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ffn_out, expected @ dense[4:], rtol=1e-4, atol=1e-5)
 
 
 def test_weighted_kmeans_spends_the_palette_where_inputs_are_large():
