@@ -183,7 +183,20 @@ def _decode_row(row, bits, grid, a, table, scales, out):
 
 @njit(cache=True, inline="always", fastmath=True)
 def _add_scaled_row(row, a, bits, grid, table, scales, acc, scratch):
-    """acc += a * decode(row)."""
+    """acc += a * decode(row); at 4 bits added in place a block at a time (Gemma 3's
+    2048-neuron FFN, one thread: 1.12 -> 1.03 ms; decoding into scratch first measured no
+    slower at 2 and 3 bits)."""
+    if bits == 4:
+        blocks = acc.shape[0] // BLOCK
+        _prepare(row, grid, blocks, table, scales)
+        p = row[2 * blocks:]
+        for b in range(blocks):
+            s = scales[b] * a
+            for k in range(16):
+                c = p[16 * b + k]
+                acc[32 * b + 2 * k] += s * table[c & 15]
+                acc[32 * b + 2 * k + 1] += s * table[c >> 4]
+        return
     _decode_row(row, bits, grid, a, table, scales, scratch)
     for j in range(acc.shape[0]):
         acc[j] += scratch[j]
