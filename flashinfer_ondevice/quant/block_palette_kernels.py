@@ -81,6 +81,15 @@ def _build_lut(x, bits, grid, lut):
                 lut[k + lo] = grid[lo] * x0 + t
 
 
+@njit(cache=True)
+def _partial_sums(x, bits, grid):
+    """The partial-sum table for x, or an empty array where the kernels gather instead."""
+    lut = np.empty(lut_entries(bits, x.shape[0]), np.float32)
+    if lut.shape[0]:
+        _build_lut(x, bits, grid, lut)
+    return lut
+
+
 @njit(cache=True, inline="always", fastmath=True)
 def _lut_dot(row, bits, lut, blocks):
     """Dot product of one encoded row with the x its table was built from."""
@@ -219,10 +228,8 @@ def matvec(raw, x, bits, grid, out):
     on Gemma 3's 262144 x 640 bpal4 output layer, 2 threads, 31-35 ms a row at a time, 21-22
     ms so; at 3 and 2 bits pairs measured 1.25-1.4x slower on 8192 x 640)."""
     n = raw.shape[0]
-    entries = lut_entries(bits, x.shape[0])
-    if entries:
-        lut = np.empty(entries, np.float32)
-        _build_lut(x, bits, grid, lut)
+    lut = _partial_sums(x, bits, grid)
+    if lut.shape[0]:
         for r in prange(n):
             out[r] = _lut_dot(raw[r], bits, lut, x.shape[0] // BLOCK)
         return
@@ -250,10 +257,8 @@ def matvec(raw, x, bits, grid, out):
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def gate_activations(raw, x, bits, grid, activation, out):
     """out[i] = act(gate_i . x), gate_i being the first row of raw[i]."""
-    entries = lut_entries(bits, x.shape[0])
-    if entries:
-        lut = np.empty(entries, np.float32)
-        _build_lut(x, bits, grid, lut)
+    lut = _partial_sums(x, bits, grid)
+    if lut.shape[0]:
         for i in prange(raw.shape[0]):
             out[i] = activate(_lut_dot(raw[i], bits, lut, x.shape[0] // BLOCK), activation)
         return
@@ -271,10 +276,7 @@ def bundled_ffn(raw, rows, x, bits, grid, row_nbytes, activation, gate_act, hidd
     parts = max(1, min(n, FFN_PARTS))
     hidden = x.shape[0]
     partial = np.zeros((parts, hidden), np.float32)
-    entries = lut_entries(bits, hidden)
-    lut = np.empty(max(entries, 1), np.float32)
-    if entries:
-        _build_lut(x, bits, grid, lut)
+    lut = _partial_sums(x, bits, grid)
     for p in prange(parts):
         acc = partial[p]
         scratch = np.empty(hidden, np.float32)
@@ -284,7 +286,7 @@ def bundled_ffn(raw, rows, x, bits, grid, row_nbytes, activation, gate_act, hidd
         for j in range(p * n // parts, (p + 1) * n // parts):
             i = rows[j]
             up_row = raw[i, row_nbytes:2 * row_nbytes]
-            if entries:
+            if lut.shape[0]:
                 up = _lut_dot(up_row, bits, lut, hidden // BLOCK)
                 h = gate_act[j] * up if known else \
                     activate(_lut_dot(raw[i, :row_nbytes], bits, lut, hidden // BLOCK),
