@@ -216,6 +216,30 @@ def test_corrupt_stores_are_refused(stores, tmp_path, edit, message):
     assert message in _corrupt(stores, tmp_path, edit)
 
 
+def test_stores_of_another_codec_revision_are_refused(stores, tmp_path):
+    """A store records the revision of every codec (the block palettes' tables became
+    cubics in revision 2): one whose tensors were written at another revision is refused
+    with the codec named and "convert again", since its bytes meant other weights."""
+    source = stores("llama", "bpal4")
+    manifest = json.loads((source / "manifest.json").read_text())
+    assert manifest["codec_revisions"]["bpal4"] == codec("bpal4").revision == 2
+    assert open_store(source).codec == "bpal4"
+    for change, message in [
+            (lambda m: m.pop("codec_revisions"), "bpal4 tensors of codec revision 1"),
+            (lambda m: m["codec_revisions"].update(bpal4=3), "revision 3; this runtime"),
+            (lambda m: m["codec_revisions"].update(bpal4="2"), "not a whole number")]:
+        path = tmp_path / f"store-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(source, path)
+        _edit_manifest(change)(path)
+        with pytest.raises(StoreError, match=message):
+            open_store(path)
+    # a revision recorded for a codec the store does not use does not matter
+    path = tmp_path / "other-codec"
+    shutil.copytree(source, path)
+    _edit_manifest(lambda m: m["codec_revisions"].update(int8=7))(path)
+    assert open_store(path).codec == "bpal4"
+
+
 def test_int4_stores_keep_the_down_projection_by_row(stores, tiny_gguf):
     """An int4 store also holds each down projection by row, encoded once from the source
     (store/down_rows.py); an int8 store, whose re-encoding is near-lossless, does not."""

@@ -37,6 +37,7 @@ from ..store import down_rows
 from ..store.format import (
     ALIGN,
     FORMAT,
+    REVISIONS,
     VERSION,
     WEIGHTS,
     align_up,
@@ -298,6 +299,7 @@ def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_
                 "config": dataclasses.asdict(config), "tokenizer": tokenizer,
                 "chat_template": checkpoint.chat_template, "source": source.name,
                 "files": files, "tensors": out.tensors,
+                REVISIONS: {name: c.revision for name, c in CODECS.items()},
             }
             if down_out is not None:
                 manifest["tensors"].update(down_out.tensors)

@@ -3,8 +3,11 @@ straight from scale + index bytes.
 
 A row (quant/codecs.py) is [scales: one float16 per BLOCK weights][indices: b bits each,
 packed little-endian, 8 indices in b bytes, as the per-row palettes pack them]. The table
-(`grid`, 2^b float32 values) is the codec's, the same for every row, so a kernel gathers
-from one small array that stays in L1 and multiplies each block's sum once by its scale.
+(`grid`, 2^b float32 values) is the codec's, the same for every row, and is a cubic in the
+index (`cubic`): dot products gather from the table (a small array that stays in L1), while
+the loops that add decoded rows (the FFN's down columns, decoding for prefill) compute each
+weight from the cubic, which vectorizes where a gather does not (Gemma 3's 2048-neuron FFN
+down, one thread: 4 bits 0.48 -> 0.24 ms, 3 bits 0.40 -> 0.31, 2 bits -> 0.25).
 
 At 2 and 3 bits the dot products read a table of partial sums instead (T-MAC's idea, here
 over the codec's grid): built once per input vector, it holds, for every packed group of
@@ -33,13 +36,22 @@ LUT_MAX_BYTES = 1 << 20  # past this the table spills from L2 (3584 x 18944 at 2
 
 
 @njit(cache=True, inline="always")
-def _prepare(row, grid, blocks, table, scales):
-    """table = grid (a stack copy the gathers read), scales[b] = the row's block scales."""
+def _byte(row, at, j):
+    """row[at + j] for an unsigned offset `at`: indices numba knows are not negative, so it
+    does not check them, and the loops reading them vectorize (rows are read from the whole
+    bundle row at an offset, never from a slice of it, whose layout numba does not know)."""
+    return row[at + np.uint64(j)]
+
+
+@njit(cache=True, inline="always")
+def _prepare(row, at, grid, blocks, table, scales):
+    """table = grid (a stack copy the gathers read), scales[b] = the block scales of the
+    encoded row at row[at:]."""
     for i in range(grid.shape[0]):
         table[i] = grid[i]
-    halves = row[:2 * blocks].view(np.uint16)
     for b in range(blocks):
-        scales[b] = half_to_float(halves[b])
+        scales[b] = half_to_float(np.uint16(_byte(row, at, 2 * b)) |
+                                  (np.uint16(_byte(row, at, 2 * b + 1)) << 8))
 
 
 @njit(cache=True, inline="always")
@@ -91,29 +103,31 @@ def _partial_sums(x, bits, grid):
 
 
 @njit(cache=True, inline="always", fastmath=True)
-def _lut_dot(row, bits, lut, blocks):
-    """Dot product of one encoded row with the x its table was built from."""
-    halves = row[:2 * blocks].view(np.uint16)
-    p = row[2 * blocks:]
+def _lut_dot(row, at, bits, lut, blocks):
+    """Dot product of the encoded row at row[at:] with the x its table was built from."""
+    p = at + np.uint64(2 * blocks)
     acc = np.float32(0.0)
     for b in range(blocks):
         s0, s1, s2, s3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
         if bits == 2:  # 8 bytes a block
             for j in range(8 * b, 8 * b + 8, 4):
-                s0 += lut[(j << 8) | p[j]]
-                s1 += lut[((j + 1) << 8) | p[j + 1]]
-                s2 += lut[((j + 2) << 8) | p[j + 2]]
-                s3 += lut[((j + 3) << 8) | p[j + 3]]
+                s0 += lut[(j << 8) | _byte(row, p, j)]
+                s1 += lut[((j + 1) << 8) | _byte(row, p, j + 1)]
+                s2 += lut[((j + 2) << 8) | _byte(row, p, j + 2)]
+                s3 += lut[((j + 3) << 8) | _byte(row, p, j + 3)]
         else:  # 4 groups of 3 bytes (four pairs) a block
             for g in range(4 * b, 4 * b + 4):
-                w = np.uint32(p[3 * g]) | (np.uint32(p[3 * g + 1]) << 8) | \
-                    (np.uint32(p[3 * g + 2]) << 16)
+                w = np.uint32(_byte(row, p, 3 * g)) | \
+                    (np.uint32(_byte(row, p, 3 * g + 1)) << 8) | \
+                    (np.uint32(_byte(row, p, 3 * g + 2)) << 16)
                 base = g << 8
                 s0 += lut[base | (w & 63)]
                 s1 += lut[(base + 64) | ((w >> 6) & 63)]
                 s2 += lut[(base + 128) | ((w >> 12) & 63)]
                 s3 += lut[(base + 192) | (w >> 18)]
-        acc += half_to_float(halves[b]) * ((s0 + s1) + (s2 + s3))
+        acc += half_to_float(np.uint16(_byte(row, at, 2 * b)) |
+                             (np.uint16(_byte(row, at, 2 * b + 1)) << 8)) * \
+            ((s0 + s1) + (s2 + s3))
     return acc
 
 
@@ -123,102 +137,126 @@ def _lut_dot(row, bits, lut, blocks):
 # flat loop, not the 16-iteration one).
 
 @njit(cache=True, inline="always", fastmath=True)
-def _row_dot(row, x, bits, grid, table, scales):
-    """Dot product of one encoded row with x."""
+def _row_dot(row, at, x, bits, grid, table, scales):
+    """Dot product of the encoded row at row[at:] with x."""
     blocks = x.shape[0] // BLOCK
-    _prepare(row, grid, blocks, table, scales)
-    p = row[2 * blocks:]
-    per_group, shift = _groups(bits)
+    _prepare(row, at, grid, blocks, table, scales)
+    p = at + np.uint64(2 * blocks)
     acc = np.float32(0.0)
+    if bits == 4:
+        for j in range(x.shape[0] // 2):
+            c = _byte(row, p, j)
+            acc += (table[c & 15] * x[2 * j] + table[c >> 4] * x[2 * j + 1]) * scales[j >> 4]
+        return acc
+    packed = row[int(p):]  # wider rows than the partial-sum table takes, at 2 and 3 bits
+    per_group, shift = _groups(bits)
     for j in range(x.shape[0] // per_group):
-        acc += gather_dot(p, j, x, bits, table) * scales[j >> shift]
+        acc += gather_dot(packed, j, x, bits, table) * scales[j >> shift]
     return acc
 
 
 @njit(cache=True, inline="always", fastmath=True)
-def _pair_dot(first, second, x, bits, grid, table, first_scales, second_scales):
-    """(first . x, second . x) for two encoded rows in one pass over x (each x value loaded
-    once for both; the FFN's gate and up rows, or neighbouring rows of a matrix). Measured on
-    Gemma 3's 2048-neuron bpal4 FFN, 2 threads: the bundled kernel 1.1 ms with two _row_dot
-    calls, 0.6 ms with this."""
+def _pair_dot(row, at, other_row, other_at, x, bits, grid, table, scales, other_scales):
+    """(row . x, other row . x) for two encoded rows (at row[at:], other_row[other_at:]) in
+    one pass over x (each x value loaded once for both; the FFN's gate and up rows, or
+    neighbouring rows of a matrix). Measured on Gemma 3's 2048-neuron bpal4 FFN, 2 threads:
+    the bundled kernel 1.1 ms with two _row_dot calls, 0.6 ms with this."""
     blocks = x.shape[0] // BLOCK
-    _prepare(first, grid, blocks, table, first_scales)
-    _prepare(second, grid, blocks, table, second_scales)
-    p, q = first[2 * blocks:], second[2 * blocks:]
+    _prepare(row, at, grid, blocks, table, scales)
+    _prepare(other_row, other_at, grid, blocks, table, other_scales)
+    p, q = at + np.uint64(2 * blocks), other_at + np.uint64(2 * blocks)
     a, b = np.float32(0.0), np.float32(0.0)
     if bits == 4:  # the loop written out for 4 bits: x loaded once for both rows
         for j in range(x.shape[0] // 2):
-            x0, x1, c, d = x[2 * j], x[2 * j + 1], p[j], q[j]
-            a += (table[c & 15] * x0 + table[c >> 4] * x1) * first_scales[j >> 4]
-            b += (table[d & 15] * x0 + table[d >> 4] * x1) * second_scales[j >> 4]
+            x0, x1 = x[2 * j], x[2 * j + 1]
+            c, d = _byte(row, p, j), _byte(other_row, q, j)
+            a += (table[c & 15] * x0 + table[c >> 4] * x1) * scales[j >> 4]
+            b += (table[d & 15] * x0 + table[d >> 4] * x1) * other_scales[j >> 4]
         return a, b
+    packed, other_packed = row[int(p):], other_row[int(q):]
     per_group, shift = _groups(bits)
     for j in range(x.shape[0] // per_group):
-        a += gather_dot(p, j, x, bits, table) * first_scales[j >> shift]
-        b += gather_dot(q, j, x, bits, table) * second_scales[j >> shift]
+        a += gather_dot(packed, j, x, bits, table) * scales[j >> shift]
+        b += gather_dot(other_packed, j, x, bits, table) * other_scales[j >> shift]
     return a, b
 
 
 @njit(cache=True, inline="always", fastmath=True)
-def _decode_row(row, bits, grid, a, table, scales, out):
-    """out = a * decode(row) for one row."""
-    blocks = out.shape[0] // BLOCK
-    _prepare(row, grid, blocks, table, scales)
-    for b in range(blocks):
-        scales[b] *= a
-    p = row[2 * blocks:]
-    if bits == 4:
-        for j in range(out.shape[0] // 2):
-            b = p[j]
-            s = scales[j >> 4]
-            out[2 * j] = s * table[b & 15]
-            out[2 * j + 1] = s * table[b >> 4]
-    elif bits == 2:
-        for j in range(out.shape[0] // 4):
-            b = p[j]
-            s = scales[j >> 3]
-            out[4 * j] = s * table[b & 3]
-            out[4 * j + 1] = s * table[(b >> 2) & 3]
-            out[4 * j + 2] = s * table[(b >> 4) & 3]
-            out[4 * j + 3] = s * table[b >> 6]
-    else:
-        for g in range(out.shape[0] // 8):
-            w = np.uint32(p[3 * g]) | (np.uint32(p[3 * g + 1]) << 8) | \
-                (np.uint32(p[3 * g + 2]) << 16)
-            s = scales[g >> 2]
-            for i in range(8):
-                out[8 * g + i] = s * table[(w >> np.uint32(3 * i)) & 7]
+def _weight(index, d3, d2, d1, d0):
+    """grid[index] computed from the codec's cubic (quant/codecs.py): no gather, so the
+    loops that add decoded rows vectorize (the coefficients are passed as scalars: read from
+    their array inside a loop that stores to acc, they would be reloaded every time)."""
+    u = np.float32(index)
+    return ((d3 * u + d2) * u + d1) * u + d0
+
+
+@njit(cache=True, inline="always")
+def _unpack(row, start, bits, n, indices):
+    """indices[:n] = the n indices packed in row[start:] (start unsigned), one byte each."""
+    if bits == 2:
+        for j in range(n // 4):
+            b = row[start + np.uint64(j)]
+            indices[4 * j] = b & 3
+            indices[4 * j + 1] = (b >> 2) & 3
+            indices[4 * j + 2] = (b >> 4) & 3
+            indices[4 * j + 3] = b >> 6
+        return
+    for g in range(n // 8):
+        at = start + np.uint64(3 * g)
+        w = np.uint32(row[at]) | (np.uint32(row[at + np.uint64(1)]) << 8) | \
+            (np.uint32(row[at + np.uint64(2)]) << 16)
+        indices[8 * g] = w & 7
+        indices[8 * g + 1] = (w >> 3) & 7
+        indices[8 * g + 2] = (w >> 6) & 7
+        indices[8 * g + 3] = (w >> 9) & 7
+        indices[8 * g + 4] = (w >> 12) & 7
+        indices[8 * g + 5] = (w >> 15) & 7
+        indices[8 * g + 6] = (w >> 18) & 7
+        indices[8 * g + 7] = w >> 21
 
 
 @njit(cache=True, inline="always", fastmath=True)
-def _add_scaled_row(row, a, bits, grid, table, scales, acc, scratch):
-    """acc += a * decode(row); at 4 bits added in place a block at a time (Gemma 3's
-    2048-neuron FFN, one thread: 1.12 -> 1.03 ms; decoding into scratch first measured no
-    slower at 2 and 3 bits)."""
-    if bits == 4:
-        blocks = acc.shape[0] // BLOCK
-        _prepare(row, grid, blocks, table, scales)
-        p = row[2 * blocks:]
-        for b in range(blocks):
-            s = scales[b] * a
-            for k in range(16):
-                c = p[16 * b + k]
-                acc[32 * b + 2 * k] += s * table[c & 15]
-                acc[32 * b + 2 * k + 1] += s * table[c >> 4]
-        return
-    _decode_row(row, bits, grid, a, table, scales, scratch)
-    for j in range(acc.shape[0]):
-        acc[j] += scratch[j]
+def _add_scaled_row(row, start, a, bits, cubic, scales, indices, acc, overwrite):
+    """acc += a * decode(the encoded row at row[start:]), or acc = a * decode(...) where
+    `overwrite`, a block at a time with each weight computed from the cubic. Gemma 3's
+    2048-neuron FFN down at 4 bits, one thread: gathering from the grid 0.48 ms, computing
+    0.29 ms. What keeps it vectorized (each measured): the coefficients and the block scales
+    in scalars and a float32 array before the loop, and the bytes read from the whole bundle
+    row at an unsigned offset (a slice of the row has a layout numba cannot vectorize over,
+    and a signed offset makes it check for negative indices: 0.37-0.86 ms). At 2 and 3 bits
+    the indices are unpacked into `indices` first (unpacking in the same loop: 3 bits 0.85
+    ms)."""
+    blocks = acc.shape[0] // BLOCK
+    at = np.uint64(start)
+    for b in range(blocks):
+        i = at + np.uint64(2 * b)
+        scales[b] = half_to_float(np.uint16(row[i]) | (np.uint16(row[i + np.uint64(1)]) << 8)) * a
+    at += np.uint64(2 * blocks)
+    d3, d2, d1, d0 = cubic[0], cubic[1], cubic[2], cubic[3]
+    if bits != 4:
+        _unpack(row, at, bits, acc.shape[0], indices)
+    if overwrite:
+        acc[:] = 0.0
+    for b in range(blocks):
+        s = scales[b]
+        if bits == 4:
+            for k in range(BLOCK // 2):
+                c = row[at + np.uint64(BLOCK // 2 * b + k)]
+                acc[BLOCK * b + 2 * k] += s * _weight(c & 15, d3, d2, d1, d0)
+                acc[BLOCK * b + 2 * k + 1] += s * _weight(c >> 4, d3, d2, d1, d0)
+        else:
+            for k in range(BLOCK):
+                acc[BLOCK * b + k] += s * _weight(indices[BLOCK * b + k], d3, d2, d1, d0)
 
 
 @njit(cache=True, nogil=True)
-def decode(raw, bits, grid, out):
+def decode(raw, bits, cubic, out):
     """out[r] = the float32 values of row raw[r]. Serial, as palette_kernels.decode (prefill
     calls it between BLAS products)."""
-    table = np.empty(grid.shape[0], np.float32)
     scales = np.empty(out.shape[1] // BLOCK, np.float32)
+    indices = np.empty(out.shape[1], np.uint8)
     for r in range(raw.shape[0]):
-        _decode_row(raw[r], bits, grid, np.float32(1.0), table, scales, out[r])
+        _add_scaled_row(raw[r], 0, np.float32(1.0), bits, cubic, scales, indices, out[r], True)
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
@@ -228,30 +266,31 @@ def matvec(raw, x, bits, grid, out):
     on Gemma 3's 262144 x 640 bpal4 output layer, 2 threads, 31-35 ms a row at a time, 21-22
     ms so; at 3 and 2 bits pairs measured 1.25-1.4x slower on 8192 x 640)."""
     n = raw.shape[0]
+    start = np.uint64(0)
     lut = _partial_sums(x, bits, grid)
     if lut.shape[0]:
         for r in prange(n):
-            out[r] = _lut_dot(raw[r], bits, lut, x.shape[0] // BLOCK)
+            out[r] = _lut_dot(raw[r], np.uint64(0), bits, lut, x.shape[0] // BLOCK)
         return
     if bits != 4:
         for r in prange(n):
             table = np.empty(grid.shape[0], np.float32)
             scales = np.empty(x.shape[0] // BLOCK, np.float32)
-            out[r] = _row_dot(raw[r], x, bits, grid, table, scales)
+            out[r] = _row_dot(raw[r], np.uint64(0), x, bits, grid, table, scales)
         return
-    for pair in prange(n // 2):
+    for pair in prange((n + 1) // 2):
         table = np.empty(grid.shape[0], np.float32)
         scales = np.empty(x.shape[0] // BLOCK, np.float32)
         second_scales = np.empty(x.shape[0] // BLOCK, np.float32)
         r = 2 * pair
-        a, b = _pair_dot(raw[r], raw[r + 1], x, bits, grid, table, scales, second_scales)
-        out[r], out[r + 1] = a, b
-    if n % 2:  # the last row paired with itself: the same arithmetic as in a pair, so a
-        # row's product does not depend on where its matrix (or streamed chunk) starts
-        table = np.empty(grid.shape[0], np.float32)
-        scales = np.empty(x.shape[0] // BLOCK, np.float32)
-        out[n - 1] = _pair_dot(raw[n - 1], raw[n - 1], x, bits, grid, table, scales,
-                               np.empty(x.shape[0] // BLOCK, np.float32))[0]
+        # an odd count's last row is paired with itself, through this same code: the
+        # compiler may order a sum differently in a second copy of it, and a row's product
+        # must not depend on where its matrix (or streamed chunk) starts
+        second = min(r + 1, n - 1)
+        a, b = _pair_dot(raw[r], start, raw[second], start, x, bits, grid, table, scales,
+                         second_scales)
+        out[r] = a
+        out[second] = b
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
@@ -260,16 +299,18 @@ def gate_activations(raw, x, bits, grid, activation, out):
     lut = _partial_sums(x, bits, grid)
     if lut.shape[0]:
         for i in prange(raw.shape[0]):
-            out[i] = activate(_lut_dot(raw[i], bits, lut, x.shape[0] // BLOCK), activation)
+            out[i] = activate(_lut_dot(raw[i], np.uint64(0), bits, lut, x.shape[0] // BLOCK),
+                              activation)
         return
     for i in prange(raw.shape[0]):
         table = np.empty(grid.shape[0], np.float32)
         scales = np.empty(x.shape[0] // BLOCK, np.float32)
-        out[i] = activate(_row_dot(raw[i], x, bits, grid, table, scales), activation)
+        out[i] = activate(_row_dot(raw[i], np.uint64(0), x, bits, grid, table, scales), activation)
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def bundled_ffn(raw, rows, x, bits, grid, row_nbytes, activation, gate_act, hidden_act, out):
+def bundled_ffn(raw, rows, x, bits, grid, cubic, row_nbytes, activation, gate_act, hidden_act,
+                out):
     """FFN over the bundles raw[rows] for one token; see quant/kernels.bundled_ffn."""
     n = rows.shape[0]
     known = gate_act.shape[0] == n
@@ -279,41 +320,41 @@ def bundled_ffn(raw, rows, x, bits, grid, row_nbytes, activation, gate_act, hidd
     lut = _partial_sums(x, bits, grid)
     for p in prange(parts):
         acc = partial[p]
-        scratch = np.empty(hidden, np.float32)
+        indices = np.empty(hidden, np.uint8)
         table = np.empty(grid.shape[0], np.float32)
         scales = np.empty(hidden // BLOCK, np.float32)
         up_scales = np.empty(hidden // BLOCK, np.float32)
         for j in range(p * n // parts, (p + 1) * n // parts):
             i = rows[j]
-            up_row = raw[i, row_nbytes:2 * row_nbytes]
+            bundle, up_at = raw[i], np.uint64(row_nbytes)
             if lut.shape[0]:
-                up = _lut_dot(up_row, bits, lut, hidden // BLOCK)
+                up = _lut_dot(bundle, up_at, bits, lut, hidden // BLOCK)
                 h = gate_act[j] * up if known else \
-                    activate(_lut_dot(raw[i, :row_nbytes], bits, lut, hidden // BLOCK),
+                    activate(_lut_dot(bundle, np.uint64(0), bits, lut, hidden // BLOCK),
                              activation) * up
             elif known:
-                h = gate_act[j] * _row_dot(up_row, x, bits, grid, table, scales)
+                h = gate_act[j] * _row_dot(bundle, up_at, x, bits, grid, table, scales)
             else:
-                gate, up = _pair_dot(raw[i, :row_nbytes], up_row, x, bits, grid, table,
+                gate, up = _pair_dot(bundle, np.uint64(0), bundle, up_at, x, bits, grid, table,
                                      scales, up_scales)
                 h = activate(gate, activation) * up
             hidden_act[j] = h
             if h != 0.0:
-                _add_scaled_row(raw[i, 2 * row_nbytes:3 * row_nbytes], h, bits, grid, table,
-                                scales, acc, scratch)
+                _add_scaled_row(bundle, 2 * row_nbytes, h, bits, cubic, scales, indices, acc,
+                                False)
     sum_parts(partial, out)
 
 
-def warm_up(bits: int, grid: np.ndarray) -> None:
+def warm_up(bits: int, grid: np.ndarray, cubic: np.ndarray) -> None:
     """Load (or compile) every kernel now (see quant/kernels.warm_up)."""
     x = np.zeros(BLOCK, np.float32)
     out = np.zeros(1, np.float32)
     nbytes = 2 + BLOCK * bits // 8
     raw = np.zeros((1, nbytes), np.uint8)
     matvec(raw, x, bits, grid, out)
-    decode(raw, bits, grid, np.zeros((1, BLOCK), np.float32))
+    decode(raw, bits, cubic, np.zeros((1, BLOCK), np.float32))
     bundles = np.zeros((1, 3 * nbytes), np.uint8)
     for gate_act in (np.zeros(0, np.float32), np.zeros(1, np.float32)):
-        bundled_ffn(bundles, np.zeros(1, np.int64), x, bits, grid, nbytes, 0, gate_act,
+        bundled_ffn(bundles, np.zeros(1, np.int64), x, bits, grid, cubic, nbytes, 0, gate_act,
                     np.zeros(1, np.float32), np.zeros(BLOCK, np.float32))
     gate_activations(bundles, x, bits, grid, 0, out)

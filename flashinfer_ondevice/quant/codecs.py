@@ -18,9 +18,9 @@ for one token; the store, the planner, the runtime and the CLI learn codecs from
         index per weight (8 indices in b bytes)   b + 2^(b+4)/cols bits/weight
         (4.4, 3.2, 2.1 on 640-wide rows)
   bpal4, bpal3, bpal2
-        block-scaled palettes: one fixed table of 2^b values for all rows,
-        a float16 scale per block of 32 and a b-bit index per weight
-        (indices packed as the palettes')                  b + 0.5 bits/weight
+        block-scaled palettes: one fixed table of 2^b values for all rows
+        (a cubic in the index), a float16 scale per block of 32 and a b-bit
+        index per weight (indices packed as the palettes')  b + 0.5 bits/weight
 
 A row of a grouped codec is `[scales][payload]`; scales are float32 (not float16) so the
 numba kernels (quant/kernels.py) read them directly. A palette row is `[table][indices]`,
@@ -66,6 +66,9 @@ class Codec:
 
     name: ClassVar[str]
     bits: ClassVar[int]  # bits per stored value
+    # raised whenever the meaning of the bytes changes; a store records the revision of each
+    # codec it holds, and one written at another revision is refused (store/reader.py)
+    revision: ClassVar[int] = 1
     fused: ClassVar[bool] = False  # whether its one-token kernels read the bytes directly
     fits_inputs: ClassVar[bool] = False  # whether encode() uses calibration's InputStats
     # whether a store of this FFN codec also keeps each down projection by row (grouped along
@@ -380,7 +383,8 @@ class _BlockPalette(Codec):
 
     fused = True
     fits_inputs = True
-    grid: ClassVar[np.ndarray]  # ascending float32, largest magnitude 1
+    cubic: ClassVar[np.ndarray]  # (d3, d2, d1, d0): grid[i] = ((d3 i + d2) i + d1) i + d0
+    grid: ClassVar[np.ndarray]  # the cubic at 0 .. 2^bits - 1: ascending, largest magnitude 1
 
     def supports(self, cols: int) -> bool:
         return cols % block_palette_fit.BLOCK == 0
@@ -418,7 +422,7 @@ class _BlockPalette(Codec):
 
     def decode(self, raw: np.ndarray, cols: int) -> np.ndarray:
         out = np.empty((len(raw), cols), np.float32)
-        block_palette_kernels.decode(np.ascontiguousarray(raw), self.bits, self.grid, out)
+        block_palette_kernels.decode(np.ascontiguousarray(raw), self.bits, self.cubic, out)
         return out
 
     def decode_reference(self, raw: np.ndarray, cols: int) -> np.ndarray:
@@ -429,7 +433,7 @@ class _BlockPalette(Codec):
         return np.repeat(scales, block_palette_fit.BLOCK, axis=1) * self.grid[indices]
 
     def warm_up(self) -> None:
-        block_palette_kernels.warm_up(self.bits, self.grid)
+        block_palette_kernels.warm_up(self.bits, self.grid, self.cubic)
 
     def matvec(self, raw, x, out) -> None:
         block_palette_kernels.matvec(raw, x, self.bits, self.grid, out)
@@ -440,36 +444,54 @@ class _BlockPalette(Codec):
 
     def bundle_ffn(self, raw, rows, x, activation, gate_act, hidden_act, out) -> None:
         known = _NONE if gate_act is None else np.ascontiguousarray(gate_act, np.float32)
-        block_palette_kernels.bundled_ffn(raw, rows, x, self.bits, self.grid,
+        block_palette_kernels.bundled_ffn(raw, rows, x, self.bits, self.grid, self.cubic,
                                           self.row_nbytes(len(x)),
                                           ACTIVATION_KINDS[activation], known, hidden_act, out)
 
 
-def _grid(values: list[float]) -> np.ndarray:
-    grid = np.array(sorted(values), np.float32)
-    return grid / np.abs(grid).max()
+def _cubic(values: list[float]) -> np.ndarray:
+    """(d3, d2, d1, d0), float32: the cubic in the index (0 .. len(values) - 1) nearest the
+    sorted `values` by least squares, scaled so its largest value at an index has magnitude
+    1. The grids below are this cubic's values, so kernels that add decoded rows compute a
+    weight (three multiply-adds, which vectorize) instead of gathering it from the table."""
+    index = np.arange(len(values))
+    coefficients = np.polyfit(index, np.sort(np.asarray(values, np.float64)), 3)
+    return (coefficients / np.abs(np.polyval(coefficients, index)).max()).astype(np.float32)
+
+
+def _values(cubic: np.ndarray, n: int) -> np.ndarray:
+    """The cubic at 0 .. n - 1 in float32, as the kernels evaluate it (Horner's rule)."""
+    d3, d2, d1, d0 = cubic
+    u = np.arange(n, dtype=np.float32)
+    return ((d3 * u + d2) * u + d1) * u + d0
 
 
 @register
 class BPal4(_BlockPalette):
-    # IQ4_NL's table (ggml's kvalues_iq4nl): non-uniform, denser near zero, with one value
-    # near zero and the wider side negative; the block scale's search picks the sign
-    name, bits = "bpal4", 4
-    grid = _grid([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
+    # IQ4_NL's table (ggml's kvalues_iq4nl: non-uniform, denser near zero, with one value
+    # near zero and the wider side negative) as a cubic in the index, within 1/127 of it;
+    # the block scale's search picks the sign
+    name, bits, revision = "bpal4", 4, 2
+    cubic = _cubic([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
+    grid = _values(cubic, 16)
 
 
 @register
 class BPal3(_BlockPalette):
-    # the 8-level Lloyd-Max quantizer of a unit Gaussian (Max 1960)
-    name, bits = "bpal3", 3
-    grid = _grid([-2.152, -1.344, -0.756, -0.2451, 0.2451, 0.756, 1.344, 2.152])
+    # the 8-level Lloyd-Max quantizer of a unit Gaussian (Max 1960), as a cubic in the index
+    # (within 0.7% of it)
+    name, bits, revision = "bpal3", 3, 2
+    cubic = _cubic([-2.152, -1.344, -0.756, -0.2451, 0.2451, 0.756, 1.344, 2.152])
+    grid = _values(cubic, 8)
 
 
 @register
 class BPal2(_BlockPalette):
-    # the 4-level Lloyd-Max quantizer of a unit Gaussian (Max 1960)
-    name, bits = "bpal2", 2
-    grid = _grid([-1.510, -0.4528, 0.4528, 1.510])
+    # the 4-level Lloyd-Max quantizer of a unit Gaussian (Max 1960): four points, a cubic
+    # through them exactly
+    name, bits, revision = "bpal2", 2, 2
+    cubic = _cubic([-1.510, -0.4528, 0.4528, 1.510])
+    grid = _values(cubic, 4)
 
 
 def codec(name: str) -> Codec:

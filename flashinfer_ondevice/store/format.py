@@ -1,6 +1,7 @@
 """Flash store layout: names, version and the manifest records.
 
-    STORE/manifest.json     format, version, codec, config, files (size, sha256), tensors
+    STORE/manifest.json     format, version, codec, config, files (size, sha256), tensors,
+                            codec_revisions (each codec's revision, quant/codecs.py)
     STORE/weights.bin       every tensor, each starting on a 4096-byte boundary
     STORE/tokenizer.gguf    (GGUF sources) the source's metadata, no tensors
     STORE/tokenizer.json    (HF sources) plus tokenizer_config.json, generation_config.json
@@ -29,6 +30,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.bin"
 ALIGN = 4096
 MAX_MANIFEST_BYTES = 64 << 20
+REVISIONS = "codec_revisions"  # {codec name: revision} of the codecs its tensors use (absent: 1)
 UNFINISHED = "unfinished"  # marker of a folder a convert is still writing (or was killed in)
 
 _building: set[str] = set()  # unfinished folders this process is writing (it may open them)

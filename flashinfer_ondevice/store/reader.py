@@ -1,8 +1,9 @@
 """Open a flash store: validate the manifest against the files before reading any weight.
 
-Checked: format and version, codecs, every file name (a plain name inside the store), every
-file's size, every tensor's shape against the config, its byte range against its file and
-its alignment; with `verify`, each file's SHA-256. Any problem is a one-line `StoreError`.
+Checked: format and version, codecs and the revision each was written at, every file name
+(a plain name inside the store), every file's size, every tensor's shape against the config,
+its byte range against its file and its alignment; with `verify`, each file's SHA-256. Any
+problem is a one-line `StoreError`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ..quant.codecs import CODECS
 from ..schema import expected_tensors, layer_key
 from ..values import describe, integer
 from . import down_rows as down_rows_record
-from .format import ALIGN, FORMAT, MANIFEST, MAX_MANIFEST_BYTES, VERSION, unfinished
+from .format import ALIGN, FORMAT, MANIFEST, MAX_MANIFEST_BYTES, REVISIONS, VERSION, unfinished
 from .head_proxy import expected_shapes as proxy_expected_shapes
 from .head_proxy import parse_rank
 from .quality_record import Quality, parse_quality
@@ -127,6 +128,21 @@ def _entry(path: Path, name: str, info, shape: tuple[int, int],
         _fail(path, f"tensor {name} lies outside its file or is not {ALIGN}-aligned "
                     "(truncated?)")
     return entry
+
+
+def _check_revisions(path: Path, recorded, entries: list[TensorEntry]) -> None:
+    """Refuse a store holding a codec written at another revision than this runtime's (its
+    bytes meant something else then): a one-line error that says to convert again."""
+    if not isinstance(recorded, dict):
+        _fail(path, f"{REVISIONS} is not an object")
+    for name in sorted({entry.codec for entry in entries} - {"f32"}):
+        revision = recorded.get(name, 1)
+        if type(revision) is not int:
+            _fail(path, f"{REVISIONS}[{name!r}] is {describe(revision)}, not a whole number")
+        if revision != CODECS[name].revision:
+            raise StoreError(f"store {path} holds {name} tensors of codec revision {revision}; "
+                             f"this runtime reads {name} revision {CODECS[name].revision} "
+                             f"(remove the store and convert the model again)")
 
 
 def open_store(path: str | Path, verify: bool = False) -> Store:
@@ -246,6 +262,9 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
     template = manifest.get("chat_template")
     if template is not None and not isinstance(template, str):
         _fail(path, "chat_template is not a string")
+    _check_revisions(path, manifest.get(REVISIONS, {}),
+                     [*tensors.values(), *(head_proxy or {}).values(),
+                      *(down_rows or {}).values()])
     return Store(path, store_codec, config, tensors, tokenizer, template,
                  sizes.get("weights.bin", 0),
                  sparsity, head_proxy, quality, down_rows)
