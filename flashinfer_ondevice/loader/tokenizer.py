@@ -17,8 +17,10 @@ from ..detokenize import ByteDetokenizer, IncrementalDetokenizer, StreamingDetok
 from ..errors import ModelFileError
 from ..memory import release_freed_memory
 from ..values import describe, integer
+from .gguf_header import read_header
 from .gguf_vocab import check_vocabulary_file
 from .llama_backend import check_vocabulary, load_llama_cpp
+from .spm_encoder import SpmEncoder
 
 
 class Tokenizer(Protocol):
@@ -104,12 +106,13 @@ class GGUFTokenizer:
 
 
 class LeanGGUFTokenizer:
-    """GGUF tokenizer for tight memory budgets: llama.cpp's vocabulary (~45 MB for 262k
-    tokens) is loaded only while encoding and freed afterwards; decoding uses a compact piece
-    table (token bytes + offsets, written into the store at convert time)."""
+    """GGUF tokenizer for tight memory budgets: encodes with the compact SentencePiece encoder
+    where it gives llama.cpp's ids (~8 MB for 262k tokens), else loads llama.cpp's vocabulary
+    (~45 MB) only while encoding and frees it afterwards; decoding uses a compact piece table
+    (token bytes + offsets, written into the store at convert time)."""
 
     def __init__(self, gguf_path: Path, pieces: np.ndarray, offsets: np.ndarray, bos_id,
-                 eog_ids, bos_text: str):
+                 eog_ids, bos_text: str, encoder: SpmEncoder | None = None):
         if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != len(pieces) or \
                 np.any(np.diff(offsets) < 0):
             raise ModelFileError(f"{gguf_path.parent}: corrupt token piece table")
@@ -120,9 +123,12 @@ class LeanGGUFTokenizer:
         self.bos_id = bos_id
         self.eog_ids = frozenset(eog_ids)
         self._bos_text = bos_text
+        self._encoder = encoder
         self.before_encode: Callable[[], None] | None = None  # frees room for the vocabulary
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
+        if self._encoder is not None:
+            return self._encoder.encode(text, add_special)
         if self.before_encode is not None:
             self.before_encode()
         tokenizer = GGUFTokenizer(self._gguf_path)
@@ -143,6 +149,28 @@ class LeanGGUFTokenizer:
 
     def special_text(self, token: int) -> str:
         return self._bos_text if token == self.bos_id else self.decode([token])
+
+
+# Text the compact encoder must encode as llama.cpp does before a store uses it: prose,
+# whitespace runs, byte fallback, spaces beside special tokens (completed per vocabulary with
+# some of its own special tokens, see compact_encoder).
+_PROBE = ("Hello world!  Two  spaces,\ttabs\t\tand\n\nnewlines\n\n\n. Ünïcödé 日本語 🤖 "
+          "\u2581 <0x41> x=1;y=2 ")
+
+
+def compact_encoder(gguf_path: Path, reference: GGUFTokenizer) -> SpmEncoder | None:
+    """The compact SentencePiece encoder of the vocabulary at `gguf_path` if it encodes a
+    probe text exactly as llama.cpp (`reference`, the same vocabulary) does; else None."""
+    encoder = SpmEncoder.for_vocabulary(read_header(gguf_path))
+    if encoder is None:
+        return None
+    specials = encoder.special_texts()
+    probe = _PROBE + " ".join(specials[:32] + specials[-32:]) + _PROBE + \
+        "".join(specials[:8]) + "end"
+    for add_special in (True, False):
+        if encoder.encode(probe, add_special) != reference.encode(probe, add_special):
+            return None
+    return encoder
 
 
 class HFTokenizer:

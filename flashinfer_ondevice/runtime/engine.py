@@ -30,6 +30,7 @@ from ..loader.tokenizer import (
     HFTokenizer,
     LeanGGUFTokenizer,
     Tokenizer,
+    compact_encoder,
     read_json,
 )
 from ..memory import current_rss_bytes, release_freed_memory
@@ -136,7 +137,8 @@ def sparse_settings(store: Store, budget: int | None, selector: str | None,
 
 def _tokenizer(store: Store, lean: bool) -> tuple[Tokenizer, int]:
     """The store's tokenizer and the bytes it briefly needs to encode (lean GGUF tokenizers
-    load llama.cpp's vocabulary only while encoding, freeing it after)."""
+    encode with the compact SentencePiece encoder where it matches llama.cpp, needing nothing
+    more, else load llama.cpp's vocabulary only while encoding, freeing it after)."""
     path, record = store.path, store.tokenizer
     if record["kind"] == "hf":
         return HFTokenizer(path, read_json(path / "config.json") or {}), 0
@@ -147,8 +149,10 @@ def _tokenizer(store: Store, lean: bool) -> tuple[Tokenizer, int]:
     if not lean:
         return GGUFTokenizer(path / "tokenizer.gguf"), 0
     before = current_rss_bytes()
-    GGUFTokenizer(path / "tokenizer.gguf")  # measure what encoding will briefly need
+    reference = GGUFTokenizer(path / "tokenizer.gguf")  # what encoding would briefly need
     transient = current_rss_bytes() - before
+    encoder = compact_encoder(path / "tokenizer.gguf", reference)
+    del reference
     release_freed_memory()
     try:
         pieces = np.fromfile(path / "pieces.bin", dtype=np.uint8)
@@ -163,7 +167,7 @@ def _tokenizer(store: Store, lean: bool) -> tuple[Tokenizer, int]:
         raise corrupt(path, "its token piece table or special tokens do not fit the "
                             "vocabulary")
     return LeanGGUFTokenizer(path / "tokenizer.gguf", pieces, offsets, bos_id, eog_ids,
-                             bos_text), transient
+                             bos_text, encoder), 0 if encoder is not None else transient
 
 
 def _token_id(value, n: int) -> bool:
