@@ -23,7 +23,6 @@ the encoder against llama.cpp on a probe text when it opens a store (runtime/eng
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_right
 
 import numpy as np
 from numba import njit
@@ -34,6 +33,8 @@ from .gguf_header import GGUFHeader, LazyArray
 SPACE = "\u2581"  # SentencePiece's visible space
 _SPECIAL_TYPES = (2, 3, 4)  # llama_token_type: unknown, control, user-defined
 _EMPTY = np.int32(-1)
+_HEAD = 4  # characters of a special token that are looked for first (Gemma's 6,242
+# "<unused...>" tokens share one head, so a text without it is scanned once for them all)
 
 
 @njit(cache=True, inline="always")
@@ -183,6 +184,7 @@ class SpmEncoder:
         self._byte_ids = np.array([self._id(f"<0x{b:02X}>".encode()) for b in range(256)],
                                   np.int32)
         self._specials = specials
+        self._heads = {text[:_HEAD] for text, _ in specials}
         self._add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
         self._add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
         self._add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
@@ -256,23 +258,32 @@ class SpmEncoder:
 
     def _partition(self, text: str) -> list[str | int]:
         """The text as plain fragments and special token ids, llama.cpp's way: longest
-        special first; within what is still plain, each occurrence left to right."""
+        special first; within what is still plain, each occurrence left to right. Work per
+        special token present is linear in the fragments so far (no list surgery per
+        occurrence)."""
         plain = [(0, len(text))] if text else []  # sorted (start, end) of the plain regions
         specials: list[tuple[int, int]] = []  # (start, token id)
+        heads = {head for head in self._heads if head in text}  # one scan per shared head
         for piece, token in self._specials:
-            if piece not in text:
+            if piece[:_HEAD] not in heads or piece not in text:
                 continue
-            pos = text.find(piece)
+            starts, k, pos = [], 0, text.find(piece)
             while pos >= 0:
-                k = bisect_right(plain, (pos, len(text) + 1)) - 1
-                end = pos + len(piece)
-                if k >= 0 and end <= plain[k][1]:
-                    a, b = plain[k]
-                    plain[k:k + 1] = [r for r in ((a, pos), (end, b)) if r[0] < r[1]]
-                    specials.append((pos, token))
-                    pos = text.find(piece, end)
+                while k < len(plain) and plain[k][1] <= pos:
+                    k += 1
+                if k == len(plain):
+                    break
+                a, b = plain[k]
+                if pos < a:  # inside a special cut out before: look on from this region
+                    pos = text.find(piece, a)
+                elif pos + len(piece) <= b:
+                    starts.append(pos)
+                    pos = text.find(piece, pos + len(piece))
                 else:
                     pos = text.find(piece, pos + 1)
+            if starts:
+                plain = _cut(plain, starts, len(piece))
+                specials += [(start, token) for start in starts]
         parts: list[tuple[int, str | int]] = [(a, text[a:b]) for a, b in plain]
         parts += specials
         return [part for _, part in sorted(parts, key=lambda item: item[0])]
@@ -280,6 +291,22 @@ class SpmEncoder:
     def _id(self, text: bytes) -> int:
         data = np.frombuffer(text, np.uint8)
         return int(_find(self._texts, self._offsets, self._table, data, 0, data.shape[0]))
+
+
+def _cut(plain: list[tuple[int, int]], starts: list[int], n: int) -> list[tuple[int, int]]:
+    """The plain regions without [start, start + n) for each of the sorted `starts` (each
+    inside one region)."""
+    out, j = [], 0
+    for a, b in plain:
+        cursor = a
+        while j < len(starts) and starts[j] < b:
+            if starts[j] > cursor:
+                out.append((cursor, starts[j]))
+            cursor = starts[j] + n
+            j += 1
+        if cursor < b:
+            out.append((cursor, b))
+    return out
 
 
 def _file_bytes(header: GGUFHeader, array: LazyArray) -> np.ndarray:
