@@ -206,6 +206,8 @@ class SpmEncoder:
             return None
         tokens = meta["tokenizer.ggml.tokens"]
         n = tokens.count
+        if not isinstance(tokens, LazyArray) or not 0 <= 8 * n <= tokens.nbytes:
+            raise ModelFileError(f"{header.path}: tokenizer.ggml.tokens is malformed")
         texts = np.empty(tokens.nbytes - 8 * n, np.uint8)
         offsets = np.zeros(n + 1, np.int64)
         if not _read_strings(_file_bytes(header, tokens), n, texts, offsets):
@@ -224,7 +226,15 @@ class SpmEncoder:
         if not all(_no_partial_overlaps(group) for group in by_length.values()):
             return None
         specials.sort(key=lambda item: -len(item[0].encode()))  # longest first, as llama.cpp
-        return cls(header, texts, offsets, specials)
+        encoder = cls(header, texts, offsets, specials)
+        return encoder if encoder.ids_fit(n) else None
+
+    def ids_fit(self, n: int) -> bool:
+        """Whether every id this encoder can add on its own (BOS, EOS, byte fallbacks) is one
+        of the n tokens."""
+        added = [*(self._bos,) * self._add_bos, *(self._eos,) * self._add_eos]
+        return all(type(i) is int and 0 <= i < n for i in added) and \
+            bool((self._byte_ids >= 0).all())
 
     def special_texts(self) -> list[str]:
         """The texts of the special tokens, longest first."""
@@ -236,7 +246,7 @@ class SpmEncoder:
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         ids: list[int] = []
-        if add_special and self._add_bos and self._bos >= 0:
+        if add_special and self._add_bos:
             ids.append(self._bos)
         prev_special = True  # a leading space goes before the first fragment
         for fragment in self._partition(text):
@@ -252,7 +262,7 @@ class SpmEncoder:
                         self._byte_ids, out)
             ids.extend(out[:n].tolist())
             prev_special = False
-        if add_special and self._add_eos and self._eos >= 0:
+        if add_special and self._add_eos:
             ids.append(self._eos)
         return ids
 
