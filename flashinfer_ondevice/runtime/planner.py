@@ -183,8 +183,9 @@ class Plan:
                 + f"scratch {self.scratch_bytes / mb:.1f} MB, "
                 f"prompt batches of {self.prefill_batch} tokens "
                 f"{self.prefill_bytes / mb:.1f} MB, tokenizer and runtime "
-                f"{self.overhead_bytes / mb:.1f} MB "
-                f"(+{self.transient_bytes / mb:.1f} MB while encoding)\n"
+                f"{self.overhead_bytes / mb:.1f} MB"
+                + ("" if not self.transient_bytes else
+                   f" (+{self.transient_bytes / mb:.1f} MB while encoding)") + "\n"
                 + ("" if self.kv_resident_tokens is None else
                    f"  KV spill: global layers keep their last {self.kv_resident_tokens} "
                    "positions in DRAM, older ones are written to flash and read back "
