@@ -123,7 +123,7 @@ def quality_worker(system: str, model: str, source: str, budget: int, threads: i
     first (the float32 reference, loaded after, must not count in the plan's memory)."""
     import flashinfer_ondevice as fi
 
-    ours = load_ours(system, model, budget, threads)
+    ours = load_ours(system, model, budget, threads, ctx_size=CTX)  # chunks of CTX tokens
     reference = fi.load(source, backend="reference", threads=threads)
     ids = reference.tokenize(eval_text(), add_special=False)[:tokens]
     result = quality({"ours": ours}, reference, ids, reference.tokenizer.bos_id)
