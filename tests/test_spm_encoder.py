@@ -5,16 +5,19 @@ llama.cpp's vocabulary."""
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
 import pytest
-from tiny_models import vocabulary
+from tiny_models import add_tokenizer, vocabulary
 
 from flashinfer_ondevice.loader.gguf_header import read_header
 from flashinfer_ondevice.loader.spm_encoder import SpmEncoder
-from flashinfer_ondevice.loader.tokenizer import GGUFTokenizer, LeanGGUFTokenizer
+from flashinfer_ondevice.loader.tokenizer import GGUFTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PIECES = list("abcdeXYZ .,;!?'\"\n\t  ") + [
@@ -66,13 +69,7 @@ def write_vocabulary(path: Path, extra: list[tuple[str, int]], model: str = "lla
     scores += [-0.5 * (i + 1) for i in range(len(merged))] + [0.0] * len(extra)
     types += [1] * len(merged) + [kind for _, kind in extra]
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tokenizer_model(model)
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
+    add_tokenizer(writer, tokens, scores, types, model)
     if space_prefix is not None:
         writer.add_add_space_prefix(space_prefix)
     writer.write_header_to_file()
@@ -101,12 +98,25 @@ def test_vocabularies_it_cannot_match_are_refused(tmp_path):
     assert SpmEncoder.for_vocabulary(read_header(bpe)) is None
 
 
-def test_budgeted_session_encodes_without_llama_cpp_vocabulary(gemma_store):
-    from flashinfer_ondevice.runtime.engine import open_store_session
+BUDGETED_CHILD = """
+import json, sys
+from flashinfer_ondevice.loader.tokenizer import LeanGGUFTokenizer
+from flashinfer_ondevice.runtime.engine import open_store_session
+session = open_store_session(sys.argv[1], memory_budget="60%", ctx_size=256)
+print(json.dumps({"lean": isinstance(session.tokenizer, LeanGGUFTokenizer),
+                  "transient": session.plan.transient_bytes,
+                  "ids": session.tokenizer.encode(sys.argv[2])}))
+"""
 
-    session = open_store_session(gemma_store, memory_budget="60%", ctx_size=256)
-    assert isinstance(session.tokenizer, LeanGGUFTokenizer)
-    assert session.plan.transient_bytes == 0
+
+def test_budgeted_session_encodes_without_llama_cpp_vocabulary(gemma_store):
+    """In a fresh process, as a user opens it (a budget counts the memory the process gained
+    since it started, so this runs apart from the tests' own)."""
     text = "<start_of_turn>user\nWhat is  a flash store?<end_of_turn>\n"
-    assert session.tokenizer.encode(text) == \
-        GGUFTokenizer(gemma_store / "tokenizer.gguf").encode(text)
+    child = subprocess.run([sys.executable, "-c", BUDGETED_CHILD, str(gemma_store), text],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr
+    opened = json.loads(child.stdout)
+    assert opened["lean"] and opened["transient"] == 0
+    assert opened["ids"] == GGUFTokenizer(gemma_store / "tokenizer.gguf").encode(text)
+

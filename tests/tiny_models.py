@@ -22,6 +22,18 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
+def add_tokenizer(writer: gguf.GGUFWriter, tokens: list[str], scores: list[float],
+                  types: list[int], model: str = "llama") -> None:
+    """The tokenizer keys of a GGUF: the vocabulary, with <unk> 0, BOS 1 and EOS 2."""
+    writer.add_tokenizer_model(model)
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+
+
 SHAPES = {
     "llama": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128),
     "qwen2": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128),
@@ -89,15 +101,8 @@ def write_gguf(path: Path, arch: str, seed: int = 0, chat_template: str | None =
     writer.add_rope_freq_base(10000.0 if arch != "gemma3" else 1e6)
     if arch == "gemma3":
         writer.add_sliding_window(4)
-    tokens, scores, types = vocabulary()
-    writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
+    add_tokenizer(writer, *vocabulary())
     writer.add_add_bos_token(True)
     if chat_template:
         writer.add_chat_template(chat_template)

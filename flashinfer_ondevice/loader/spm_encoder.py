@@ -2,7 +2,7 @@
 
 llama.cpp's vocabulary for Gemma 3 (262k tokens) takes ~45 MB while it is loaded; at a 25%
 budget that transient decided which stores could run at all. This encoder holds the same
-vocabulary in ~6 MB of numpy arrays (the token bytes, their offsets and scores, an
+vocabulary in ~8 MB of numpy arrays (the token bytes, their offsets and scores, an
 open-addressing hash table over them) and encodes the way llama.cpp's SPM tokenizer does:
 
 1. Special tokens (control, user-defined and unknown types: Gemma's "<start_of_turn>", its
@@ -14,7 +14,7 @@ open-addressing hash table over them) and encodes the way llama.cpp's SPM tokeni
 3. Adjacent symbols merge, highest-scoring vocabulary entry first (ties: leftmost), until no
    neighbouring pair forms a token; a symbol that is no token becomes its bytes' <0xAB> tokens.
 
-Only vocabularies where this is exact are accepted (`SpmEncoder.supports`): SentencePiece
+Only vocabularies where this is exact are accepted (`SpmEncoder.for_vocabulary`): SentencePiece
 ("llama") models whose special tokens of equal length can never overlap in part (llama.cpp
 sorts them by length only, so their order would otherwise decide). The runtime also checks
 the encoder against llama.cpp on a probe text when it opens a store (runtime/engine.py).
@@ -149,7 +149,7 @@ def _encode(data, texts, offsets, scores, table, byte_ids, out):
 @njit(cache=True)
 def _read_strings(raw, count, texts, offsets):
     """GGUF string array items (u64 length, bytes) from raw into texts/offsets; False if
-    they do not fit the array's bytes."""
+    they do not fit the array's bytes (GGUFHeader.array would make 262k bytes objects)."""
     pos, used = 0, 0
     for i in range(count):
         if pos + 8 > raw.shape[0]:
@@ -165,6 +165,21 @@ def _read_strings(raw, count, texts, offsets):
         used += n
         offsets[i + 1] = used
     return used == texts.shape[0]
+
+
+def warm_up() -> None:
+    """Compile the kernels (or load them from numba's cache) on a two-token vocabulary, with
+    the array types real vocabularies give them, so that compiling counts in the process
+    baseline rather than in a memory budget (runtime/engine.process_baseline)."""
+    raw = np.frombuffer(b"\x01" + bytes(7) + b"a" + b"\x01" + bytes(7) + b"b", np.uint8).copy()
+    texts, offsets = np.empty(2, np.uint8), np.zeros(3, np.int64)
+    _read_strings(raw, 2, texts, offsets)
+    table = np.full(4, _EMPTY, np.int32)
+    _build_table(texts, offsets, table)
+    data = np.frombuffer(b"ab", np.uint8)
+    _find(texts, offsets, table, data, 0, 1)
+    _encode(data, texts, offsets, np.zeros(2, np.float32), table, np.zeros(256, np.int32),
+            np.empty(2, np.int32))
 
 
 class SpmEncoder:
@@ -213,10 +228,11 @@ class SpmEncoder:
         if not _read_strings(_file_bytes(header, tokens), n, texts, offsets):
             raise ModelFileError(f"{header.path}: tokenizer.ggml.tokens is malformed")
         types = header.array("tokenizer.ggml.token_type")
-        special_ids = [] if types is None else np.flatnonzero(np.isin(types, _SPECIAL_TYPES))
+        special_ids = [] if types is None else \
+            np.flatnonzero(np.isin(types, _SPECIAL_TYPES)).tolist()
         by_length: dict[int, list[bytes]] = {}
         specials = []
-        for token in special_ids.tolist() if len(special_ids) else []:
+        for token in special_ids:
             text = texts[offsets[token]:offsets[token + 1]].tobytes()
             try:
                 specials.append((text.decode("utf-8"), token))

@@ -23,6 +23,7 @@ from ..backends.base import Backend
 from ..config import ModelConfig
 from ..errors import ArgumentError, FlashInferError, os_error_line
 from ..kv_cache import check_cache_type
+from ..loader import spm_encoder
 from ..loader.gguf_vocab import check_vocabulary_file
 from ..loader.llama_backend import LlamaCppError, llama_cpp_available, load_llama_cpp
 from ..loader.tokenizer import (
@@ -78,9 +79,11 @@ class Session:
 @functools.cache
 def process_baseline() -> int:
     """The process's resident memory with the runtime loaded: numpy, the compiled kernels
-    and llama.cpp's library (when installed). Budgets count memory above it. Taken once."""
+    (the codecs' and the SentencePiece encoder's) and llama.cpp's library (when installed).
+    Budgets count memory above it. Taken once."""
     for known in CODECS.values():
         known.warm_up()
+    spm_encoder.warm_up()
     if llama_cpp_available():  # only GGUF tokenizers need it; they report its errors
         with contextlib.suppress(LlamaCppError):
             load_llama_cpp()
