@@ -128,6 +128,26 @@ def test_kernels_match_the_numpy_decode(name):
     np.testing.assert_allclose(out, expected_h @ d[selected], rtol=1e-4, atol=1e-6)
 
 
+def test_bpal3_stores_its_codes_in_a_low_and_a_high_plane():
+    """bpal3's levels are a sum of a low part (a cubic in the low 2 bits) and a step times
+    the high bit, and its rows hold the codes as documented (docs/store-format.md): the low
+    2 bits packed four to a byte, then the high bits eight to a byte, lowest first."""
+    c = codec("bpal3")
+    d3, d2, d1, d0, step = c.cubic.astype(np.float64)
+    low = np.array([((d3 * u + d2) * u + d1) * u + d0 for u in range(4)])
+    np.testing.assert_allclose(c.levels, np.concatenate([low, low + step]), atol=1e-6)
+    np.testing.assert_array_equal(np.sort(c.levels), c.grid)
+    codes = np.random.default_rng(3).integers(0, 8, (1, 64))
+    w = c.levels[codes] * 0.25  # exact values at scale 0.25: each decodes to its own code
+    raw = c.encode(w)
+    payload = raw[0, 2 * (64 // block_palette_fit.BLOCK):]
+    low_plane, high_plane = payload[:16], payload[16:]
+    for j in range(64):
+        assert (low_plane[j // 4] >> (2 * (j % 4))) & 3 == codes[0, j] & 3
+        assert (high_plane[j // 8] >> (j % 8)) & 1 == codes[0, j] >> 2
+    np.testing.assert_array_equal(c.decode_reference(raw, 64), w)
+
+
 @pytest.mark.parametrize("name", BLOCK_PALETTES)
 def test_block_palette_kernels_agree_on_both_sides_of_the_table_limit(name):
     """At 2 and 3 bits rows up to the width whose partial-sum table fits LUT_MAX_BYTES are

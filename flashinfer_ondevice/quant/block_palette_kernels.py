@@ -1,25 +1,31 @@
 """Fused numba kernels of the block-scaled palette codecs (bpal4, bpal3, bpal2): products
 straight from scale + index bytes.
 
-A row (quant/codecs.py) is [scales: one float16 per BLOCK weights][indices: b bits each,
-packed little-endian, 8 indices in b bytes, as the per-row palettes pack them]. The table
-(`grid`, 2^b float32 values) is the codec's, the same for every row, and is a cubic in the
-index (`cubic`): dot products gather from the table (a small array that stays in L1), while
-the loops that add decoded rows (the FFN's down columns, decoding for prefill) compute each
-weight from the cubic, which vectorizes where a gather does not (Gemma 3's 2048-neuron FFN
-down, one thread: 4 bits 0.48 -> 0.24 ms, 3 bits 0.40 -> 0.31, 2 bits -> 0.25).
+A row (quant/codecs.py) is [scales: one float16 per BLOCK weights][codes]. At 4 and 2 bits
+the codes are b-bit indices packed little-endian, 8 in b bytes, as the per-row palettes pack
+them; at 3 bits they are two planes: the low 2 bits of every code packed as at 2 bits, then
+the high bit of every code, 8 to a byte (lowest first). The table (`levels`, 2^b float32
+values by code) is the codec's, the same for every row, and `cubic` computes it: the cubic
+in the code, at 3 bits the cubic in the low bits plus `high` times the high bit. Dot
+products gather from the table (a small array that stays in L1), while the loops that add
+decoded rows (the FFN's down columns, decoding for prefill) compute each weight from the
+cubic, which vectorizes where a gather does not (Gemma 3's 2048-neuron FFN down, one thread:
+4 bits 0.48 -> 0.24 ms, 3 bits 0.40 -> 0.31, 2 bits -> 0.25).
 
-At 2 and 3 bits the dot products read a table of partial sums instead (T-MAC's idea, here
-over the codec's grid): built once per input vector, it holds, for every packed group of
-indices (a byte of four 2-bit indices; 6 bits, two 3-bit indices), the sum of grid[index] *
-x over that group for every value its bits can take, so a row costs one load per 4 (2 bits)
-or 2 (3 bits) weights and no multiply but one per block. Measured on 8192 x 640, 2 threads:
-2 bits 0.68 -> 0.37 ms, 3 bits 0.92 -> 0.73 ms (4 bits gathering: 0.54; a table of byte
-sums measured 2x slower than gathering at 4 bits, and one of 9-bit groups at 3 bits 1.4x
-slower on 1024 x 640 for its 4x larger table, so 4 bits gather and 3 bits take pairs). The
-table is used while it stays within LUT_MAX_BYTES (in the caches): the choice depends on the
-codec and the row width only, so a row's product never depends on the rows beside it.
-Same entry points and conventions as quant/kernels.py and quant/palette_kernels.py.
+At 2 and 3 bits the dot products read tables of partial sums instead (T-MAC's idea, here
+over the codec's levels): built once per input vector, they hold, for every byte of codes
+(four 2-bit codes or low planes; eight high bits), the sum of its values times x over the
+weights it covers, for each of its 256 values, so a row costs one load per 4 weights at 2
+bits, 3 per 8 at 3 bits, and no multiply but one per block. This is why bpal3's table is
+a sum of a low and a high part: its bytes hold whole groups, no code straddles two, and the
+high plane's table is 8 weights wide. Measured on 8192 x 640, 2 threads (Intel): 2 bits
+0.68 -> 0.37 ms, 3 bits 0.92 (gathering) -> 0.73 (a table of 6-bit pairs of indices packed
+8 in 3 bytes); 4 bits gathering 0.54 (a table of byte sums measured 2x slower there). On
+Gemma 3's 262144 x 640 output layer (AMD EPYC, 2 threads) the two planes take 10.8 ms,
+bpal4 20.2, bpal2 7.6 (the pairs took 1.1-1.2x bpal4's time). The tables are used while
+they stay within LUT_MAX_BYTES (in the caches): the choice depends on the codec and the row
+width only, so a row's product never depends on the rows beside it. Same entry points and
+conventions as quant/kernels.py and quant/palette_kernels.py.
 """
 
 from __future__ import annotations
@@ -44,61 +50,57 @@ def _byte(row, at, j):
 
 
 @njit(cache=True, inline="always")
-def _prepare(row, at, grid, blocks, table, scales):
-    """table = grid (a stack copy the gathers read), scales[b] = the block scales of the
+def _prepare(row, at, levels, blocks, table, scales):
+    """table = levels (a stack copy the gathers read), scales[b] = the block scales of the
     encoded row at row[at:]."""
-    for i in range(grid.shape[0]):
-        table[i] = grid[i]
+    for i in range(levels.shape[0]):
+        table[i] = levels[i]
     for b in range(blocks):
         scales[b] = half_to_float(np.uint16(_byte(row, at, 2 * b)) |
                                   (np.uint16(_byte(row, at, 2 * b + 1)) << 8))
 
 
-@njit(cache=True, inline="always")
-def _groups(bits):
-    """(indices per packed group of gather_dot, shift): group j is in block j >> shift."""
-    per_group = 8 // bits if bits != 3 else 8
-    return per_group, 5 - (1 if bits == 4 else 2 if bits == 2 else 3)
-
-
 @njit(cache=True)
 def lut_entries(bits, cols):
-    """float32 entries of the partial-sum table for rows of `cols` weights (256 per byte of
-    2-bit indices, 64 per 3-bit pair); 0 where the kernels gather from the grid instead."""
-    entries = cols * 64 if bits == 2 else cols * 32 if bits == 3 else 0
+    """float32 entries of the partial-sum tables for rows of `cols` weights (256 per byte of
+    2-bit codes or low planes, then at 3 bits 256 per byte of high bits); 0 where the
+    kernels gather from the levels instead."""
+    entries = cols * 64 if bits == 2 else cols * 96 if bits == 3 else 0
     return entries if 4 * entries <= LUT_MAX_BYTES else 0
 
 
 @njit(cache=True, fastmath=True)
-def _build_lut(x, bits, grid, lut):
-    """lut = the partial sums of grid values times x, for every packed group (see above)."""
-    if bits == 2:
-        for j in range(x.shape[0] // 4):
-            x0, x1, x2, x3 = x[4 * j], x[4 * j + 1], x[4 * j + 2], x[4 * j + 3]
-            for c3 in range(4):
-                for c2 in range(4):
-                    t = grid[c3] * x3 + grid[c2] * x2
-                    for c1 in range(4):
-                        u = t + grid[c1] * x1
-                        k = (j << 8) + (c3 << 6) + (c2 << 4) + (c1 << 2)
-                        for c0 in range(4):
-                            lut[k + c0] = grid[c0] * x0 + u
-        return
-    for j in range(x.shape[0] // 2):
-        x0, x1 = x[2 * j], x[2 * j + 1]
-        for hi in range(8):
-            t = grid[hi] * x1
-            k = (j << 6) + (hi << 3)
-            for lo in range(8):
-                lut[k + lo] = grid[lo] * x0 + t
+def _build_lut(x, bits, levels, lut):
+    """lut = the partial sums of the levels times x, for every byte of codes (see above):
+    the 2-bit codes' (at 3 bits the low planes', whose codes 0..3 have no high bit), then
+    at 3 bits the high bits', from cols * 64 on."""
+    for j in range(x.shape[0] // 4):
+        x0, x1, x2, x3 = x[4 * j], x[4 * j + 1], x[4 * j + 2], x[4 * j + 3]
+        for c3 in range(4):
+            for c2 in range(4):
+                t = levels[c3] * x3 + levels[c2] * x2
+                for c1 in range(4):
+                    u = t + levels[c1] * x1
+                    k = (j << 8) + (c3 << 6) + (c2 << 4) + (c1 << 2)
+                    for c0 in range(4):
+                        lut[k + c0] = levels[c0] * x0 + u
+    if bits == 3:  # a byte of high bits: the step times the sum of x where a bit is set
+        step = levels[4] - levels[0]
+        for m in range(x.shape[0] // 8):
+            base = x.shape[0] * 64 + (m << 8)
+            lut[base] = 0.0
+            for bit in range(8):
+                v = step * x[8 * m + bit]
+                for below in range(1 << bit):
+                    lut[base + (below | (1 << bit))] = lut[base + below] + v
 
 
 @njit(cache=True)
-def _partial_sums(x, bits, grid):
+def _partial_sums(x, bits, levels):
     """The partial-sum table for x, or an empty array where the kernels gather instead."""
     lut = np.empty(lut_entries(bits, x.shape[0]), np.float32)
     if lut.shape[0]:
-        _build_lut(x, bits, grid, lut)
+        _build_lut(x, bits, levels, lut)
     return lut
 
 
@@ -106,25 +108,22 @@ def _partial_sums(x, bits, grid):
 def _lut_dot(row, at, bits, lut, blocks):
     """Dot product of the encoded row at row[at:] with the x its table was built from."""
     p = at + np.uint64(2 * blocks)
+    q = p + np.uint64(8 * blocks)  # 3 bits: the high plane, after the low one
+    high = BLOCK * blocks * 64  # 3 bits: where the high plane's sums start in lut
     acc = np.float32(0.0)
     for b in range(blocks):
         s0, s1, s2, s3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
-        if bits == 2:  # 8 bytes a block
-            for j in range(8 * b, 8 * b + 8, 4):
-                s0 += lut[(j << 8) | _byte(row, p, j)]
-                s1 += lut[((j + 1) << 8) | _byte(row, p, j + 1)]
-                s2 += lut[((j + 2) << 8) | _byte(row, p, j + 2)]
-                s3 += lut[((j + 3) << 8) | _byte(row, p, j + 3)]
-        else:  # 4 groups of 3 bytes (four pairs) a block
-            for g in range(4 * b, 4 * b + 4):
-                w = np.uint32(_byte(row, p, 3 * g)) | \
-                    (np.uint32(_byte(row, p, 3 * g + 1)) << 8) | \
-                    (np.uint32(_byte(row, p, 3 * g + 2)) << 16)
-                base = g << 8
-                s0 += lut[base | (w & 63)]
-                s1 += lut[(base + 64) | ((w >> 6) & 63)]
-                s2 += lut[(base + 128) | ((w >> 12) & 63)]
-                s3 += lut[(base + 192) | (w >> 18)]
+        for j in range(8 * b, 8 * b + 8, 4):  # 8 bytes of 2-bit codes (low planes) a block
+            s0 += lut[(j << 8) | _byte(row, p, j)]
+            s1 += lut[((j + 1) << 8) | _byte(row, p, j + 1)]
+            s2 += lut[((j + 2) << 8) | _byte(row, p, j + 2)]
+            s3 += lut[((j + 3) << 8) | _byte(row, p, j + 3)]
+        if bits == 3:  # and 4 bytes of high bits
+            m = 4 * b
+            s0 += lut[high + ((m << 8) | _byte(row, q, m))]
+            s1 += lut[high + (((m + 1) << 8) | _byte(row, q, m + 1))]
+            s2 += lut[high + (((m + 2) << 8) | _byte(row, q, m + 2))]
+            s3 += lut[high + (((m + 3) << 8) | _byte(row, q, m + 3))]
         acc += half_to_float(np.uint16(_byte(row, at, 2 * b)) |
                              (np.uint16(_byte(row, at, 2 * b + 1)) << 8)) * \
             ((s0 + s1) + (s2 + s3))
@@ -137,10 +136,10 @@ def _lut_dot(row, at, bits, lut, blocks):
 # flat loop, not the 16-iteration one).
 
 @njit(cache=True, inline="always", fastmath=True)
-def _row_dot(row, at, x, bits, grid, table, scales):
+def _row_dot(row, at, x, bits, levels, table, scales):
     """Dot product of the encoded row at row[at:] with x."""
     blocks = x.shape[0] // BLOCK
-    _prepare(row, at, grid, blocks, table, scales)
+    _prepare(row, at, levels, blocks, table, scales)
     p = at + np.uint64(2 * blocks)
     acc = np.float32(0.0)
     if bits == 4:
@@ -148,22 +147,39 @@ def _row_dot(row, at, x, bits, grid, table, scales):
             c = _byte(row, p, j)
             acc += (table[c & 15] * x[2 * j] + table[c >> 4] * x[2 * j + 1]) * scales[j >> 4]
         return acc
-    packed = row[int(p):]  # wider rows than the partial-sum table takes, at 2 and 3 bits
-    per_group, shift = _groups(bits)
-    for j in range(x.shape[0] // per_group):
-        acc += gather_dot(packed, j, x, bits, table) * scales[j >> shift]
+    # rows wider than the partial-sum tables take, at 2 and 3 bits
+    if bits == 3:
+        q = p + np.uint64(x.shape[0] // 4)
+        for m in range(x.shape[0] // 8):
+            acc += _planar_dot(row, p, q, m, x, table) * scales[m >> 2]
+        return acc
+    packed = row[int(p):]
+    for j in range(x.shape[0] // 4):
+        acc += gather_dot(packed, j, x, bits, table) * scales[j >> 3]
     return acc
 
 
 @njit(cache=True, inline="always", fastmath=True)
-def _pair_dot(row, at, other_row, other_at, x, bits, grid, table, scales, other_scales):
+def _planar_dot(row, p, q, m, x, table):
+    """Sum of table[code] * x over the 8 weights of group m of a 3-bit row whose low plane
+    is at row[p:] and high plane at row[q:]."""
+    low = np.uint32(_byte(row, p, 2 * m)) | (np.uint32(_byte(row, p, 2 * m + 1)) << 8)
+    high = np.uint32(_byte(row, q, m))
+    total = np.float32(0.0)
+    for k in range(8):
+        total += table[((low >> (2 * k)) & 3) | (((high >> k) & 1) << 2)] * x[8 * m + k]
+    return total
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def _pair_dot(row, at, other_row, other_at, x, bits, levels, table, scales, other_scales):
     """(row . x, other row . x) for two encoded rows (at row[at:], other_row[other_at:]) in
     one pass over x (each x value loaded once for both; the FFN's gate and up rows, or
     neighbouring rows of a matrix). Measured on Gemma 3's 2048-neuron bpal4 FFN, 2 threads:
     the bundled kernel 1.1 ms with two _row_dot calls, 0.6 ms with this."""
     blocks = x.shape[0] // BLOCK
-    _prepare(row, at, grid, blocks, table, scales)
-    _prepare(other_row, other_at, grid, blocks, table, other_scales)
+    _prepare(row, at, levels, blocks, table, scales)
+    _prepare(other_row, other_at, levels, blocks, table, other_scales)
     p, q = at + np.uint64(2 * blocks), other_at + np.uint64(2 * blocks)
     a, b = np.float32(0.0), np.float32(0.0)
     if bits == 4:  # the loop written out for 4 bits: x loaded once for both rows
@@ -173,17 +189,22 @@ def _pair_dot(row, at, other_row, other_at, x, bits, grid, table, scales, other_
             a += (table[c & 15] * x0 + table[c >> 4] * x1) * scales[j >> 4]
             b += (table[d & 15] * x0 + table[d >> 4] * x1) * other_scales[j >> 4]
         return a, b
+    if bits == 3:
+        high, other_high = p + np.uint64(x.shape[0] // 4), q + np.uint64(x.shape[0] // 4)
+        for m in range(x.shape[0] // 8):
+            a += _planar_dot(row, p, high, m, x, table) * scales[m >> 2]
+            b += _planar_dot(other_row, q, other_high, m, x, table) * other_scales[m >> 2]
+        return a, b
     packed, other_packed = row[int(p):], other_row[int(q):]
-    per_group, shift = _groups(bits)
-    for j in range(x.shape[0] // per_group):
-        a += gather_dot(packed, j, x, bits, table) * scales[j >> shift]
-        b += gather_dot(other_packed, j, x, bits, table) * other_scales[j >> shift]
+    for j in range(x.shape[0] // 4):
+        a += gather_dot(packed, j, x, bits, table) * scales[j >> 3]
+        b += gather_dot(other_packed, j, x, bits, table) * other_scales[j >> 3]
     return a, b
 
 
 @njit(cache=True, inline="always", fastmath=True)
 def _weight(index, d3, d2, d1, d0):
-    """grid[index] computed from the codec's cubic (quant/codecs.py): no gather, so the
+    """levels[index] computed from the codec's cubic (quant/codecs.py): no gather, so the
     loops that add decoded rows vectorize (the coefficients are passed as scalars: read from
     their array inside a loop that stores to acc, they would be reloaded every time)."""
     u = np.float32(index)
@@ -191,35 +212,27 @@ def _weight(index, d3, d2, d1, d0):
 
 
 @njit(cache=True, inline="always")
-def _unpack(row, start, bits, n, indices):
-    """indices[:n] = the n indices packed in row[start:] (start unsigned), one byte each."""
-    if bits == 2:
-        for j in range(n // 4):
-            b = row[start + np.uint64(j)]
-            indices[4 * j] = b & 3
-            indices[4 * j + 1] = (b >> 2) & 3
-            indices[4 * j + 2] = (b >> 4) & 3
-            indices[4 * j + 3] = b >> 6
-        return
-    for g in range(n // 8):
-        at = start + np.uint64(3 * g)
-        w = np.uint32(row[at]) | (np.uint32(row[at + np.uint64(1)]) << 8) | \
-            (np.uint32(row[at + np.uint64(2)]) << 16)
-        indices[8 * g] = w & 7
-        indices[8 * g + 1] = (w >> 3) & 7
-        indices[8 * g + 2] = (w >> 6) & 7
-        indices[8 * g + 3] = (w >> 9) & 7
-        indices[8 * g + 4] = (w >> 12) & 7
-        indices[8 * g + 5] = (w >> 15) & 7
-        indices[8 * g + 6] = (w >> 18) & 7
-        indices[8 * g + 7] = w >> 21
+def _unpack(row, start, bits, n, codes):
+    """codes[:n] = the n 2- or 3-bit codes in row[start:] (start unsigned), one byte each."""
+    for j in range(n // 4):
+        b = row[start + np.uint64(j)]
+        codes[4 * j] = b & 3
+        codes[4 * j + 1] = (b >> 2) & 3
+        codes[4 * j + 2] = (b >> 4) & 3
+        codes[4 * j + 3] = b >> 6
+    if bits == 3:
+        high = start + np.uint64(n // 4)
+        for m in range(n // 8):
+            b = row[high + np.uint64(m)]
+            for k in range(8):
+                codes[8 * m + k] |= ((b >> k) & 1) << 2
 
 
 @njit(cache=True, inline="always", fastmath=True)
 def _add_scaled_row(row, start, a, bits, cubic, scales, indices, acc, overwrite):
     """acc += a * decode(the encoded row at row[start:]), or acc = a * decode(...) where
     `overwrite`, a block at a time with each weight computed from the cubic. Gemma 3's
-    2048-neuron FFN down at 4 bits, one thread: gathering from the grid 0.48 ms, computing
+    2048-neuron FFN down at 4 bits, one thread: gathering from the levels 0.48 ms, computing
     0.29 ms. What keeps it vectorized (each measured): the coefficients and the block scales
     in scalars and a float32 array before the loop, and the bytes read from the whole bundle
     row at an unsigned offset (a slice of the row has a layout numba cannot vectorize over,
@@ -232,7 +245,7 @@ def _add_scaled_row(row, start, a, bits, cubic, scales, indices, acc, overwrite)
         i = at + np.uint64(2 * b)
         scales[b] = half_to_float(np.uint16(row[i]) | (np.uint16(row[i + np.uint64(1)]) << 8)) * a
     at += np.uint64(2 * blocks)
-    d3, d2, d1, d0 = cubic[0], cubic[1], cubic[2], cubic[3]
+    d3, d2, d1, d0, high = cubic[0], cubic[1], cubic[2], cubic[3], cubic[4]
     if bits != 4:
         _unpack(row, at, bits, acc.shape[0], indices)
     if overwrite:
@@ -244,6 +257,11 @@ def _add_scaled_row(row, start, a, bits, cubic, scales, indices, acc, overwrite)
                 c = row[at + np.uint64(BLOCK // 2 * b + k)]
                 acc[BLOCK * b + 2 * k] += s * _weight(c & 15, d3, d2, d1, d0)
                 acc[BLOCK * b + 2 * k + 1] += s * _weight(c >> 4, d3, d2, d1, d0)
+        elif bits == 3:
+            for k in range(BLOCK):
+                c = indices[BLOCK * b + k]
+                acc[BLOCK * b + k] += s * (_weight(c & 3, d3, d2, d1, d0)
+                                           + high * np.float32(c >> 2))
         else:
             for k in range(BLOCK):
                 acc[BLOCK * b + k] += s * _weight(indices[BLOCK * b + k], d3, d2, d1, d0)
@@ -260,26 +278,26 @@ def decode(raw, bits, cubic, out):
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def matvec(raw, x, bits, grid, out):
+def matvec(raw, x, bits, levels, out):
     """out[r] = decode(raw[r]) . x for every row r: from the partial-sum table where there is
     one (2 and 3 bits), else gathering; at 4 bits two rows at a time (_pair_dot:
     on Gemma 3's 262144 x 640 bpal4 output layer, 2 threads, 31-35 ms a row at a time, 21-22
     ms so; at 3 and 2 bits pairs measured 1.25-1.4x slower on 8192 x 640)."""
     n = raw.shape[0]
     start = np.uint64(0)
-    lut = _partial_sums(x, bits, grid)
+    lut = _partial_sums(x, bits, levels)
     if lut.shape[0]:
         for r in prange(n):
             out[r] = _lut_dot(raw[r], np.uint64(0), bits, lut, x.shape[0] // BLOCK)
         return
     if bits != 4:
         for r in prange(n):
-            table = np.empty(grid.shape[0], np.float32)
+            table = np.empty(levels.shape[0], np.float32)
             scales = np.empty(x.shape[0] // BLOCK, np.float32)
-            out[r] = _row_dot(raw[r], np.uint64(0), x, bits, grid, table, scales)
+            out[r] = _row_dot(raw[r], np.uint64(0), x, bits, levels, table, scales)
         return
     for pair in prange((n + 1) // 2):
-        table = np.empty(grid.shape[0], np.float32)
+        table = np.empty(levels.shape[0], np.float32)
         scales = np.empty(x.shape[0] // BLOCK, np.float32)
         second_scales = np.empty(x.shape[0] // BLOCK, np.float32)
         r = 2 * pair
@@ -287,29 +305,30 @@ def matvec(raw, x, bits, grid, out):
         # compiler may order a sum differently in a second copy of it, and a row's product
         # must not depend on where its matrix (or streamed chunk) starts
         second = min(r + 1, n - 1)
-        a, b = _pair_dot(raw[r], start, raw[second], start, x, bits, grid, table, scales,
+        a, b = _pair_dot(raw[r], start, raw[second], start, x, bits, levels, table, scales,
                          second_scales)
         out[r] = a
         out[second] = b
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def gate_activations(raw, x, bits, grid, activation, out):
+def gate_activations(raw, x, bits, levels, activation, out):
     """out[i] = act(gate_i . x), gate_i being the first row of raw[i]."""
-    lut = _partial_sums(x, bits, grid)
+    lut = _partial_sums(x, bits, levels)
     if lut.shape[0]:
         for i in prange(raw.shape[0]):
             out[i] = activate(_lut_dot(raw[i], np.uint64(0), bits, lut, x.shape[0] // BLOCK),
                               activation)
         return
     for i in prange(raw.shape[0]):
-        table = np.empty(grid.shape[0], np.float32)
+        table = np.empty(levels.shape[0], np.float32)
         scales = np.empty(x.shape[0] // BLOCK, np.float32)
-        out[i] = activate(_row_dot(raw[i], np.uint64(0), x, bits, grid, table, scales), activation)
+        out[i] = activate(_row_dot(raw[i], np.uint64(0), x, bits, levels, table, scales),
+                          activation)
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def bundled_ffn(raw, rows, x, bits, grid, cubic, row_nbytes, activation, gate_act, hidden_act,
+def bundled_ffn(raw, rows, x, bits, levels, cubic, row_nbytes, activation, gate_act, hidden_act,
                 out):
     """FFN over the bundles raw[rows] for one token; see quant/kernels.bundled_ffn."""
     n = rows.shape[0]
@@ -317,11 +336,11 @@ def bundled_ffn(raw, rows, x, bits, grid, cubic, row_nbytes, activation, gate_ac
     parts = max(1, min(n, FFN_PARTS))
     hidden = x.shape[0]
     partial = np.zeros((parts, hidden), np.float32)
-    lut = _partial_sums(x, bits, grid)
+    lut = _partial_sums(x, bits, levels)
     for p in prange(parts):
         acc = partial[p]
         indices = np.empty(hidden, np.uint8)
-        table = np.empty(grid.shape[0], np.float32)
+        table = np.empty(levels.shape[0], np.float32)
         scales = np.empty(hidden // BLOCK, np.float32)
         up_scales = np.empty(hidden // BLOCK, np.float32)
         for j in range(p * n // parts, (p + 1) * n // parts):
@@ -333,9 +352,9 @@ def bundled_ffn(raw, rows, x, bits, grid, cubic, row_nbytes, activation, gate_ac
                     activate(_lut_dot(bundle, np.uint64(0), bits, lut, hidden // BLOCK),
                              activation) * up
             elif known:
-                h = gate_act[j] * _row_dot(bundle, up_at, x, bits, grid, table, scales)
+                h = gate_act[j] * _row_dot(bundle, up_at, x, bits, levels, table, scales)
             else:
-                gate, up = _pair_dot(bundle, np.uint64(0), bundle, up_at, x, bits, grid, table,
+                gate, up = _pair_dot(bundle, np.uint64(0), bundle, up_at, x, bits, levels, table,
                                      scales, up_scales)
                 h = activate(gate, activation) * up
             hidden_act[j] = h
@@ -345,16 +364,16 @@ def bundled_ffn(raw, rows, x, bits, grid, cubic, row_nbytes, activation, gate_ac
     sum_parts(partial, out)
 
 
-def warm_up(bits: int, grid: np.ndarray, cubic: np.ndarray) -> None:
+def warm_up(bits: int, levels: np.ndarray, cubic: np.ndarray) -> None:
     """Load (or compile) every kernel now (see quant/kernels.warm_up)."""
     x = np.zeros(BLOCK, np.float32)
     out = np.zeros(1, np.float32)
     nbytes = 2 + BLOCK * bits // 8
     raw = np.zeros((1, nbytes), np.uint8)
-    matvec(raw, x, bits, grid, out)
+    matvec(raw, x, bits, levels, out)
     decode(raw, bits, cubic, np.zeros((1, BLOCK), np.float32))
     bundles = np.zeros((1, 3 * nbytes), np.uint8)
     for gate_act in (np.zeros(0, np.float32), np.zeros(1, np.float32)):
-        bundled_ffn(bundles, np.zeros(1, np.int64), x, bits, grid, cubic, nbytes, 0, gate_act,
+        bundled_ffn(bundles, np.zeros(1, np.int64), x, bits, levels, cubic, nbytes, 0, gate_act,
                     np.zeros(1, np.float32), np.zeros(BLOCK, np.float32))
-    gate_activations(bundles, x, bits, grid, 0, out)
+    gate_activations(bundles, x, bits, levels, 0, out)
