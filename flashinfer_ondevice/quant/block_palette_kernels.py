@@ -204,9 +204,10 @@ def _pair_dot(row, at, other_row, other_at, x, bits, levels, table, scales, othe
 
 @njit(cache=True, inline="always", fastmath=True)
 def _weight(index, d3, d2, d1, d0):
-    """levels[index] computed from the codec's cubic (quant/codecs.py): no gather, so the
-    loops that add decoded rows vectorize (the coefficients are passed as scalars: read from
-    their array inside a loop that stores to acc, they would be reloaded every time)."""
+    """levels[index] computed from the codec's cubic (quant/codecs.py; at 3 bits the low
+    bits' part of it): no gather, so the loops that add decoded rows vectorize (the
+    coefficients are passed as scalars: read from their array inside a loop that stores to
+    acc, they would be reloaded every time)."""
     u = np.float32(index)
     return ((d3 * u + d2) * u + d1) * u + d0
 
@@ -237,8 +238,8 @@ def _add_scaled_row(row, start, a, bits, cubic, scales, indices, acc, overwrite)
     in scalars and a float32 array before the loop, and the bytes read from the whole bundle
     row at an unsigned offset (a slice of the row has a layout numba cannot vectorize over,
     and a signed offset makes it check for negative indices: 0.37-0.86 ms). At 2 and 3 bits
-    the indices are unpacked into `indices` first (unpacking in the same loop: 3 bits 0.85
-    ms)."""
+    the codes are unpacked into `indices` first (unpacking in the same loop: 3 bits 0.85
+    ms, revision 2's packing)."""
     blocks = acc.shape[0] // BLOCK
     at = np.uint64(start)
     for b in range(blocks):
