@@ -278,7 +278,7 @@ def load(path: str | Path | None = None, *, backend: str = "cpu",
       scale per head per token: half the memory; "f32" too for the reference, whose
       default it is on float checkpoints). Sliding-window layers keep only their window.
     threads: CPU threads for matrix products (default: all cores).
-    codec: store codec when converting (see quant/codecs.py: "int8", "int4", "bpal4",
+    codec: store codec when converting (see quant/codecs.py: "int8", "int4", "int4fit", "bpal4",
       "bpal3", "bpal2", "pal4", "pal3", "pal2", "f16"), optionally per tensor group:
       "bpal3,embed=bpal4" (groups: embed, attn, ffn).
     verify: check the store's checksums before running.

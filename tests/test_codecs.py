@@ -21,6 +21,7 @@ from flashinfer_ondevice.quant.codecs import (
 FUSED = [name for name, c in CODECS.items() if c.fused]
 PALETTES = [name for name in CODECS if name.startswith("pal")]
 BLOCK_PALETTES = [name for name in CODECS if name.startswith("bpal")]
+BLOCK_FITTED = [*BLOCK_PALETTES, "int4fit"]  # fitted by quant/block_palette_fit.py
 
 
 def rows(n: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -39,6 +40,16 @@ def test_round_trip_within_the_stated_error(name):
     np.testing.assert_array_equal(decoded, c.decode_reference(raw, 640))
     if name == "f16":
         np.testing.assert_array_equal(decoded, w.astype(np.float16).astype(np.float32))
+    elif name in BLOCK_FITTED:  # every value decodes to the grid value nearest it at its
+        # block's stored scale
+        size, dtype = c.scale_blocks.size, np.dtype(c.scale_blocks.dtype)
+        blocks = 640 // size
+        scales = raw[:, :dtype.itemsize * blocks].view(dtype).astype(np.float32)
+        steps = np.repeat(scales, size, axis=1)[..., None] * c.grid.astype(np.float32)
+        nearest = np.abs(w[..., None] - steps).min(-1)
+        np.testing.assert_allclose(np.abs(decoded - w), nearest, atol=1e-6)
+        peaks = np.abs(w.reshape(64, blocks, -1)).max(-1, keepdims=True)
+        assert (np.abs(decoded - w).reshape(64, blocks, -1) <= peaks).all()
     elif name.startswith("int"):
         grouped = w.reshape(64, -1, c.group)
         err = (decoded - w).reshape(64, -1, c.group)
@@ -49,15 +60,6 @@ def test_round_trip_within_the_stated_error(name):
             assert (err ** 2).sum() < 0.8 * (plain ** 2).sum()
         else:  # within half a step of each group's scale
             assert (np.abs(err) <= scale / 2 * (1 + 1e-5)).all()
-    elif name in BLOCK_PALETTES:  # every value decodes to the grid value nearest it at
-        # its block's stored scale
-        blocks = 640 // block_palette_fit.BLOCK
-        scales = raw[:, :2 * blocks].view(np.float16).astype(np.float32)
-        steps = np.repeat(scales, block_palette_fit.BLOCK, axis=1)[..., None] * c.grid
-        nearest = np.abs(w[..., None] - steps).min(-1)
-        np.testing.assert_allclose(np.abs(decoded - w), nearest, atol=1e-6)
-        peaks = np.abs(w.reshape(64, blocks, -1)).max(-1, keepdims=True)
-        assert (np.abs(decoded - w).reshape(64, blocks, -1) <= peaks).all()
     else:  # every value decodes to its row's nearest table entry (unweighted k-means)
         tables = raw[:, :2 * c.entries].view(np.float16).astype(np.float32)
         assert (np.diff(tables, axis=1) >= 0).all()  # ascending
@@ -328,7 +330,7 @@ def _correlated_stats(cols: int, seed: int) -> InputStats:
     return InputStats(np.diag(h).copy(), h)
 
 
-@pytest.mark.parametrize("name", BLOCK_PALETTES)
+@pytest.mark.parametrize("name", BLOCK_FITTED)
 def test_block_palette_fit_lowers_the_output_error(name):
     """Scales refitted by least squares and indices assigned with error feedback lower
     (w - w_hat)^T H (w - w_hat) against the scale search alone, for rows and for rows that
@@ -337,14 +339,14 @@ def test_block_palette_fit_lowers_the_output_error(name):
     stats = _correlated_stats(128, 11)
     h = stats.hessian.astype(np.float64)
     w = rows(48, 128, 12).astype(np.float64)
-    grid = c.grid.astype(np.float64)
-    searched_scales, searched = block_palette_fit.search(w, grid)
-    alone = block_palette_fit.weighted_error(w, searched, searched_scales, grid, h)
-    scales, indices = block_palette_fit.fit(w, grid, stats.second_moment, h)
-    fitted = block_palette_fit.weighted_error(w, indices, scales, grid, h)
+    grid, blocks = c.grid.astype(np.float64), c.scale_blocks
+    searched_scales, searched = block_palette_fit.search(w, grid, None, blocks)
+    alone = block_palette_fit.weighted_error(w, searched, searched_scales, grid, h, blocks)
+    scales, indices = block_palette_fit.fit(w, grid, stats.second_moment, h, blocks)
+    fitted = block_palette_fit.weighted_error(w, indices, scales, grid, h, blocks)
     assert (fitted <= alone * (1 + 1e-9)).all() and fitted.sum() < 0.8 * alone.sum()
     np.testing.assert_allclose(c.decode(c.encode(w, stats), 128),
-                               block_palette_fit.decode(scales, indices, grid), rtol=1e-6)
+                               block_palette_fit.decode(scales, indices, grid, blocks), rtol=1e-6)
 
     columns = rows(128, 64, 13)  # W (64 outputs, 128 inputs) by columns
 
@@ -355,6 +357,24 @@ def test_block_palette_fit_lowers_the_output_error(name):
     plain = output_error(c.decode(c.encode(columns), 64))
     fed = output_error(c.decode(c.encode_columns(columns, stats), 64))
     assert fed < 0.9 * plain
+
+
+def test_int4fit_rows_are_int4_rows_with_less_output_error():
+    """int4fit writes int4's layout (int4's decode and kernels read its bytes as its own),
+    and fitted to the statistics it has less H-weighted error than int4's rounding."""
+    stats = _correlated_stats(128, 21)
+    h = stats.hessian.astype(np.float64)
+    w = rows(64, 128, 22)
+    fitted = codec("int4fit").encode(w, stats)
+    assert fitted.shape[1] == codec("int4").row_nbytes(128)
+    np.testing.assert_array_equal(codec("int4").decode(fitted, 128),
+                                  codec("int4fit").decode(fitted, 128))
+
+    def output_error(raw):
+        d = (w - codec("int4").decode(raw, 128)).astype(np.float64)
+        return float(np.einsum("rj,jk,rk->", d, h, d))
+
+    assert output_error(fitted) < 0.8 * output_error(codec("int4").encode(w))
 
 
 def test_block_scales_beat_row_tables_on_rows_whose_magnitude_varies():

@@ -52,9 +52,9 @@ def encode(rows: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     (block_palette_fit.search, but at the scales before their float16 rounding, which is
     how the shipped levels were fitted)."""
     scales = np.zeros((len(rows), WIDTH // block_palette_fit.BLOCK))
-    block_palette_fit._search_scales(rows, np.ones(WIDTH), grid, scales)
+    block_palette_fit._search_scales(rows, np.ones(WIDTH), grid, block_palette_fit.BLOCK, scales)
     indices = np.zeros(rows.shape, np.uint8)
-    block_palette_fit._assign_nearest(rows, grid, scales, indices)
+    block_palette_fit._assign_nearest(rows, grid, block_palette_fit.BLOCK, scales, indices)
     return scales, indices
 
 

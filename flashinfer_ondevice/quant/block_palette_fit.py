@@ -1,7 +1,8 @@
-"""Fitting block-scaled palettes to weight rows: the encoder side of the bpal codecs
-(quant/codecs.py). A weight is `scale[block] * grid[index]`: one fixed table of 2^b values
-shared by every row (`grid`), one float16 scale per block of BLOCK weights, a b-bit index
-per weight.
+"""Fitting block-scaled palettes to weight rows: the encoder side of the bpal codecs and
+of int4fit (quant/codecs.py). A weight is `scale[block] * grid[index]`: one fixed table of
+2^b values shared by every row (`grid`), one scale per block of weights, a b-bit index per
+weight. `ScaleBlocks` says how wide a block is and how its scale is stored (the bpal
+codecs: float16 per 32 weights; int4fit, whose grid is int4's -8 .. 7: float32 per 64).
 
 1. Scales: per block, a search over scales near max|w| / max|grid| (llama.cpp's IQ4_NL
    search): for each candidate, nearest-entry indices, then the least-squares scale for
@@ -23,14 +24,32 @@ feedback across rows (fit_columns), as palette_fit does for the per-row palettes
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numba import njit, prange
 
 from .palette_fit import COLUMN_BLOCK, FEEDBACK_ROUNDS, ROWS_PER_BLOCK, feedback_factor
 
-BLOCK = 32  # weights per float16 scale
+BLOCK = 32  # weights per scale of the bpal codecs (float16)
 SCALE_STEPS = 9  # step 1 tries 2 * SCALE_STEPS + 1 scales per block
 SCALE_STEP = 0.05  # relative spacing of the tried scales
+
+
+@dataclass(frozen=True)
+class ScaleBlocks:
+    """One scale per `size` weights of a row, stored as `dtype`."""
+
+    size: int
+    dtype: type
+
+    def as_stored(self, scales: np.ndarray) -> np.ndarray:
+        """Scales as the row stores them (finite), back in float64."""
+        top = float(np.finfo(self.dtype).max)
+        return np.clip(scales, -top, top).astype(self.dtype).astype(np.float64)
+
+
+HALF_32 = ScaleBlocks(BLOCK, np.float16)  # the bpal codecs'
 
 
 @njit(cache=True, inline="always")
@@ -45,15 +64,15 @@ def _nearest(grid, v):
 
 
 @njit(parallel=True, cache=True)
-def _search_scales(w, importance, grid, scales):
+def _search_scales(w, importance, grid, block, scales):
     """Step 1's scale for every block of every row of w (n, cols)."""
     n, cols = w.shape
     top = grid[0] if abs(grid[0]) >= abs(grid[-1]) else grid[-1]  # the widest entry
     for r in prange(n):
-        for b in range(cols // BLOCK):
-            start = b * BLOCK
+        for b in range(cols // block):
+            start = b * block
             peak = 0.0
-            for j in range(start, start + BLOCK):
+            for j in range(start, start + block):
                 if abs(w[r, j]) > abs(peak):
                     peak = w[r, j]
             best_error, best_scale = np.inf, 0.0
@@ -61,7 +80,7 @@ def _search_scales(w, importance, grid, scales):
                 for t in range(-SCALE_STEPS, SCALE_STEPS + 1):
                     trial = peak / (top * (1.0 + SCALE_STEP * t))
                     sum_gw, sum_gg = 0.0, 0.0
-                    for j in range(start, start + BLOCK):
+                    for j in range(start, start + block):
                         g = grid[_nearest(grid, w[r, j] / trial)]
                         sum_gw += importance[j] * g * w[r, j]
                         sum_gg += importance[j] * g * g
@@ -69,7 +88,7 @@ def _search_scales(w, importance, grid, scales):
                         continue
                     scale = sum_gw / sum_gg
                     error = 0.0
-                    for j in range(start, start + BLOCK):
+                    for j in range(start, start + block):
                         e = w[r, j] - scale * grid[_nearest(grid, w[r, j] / scale)]
                         error += importance[j] * e * e
                     if error < best_error:
@@ -78,18 +97,18 @@ def _search_scales(w, importance, grid, scales):
 
 
 @njit(parallel=True, cache=True)
-def _assign_nearest(w, grid, scales, indices):
+def _assign_nearest(w, grid, block, scales, indices):
     """indices = each weight's nearest grid value at its block's scale."""
     n, cols = w.shape
     zero = _nearest(grid, 0.0)
     for r in prange(n):
         for j in range(cols):
-            scale = scales[r, j // BLOCK]
+            scale = scales[r, j // block]
             indices[r, j] = _nearest(grid, w[r, j] / scale) if scale != 0.0 else zero
 
 
 @njit(parallel=True, cache=True)
-def _feedback_rows(w, grid, scales, order, u, indices):
+def _feedback_rows(w, grid, block, scales, order, u, indices):
     """Step 2 for every row of w: `order` the column order, `u` the permuted factor."""
     n, cols = w.shape
     zero = _nearest(grid, 0.0)
@@ -99,7 +118,7 @@ def _feedback_rows(w, grid, scales, order, u, indices):
             row[j] = w[r, order[j]]
         for j in range(cols):
             column = order[j]
-            scale = scales[r, column // BLOCK]
+            scale = scales[r, column // block]
             k = _nearest(grid, row[j] / scale) if scale != 0.0 else zero
             indices[r, column] = k
             error = (row[j] - scale * grid[k]) / u[j, j]
@@ -108,105 +127,103 @@ def _feedback_rows(w, grid, scales, order, u, indices):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def _normal_equations(w, indices, grid, h, gram, rhs):
+def _normal_equations(w, indices, grid, block, h, gram, rhs):
     """Per row: gram = A^T H A, rhs = A^T H w for A[j, block(j)] = grid[indices[j]]."""
     n, cols = w.shape
-    blocks = cols // BLOCK
+    blocks = cols // block
     for r in prange(n):
         ha = np.zeros((blocks, cols))  # ha[b] = (H A)[:, b]
         for j in range(cols):
-            ha[j // BLOCK] += grid[indices[r, j]] * h[j]
+            ha[j // block] += grid[indices[r, j]] * h[j]
         for b in range(blocks):
             total = 0.0
             for j in range(cols):
                 total += ha[b, j] * w[r, j]
-                gram[r, b, j // BLOCK] += ha[b, j] * grid[indices[r, j]]
+                gram[r, b, j // block] += ha[b, j] * grid[indices[r, j]]
             rhs[r, b] = total
 
 
-def as_stored(scales: np.ndarray) -> np.ndarray:
-    """Scales as the row stores them (float16, finite), back in float64."""
-    return np.clip(scales, -65504.0, 65504.0).astype(np.float16).astype(np.float64)
-
-
 def weighted_error(rows: np.ndarray, indices: np.ndarray, scales: np.ndarray,
-                   grid: np.ndarray, hessian: np.ndarray) -> np.ndarray:
+                   grid: np.ndarray, hessian: np.ndarray, blocks: ScaleBlocks = HALF_32
+                   ) -> np.ndarray:
     """Per row, (w - A s)^T H (w - A s)."""
     errors = np.empty(len(rows))
     for s in range(0, len(rows), ROWS_PER_BLOCK):
         diff = rows[s:s + ROWS_PER_BLOCK] - decode(scales[s:s + ROWS_PER_BLOCK],
-                                                   indices[s:s + ROWS_PER_BLOCK], grid)
+                                                   indices[s:s + ROWS_PER_BLOCK], grid, blocks)
         errors[s:s + ROWS_PER_BLOCK] = np.einsum("rj,rj->r", diff @ hessian, diff)
     return errors
 
 
-def decode(scales: np.ndarray, indices: np.ndarray, grid: np.ndarray) -> np.ndarray:
+def decode(scales: np.ndarray, indices: np.ndarray, grid: np.ndarray,
+           blocks: ScaleBlocks = HALF_32) -> np.ndarray:
     """(n, cols) float64 weights of (scales (n, blocks), indices (n, cols))."""
-    return np.repeat(scales, BLOCK, axis=1) * grid[indices]
+    return np.repeat(scales, blocks.size, axis=1) * grid[indices]
 
 
 def refine(rows: np.ndarray, indices: np.ndarray, scales: np.ndarray, grid: np.ndarray,
-           hessian: np.ndarray) -> np.ndarray:
+           hessian: np.ndarray, blocks: ScaleBlocks = HALF_32) -> np.ndarray:
     """Step 3: the least-squares scales (as stored) for fixed indices; a row whose solve is
     worse than `scales` (ill-conditioned) keeps them."""
     if len(rows) > ROWS_PER_BLOCK:
         return np.concatenate([refine(rows[s:s + ROWS_PER_BLOCK], indices[s:s + ROWS_PER_BLOCK],
-                                      scales[s:s + ROWS_PER_BLOCK], grid, hessian)
+                                      scales[s:s + ROWS_PER_BLOCK], grid, hessian, blocks)
                                for s in range(0, len(rows), ROWS_PER_BLOCK)])
-    n, blocks = scales.shape
-    gram = np.zeros((n, blocks, blocks))
-    rhs = np.zeros((n, blocks))
-    _normal_equations(rows, indices, grid, hessian, gram, rhs)
+    n, count = scales.shape
+    gram = np.zeros((n, count, count))
+    rhs = np.zeros((n, count))
+    _normal_equations(rows, indices, grid, blocks.size, hessian, gram, rhs)
     ridge = 1e-9 * np.maximum(np.einsum("rkk->r", gram), 1e-30)
-    gram += ridge[:, None, None] * np.eye(blocks)
-    solved = as_stored(np.linalg.solve(gram, rhs[..., None])[..., 0])
-    better = (weighted_error(rows, indices, solved, grid, hessian)
-              < weighted_error(rows, indices, scales, grid, hessian))
+    gram += ridge[:, None, None] * np.eye(count)
+    solved = blocks.as_stored(np.linalg.solve(gram, rhs[..., None])[..., 0])
+    better = (weighted_error(rows, indices, solved, grid, hessian, blocks)
+              < weighted_error(rows, indices, scales, grid, hessian, blocks))
     refined = scales.copy()
     refined[better] = solved[better]
     return refined
 
 
-def search(rows: np.ndarray, grid: np.ndarray, second_moment: np.ndarray | None = None
-           ) -> tuple[np.ndarray, np.ndarray]:
+def search(rows: np.ndarray, grid: np.ndarray, second_moment: np.ndarray | None = None,
+           blocks: ScaleBlocks = HALF_32) -> tuple[np.ndarray, np.ndarray]:
     """Step 1 alone: (scales (n, blocks) as stored, indices (n, cols) uint8)."""
     n, cols = rows.shape
     importance = np.ones(cols) if second_moment is None else \
         np.maximum(np.asarray(second_moment, np.float64), 1e-30)
-    scales = np.zeros((n, cols // BLOCK))
+    scales = np.zeros((n, cols // blocks.size))
     indices = np.zeros((n, cols), np.uint8)
-    _search_scales(rows, importance, grid, scales)
-    scales = as_stored(scales)
-    _assign_nearest(rows, grid, scales, indices)  # at the scales as stored
+    _search_scales(rows, importance, grid, blocks.size, scales)
+    scales = blocks.as_stored(scales)
+    _assign_nearest(rows, grid, blocks.size, scales, indices)  # at the scales as stored
     return scales, indices
 
 
 def fit(rows: np.ndarray, grid: np.ndarray, second_moment: np.ndarray | None = None,
-        hessian: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(scales (n, blocks) float64 of float16 values, indices (n, cols) uint8) for `rows`:
+        hessian: np.ndarray | None = None, blocks: ScaleBlocks = HALF_32
+        ) -> tuple[np.ndarray, np.ndarray]:
+    """(scales (n, blocks) float64 of stored values, indices (n, cols) uint8) for `rows`:
     step 1, then steps 2 and 3 alternated with a Hessian; step 1 alone without."""
     w = np.ascontiguousarray(rows, np.float64)
-    scales, indices = search(w, grid, second_moment)
+    scales, indices = search(w, grid, second_moment, blocks)
     if hessian is None:
         return scales, indices
     h = np.asarray(hessian, np.float64)
     order, u = feedback_factor(h)
-    scales = refine(w, indices, scales, grid, h)
-    error = weighted_error(w, indices, scales, grid, h)
+    scales = refine(w, indices, scales, grid, h, blocks)
+    error = weighted_error(w, indices, scales, grid, h, blocks)
     fed_scales = scales
     for _ in range(FEEDBACK_ROUNDS):
         fed = np.empty_like(indices)
-        _feedback_rows(w, grid, fed_scales, order, u, fed)
-        fed_scales = refine(w, fed, fed_scales, grid, h)
-        fed_error = weighted_error(w, fed, fed_scales, grid, h)
+        _feedback_rows(w, grid, blocks.size, fed_scales, order, u, fed)
+        fed_scales = refine(w, fed, fed_scales, grid, h, blocks)
+        fed_error = weighted_error(w, fed, fed_scales, grid, h, blocks)
         better = fed_error < error
         scales[better], indices[better], error[better] = \
             fed_scales[better], fed[better], fed_error[better]
     return scales, indices
 
 
-def fit_columns(rows: np.ndarray, grid: np.ndarray, hessian: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
+def fit_columns(rows: np.ndarray, grid: np.ndarray, hessian: np.ndarray,
+                blocks: ScaleBlocks = HALF_32) -> tuple[np.ndarray, np.ndarray]:
     """(scales, indices) for rows that are the columns of a matrix whose inputs have
     E[x x^T] = `hessian`: in order of decreasing E[x_i^2] each row gets step 1 on its
     current values and its error is pushed onto the rows not yet fitted (as
@@ -215,15 +232,15 @@ def fit_columns(rows: np.ndarray, grid: np.ndarray, hessian: np.ndarray
     n, cols = w.shape
     order, u = feedback_factor(hessian)
     w = w[order]
-    scales = np.empty((n, cols // BLOCK))
+    scales = np.empty((n, cols // blocks.size))
     indices = np.empty((n, cols), np.uint8)
     for start in range(0, n, COLUMN_BLOCK):
         end = min(start + COLUMN_BLOCK, n)
         errors = np.empty((end - start, cols))
         for i in range(start, end):
-            s, q = search(w[i:i + 1], grid)
+            s, q = search(w[i:i + 1], grid, None, blocks)
             scales[i], indices[i] = s[0], q[0]
-            errors[i - start] = (w[i] - decode(s, q, grid)[0]) / u[i, i]
+            errors[i - start] = (w[i] - decode(s, q, grid, blocks)[0]) / u[i, i]
             w[i + 1:end] -= np.outer(u[i, i + 1:end], errors[i - start])
         w[end:] -= u[start:end, end:].T @ errors
     restore = np.empty_like(order)

@@ -266,6 +266,47 @@ class Int4(_Grouped):
 
 
 @register
+class Int4Fit(Int4):
+    """int4's bytes, fitted to calibration data: int4's kernels and onnxruntime's MatMulNBits
+    run it unchanged (backends/onnx_matmul.py maps it), but each group's scale and values
+    come from the bpal codecs' fit (quant/block_palette_fit.py) over int4's grid -8 .. 7:
+    scales searched weighted by E[x_j^2], values with error feedback through E[x x^T], scales
+    refitted by least squares. Costs a calibration pass at convert; int4 rounds to nearest."""
+
+    name = "int4fit"
+    fits_inputs = True
+    grid = np.arange(-8, 8, dtype=np.float64)  # what the fit chooses from: index i is i - 8
+    scale_blocks = block_palette_fit.ScaleBlocks(GROUP, np.float32)
+
+    def _row_bytes(self, scales: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        q = indices.astype(np.int8) - 8
+        return np.concatenate([scales.astype(np.float32).view(np.uint8), self._pack(q)],
+                              axis=1)
+
+    def encode(self, rows: np.ndarray, stats: InputStats | None = None) -> np.ndarray:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if not self.supports(rows.shape[1]):
+            raise ValueError(f"{self.name} needs rows in whole groups of {self.group}, "
+                             f"got {rows.shape[1]}")
+        parts = [block_palette_fit.fit(rows[s:s + palette_fit.ROWS_PER_BLOCK], self.grid,
+                                       None if stats is None else stats.second_moment,
+                                       None if stats is None else stats.hessian, self.scale_blocks)
+                 for s in range(0, len(rows), palette_fit.ROWS_PER_BLOCK)]
+        return np.concatenate([self._row_bytes(*part) for part in parts]) if parts else \
+            np.zeros((0, self.row_nbytes(rows.shape[1])), np.uint8)
+
+    def encode_columns(self, columns: np.ndarray, stats: InputStats | None = None
+                       ) -> np.ndarray:
+        if stats is None or stats.hessian is None:
+            return self.encode(columns)
+        if not self.supports(columns.shape[1]):
+            raise ValueError(f"{self.name} needs rows in whole groups of {self.group}, "
+                             f"got {columns.shape[1]}")
+        return self._row_bytes(*block_palette_fit.fit_columns(
+            columns, self.grid, stats.hessian, self.scale_blocks))
+
+
+@register
 class Int4G128(Int4):
     """int4 with a scale per 128 values: 4.25 bits/weight. For resident matrices on the cpu
     backend, where onnxruntime multiplies 128-value blocks ~20% faster than 64-value ones
@@ -392,6 +433,7 @@ class _BlockPalette(Codec):
     levels: ClassVar[np.ndarray]  # the value of each code, as the kernels compute it
     grid: ClassVar[np.ndarray]  # the values ascending (what the fit chooses from), largest
     # magnitude 1
+    scale_blocks = block_palette_fit.HALF_32
 
     def _pack(self, indices: np.ndarray) -> np.ndarray:
         """(n, cols) indices into the grid -> the rows' code bytes."""
@@ -422,7 +464,8 @@ class _BlockPalette(Codec):
         grid = self.grid.astype(np.float64)
         parts = [block_palette_fit.fit(rows[s:s + palette_fit.ROWS_PER_BLOCK], grid,
                                        None if stats is None else stats.second_moment,
-                                       None if stats is None else stats.hessian)
+                                       None if stats is None else stats.hessian,
+                                       self.scale_blocks)
                  for s in range(0, len(rows), palette_fit.ROWS_PER_BLOCK)]
         return np.concatenate([self._row_bytes(*part) for part in parts]) if parts else \
             np.zeros((0, self.row_nbytes(rows.shape[1])), np.uint8)
@@ -433,7 +476,7 @@ class _BlockPalette(Codec):
             return self.encode(columns)
         self._check(columns.shape[1])
         return self._row_bytes(*block_palette_fit.fit_columns(
-            columns, self.grid.astype(np.float64), stats.hessian))
+            columns, self.grid.astype(np.float64), stats.hessian, self.scale_blocks))
 
     def decode(self, raw: np.ndarray, cols: int) -> np.ndarray:
         out = np.empty((len(raw), cols), np.float32)
