@@ -2,6 +2,7 @@
 
     python tools/bench_dense.py [-m MODEL] [--runs 5] [-t 2] [--json out.json] [--md out.md]
                                 [--llama-python PEER_VENV/bin/python] [--codecs int4 pal4 ...]
+                                [--peers pure-iq4_nl ...]
 
 Engines: the numpy reference on the GGUF, the cpu backend on the int8 store (resident
 matrices in onnxruntime's MatMulNBits with int8 activations, FFN bundles in numba), the same
@@ -10,9 +11,11 @@ output layer's shortlist plan (approximate logits outside the best 1024 candidat
 docs/benchmarks.md) and, for a calibrated store, gate-first FFN sparsity at the store's
 calibrated default level; `--codecs` adds the cpu backend on stores of other codecs (their
 quality: tools/bench_codecs.py), `--exact-codecs` the same with float activations (numba
-kernels only). Each run times every engine back to back (order alternating) on the same
-prompt and greedy 64-token decode, so machine noise hits all alike; every engine runs in a
-process of its own, as a user runs one model (thread pools never meet another engine's).
+kernels only). `--peers` adds llama.cpp on smaller quantizations of the model, made by its
+own quantizer (tools/bench_codecs.py's names), the peers a user picks by size. Each run
+times every engine back to back (order alternating) on the same prompt and greedy 64-token
+decode, so machine noise hits all alike; every engine runs in a process of its own, as a
+user runs one model (thread pools never meet another engine's).
 Reports medians and ratios to llama.cpp, with the machine they were measured on
 (tools/machine.py) in the JSON and above the table.
 """
@@ -27,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench_codecs import quantize
 from machine import describe_machine, machine_summary, save_results
 
 PROMPT = ("Python is a programming language that lets you work quickly and integrate systems "
@@ -138,6 +142,9 @@ def main() -> None:
                         help="also time stores of these codec specs with float activations "
                         "(numba kernels only, as the float engine: codecs compared kernel for "
                         "kernel)")
+    parser.add_argument("--peers", nargs="*", default=[],
+                        help="also time llama.cpp on these quantizations of the model "
+                        "(tools/bench_codecs.py's names, e.g. pure-iq4_nl)")
     args = parser.parse_args()
 
     from flashinfer_ondevice.api import ensure_store
@@ -174,6 +181,11 @@ def main() -> None:
     workers = {name: ours(arguments) for name, arguments in engines.items()}
     ids = next(iter(workers.values())).ids
     workers["llama.cpp"] = llama_cpp(args.llama_python, gguf, t)
+    for peer in args.peers:
+        made = quantize(gguf, peer, t)
+        if isinstance(made, str):
+            raise SystemExit(f"llama.cpp {peer}: {made}")
+        workers[f"llama.cpp {peer}"] = llama_cpp(args.llama_python, made, t)
     for worker in workers.values():
         worker.time(ids, 4)  # warm up
     samples: dict[str, dict[str, list[float]]] = {n: {"prompt": [], "decode": []}
