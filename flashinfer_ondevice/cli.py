@@ -416,8 +416,9 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens, bit
               "model file's bytes, sizes (64MB, 1.5GB), or none")
 @click.option("--settings", "settings_text", default="default", show_default=True,
               help="default (run-model's own choices, and exact logits), all, or a list of: "
-              "default, exact, shortlist, kv-q8, int4, sparse (FFN sparsity: a store calibrated "
-              "with run-model convert --calibrate)")
+              "default, exact, shortlist, kv-q8, int4, int4fit (int4 fitted to calibration "
+              "data), sparse (FFN sparsity: a store calibrated with run-model convert "
+              "--calibrate)")
 @click.option("--quality-text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="held-out text for perplexity / top-1 / KL  [default: one shipped in the "
               "package, never the calibration text]")

@@ -33,6 +33,7 @@ SETTINGS = {
     "shortlist": {"head": "shortlist"},
     "kv-q8": {"cache_type": "q8"},
     "int4": {"codec": "int4"},
+    "int4fit": {"codec": "int4fit"},  # int4 fitted to calibration data (12 min to convert)
     # needs a store calibrated for sparsity (run-model convert MODEL --calibrate); the cell
     # says so where it is not
     "sparse": {"selector": "predicted"},
