@@ -10,7 +10,7 @@ import pytest
 from tiny_models import write_hf_folder
 
 import flashinfer_ondevice as fi
-from flashinfer_ondevice.backends import BACKENDS, installed_backends, make_backend
+from flashinfer_ondevice.backends import BACKENDS, installed_backends, make_backend, onnx_matmul
 from flashinfer_ondevice.errors import FlashInferError
 from flashinfer_ondevice.functional import ACTIVATIONS
 from flashinfer_ondevice.quant.codecs import CODECS, codec
@@ -67,7 +67,9 @@ def test_prepared_matrices_multiply_as_the_codec_decodes(backend_name, codec_nam
     raw = c.encode(rows(200, 640, 6))
     prepared = backend.prepare(c, raw, 640)
     if prepared is None:
-        assert backend_name == "numpy" or codec_name not in ("int8", "int4")
+        if backend_name == "cpu":  # onnxruntime takes every codec it maps
+            assert codec_name not in onnx_matmul.MAPPED
+        assert backend_name == "numpy" or codec_name not in ("int8", "int4", "int4fit")
         return
     x = np.random.default_rng(7).standard_normal((3, 640)).astype(np.float32)
     expected = x @ c.decode_reference(raw, 640).T

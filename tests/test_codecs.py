@@ -360,15 +360,18 @@ def test_block_palette_fit_lowers_the_output_error(name):
 
 
 def test_int4fit_rows_are_int4_rows_with_less_output_error():
-    """int4fit writes int4's layout (int4's decode and kernels read its bytes as its own),
-    and fitted to the statistics it has less H-weighted error than int4's rounding."""
+    """int4fit writes int4's layout: a float32 scale per 64 values, then values -8..7 stored
+    +8, low nibble first (decoded here by hand); fitted to the statistics it has less
+    H-weighted error than int4's rounding."""
     stats = _correlated_stats(128, 21)
     h = stats.hessian.astype(np.float64)
     w = rows(64, 128, 22)
     fitted = codec("int4fit").encode(w, stats)
     assert fitted.shape[1] == codec("int4").row_nbytes(128)
-    np.testing.assert_array_equal(codec("int4").decode(fitted, 128),
-                                  codec("int4fit").decode(fitted, 128))
+    scales = fitted[:, :8].view(np.float32)
+    nibbles = np.stack([fitted[:, 8:] & 15, fitted[:, 8:] >> 4], axis=-1).reshape(64, 128)
+    by_hand = np.repeat(scales, 64, axis=1) * (nibbles.astype(np.float32) - 8)
+    np.testing.assert_array_equal(codec("int4").decode(fitted, 128), by_hand)
 
     def output_error(raw):
         d = (w - codec("int4").decode(raw, 128)).astype(np.float64)

@@ -29,7 +29,8 @@ from ..quant.codecs import Codec
 from ..quant.kernels import GROUP
 from .base import Backend, Prepared
 
-_OFFSET = {"int4": (4, 8), "int8": (8, 128)}  # codec -> (bits, stored offset)
+_OFFSET = {"int4": (4, 8), "int4fit": (4, 8), "int8": (8, 128)}  # codec -> (bits, stored
+# offset); int4fit holds int4's bytes
 STAGE_BYTES = 4 << 20  # codec bytes converted for MLX at a time (streamed or DRAM rows)
 _SCALE_SHARE = 4 + GROUP * min(bits for bits, _ in _OFFSET.values()) // 8  # codec bytes per
 # scale in the codec where scales take the largest share (int4: 4 of every 36)

@@ -14,7 +14,7 @@ codecs: float16 per 32 weights; int4fit, whose grid is int4's -8 .. 7: float32 p
    yet assigned through the Cholesky factor of H^-1, H = E[x x^T] (palette_fit's factor).
 3. Scales refitted: with the indices fixed, the block scales that minimise the output error
    (w - A s)^T H (w - A s), where A[j, block(j)] = grid[index_j], solve the normal
-   equations (A^T H A) s = A^T H w: exact least squares, BLOCK-wise sparse, O(cols^2) per row.
+   equations (A^T H A) s = A^T H w: exact least squares, block-wise sparse, O(cols^2) per row.
 
 Steps 2 and 3 alternate a few rounds; each row keeps whichever of step 1's fit and the
 rounds' has the least H-weighted error, so feedback never makes a row worse. Rows that are

@@ -10,6 +10,9 @@ for one token; the store, the planner, the runtime and the CLI learn codecs from
   int8  scale = amax/127 per group of 64 (float32), int8 values       8.5 bits/weight
   int4  scale = amax/7 per group of 64 (float32), values in -8..7
         packed two per byte (low nibble first, stored +8)             4.5 bits/weight
+  int4fit
+        int4's bytes, fitted to calibration inputs as the bpal codecs
+        are (quant/block_palette_fit.py)                             4.5 bits/weight
   int4g128
         int4 with a scale per group of 128 (no fused kernels: for
         resident matrices, which onnxruntime multiplies faster)       4.25 bits/weight
@@ -265,32 +268,28 @@ class Int4(_Grouped):
         return q
 
 
-@register
-class Int4Fit(Int4):
-    """int4's bytes, fitted to calibration data: int4's kernels and onnxruntime's MatMulNBits
-    run it unchanged (backends/onnx_matmul.py maps it), but each group's scale and values
-    come from the bpal codecs' fit (quant/block_palette_fit.py) over int4's grid -8 .. 7:
-    scales searched weighted by E[x_j^2], values with error feedback through E[x x^T], scales
-    refitted by least squares. Costs a calibration pass at convert; int4 rounds to nearest."""
+class _FittedToBlocks(Codec):
+    """Encoding by quant/block_palette_fit.py: a scale per block of `scale_blocks` and an
+    index into `grid` per weight, fitted to the inputs' statistics where given. Subclasses
+    say how rows are checked (`_check`) and written (`_row_bytes`)."""
 
-    name = "int4fit"
-    fits_inputs = True
-    grid = np.arange(-8, 8, dtype=np.float64)  # what the fit chooses from: index i is i - 8
-    scale_blocks = block_palette_fit.ScaleBlocks(GROUP, np.float32)
+    grid: ClassVar[np.ndarray]  # the values ascending (what the fit chooses from)
+    scale_blocks: ClassVar[block_palette_fit.ScaleBlocks]
+
+    def _check(self, cols: int) -> None:
+        raise NotImplementedError
 
     def _row_bytes(self, scales: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        q = indices.astype(np.int8) - 8
-        return np.concatenate([scales.astype(np.float32).view(np.uint8), self._pack(q)],
-                              axis=1)
+        raise NotImplementedError
 
     def encode(self, rows: np.ndarray, stats: InputStats | None = None) -> np.ndarray:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
-        if not self.supports(rows.shape[1]):
-            raise ValueError(f"{self.name} needs rows in whole groups of {self.group}, "
-                             f"got {rows.shape[1]}")
-        parts = [block_palette_fit.fit(rows[s:s + palette_fit.ROWS_PER_BLOCK], self.grid,
+        self._check(rows.shape[1])
+        grid = self.grid.astype(np.float64)
+        parts = [block_palette_fit.fit(rows[s:s + palette_fit.ROWS_PER_BLOCK], grid,
                                        None if stats is None else stats.second_moment,
-                                       None if stats is None else stats.hessian, self.scale_blocks)
+                                       None if stats is None else stats.hessian,
+                                       self.scale_blocks)
                  for s in range(0, len(rows), palette_fit.ROWS_PER_BLOCK)]
         return np.concatenate([self._row_bytes(*part) for part in parts]) if parts else \
             np.zeros((0, self.row_nbytes(rows.shape[1])), np.uint8)
@@ -299,11 +298,34 @@ class Int4Fit(Int4):
                        ) -> np.ndarray:
         if stats is None or stats.hessian is None:
             return self.encode(columns)
-        if not self.supports(columns.shape[1]):
-            raise ValueError(f"{self.name} needs rows in whole groups of {self.group}, "
-                             f"got {columns.shape[1]}")
+        self._check(columns.shape[1])
         return self._row_bytes(*block_palette_fit.fit_columns(
-            columns, self.grid, stats.hessian, self.scale_blocks))
+            columns, self.grid.astype(np.float64), stats.hessian, self.scale_blocks))
+
+
+@register
+class Int4Fit(_FittedToBlocks, Int4):
+    """int4's bytes, fitted to calibration data: int4's kernels and onnxruntime's MatMulNBits
+    run it unchanged (backends/onnx_matmul.py maps it), but each group's scale and values
+    come from the bpal codecs' fit (quant/block_palette_fit.py) over int4's grid -8 .. 7:
+    scales searched weighted by E[x_j^2], values with error feedback through E[x x^T], scales
+    refitted by least squares. Costs a calibration pass at convert; int4 rounds to nearest."""
+
+    name = "int4fit"
+    fits_inputs = True
+    search_scales = False  # int4's search is not used: the fit searches its own
+    grid = np.arange(-8, 8, dtype=np.float64)  # index i is the value i - 8
+    scale_blocks = block_palette_fit.ScaleBlocks(GROUP, np.float32)
+
+    def _check(self, cols: int) -> None:
+        if not self.supports(cols):
+            raise ValueError(f"{self.name} needs rows in whole groups of {self.group}, "
+                             f"got {cols}")
+
+    def _row_bytes(self, scales: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        q = indices.astype(np.int8) - 8  # as int4 holds them
+        return np.concatenate([scales.astype(np.float32).view(np.uint8), self._pack(q)],
+                              axis=1)
 
 
 @register
@@ -417,7 +439,7 @@ class Pal2(_Palette):
     name, bits = "pal2", 2
 
 
-class _BlockPalette(Codec):
+class _BlockPalette(_FittedToBlocks):
     """One fixed table of 2^bits values (`grid`, shared by every row and tensor), a float16
     scale per block of BLOCK weights and a bits-wide index per weight: a weight is
     scale[block] * grid[index]. Rows are [scales][codes]: a weight's code is its index
@@ -433,7 +455,7 @@ class _BlockPalette(Codec):
     levels: ClassVar[np.ndarray]  # the value of each code, as the kernels compute it
     grid: ClassVar[np.ndarray]  # the values ascending (what the fit chooses from), largest
     # magnitude 1
-    scale_blocks = block_palette_fit.HALF_32
+    scale_blocks = block_palette_fit.HALF_32  # the kernels' BLOCK and float16
 
     def _pack(self, indices: np.ndarray) -> np.ndarray:
         """(n, cols) indices into the grid -> the rows' code bytes."""
@@ -457,26 +479,6 @@ class _BlockPalette(Codec):
     def _row_bytes(self, scales: np.ndarray, indices: np.ndarray) -> np.ndarray:
         return np.concatenate([scales.astype(np.float16).view(np.uint8),
                                self._pack(indices)], axis=1)
-
-    def encode(self, rows: np.ndarray, stats: InputStats | None = None) -> np.ndarray:
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        self._check(rows.shape[1])
-        grid = self.grid.astype(np.float64)
-        parts = [block_palette_fit.fit(rows[s:s + palette_fit.ROWS_PER_BLOCK], grid,
-                                       None if stats is None else stats.second_moment,
-                                       None if stats is None else stats.hessian,
-                                       self.scale_blocks)
-                 for s in range(0, len(rows), palette_fit.ROWS_PER_BLOCK)]
-        return np.concatenate([self._row_bytes(*part) for part in parts]) if parts else \
-            np.zeros((0, self.row_nbytes(rows.shape[1])), np.uint8)
-
-    def encode_columns(self, columns: np.ndarray, stats: InputStats | None = None
-                       ) -> np.ndarray:
-        if stats is None or stats.hessian is None:
-            return self.encode(columns)
-        self._check(columns.shape[1])
-        return self._row_bytes(*block_palette_fit.fit_columns(
-            columns, self.grid.astype(np.float64), stats.hessian, self.scale_blocks))
 
     def decode(self, raw: np.ndarray, cols: int) -> np.ndarray:
         out = np.empty((len(raw), cols), np.float32)
