@@ -1,6 +1,7 @@
 """Decode speed on a busy machine: ours and llama.cpp, idle and with cores kept busy.
 
     python tools/bench_busy.py [-m MODEL] [--runs 5] [-t 2] [--hogs 1] [-n 64]
+                               [--store-codec int8] [--skip-float] [--peers pure-iq4_nl ...]
                                [--json bench-results/busy.json] [--md bench-results/busy.md]
 
 A laptop always has other work running. Each run times every engine back to back (order
@@ -9,7 +10,9 @@ then with `--hogs` other processes spinning on the CPU ("busy"; unpinned, as a b
 compiler would be). Reports medians, and each engine's busy/idle ratio: how much of its
 speed it keeps when it has to share. Engines: the cpu backend (onnxruntime for resident
 matrices, numba FFNs where not prepared), the cpu backend with float activations (numba
-kernels only) and llama.cpp on the same GGUF, all with the same `-t`.
+kernels only) and llama.cpp on the same GGUF, all with the same `-t`; `--store-codec` picks
+our store's codec, `--peers` adds llama.cpp on its own smaller quantizations of the model
+(tools/bench_codecs.py's names).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench_codecs import quantize
 from bench_dense import llama_cpp, ours
 from machine import describe_machine, machine_summary, save_results
 
@@ -33,6 +37,11 @@ def main() -> None:
     parser.add_argument("-t", "--threads", type=int, default=2)
     parser.add_argument("--hogs", type=int, default=1, help="busy processes in the busy runs")
     parser.add_argument("-n", "--decode-tokens", type=int, default=64)
+    parser.add_argument("--store-codec", default="int8", help="codec of our store")
+    parser.add_argument("--skip-float", action="store_true",
+                        help="leave out our float-activation (numba only) engine")
+    parser.add_argument("--peers", nargs="*", default=[],
+                        help="also llama.cpp on these quantizations of the model")
     parser.add_argument("--json", type=Path, default=Path("bench-results/busy.json"))
     parser.add_argument("--md", type=Path, default=Path("bench-results/busy.md"))
     args = parser.parse_args()
@@ -42,14 +51,19 @@ def main() -> None:
 
     machine = describe_machine(sys.executable)
     gguf = Path(args.model) if args.model else default_model_path()
-    store, t = str(ensure_store(gguf, "int8")), args.threads
-    workers = {
-        "cpu backend (int8 store)": ours({"path": store, "threads": t, "selector": "dense"}),
-        "cpu backend, float activations (numba)": ours(
-            {"path": store, "threads": t, "selector": "dense", "quality": "exact"}),
-    }
-    ids = workers["cpu backend (int8 store)"].ids
+    store, t = str(ensure_store(gguf, args.store_codec)), args.threads
+    main_engine = f"cpu backend ({args.store_codec} store)"
+    workers = {main_engine: ours({"path": store, "threads": t, "selector": "dense"})}
+    if not args.skip_float:
+        workers["cpu backend, float activations (numba)"] = ours(
+            {"path": store, "threads": t, "selector": "dense", "quality": "exact"})
+    ids = workers[main_engine].ids
     workers["llama.cpp"] = llama_cpp(sys.executable, gguf, t)
+    for peer in args.peers:
+        made = quantize(gguf, peer, t)
+        if isinstance(made, str):
+            raise SystemExit(f"llama.cpp {peer}: {made}")
+        workers[f"llama.cpp {peer}"] = llama_cpp(sys.executable, made, t)
     for worker in workers.values():
         worker.time(ids, 4)  # warm up
     samples = {n: {"idle": [], "busy": []} for n in workers}
