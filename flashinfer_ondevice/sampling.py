@@ -50,11 +50,6 @@ def min_p_mask(probs: np.ndarray, min_p: float) -> np.ndarray:
     return probs >= min_p * probs.max() if min_p > 0 else np.ones(len(probs), bool)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max())
-    return z / z.sum()
-
-
 def check_sampling(temperature: float, top_p: float, top_k: int, min_p: float,
                    repetition_penalty: float, seed: int | None) -> None:
     """Refuse sampling settings that are of the wrong type, NaN, infinite or out of range."""

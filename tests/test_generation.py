@@ -40,7 +40,8 @@ def test_filters():
 def test_sampler_draws_what_the_filters_on_the_whole_vocabulary_give(top_k, top_p, min_p):
     """The sampler filters top-k's candidates only; it picks the token that the three masks
     over the whole vocabulary and a draw over all of it pick, seed for seed."""
-    from flashinfer_ondevice.sampling import make_sampler, softmax
+    from flashinfer_ondevice.functional import softmax
+    from flashinfer_ondevice.sampling import make_sampler
 
     rng = np.random.default_rng(3)
     for seed in range(40):

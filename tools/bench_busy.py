@@ -23,8 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_codecs import quantize
-from bench_dense import llama_cpp, ours
+from bench_dense import llama_cpp, llama_peers, ours
 from machine import describe_machine, machine_summary, save_results
 
 HOG = "while True: pass"
@@ -59,11 +58,7 @@ def main() -> None:
             {"path": store, "threads": t, "selector": "dense", "quality": "exact"})
     ids = workers[main_engine].ids
     workers["llama.cpp"] = llama_cpp(sys.executable, gguf, t)
-    for peer in args.peers:
-        made = quantize(gguf, peer, t)
-        if isinstance(made, str):
-            raise SystemExit(f"llama.cpp {peer}: {made}")
-        workers[f"llama.cpp {peer}"] = llama_cpp(sys.executable, made, t)
+    workers.update(llama_peers(sys.executable, gguf, args.peers, t))
     for worker in workers.values():
         worker.time(ids, 4)  # warm up
     samples = {n: {"idle": [], "busy": []} for n in workers}

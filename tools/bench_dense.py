@@ -118,6 +118,17 @@ def llama_cpp(python: str, gguf: Path, threads: int) -> Worker:
     """llama.cpp on the GGUF in a worker of the given Python."""
     return Worker([python, "-c", LLAMA_WORKER, str(gguf), str(threads)])
 
+def llama_peers(python: str, gguf: Path, peers: list[str], threads: int) -> dict[str, Worker]:
+    """llama.cpp on each of `peers` (tools/bench_codecs.py's quantization names, made by its
+    own quantizer from the GGUF), a worker each; exits naming a type that cannot be made."""
+    workers = {}
+    for peer in peers:
+        made = quantize(gguf, peer, threads)
+        if isinstance(made, str):
+            raise SystemExit(f"llama.cpp {peer}: {made}")
+        workers[f"llama.cpp {peer}"] = llama_cpp(python, made, threads)
+    return workers
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -181,11 +192,7 @@ def main() -> None:
     workers = {name: ours(arguments) for name, arguments in engines.items()}
     ids = next(iter(workers.values())).ids
     workers["llama.cpp"] = llama_cpp(args.llama_python, gguf, t)
-    for peer in args.peers:
-        made = quantize(gguf, peer, t)
-        if isinstance(made, str):
-            raise SystemExit(f"llama.cpp {peer}: {made}")
-        workers[f"llama.cpp {peer}"] = llama_cpp(args.llama_python, made, t)
+    workers.update(llama_peers(args.llama_python, gguf, args.peers, t))
     for worker in workers.values():
         worker.time(ids, 4)  # warm up
     samples: dict[str, dict[str, list[float]]] = {n: {"prompt": [], "decode": []}

@@ -161,14 +161,17 @@ class _Grouped(Codec):
     def supports(self, cols: int) -> bool:
         return cols % self.group == 0
 
+    def _check(self, cols: int) -> None:
+        if not self.supports(cols):
+            raise ValueError(f"{self.name} needs rows in whole groups of {self.group}, got {cols}")
+
     def row_nbytes(self, cols: int) -> int:
         return 4 * (cols // self.group) + cols * self.bits // 8
 
     def encode(self, rows: np.ndarray, stats: InputStats | None = None) -> np.ndarray:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         n, cols = rows.shape
-        if not self.supports(cols):
-            raise ValueError(f"{self.name} needs rows in whole groups of {self.group}, got {cols}")
+        self._check(cols)
         grouped = rows.reshape(n, -1, self.group)
         scales = np.abs(grouped).max(axis=-1) / self.limit
         safe = np.where(scales > 0, scales, 1.0)[..., None]
@@ -317,10 +320,7 @@ class Int4Fit(_FittedToBlocks, Int4):
     grid = np.arange(-8, 8, dtype=np.float64)  # index i is the value i - 8
     scale_blocks = block_palette_fit.ScaleBlocks(GROUP, np.float32)
 
-    def _check(self, cols: int) -> None:
-        if not self.supports(cols):
-            raise ValueError(f"{self.name} needs rows in whole groups of {self.group}, "
-                             f"got {cols}")
+    _check = Int4._check  # not _FittedToBlocks' (which comes first in the lookup order)
 
     def _row_bytes(self, scales: np.ndarray, indices: np.ndarray) -> np.ndarray:
         q = indices.astype(np.int8) - 8  # as int4 holds them
