@@ -419,7 +419,7 @@ def store_path_for(source: Path, codec: str) -> Path:
     """Where the store converted from `source` lives in the models folder; the name carries
     the source's identity (path, size, modification time), so a replaced file is converted
     again rather than served from a stale store."""
-    spec = codec.replace(",", "+").replace("=", "-")
+    spec = codec.replace(",", "+").replace("=", "-").replace("/", "-")
     return models_dir() / f"{_store_prefix(source)}{spec}.store"
 
 

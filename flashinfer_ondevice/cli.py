@@ -172,7 +172,9 @@ def codec_option(help_text: str):
                         envvar="FLASHINFER_CODEC", callback=_codec_spec,
                         help=f"{help_text}: one of {', '.join(CODECS)}, optionally per "
                              f"tensor group ({', '.join(TENSOR_GROUPS)}), e.g. "
-                             "pal4,embed=int4")
+                             "pal4,embed=int4; the embedding may keep its N most probable "
+                             "tokens in one codec and the rest in another, e.g. "
+                             "bpal4,embed=bpal4@32768/bpal2")
 
 
 def backend_option(command):

@@ -28,14 +28,15 @@ TEXT = ("The quick brown fox jumps over the lazy dog while the cat sleeps in the
 @pytest.fixture(scope="module")
 def hf_stores(tmp_path_factory):
     """Tiny Hugging Face models as stores (no llama.cpp needed): plain, with an output-layer
-    proxy, and calibrated for sparsity."""
+    proxy, calibrated for sparsity, and with the embedding in two tiers by token."""
     folder = tmp_path_factory.mktemp("ledger")
     source = write_hf_folder(folder / "hf", "gemma3")
     plain = convert(source, folder / "plain.store", "int8")
     proxy = convert(source, folder / "proxy.store", "int4", head_proxy_rank=64)
     sparse = convert(source, folder / "sparse.store", "int8")
     calibrate(sparse, TEXT, tokens=600)
-    return {"plain": plain, "proxy": proxy, "sparse": sparse}
+    tiered = convert(source, folder / "tiered.store", "int8,embed=int8@100/int4")
+    return {"plain": plain, "proxy": proxy, "sparse": sparse, "tiered": tiered}
 
 
 def smallest_budget(store, **settings) -> int:
@@ -59,6 +60,7 @@ def assert_ledger_matches(session, ctx: int) -> None:
 
 @pytest.mark.parametrize("kind,settings", [
     ("plain", {}), ("plain", {"head": "exact"}), ("proxy", {"head": "shortlist"}),
+    ("tiered", {}),
     ("sparse", {"selector": "gate", "sparsity": 0.5}),
     ("sparse", {"selector": "predicted", "sparsity": 0.3}),
 ])

@@ -31,9 +31,10 @@ from ..config import ModelConfig
 from ..errors import FlashInferError, error_kind
 from ..loader import load_checkpoint
 from ..loader.tokenizer import Tokenizer
-from ..quant.codecs import CODECS, Codec, InputStats, parse_codec_spec
+from ..quant.codecs import CODECS, Codec, InputStats, embed_tiers, parse_codec_spec
 from ..schema import LAYER_MATRICES, LAYER_VECTORS, layer_key
 from ..store import down_rows
+from ..store import vocab_tiers as tiers_record
 from ..store.format import (
     ALIGN,
     FORMAT,
@@ -48,7 +49,7 @@ from ..store.format import (
 )
 from ..store.lock import StoreBusyError, StoreWriteError, exclusive, write_error
 from ..store.reader import is_store
-from . import codec_choice, head_proxy, store_quality
+from . import codec_choice, head_proxy, store_quality, vocab_tiers
 from .calibrate import default_text
 from .head_proxy import MAX_CALIBRATION_TOKENS as PROXY_TOKENS
 from .head_proxy import proxy_rank
@@ -133,15 +134,22 @@ def _down_rows_codec(config: ModelConfig, chosen: dict[str, Codec]) -> Codec | N
         c.supports(config.ffn_size) else None
 
 
-def _estimated_bytes(config: ModelConfig, chosen: dict[str, Codec]) -> int:
-    """Bytes the store's matrices will take, from the config (the blocks may not be loaded)."""
+def _estimated_bytes(config: ModelConfig, chosen: dict[str, Codec],
+                     tiers: tuple[int, Codec] | None = None) -> int:
+    """Bytes the store's matrices will take, from the config (the blocks may not be loaded);
+    `tiers`: the embedding's hot tokens and cold codec (store/vocab_tiers.py)."""
     h, q_out, kv_out = config.hidden_size, config.n_heads * config.head_dim, \
         config.n_kv_heads * config.head_dim
     by_row = 1 if _down_rows_codec(config, chosen) else 0
     values = {"attn": config.n_layers * (2 * h * q_out + 2 * h * kv_out),
               "ffn": config.n_layers * (3 + by_row) * h * config.ffn_size,
               "embed": config.vocab_size * h * (1 if config.tie_embeddings else 2)}
-    return int(sum(n * (chosen[group].bits + 0.5) / 8 for group, n in values.items()))
+    cold = 0
+    if tiers is not None:
+        cold = (config.vocab_size - tiers[0]) * h
+        values["embed"] -= cold
+    return int(sum(n * (chosen[group].bits + 0.5) / 8 for group, n in values.items())
+               + (0 if tiers is None else cold * (tiers[1].bits + 0.5) / 8))
 
 
 def _file_sha256(path: Path) -> str:
@@ -237,7 +245,14 @@ def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_
     renamed into place."""
     checkpoint = load_checkpoint(source, progress=progress, lazy=True)
     config, weights = checkpoint.config, checkpoint.weights
-    needed = _estimated_bytes(config, chosen)
+    tiers = embed_tiers(codec_name)
+    if tiers is not None and (weights.output is not None or tiers[0] >= config.vocab_size):
+        raise FlashInferError(
+            f"codec spec {codec_name!r}: " + ("only a tied embedding is split by token"
+                                              if weights.output is not None else
+                                              f"the hot tier must hold fewer than the "
+                                              f"vocabulary's {config.vocab_size} tokens"))
+    needed = _estimated_bytes(config, chosen, tiers)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
     out = down_out = None
     down_codec = _down_rows_codec(config, chosen)
@@ -247,7 +262,7 @@ def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_
             tokenizer = _copy_tokenizer(checkpoint.source, tmp)
             store_tokenizer = _store_tokenizer(tmp, tokenizer)
             collector = None
-            if any(c.fits_inputs for c in chosen.values()):
+            if tiers is not None or any(c.fits_inputs for c in chosen.values()):
                 chunks, _ = calibration_chunks(store_tokenizer, calibration_text,
                                                 calibration_tokens)
                 collector = InputStatsCollector(config, weights, chunks, progress)
@@ -255,7 +270,7 @@ def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_
                                                      max(calibration_tokens, PROXY_TOKENS))
             reference = store_quality.ReferenceRun(config, weights, held_out) \
                 if held_out else None
-            with tqdm(total=_estimated_bytes(config, chosen), unit="B", unit_scale=True,
+            with tqdm(total=needed, unit="B", unit_scale=True,
                       desc=f"converting to {codec_name}", disable=not progress) as bar:
                 out = _WeightsWriter(tmp / WEIGHTS, bar)
                 if down_codec is not None:
@@ -278,8 +293,16 @@ def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_
                                             stats.get("w_down"))
                 head_stats = None if collector is None else collector.head(weights.final_norm)
                 tied = None if head_stats is None else for_tied_embedding(head_stats)
-                out.put_matrix("embed", weights.embed, chosen["embed"],
-                               tied if weights.output is None else None)
+                hot = None
+                if tiers is not None:
+                    hot = vocab_tiers.hot_mask(vocab_tiers.mean_probabilities(
+                        collector.hidden, weights.final_norm, config.norm_eps, weights.embed),
+                        tiers[0])
+                    out.put_matrix("embed", weights.embed[hot], chosen["embed"], tied)
+                    out.put_matrix(tiers_record.COLD, weights.embed[~hot], tiers[1], tied)
+                else:
+                    out.put_matrix("embed", weights.embed, chosen["embed"],
+                                   tied if weights.output is None else None)
                 if weights.output is not None:
                     out.put_matrix("output", weights.output, chosen["embed"], head_stats)
                 out.put_vector("final_norm", weights.final_norm)
@@ -306,12 +329,16 @@ def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_
                 manifest["down_rows"] = {"codec": down_codec.name}
             if codec_choice_record is not None:
                 manifest["codec_choice"] = codec_choice_record
+            if hot is not None:
+                manifest[tiers_record.RECORD] = tiers_record.record(hot)
             if collector is not None:
                 manifest["input_statistics"] = {
                     "tokens": collector.tokens,
                     "text_sha256": hashlib.sha256(calibration_text.encode()).hexdigest()}
             write_manifest(tmp, manifest)
             rank = proxy_rank(config) if head_proxy_rank is None else head_proxy_rank
+            if hot is not None:  # the proxy and the shortlist read one head tensor
+                rank = None
             if rank is not None:
                 _add_head_proxy(tmp, manifest, rank, progress)
                 write_manifest(tmp, manifest)

@@ -601,7 +601,8 @@ TENSOR_GROUPS = ("embed", "attn", "ffn")  # what a codec spec can set on its own
 def parse_codec_spec(spec: str) -> dict[str, Codec]:
     """A store's codecs from "CODEC[,GROUP=CODEC...]" (e.g. "pal4,embed=int4"): the codec of
     each tensor group (the embedding and output layer, attention, FFN); one raises
-    ValueError naming what is wrong."""
+    ValueError naming what is wrong. The embedding may be split by token,
+    "embed=HOT@N/COLD" (store/vocab_tiers.py): its codec here is HOT's (see embed_tiers)."""
     base, *overrides = [part.strip() for part in spec.split(",")]
     chosen = dict.fromkeys(TENSOR_GROUPS, codec(base))
     for override in overrides:
@@ -609,6 +610,29 @@ def parse_codec_spec(spec: str) -> dict[str, Codec]:
         if group not in TENSOR_GROUPS or not name:
             raise ValueError(f"codec spec {spec!r}: {override!r} is not GROUP=CODEC with GROUP "
                              f"one of {', '.join(TENSOR_GROUPS)}")
+        name, tiered, tiers = name.partition("@")
+        if tiered and group != "embed":
+            raise ValueError(f"codec spec {spec!r}: only the embedding is split by token "
+                             "(embed=HOT@N/COLD)")
         chosen[group] = codec(name)
+        if tiered:
+            _parse_tiers(spec, tiers)
     return chosen
 
+
+def _parse_tiers(spec: str, tiers: str) -> tuple[int, Codec]:
+    count, _, cold = tiers.partition("/")
+    if not count.isascii() or not count.isdigit() or int(count) < 1 or not cold:
+        raise ValueError(f"codec spec {spec!r}: the embedding's tiers are HOT@N/COLD with N "
+                         "the number of tokens in HOT (at least 1)")
+    return int(count), codec(cold)
+
+
+def embed_tiers(spec: str) -> tuple[int, Codec] | None:
+    """The hot tokens' count and the cold codec of a spec's "embed=HOT@N/COLD", else None
+    (the spec is valid: parse_codec_spec checked it)."""
+    for override in spec.split(",")[1:]:
+        group, _, name = override.strip().partition("=")
+        if group == "embed" and "@" in name:
+            return _parse_tiers(spec, name.partition("@")[2])
+    return None

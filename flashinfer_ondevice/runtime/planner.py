@@ -54,8 +54,10 @@ from ..sampling import scratch_nbytes
 from ..schema import LAYER_MATRICES, layer_key
 from ..store.format import align_up
 from ..store.reader import Store, TensorEntry
+from ..store.vocab_tiers import COLD
 from ..values import describe, number
 from . import neuron_cache, shortlist_head
+from .head_rows import HeadRows
 from .neuron_cache import NeuronCache
 from .selectors import gate_rows_nbytes, predictor_dram_nbytes
 from .shortlist_head import ShortlistHead
@@ -166,7 +168,8 @@ class Plan:
         mb = 1e6
         budget = "unlimited" if self.budget is None else f"{self.budget / mb:.1f} MB"
         total = sum(e.nbytes for e in store.tensors.values())
-        head = (f"output layer {self.head_resident_rows} of {store.tensors[self.head].rows} "
+        head = (f"output layer {self.head_resident_rows} of "
+                f"{HeadRows.of(store, self.head).rows} "
                 "rows" + ("" if not self.head_device_rows else
                           f", the first {self.head_device_rows} in the device form")
                 + ("" if not self.shortlist else
@@ -295,7 +298,7 @@ def make_plan(store: Store, budget: int | None, ctx: int, overhead: int,
             return _make_plan(*args, candidates)
         except BudgetError as error:  # name the smaller of the two smallest budgets
             raise min(exact_error, error, key=lambda e: e.smallest) from None
-    if exact.head_resident_rows < store.tensors[exact.head].rows:
+    if exact.head_resident_rows < HeadRows.of(store, exact.head).rows:
         try:
             return _make_plan(*args, candidates)
         except BudgetError:  # the proxy itself does not fit: stream the output layer
@@ -366,6 +369,8 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
     config = store.config
     head = "embed" if config.tie_embeddings else "output"
     tensors = store.tensors
+    head_rows = HeadRows.of(store, head)
+    index_bytes = 0 if store.vocab_tiers is None else store.vocab_tiers.nbytes
     vectors = {n for n, e in tensors.items() if e.codec == "f32"}
     attention = [[layer_key(i, f) for f in LAYER_MATRICES] for i in range(config.n_layers)]
     ffn = [[layer_key(i, "ffn")] for i in range(config.n_layers)]
@@ -390,15 +395,15 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
         plan.prefill_bytes = prefill_nbytes(config, plan.prefill_batch, ctx, False)
         for names in units:
             tiers.place(names, plan, None)
-        plan.head_resident_rows = tensors[head].rows
+        plan.head_resident_rows = head_rows.rows
         if not shortlist:
-            tiers.place_head_rows(tensors[head], plan, None)
+            tiers.place_head_rows(head_rows.tiers[0], plan, None)
     else:
         # a layer streams as one unit: its attention (and FFN unless cached) read together
         layer_units = [attention[i] + ([] if ffn_cached else ffn[i])
                        for i in range(config.n_layers)]
-        plan.buffer_unit = unit_hint or align_up(_unit_capacity(tensors, layer_units, head,
-                                                                 shortlist))
+        plan.buffer_unit = unit_hint or align_up(_unit_capacity(tensors, layer_units,
+                                                                 head_rows, shortlist))
         caches_fixed = caches_per_row = 0
         if ffn_cached:  # every layer's cache, and the read scratch and spill rows they share
             caches_fixed = config.n_layers * NeuronCache.planned_nbytes(ffn_entry, 0) \
@@ -417,7 +422,7 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
         encoding = transient + MARGIN // 2
         # everything but the weights, the ring and the shortlist head (which depends on it)
         base = overhead + sum(tensors[n].nbytes for n in vectors) + generation + min_caches \
-            + plan.selector_bytes + plan.staging_bytes
+            + plan.selector_bytes + plan.staging_bytes + index_bytes
         weights = sum(e.nbytes for n, e in tensors.items() if n not in vectors
                       and n != ("output" if head == "embed" else "embed")
                       and not (shortlist and n == head))
@@ -472,7 +477,7 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
             room = tiers.place(names, plan, room)
         if plan.buffers and not stream_all:  # buffers need hold only what really streams
             streamed = [[n for n in names if n not in plan.resident] for names in layer_units]
-            unit = align_up(_unit_capacity(tensors, streamed, head, shortlist))
+            unit = align_up(_unit_capacity(tensors, streamed, head_rows, shortlist))
             if unit > plan.buffer_unit:
                 raise _UnitTooSmall
             depth = plan.buffers if unit else 0  # nothing streams (shortlist plan): no ring
@@ -489,19 +494,19 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
             plan.cache_bytes = caches_fixed + plan.cache_rows * caches_per_row
             room -= plan.cache_bytes - caches_fixed
         if not shortlist:  # the shortlist reads its candidate rows as codec bytes
-            room = tiers.place_head_rows(tensors[head], plan, max(0, room))
-        plan.head_resident_rows = plan.head_device_rows + min(
-            tensors[head].rows - plan.head_device_rows, max(0, room) // tensors[head].row_nbytes)
+            room = tiers.place_head_rows(head_rows.tiers[0], plan, max(0, room))
+        plan.head_resident_rows = plan.head_device_rows + head_rows.fitting(
+            plan.head_device_rows, max(0, room))
     plan.weight_bytes = sum(tensors[n].nbytes for n in plan.resident - plan.device) \
-        + (plan.head_resident_rows - plan.head_device_rows) * tensors[head].row_nbytes
+        + head_rows.nbytes(plan.head_device_rows, plan.head_resident_rows) + index_bytes
     plan.resident_bytes = plan.weight_bytes + plan.device_bytes + plan.shortlist_bytes \
         + plan.cache_bytes
-    streamed = [n for n in tensors if n not in plan.resident and n not in ("embed", "output")
+    streamed = [n for n in tensors if n not in plan.resident
+                and n not in ("embed", "output", COLD)
                 and not (plan.cache_rows and n.endswith(".ffn"))]
     plan.streamed_bytes = sum(tensors[n].nbytes for n in streamed)
     if not shortlist:
-        plan.streamed_bytes += (tensors[head].rows - plan.head_resident_rows) \
-            * tensors[head].row_nbytes
+        plan.streamed_bytes += head_rows.nbytes(plan.head_resident_rows, head_rows.rows)
     return plan
 
 
@@ -582,9 +587,9 @@ def largest_matrix(store: Store) -> int:
     return max(e.nbytes for e in store.tensors.values() if e.codec != "f32")
 
 
-def _unit_capacity(tensors: dict[str, TensorEntry], layer_units: list[list[str]], head: str,
-                   shortlist: int) -> int:
+def _unit_capacity(tensors: dict[str, TensorEntry], layer_units: list[list[str]],
+                   head: HeadRows, shortlist: int) -> int:
     """units.unit_capacity for these layer units (empty ones never stream) and the output
     layer's chunks (none under a shortlist plan)."""
     layers = [[tensors[n] for n in names] for names in layer_units if names]
-    return unit_capacity(layers or [[]], None if shortlist else tensors[head])
+    return unit_capacity(layers or [[]], [] if shortlist else list(head.tiers))

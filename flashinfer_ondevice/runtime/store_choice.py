@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from ..errors import FlashInferError
 from ..schema import layer_key
 from ..store.reader import Store
+from ..store.vocab_tiers import COLD
 from .planner import BudgetError, Plan
 
 QUALITY_MODES = ("auto", "exact", "fastest")
@@ -62,9 +63,11 @@ class Option:
 
 def codecs_of(store: Store) -> str:
     """The store's codecs as a spec: the FFN's, then the groups that differ."""
+    embed = store.tensors["embed"].codec
+    if store.vocab_tiers is not None:
+        embed += f"@{store.vocab_tiers.hot_rows}/{store.tensors[COLD].codec}"
     groups = {"ffn": store.tensors[layer_key(0, "ffn")].codec,
-              "attn": store.tensors[layer_key(0, "wq")].codec,
-              "embed": store.tensors["embed"].codec}
+              "attn": store.tensors[layer_key(0, "wq")].codec, "embed": embed}
     return ",".join([groups["ffn"], *(f"{g}={c}" for g, c in groups.items()
                                       if c != groups["ffn"])])
 

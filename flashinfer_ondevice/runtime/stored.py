@@ -45,6 +45,33 @@ class StoredMatrix:
         return out
 
 
+class StackedMatrix:
+    """Matrices of different codecs stacked by rows (the output layer's rows across its
+    tiers, runtime/head_rows.py): apply(x) = x @ W.T over all of them."""
+
+    def __init__(self, parts: list[StoredMatrix]):
+        self.parts = parts
+        self.rows = sum(p.rows for p in parts)
+        self.nbytes = sum(p.nbytes for p in parts)
+
+    def decode_rows(self, start: int, end: int) -> np.ndarray:
+        out, base = [], 0
+        for part in self.parts:
+            lo, hi = max(start - base, 0), min(end - base, part.rows)
+            if lo < hi:
+                out.append(part.decode_rows(lo, hi))
+            base += part.rows
+        return np.concatenate(out)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        out = np.empty((len(x), self.rows), np.float32)
+        start = 0
+        for part in self.parts:
+            out[:, start:start + part.rows] = part.apply(x)
+            start += part.rows
+        return out
+
+
 PREPARE_CHUNK = 16 << 20  # codec bytes handed to a backend at a time (bounds load's peak)
 
 

@@ -31,6 +31,7 @@ from ..store.reader import Store, TensorEntry, corrupt
 from ..store.sparsity_record import load_predictors
 from ..weights import Block, FeedForward
 from . import neuron_cache
+from .head_rows import HeadRows
 from .neuron_cache import NeuronCache
 from .planner import Plan, largest_matrix
 from .selectors import GateFirstSelector, PredictedSelector
@@ -39,6 +40,7 @@ from .sparse_ffn import SparseFFN
 from .stored import (
     BundledFFN,
     PreparedMatrix,
+    StackedMatrix,
     StoredMatrix,
     resident_ffn,
     resident_matrix,
@@ -94,20 +96,22 @@ class StreamedWeights:
                     entry.codec, entry.cols, backend, alone)
             else:
                 self._resident[name] = self._wrap(entry, self._read_all(entry))
-        head = t[plan.head]
+        self.head_rows = head_rows = HeadRows.of(store, plan.head)
+        head = head_rows.tiers[0]  # the device form's rows are the first tier's
         prepared_head = prepare and not plan.shortlist
         # the output layer's resident rows: the first plan.head_device_rows in the device
         # form, the next ones as codec bytes in DRAM (`_head_dram`, rows from
         # `_head_dram_start`), unless a budget-free run prepared them all
         self._head_dram_start = 0 if prepared_head else plan.head_device_rows
-        self._head_dram: StoredMatrix | None = None if prepared_head else StoredMatrix(
-            self._read_rows(head, self._head_dram_start, plan.head_resident_rows), head.codec,
-            head.cols, backend)
+        self._head_dram: StoredMatrix | StackedMatrix | None = None if prepared_head else \
+            self._head_matrix(self._head_dram_start, plan.head_resident_rows)
         self._head_device_nbytes = 0
         if prepared_head:
-            self._head_resident: StoredMatrix | PreparedMatrix = resident_matrix(
-                lambda start, end: self._read_rows(head, start, end), plan.head_resident_rows,
-                head.codec, head.cols, backend, alone)
+            parts = [resident_matrix(lambda start, end, e=e, lo=lo: self._read_rows(
+                e, lo + start, lo + end), hi - lo, e.codec, e.cols, backend, alone)
+                for e, lo, hi in head_rows.parts(0, plan.head_resident_rows)]
+            self._head_resident: StoredMatrix | PreparedMatrix | StackedMatrix = \
+                parts[0] if len(parts) == 1 else PreparedMatrix(parts, plan.head_resident_rows)
         elif plan.head_device_rows:
             on_device = self._device_rows(head, plan.head_device_rows)
             self._head_device_nbytes = on_device.nbytes
@@ -128,15 +132,15 @@ class StreamedWeights:
                     unit.add(t[n], 0, t[n].rows)
                 self._layer_unit[i] = len(self._units)
                 self._units.append(unit)
-        rows_per_chunk = head_chunk_rows(head)
         self._head_units: list[int] = []
-        streamed_rows = range(plan.head_resident_rows, 0 if plan.shortlist else head.rows,
-                              rows_per_chunk)
-        for start in streamed_rows:
-            unit = Unit()
-            unit.add(head, start, min(start + rows_per_chunk, head.rows))
-            self._head_units.append(len(self._units))
-            self._units.append(unit)
+        streamed = [] if plan.shortlist else head_rows.parts(plan.head_resident_rows,
+                                                             head_rows.rows)
+        for entry, first, end in streamed:  # chunks of one tier each
+            for start in range(first, end, head_chunk_rows(entry)):
+                unit = Unit()
+                unit.add(entry, start, min(start + head_chunk_rows(entry), end))
+                self._head_units.append(len(self._units))
+                self._units.append(unit)
         largest = max((u.nbytes for u in self._units), default=0)
         if largest > plan.buffer_unit or (self._units and not plan.buffers):
             raise AssertionError(f"the plan's ring ({plan.buffers} x {plan.buffer_unit} bytes) "
@@ -180,10 +184,10 @@ class StreamedWeights:
         """Whether, prepared, every product of a token runs in the backend's own forms: all
         weights resident, dense FFNs, an exact output layer, codecs the backend prepares."""
         plan, t, backend = self.plan, self.store.tensors, self.backend
-        head = t[plan.head]
+        head_rows = HeadRows.of(self.store, plan.head)
         if plan.sparse is not None or plan.shortlist or plan.device or \
-                plan.head_resident_rows < head.rows or \
-                not backend.prepares(codec(head.codec), head.cols):
+                plan.head_resident_rows < head_rows.rows or \
+                not all(backend.prepares(codec(e.codec), e.cols) for e in head_rows.tiers):
             return False
         for i in range(self.config.n_layers):
             for field in (*LAYER_MATRICES, "ffn"):
@@ -331,7 +335,8 @@ class StreamedWeights:
     def allocated(self) -> dict[str, int]:
         """Bytes of run memory this holds per component, in the terms of `Plan.ledger`."""
         weights = sum(a.nbytes for a in self._vectors.values()) + self._head_resident.nbytes \
-            - self._head_device_nbytes
+            - self._head_device_nbytes \
+            + (0 if self.store.vocab_tiers is None else self.store.vocab_tiers.nbytes)
         weights += sum(w.nbytes for n, w in self._resident.items() if n not in self.plan.device)
         device = self._head_device_nbytes + sum(
             w.nbytes for n, w in self._resident.items() if n in self.plan.device)
@@ -346,6 +351,16 @@ class StreamedWeights:
                 + sum(c.nbytes() for c in self._caches)}
 
     # reading ---------------------------------------------------------------------------
+    def _head_matrix(self, start: int, end: int) -> StoredMatrix | StackedMatrix:
+        """The output layer's stored rows [start, end) as codec bytes (split by tier)."""
+        parts = [StoredMatrix(self._read_rows(e, lo, hi), e.codec, e.cols, self.backend)
+                 for e, lo, hi in self.head_rows.parts(start, end)]
+        if not parts:  # no rows
+            first = self.head_rows.tiers[0]
+            return StoredMatrix(self._read_rows(first, 0, 0), first.codec, first.cols,
+                                self.backend)
+        return parts[0] if len(parts) == 1 else StackedMatrix(parts)
+
     def _read_rows(self, entry: TensorEntry, start: int, end: int) -> np.ndarray:
         if end <= start:
             return np.empty((0, entry.row_nbytes), np.uint8)
@@ -415,28 +430,36 @@ class StreamedWeights:
     def embedding(self, tokens: np.ndarray) -> np.ndarray:
         """Input embedding rows, read on demand (from DRAM if that row is resident as codec
         bytes; rows in a backend's form are read from the store)."""
-        entry = self.store.tensors["embed"]
+        embed = HeadRows.of(self.store, "embed")
         tokens = np.asarray(tokens)
-        if len(tokens) and (tokens.min() < 0 or tokens.max() >= entry.rows):
-            raise FlashInferError(f"token ids must be within 0..{entry.rows - 1}")
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= embed.rows):
+            raise FlashInferError(f"token ids must be within 0..{embed.rows - 1}")
+        rows = tokens if embed.order is None else self.store.vocab_tiers.row_of[tokens]
         if self._embed_scratch is not None:
-            unique, where = np.unique(tokens, return_inverse=True)
-            raw = np.empty((len(unique), entry.row_nbytes), np.uint8)
-            self.reader.read_rows(entry.offset, entry.row_nbytes, unique, self._embed_scratch,
-                                  raw)
-            return StoredMatrix(raw, entry.codec, entry.cols, self.backend).decode_rows(
-                0, len(unique))[where.reshape(-1)]
+            unique, where = np.unique(rows, return_inverse=True)
+            out = np.empty((len(unique), self.config.hidden_size), np.float32)
+            base = 0
+            for entry in embed.tiers:
+                mine = (unique >= base) & (unique < base + entry.rows)
+                if mine.any():
+                    raw = np.empty((int(mine.sum()), entry.row_nbytes), np.uint8)
+                    self.reader.read_rows(entry.offset, entry.row_nbytes, unique[mine] - base,
+                                          self._embed_scratch, raw)
+                    out[mine] = StoredMatrix(raw, entry.codec, entry.cols,
+                                             self.backend).decode_rows(0, len(raw))
+                base += entry.rows
+            return out[where.reshape(-1)]
         in_dram, start = self._head_dram if self.plan.head == "embed" else None, \
             self._head_dram_start
-        rows = []
-        for token in tokens.tolist():
-            if in_dram is not None and start <= token < start + in_dram.rows:
-                rows.append(in_dram.decode_rows(token - start, token - start + 1))
+        decoded = []
+        for row in rows.tolist():
+            if in_dram is not None and start <= row < start + in_dram.rows:
+                decoded.append(in_dram.decode_rows(row - start, row - start + 1))
             else:
-                raw = self._read_rows(entry, token, token + 1)
-                rows.append(StoredMatrix(raw, entry.codec, entry.cols,
-                                         self.backend).decode_rows(0, 1))
-        return np.concatenate(rows)
+                ((entry, lo, hi),) = embed.parts(row, row + 1)
+                decoded.append(StoredMatrix(self._read_rows(entry, lo, hi), entry.codec,
+                                            entry.cols, self.backend).decode_rows(0, 1))
+        return np.concatenate(decoded)
 
 
 class _StreamedHead:
@@ -444,9 +467,18 @@ class _StreamedHead:
 
     def __init__(self, weights: StreamedWeights):
         self.weights = weights
-        self.rows = weights.store.tensors[weights.plan.head].rows
+        self.rows = weights.head_rows.rows
+        self.order = weights.head_rows.order  # stored rows -> tokens (None: the same)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
+        out = self._stored_order(x)
+        if self.order is None:
+            return out
+        logits = np.empty_like(out)
+        logits[:, self.order] = out
+        return logits
+
+    def _stored_order(self, x: np.ndarray) -> np.ndarray:
         w = self.weights
         if not w._head_units:  # all resident: no copy of the (tokens, vocab) logits
             return w._head_resident.apply(x)

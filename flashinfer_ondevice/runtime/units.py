@@ -55,12 +55,13 @@ def head_chunk_rows(head: TensorEntry) -> int:
     return max(1, OUTPUT_CHUNK // head.row_nbytes)
 
 
-def unit_capacity(layer_units: list[list[TensorEntry]], head: TensorEntry | None) -> int:
+def unit_capacity(layer_units: list[list[TensorEntry]], head: list[TensorEntry]) -> int:
     """Bytes a ring buffer needs to hold any unit: a layer's tensors read whole (each starts
     page-aligned in the store), or a chunk of output-layer rows starting anywhere in a page
-    (`head` None: the output layer never streams)."""
+    (`head`: the output layer's tensors, its tiers (runtime/head_rows.py); none: it never
+    streams)."""
     largest = max(sum(align_up(e.nbytes) for e in entries) for entries in layer_units)
-    if head is not None:
-        rows = min(head.rows, head_chunk_rows(head))
-        largest = max(largest, align_up(ALIGN - 1 + rows * head.row_nbytes))
+    for entry in head:
+        rows = min(entry.rows, head_chunk_rows(entry))
+        largest = max(largest, align_up(ALIGN - 1 + rows * entry.row_nbytes))
     return largest

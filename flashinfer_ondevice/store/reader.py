@@ -19,11 +19,13 @@ from ..quant.codecs import CODECS
 from ..schema import expected_tensors, layer_key
 from ..values import describe, integer
 from . import down_rows as down_rows_record
+from . import vocab_tiers
 from .format import ALIGN, FORMAT, MANIFEST, MAX_MANIFEST_BYTES, REVISIONS, VERSION, unfinished
 from .head_proxy import expected_shapes as proxy_expected_shapes
 from .head_proxy import parse_rank
 from .quality_record import Quality, parse_quality
 from .sparsity_record import SparsityRecord, parse_record
+from .vocab_tiers import VocabTiers
 
 
 class StoreError(FlashInferError):
@@ -62,6 +64,8 @@ class Store:
     quality: dict[str, Quality] | None = None
     # each FFN's down projection by row (store/down_rows.py), by the FFN tensor's name
     down_rows: dict[str, TensorEntry] | None = None
+    # the tied embedding split by token (store/vocab_tiers.py); its cold rows: tensors[COLD]
+    vocab_tiers: VocabTiers | None = None
 
 
 
@@ -201,12 +205,25 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
         _fail(path, f"config has {config.n_layers} layers, the tensor table "
                     f"{len(raw_tensors)} entries")
     expected = expected_tensors(config)
+    tiers = None
+    if vocab_tiers.RECORD in manifest:
+        if not config.tie_embeddings:
+            _fail(path, f"{vocab_tiers.RECORD}: only a tied embedding is split by token")
+        try:
+            tiers = vocab_tiers.parse(manifest[vocab_tiers.RECORD], config.vocab_size)
+        except ValueError as exc:
+            _fail(path, str(exc))
+        expected["embed"] = (tiers.hot_rows, config.hidden_size)
+        expected[vocab_tiers.COLD] = (config.vocab_size - tiers.hot_rows, config.hidden_size)
     missing = sorted(set(expected) - set(raw_tensors))
     if missing:
         _fail(path, f"missing tensors {', '.join(missing[:4])}")
     tensors = {name: _entry(path, name, raw_tensors[name], shape, sizes)
                for name, shape in expected.items()}
     head_proxy = None
+    if "head_proxy" in manifest and tiers is not None:
+        _fail(path, f"an output-layer proxy and {vocab_tiers.RECORD} together (convert writes "
+                    "one or the other)")
     if "head_proxy" in manifest:
         try:
             rank = parse_rank(manifest["head_proxy"], config)
@@ -267,4 +284,4 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
                       *(down_rows or {}).values()])
     return Store(path, store_codec, config, tensors, tokenizer, template,
                  sizes.get("weights.bin", 0),
-                 sparsity, head_proxy, quality, down_rows)
+                 sparsity, head_proxy, quality, down_rows, tiers)
