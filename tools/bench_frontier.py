@@ -62,6 +62,13 @@ def worker(system: str, model: str, budget: int, n: int, threads: int) -> dict:
             "store": model_obj.path.name}
 
 
+def split_head(spec: str) -> tuple[str, str]:
+    """A setting's codec spec and its output-layer plan after a final "@" ("" if none; an
+    "@" inside the spec splits the embedding by token, "embed=HOT@N/COLD")."""
+    codec_spec, at, head = spec.rpartition("@")
+    return (codec_spec, head) if at and head in ("auto", "exact", "shortlist") else (spec, "")
+
+
 def load_ours(system: str, model: str, budget: int, threads: int, **kwargs):
     """Our setting: a store (run as its planner decides, or with the output-layer plan after
     "@"), or `quality=MODE` on the source, choosing among the stores of it in the models
@@ -69,7 +76,7 @@ def load_ours(system: str, model: str, budget: int, threads: int, **kwargs):
     import flashinfer_ondevice as fi
 
     quality = system.partition("quality=")[2] or "auto"
-    head = system.partition("@")[2] or "auto"
+    head = split_head(system)[1] or "auto"
     return fi.load(model, memory_budget=budget, threads=threads, quality=quality, head=head,
                    **kwargs)
 
@@ -181,8 +188,8 @@ def main() -> None:
     source = Path(args.model) if args.model else default_model_path()
     gguf_bytes = source.stat().st_size
     systems = {f"ours {spec}": (spec, str(source)) if spec.startswith("quality=") else
-               (f"ours{spec.partition('@')[1]}{spec.partition('@')[2]}",
-                str(ensure_store(source, spec.partition("@")[0], progress=True)))
+               ("ours" + (f"@{split_head(spec)[1]}" if split_head(spec)[1] else ""),
+                str(ensure_store(source, split_head(spec)[0], progress=True)))
                for spec in args.ours}
     systems["llama.cpp source"] = ("llama.cpp", str(source))
     for name in args.peers:
