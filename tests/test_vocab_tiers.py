@@ -50,6 +50,7 @@ def test_spec_names_the_tiers():
                          ("int8,embed=int8@x/int4", "HOT@N/COLD"),
                          ("int8,embed=int8@5", "HOT@N/COLD"),
                          ("int8,attn=int8@5/int4", "only the embedding"),
+                         ("int8,embed=int8@5/int4,embed=int4", "given twice"),
                          ("int8,embed=int8@5/zip", "unknown codec")):
         with pytest.raises(ValueError, match=message):
             parse_codec_spec(bad)
@@ -64,7 +65,10 @@ def test_convert_keeps_the_most_probable_tokens_hot(tiered):
     cold = store.tensors[vocab_tiers.COLD]
     assert cold.rows == vocab - 100 and cold.codec == "int4"
     assert sorted(tiers.order.tolist()) == list(range(vocab))
-    assert (np.diff(tiers.hot_ids) > 0).all() and (np.diff(tiers.cold_ids) > 0).all()
+    hot_ids, cold_ids = tiers.order[:100], tiers.order[100:]
+    assert (np.diff(hot_ids) > 0).all() and (np.diff(cold_ids) > 0).all()
+    assert tiers.hot[hot_ids].all() and not tiers.hot[cold_ids].any()
+    assert (tiers.row_of[tiers.order] == np.arange(vocab)).all()
     assert codecs_of(store) == SPEC
     assert store.head_proxy is None  # the proxy reads one head tensor
 

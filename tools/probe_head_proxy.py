@@ -39,6 +39,9 @@ def main() -> None:
 
     model = fi.load(args.store or ensure_store(default_model_path()), selector="dense",
                     quality="exact")  # codec bytes, not a prepared form
+    if model.weights.head_rows.vocab_tiers is not None:
+        raise SystemExit("the proxy is fitted to one output-layer tensor: use a store "
+                         "without vocabulary tiers")
     head = model.weights.lm_head
     exact_rows = model.weights.lm_head_rows
     table = exact_rows.codec.decode(exact_rows.raw, exact_rows.cols)  # (vocab, hidden)

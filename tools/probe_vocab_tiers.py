@@ -103,7 +103,9 @@ class DecodedStore:
 
 
 def mean_probabilities(config, weights, chunks: list[np.ndarray]) -> np.ndarray:
-    """Each token's predicted probability averaged over every position of `chunks`."""
+    """Each token's predicted probability averaged over every position of `chunks`: the
+    ranking convert makes from the statistics' final hidden states (build/vocab_tiers.py),
+    here from whole forward passes."""
     from flashinfer_ondevice.build import codec_choice
 
     total, positions = np.zeros(config.vocab_size), 0

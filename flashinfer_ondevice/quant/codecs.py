@@ -605,11 +605,15 @@ def parse_codec_spec(spec: str) -> dict[str, Codec]:
     "embed=HOT@N/COLD" (store/vocab_tiers.py): its codec here is HOT's (see embed_tiers)."""
     base, *overrides = [part.strip() for part in spec.split(",")]
     chosen = dict.fromkeys(TENSOR_GROUPS, codec(base))
+    given = set()
     for override in overrides:
         group, _, name = override.partition("=")
         if group not in TENSOR_GROUPS or not name:
             raise ValueError(f"codec spec {spec!r}: {override!r} is not GROUP=CODEC with GROUP "
                              f"one of {', '.join(TENSOR_GROUPS)}")
+        if group in given:
+            raise ValueError(f"codec spec {spec!r}: {group} is given twice")
+        given.add(group)
         name, tiered, tiers = name.partition("@")
         if tiered and group != "embed":
             raise ValueError(f"codec spec {spec!r}: only the embedding is split by token "
@@ -621,6 +625,7 @@ def parse_codec_spec(spec: str) -> dict[str, Codec]:
 
 
 def _parse_tiers(spec: str, tiers: str) -> tuple[int, Codec]:
+    """The hot count and cold codec of "N/COLD" (after an embedding codec's "@")."""
     count, _, cold = tiers.partition("/")
     if not count.isascii() or not count.isdigit() or int(count) < 1 or not cold:
         raise ValueError(f"codec spec {spec!r}: the embedding's tiers are HOT@N/COLD with N "

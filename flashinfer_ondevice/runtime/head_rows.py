@@ -12,28 +12,35 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..store.reader import Store, TensorEntry
-from ..store.vocab_tiers import COLD
+from ..store.vocab_tiers import COLD, VocabTiers
 
 
 @dataclass(frozen=True)
 class HeadRows:
     tiers: tuple[TensorEntry, ...]  # one entry, or the hot and cold tiers
-    order: np.ndarray | None  # the token of each stored row; None: token order
+    vocab_tiers: VocabTiers | None  # the store's record, when `tiers` are two
 
     @classmethod
     def of(cls, store: Store, head: str) -> HeadRows:
         """The rows of `head` ("embed" when tied, else "output") in `store`."""
         if store.vocab_tiers is None or head != "embed":
             return cls((store.tensors[head],), None)
-        return cls((store.tensors["embed"], store.tensors[COLD]), store.vocab_tiers.order)
+        return cls((store.tensors["embed"], store.tensors[COLD]), store.vocab_tiers)
 
     @property
     def rows(self) -> int:
+        """Every row: the vocabulary."""
         return sum(e.rows for e in self.tiers)
 
     @property
-    def widest_row(self) -> int:
-        return max(e.row_nbytes for e in self.tiers)
+    def order(self) -> np.ndarray | None:
+        """The token of each stored row; None where stored order is token order."""
+        return None if self.vocab_tiers is None else self.vocab_tiers.order
+
+    @property
+    def index_nbytes(self) -> int:
+        """Memory the maps between tokens and stored rows take while the store runs."""
+        return 0 if self.vocab_tiers is None else self.vocab_tiers.index_nbytes
 
     def parts(self, start: int, end: int) -> list[tuple[TensorEntry, int, int]]:
         """Stored rows [start, end) as (tier, first row, end row) within each tier."""

@@ -370,7 +370,7 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
     head = "embed" if config.tie_embeddings else "output"
     tensors = store.tensors
     head_rows = HeadRows.of(store, head)
-    index_bytes = 0 if store.vocab_tiers is None else store.vocab_tiers.nbytes
+    index_bytes = head_rows.index_nbytes
     vectors = {n for n, e in tensors.items() if e.codec == "f32"}
     attention = [[layer_key(i, f) for f in LAYER_MATRICES] for i in range(config.n_layers)]
     ffn = [[layer_key(i, "ffn")] for i in range(config.n_layers)]

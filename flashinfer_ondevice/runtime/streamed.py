@@ -76,6 +76,7 @@ class StreamedWeights:
             raise corrupt(store.path, f"{damaged[0]} holds NaN or infinite values (run with "
                                       "--verify to check the checksums)")
         self._staging_nbytes = backend.reserve_staging(largest_matrix(store))
+        self.head_rows = HeadRows.of(store, plan.head)  # the output layer's rows, by tier
         alone = prepare and self._all_prepared()
         stacked = self._stack_qkv() if alone else set()
         for name in plan.resident:
@@ -96,7 +97,10 @@ class StreamedWeights:
                     entry.codec, entry.cols, backend, alone)
             else:
                 self._resident[name] = self._wrap(entry, self._read_all(entry))
-        self.head_rows = head_rows = HeadRows.of(store, plan.head)
+        head_rows = self.head_rows
+        self._embed_rows = HeadRows.of(store, "embed")  # the input embedding's rows
+        tiers = self._embed_rows.vocab_tiers  # its token -> stored row map, as planned
+        self._row_of = None if tiers is None else tiers.row_of
         head = head_rows.tiers[0]  # the device form's rows are the first tier's
         prepared_head = prepare and not plan.shortlist
         # the output layer's resident rows: the first plan.head_device_rows in the device
@@ -153,7 +157,8 @@ class StreamedWeights:
         self.final_norm = self._vectors["final_norm"]
         self.rope_freq_factors = self._vectors.get("rope_freqs")
         self.lm_head = _StreamedHead(self) if not plan.shortlist else self._shortlist_head()
-        self.lm_head_rows = self._head_resident  # the output layer's resident rows
+        # the output layer's resident rows, in stored order (runtime/head_rows.py)
+        self.lm_head_rows = self._head_resident
         # a prepared output layer keeps no embedding rows: a prompt's are read in one go
         self._embed_scratch = aligned_buffer(EMBED_SCRATCH) \
             if isinstance(self._head_resident, PreparedMatrix) and prepared_head else None
@@ -184,7 +189,7 @@ class StreamedWeights:
         """Whether, prepared, every product of a token runs in the backend's own forms: all
         weights resident, dense FFNs, an exact output layer, codecs the backend prepares."""
         plan, t, backend = self.plan, self.store.tensors, self.backend
-        head_rows = HeadRows.of(self.store, plan.head)
+        head_rows = self.head_rows
         if plan.sparse is not None or plan.shortlist or plan.device or \
                 plan.head_resident_rows < head_rows.rows or \
                 not all(backend.prepares(codec(e.codec), e.cols) for e in head_rows.tiers):
@@ -336,7 +341,7 @@ class StreamedWeights:
         """Bytes of run memory this holds per component, in the terms of `Plan.ledger`."""
         weights = sum(a.nbytes for a in self._vectors.values()) + self._head_resident.nbytes \
             - self._head_device_nbytes \
-            + (0 if self.store.vocab_tiers is None else self.store.vocab_tiers.nbytes)
+            + self._embed_rows.index_nbytes
         weights += sum(w.nbytes for n, w in self._resident.items() if n not in self.plan.device)
         device = self._head_device_nbytes + sum(
             w.nbytes for n, w in self._resident.items() if n in self.plan.device)
@@ -430,11 +435,11 @@ class StreamedWeights:
     def embedding(self, tokens: np.ndarray) -> np.ndarray:
         """Input embedding rows, read on demand (from DRAM if that row is resident as codec
         bytes; rows in a backend's form are read from the store)."""
-        embed = HeadRows.of(self.store, "embed")
+        embed = self._embed_rows
         tokens = np.asarray(tokens)
         if len(tokens) and (tokens.min() < 0 or tokens.max() >= embed.rows):
             raise FlashInferError(f"token ids must be within 0..{embed.rows - 1}")
-        rows = tokens if embed.order is None else self.store.vocab_tiers.row_of[tokens]
+        rows = tokens if self._row_of is None else self._row_of[tokens]
         if self._embed_scratch is not None:
             unique, where = np.unique(rows, return_inverse=True)
             out = np.empty((len(unique), self.config.hidden_size), np.float32)
@@ -471,23 +476,23 @@ class _StreamedHead:
         self.order = weights.head_rows.order  # stored rows -> tokens (None: the same)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        out = self._stored_order(x)
-        if self.order is None:
-            return out
-        logits = np.empty_like(out)
-        logits[:, self.order] = out
-        return logits
-
-    def _stored_order(self, x: np.ndarray) -> np.ndarray:
         w = self.weights
-        if not w._head_units:  # all resident: no copy of the (tokens, vocab) logits
+        if not w._head_units and self.order is None:  # all resident: no copy of the logits
             return w._head_resident.apply(x)
         out = np.empty((len(x), self.rows), np.float32)
         done = w._head_resident.rows
         if done:
-            out[:, :done] = w._head_resident.apply(x)
+            self._put(out, 0, w._head_resident.apply(x))
         for unit_index in w._head_units:
             (matrix,) = w.acquire(unit_index).values()
-            out[:, done:done + matrix.rows] = matrix.apply(x)
+            self._put(out, done, matrix.apply(x))
             done += matrix.rows
         return out
+
+    def _put(self, out: np.ndarray, start: int, logits: np.ndarray) -> None:
+        """The logits of stored rows [start, start + n), put in token order."""
+        end = start + logits.shape[1]
+        if self.order is None:
+            out[:, start:end] = logits
+        else:
+            out[:, self.order[start:end]] = logits

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,37 +31,41 @@ COLD = "embed_cold"
 
 @dataclass(frozen=True)
 class VocabTiers:
-    hot_rows: int  # tokens in the hot tier (the first stored rows)
-    order: np.ndarray  # int32 (vocab,): the token of each stored row
-    row_of: np.ndarray  # int32 (vocab,): the stored row of each token
+    """A validated record: which tokens are hot, and (built on first use, so that a plan made
+    after opening the store counts them) the maps between tokens and stored rows."""
+
+    hot: np.ndarray  # bool (vocab,): the tokens whose rows are in the hot tier
+    hot_rows: int  # how many (the first stored rows)
 
     @classmethod
     def from_mask(cls, hot: np.ndarray) -> VocabTiers:
-        order = np.concatenate([np.flatnonzero(hot), np.flatnonzero(~hot)]).astype(np.int32)
-        row_of = np.empty_like(order)
-        row_of[order] = np.arange(len(order), dtype=np.int32)
-        return cls(int(hot.sum()), order, row_of)
+        return cls(hot, int(hot.sum()))
+
+    @functools.cached_property
+    def order(self) -> np.ndarray:
+        """int32 (vocab,): the token of each stored row."""
+        return np.concatenate([np.flatnonzero(self.hot),
+                               np.flatnonzero(~self.hot)]).astype(np.int32)
+
+    @functools.cached_property
+    def row_of(self) -> np.ndarray:
+        """int32 (vocab,): the stored row of each token."""
+        row_of = np.empty(len(self.hot), np.int32)
+        row_of[self.order] = np.arange(len(self.hot), dtype=np.int32)
+        return row_of
 
     @property
-    def nbytes(self) -> int:
-        """What the two index arrays hold in memory while the store runs."""
-        return self.order.nbytes + self.row_of.nbytes
-
-    @property
-    def hot_ids(self) -> np.ndarray:
-        return self.order[:self.hot_rows]
-
-    @property
-    def cold_ids(self) -> np.ndarray:
-        return self.order[self.hot_rows:]
+    def index_nbytes(self) -> int:
+        """What `order` and `row_of` hold in memory while the store runs."""
+        return 2 * 4 * len(self.hot)
 
 
-def record(hot: np.ndarray) -> dict:
+def record(hot: np.ndarray) -> dict[str, str]:
     """The manifest record of a boolean mask of hot tokens."""
     return {"hot": base64.b64encode(np.packbits(hot).tobytes()).decode("ascii")}
 
 
-def parse(raw, vocab: int) -> VocabTiers:
+def parse(raw: object, vocab: int) -> VocabTiers:
     """Validate manifest["vocab_tiers"] for a `vocab`-token model; raises ValueError."""
     if not isinstance(raw, dict) or not isinstance(raw.get("hot"), str):
         raise ValueError(f"{RECORD} is not a record with a 'hot' bitmap")
