@@ -209,6 +209,10 @@ def _edit_manifest(change):
     (_edit_manifest(lambda m: m["tensors"]["layers.0.ffn"].update(row_nbytes=3)), "do not fit"),
     (_edit_manifest(lambda m: m["config"].update(n_heads=-4)), "invalid config"),
     (_edit_manifest(lambda m: m["tensors"].pop("final_norm")), "missing tensors"),
+    (_edit_manifest(lambda m: m["tensors"]["final_norm"].update(file="pieces.bin", offset=0)),
+     "not weights.bin"),
+    (_edit_manifest(lambda m: m["tensors"]["layers.0.wq"].update(
+        codec="f32", row_nbytes=4 * m["tensors"]["layers.0.wq"]["cols"])), "recorded as f32"),
     (lambda p: (p / "pieces.bin").write_bytes(b"x" * (p / "pieces.bin").stat().st_size),
      "checksum mismatch"),
 ])

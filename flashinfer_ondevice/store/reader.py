@@ -20,7 +20,16 @@ from ..schema import expected_tensors, layer_key
 from ..values import describe, integer
 from . import down_rows as down_rows_record
 from . import vocab_tiers
-from .format import ALIGN, FORMAT, MANIFEST, MAX_MANIFEST_BYTES, REVISIONS, VERSION, unfinished
+from .format import (
+    ALIGN,
+    FORMAT,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    REVISIONS,
+    VERSION,
+    WEIGHTS,
+    unfinished,
+)
 from .head_proxy import expected_shapes as proxy_expected_shapes
 from .head_proxy import parse_rank
 from .quality_record import Quality, parse_quality
@@ -220,6 +229,12 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
         _fail(path, f"missing tensors {', '.join(missing[:4])}")
     tensors = {name: _entry(path, name, raw_tensors[name], shape, sizes)
                for name, shape in expected.items()}
+    for name, entry in tensors.items():  # the runtime reads these from weights.bin, and
+        # takes f32 tensors for vectors (norms, biases)
+        if entry.path.name != WEIGHTS:
+            _fail(path, f"tensor {name} lives in {entry.path.name}, not {WEIGHTS}")
+        if entry.codec == "f32" and entry.rows != 1:
+            _fail(path, f"tensor {name} is a matrix recorded as f32 (only vectors are)")
     head_proxy = None
     if "head_proxy" in manifest and tiers is not None:
         _fail(path, f"an output-layer proxy and {vocab_tiers.RECORD} together (convert writes "
