@@ -174,7 +174,8 @@ def codec_option(help_text: str):
                              f"tensor group ({', '.join(TENSOR_GROUPS)}), e.g. "
                              "pal4,embed=int4; the embedding may keep its N most probable "
                              "tokens in one codec and the rest in another, e.g. "
-                             "bpal4,embed=bpal4@32768/bpal2")
+                             "bpal4,embed=bpal4@32768/bpal2 (or @12.5%/bpal2: a share of "
+                             "the vocabulary)")
 
 
 def backend_option(command):

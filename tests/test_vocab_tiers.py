@@ -43,11 +43,16 @@ def full_embedding(path) -> np.ndarray:
 
 def test_spec_names_the_tiers():
     assert parse_codec_spec("bpal4,embed=bpal4@32768/bpal2")["embed"].name == "bpal4"
-    count, cold = embed_tiers("bpal4,embed=bpal4@32768/bpal2")
+    count, cold = embed_tiers("bpal4,embed=bpal4@32768/bpal2", 262144)
     assert (count, cold.name) == (32768, "bpal2")
-    assert embed_tiers("bpal4,embed=bpal3") is None
+    assert embed_tiers("bpal4,embed=bpal4@12.5%/bpal2", 262144)[0] == 32768
+    assert embed_tiers("bpal4,embed=bpal4@0.001%/bpal2", 1000)[0] == 1  # at least one
+    assert embed_tiers("bpal4,embed=bpal3", 262144) is None
     for bad, message in (("int8,embed=int8@0/int4", "at least 1"),
                          ("int8,embed=int8@x/int4", "HOT@N/COLD"),
+                         ("int8,embed=int8@100%/int4", "HOT@N/COLD"),
+                         ("int8,embed=int8@0%/int4", "HOT@N/COLD"),
+                         ("int8,embed=int8@1_0/int4", "HOT@N/COLD"),
                          ("int8,embed=int8@5", "HOT@N/COLD"),
                          ("int8,attn=int8@5/int4", "only the embedding"),
                          ("int8,embed=int8@5/int4,embed=int4", "given twice"),

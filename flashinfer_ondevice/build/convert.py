@@ -245,7 +245,7 @@ def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_
     renamed into place."""
     checkpoint = load_checkpoint(source, progress=progress, lazy=True)
     config, weights = checkpoint.config, checkpoint.weights
-    tiers = embed_tiers(codec_name)
+    tiers = embed_tiers(codec_name, config.vocab_size)
     if tiers is not None and (weights.output is not None or tiers[0] >= config.vocab_size):
         raise FlashInferError(
             f"codec spec {codec_name!r}: " + ("only a tied embedding is split by token"

@@ -40,6 +40,7 @@ which kernels run, is a backend's choice (backends/).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -624,20 +625,26 @@ def parse_codec_spec(spec: str) -> dict[str, Codec]:
     return chosen
 
 
-def _parse_tiers(spec: str, tiers: str) -> tuple[int, Codec]:
-    """The hot count and cold codec of "N/COLD" (after an embedding codec's "@")."""
+def _parse_tiers(spec: str, tiers: str) -> tuple[int | float, Codec]:
+    """The hot tokens and the cold codec of "N/COLD" (a count) or "P%/COLD" (a share of the
+    vocabulary, returned as a float fraction), after an embedding codec's "@"."""
     count, _, cold = tiers.partition("/")
-    if not count.isascii() or not count.isdigit() or int(count) < 1 or not cold:
-        raise ValueError(f"codec spec {spec!r}: the embedding's tiers are HOT@N/COLD with N "
-                         "the number of tokens in HOT (at least 1)")
-    return int(count), codec(cold)
+    if cold and re.fullmatch(r"[0-9]+", count) and int(count) >= 1:
+        return int(count), codec(cold)
+    if cold and re.fullmatch(r"[0-9]+(\.[0-9]+)?%", count) and 0 < float(count[:-1]) < 100:
+        return float(count[:-1]) / 100, codec(cold)
+    raise ValueError(f"codec spec {spec!r}: the embedding's tiers are HOT@N/COLD or "
+                     "HOT@P%/COLD, with N the tokens in HOT (at least 1) or P the share of "
+                     "the vocabulary (between 0 and 100)")
 
 
-def embed_tiers(spec: str) -> tuple[int, Codec] | None:
-    """The hot tokens' count and the cold codec of a spec's "embed=HOT@N/COLD", else None
-    (the spec is valid: parse_codec_spec checked it)."""
+def embed_tiers(spec: str, vocab: int) -> tuple[int, Codec] | None:
+    """How many of a `vocab`-token embedding's tokens a spec's "embed=HOT@N/COLD" (or
+    "@P%/COLD") keeps in HOT, and the cold codec; None without tiers (the spec is valid:
+    parse_codec_spec checked it)."""
     for override in spec.split(",")[1:]:
         group, _, name = override.strip().partition("=")
         if group == "embed" and "@" in name:
-            return _parse_tiers(spec, name.partition("@")[2])
+            hot, cold = _parse_tiers(spec, name.partition("@")[2])
+            return (hot if isinstance(hot, int) else max(1, round(hot * vocab))), cold
     return None
