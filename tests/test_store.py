@@ -118,8 +118,13 @@ def test_streaming_is_exact_at_every_budget(stores, arch, codec_name):
                                                   ("gemma3", "pal3")])
 def test_store_matches_reference_engine_on_the_same_codec(stores, arch, codec_name):
     path = stores(arch, codec_name)
-    store = open_store(path)
-    reference = reference_engine(store.config, decoded_weights(path))
+    assert_runs_as(path, decoded_weights(path))
+
+
+def assert_runs_as(path, weights: Weights) -> None:
+    """The store at `path` computes what the numpy reference engine does on `weights` (its
+    tensors decoded)."""
+    reference = reference_engine(open_store(path).config, weights)
     reference.cache_type = "f16"  # the store engine's KV cache rounding
     expected = reference.forward(np.array(IDS), reference.new_cache(64), all_logits=True)
     ours, _, _, engine = streamed_logits(path, None)

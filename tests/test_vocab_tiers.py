@@ -9,12 +9,11 @@ import shutil
 
 import numpy as np
 import pytest
-from test_store import IDS, decode_logits, decoded_weights, streamed_logits
+from test_store import IDS, assert_runs_as, decode_logits, decoded_weights, streamed_logits
 
 from flashinfer_ondevice.build import vocab_tiers as build_tiers
 from flashinfer_ondevice.build.convert import convert
 from flashinfer_ondevice.errors import FlashInferError
-from flashinfer_ondevice.model import reference_engine
 from flashinfer_ondevice.quant.codecs import codec, embed_tiers, parse_codec_spec
 from flashinfer_ondevice.runtime.head_rows import HeadRows
 from flashinfer_ondevice.runtime.planner import make_plan
@@ -96,16 +95,9 @@ def test_hot_tokens_are_the_most_probable():
 
 
 def test_tiered_store_runs_as_its_decoded_weights(tiered):
-    store = open_store(tiered)
     weights = decoded_weights(tiered)  # reads "embed": the hot rows only
     weights.embed = full_embedding(tiered)
-    reference = reference_engine(store.config, weights)
-    reference.cache_type = "f16"
-    expected = reference.forward(np.array(IDS), reference.new_cache(64), all_logits=True)
-    ours, _, _, engine = streamed_logits(tiered, None)
-    assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()
-    steps = decode_logits(engine, IDS[:12])
-    assert np.abs(steps - expected[:12]).max() <= 1e-3 * np.abs(expected).max()
+    assert_runs_as(tiered, weights)
 
 
 def test_tiered_store_streams_exactly_and_reads_what_it_plans(tiered):

@@ -246,12 +246,12 @@ def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_
     checkpoint = load_checkpoint(source, progress=progress, lazy=True)
     config, weights = checkpoint.config, checkpoint.weights
     tiers = embed_tiers(codec_name, config.vocab_size)
-    if tiers is not None and (weights.output is not None or tiers[0] >= config.vocab_size):
-        raise FlashInferError(
-            f"codec spec {codec_name!r}: " + ("only a tied embedding is split by token"
-                                              if weights.output is not None else
-                                              f"the hot tier must hold fewer than the "
-                                              f"vocabulary's {config.vocab_size} tokens"))
+    if tiers is not None and weights.output is not None:
+        raise FlashInferError(f"codec spec {codec_name!r}: only a tied embedding is split "
+                              "by token")
+    if tiers is not None and tiers[0] >= config.vocab_size:
+        raise FlashInferError(f"codec spec {codec_name!r}: the hot tier must hold fewer than "
+                              f"the vocabulary's {config.vocab_size} tokens")
     needed = _estimated_bytes(config, chosen, tiers)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
     out = down_out = None

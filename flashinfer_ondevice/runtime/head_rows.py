@@ -13,6 +13,7 @@ import numpy as np
 
 from ..store.reader import Store, TensorEntry
 from ..store.vocab_tiers import COLD, VocabTiers
+from .stored import row_ranges
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,8 @@ class HeadRows:
 
     def parts(self, start: int, end: int) -> list[tuple[TensorEntry, int, int]]:
         """Stored rows [start, end) as (tier, first row, end row) within each tier."""
-        out, base = [], 0
-        for entry in self.tiers:
-            lo, hi = max(start - base, 0), min(end - base, entry.rows)
-            if lo < hi:
-                out.append((entry, lo, hi))
-            base += entry.rows
-        return out
+        return [(self.tiers[k], lo, hi)
+                for k, lo, hi in row_ranges([e.rows for e in self.tiers], start, end)]
 
     def nbytes(self, start: int, end: int) -> int:
         """Codec bytes of stored rows [start, end)."""

@@ -45,33 +45,6 @@ class StoredMatrix:
         return out
 
 
-class StackedMatrix:
-    """Matrices of different codecs stacked by rows (the output layer's rows across its
-    tiers, runtime/head_rows.py): apply(x) = x @ W.T over all of them."""
-
-    def __init__(self, parts: list[StoredMatrix]):
-        self.parts = parts
-        self.rows = sum(p.rows for p in parts)
-        self.nbytes = sum(p.nbytes for p in parts)
-
-    def decode_rows(self, start: int, end: int) -> np.ndarray:
-        out, base = [], 0
-        for part in self.parts:
-            lo, hi = max(start - base, 0), min(end - base, part.rows)
-            if lo < hi:
-                out.append(part.decode_rows(lo, hi))
-            base += part.rows
-        return np.concatenate(out)
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        out = np.empty((len(x), self.rows), np.float32)
-        start = 0
-        for part in self.parts:
-            out[:, start:start + part.rows] = part.apply(x)
-            start += part.rows
-        return out
-
-
 PREPARE_CHUNK = 16 << 20  # codec bytes handed to a backend at a time (bounds load's peak)
 
 
@@ -95,6 +68,28 @@ class PreparedMatrix:
             out[:, start:start + y.shape[1]] = y
             start += y.shape[1]
         return out
+
+
+def row_ranges(counts: list[int], start: int, end: int) -> list[tuple[int, int, int]]:
+    """Rows [start, end) of parts stacked by rows (part k holds counts[k]), as (k, first row,
+    end row) within each part they touch."""
+    out, base = [], 0
+    for k, count in enumerate(counts):
+        lo, hi = max(start - base, 0), min(end - base, count)
+        if lo < hi:
+            out.append((k, lo, hi))
+        base += count
+    return out
+
+
+class StackedMatrix(PreparedMatrix):
+    """Codec bytes of different codecs stacked by rows (the output layer's rows across its
+    tiers, runtime/head_rows.py): a PreparedMatrix of StoredMatrix parts, whose rows can
+    also be decoded."""
+
+    def decode_rows(self, start: int, end: int) -> np.ndarray:
+        return np.concatenate([self.parts[k].decode_rows(lo, hi) for k, lo, hi in
+                               row_ranges([p.rows for p in self.parts], start, end)])
 
 
 def resident_matrix(read: Callable[[int, int], np.ndarray], rows: int, codec_name: str,

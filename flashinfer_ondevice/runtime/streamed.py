@@ -364,7 +364,7 @@ class StreamedWeights:
             first = self.head_rows.tiers[0]
             return StoredMatrix(self._read_rows(first, 0, 0), first.codec, first.cols,
                                 self.backend)
-        return parts[0] if len(parts) == 1 else StackedMatrix(parts)
+        return parts[0] if len(parts) == 1 else StackedMatrix(parts, end - start)
 
     def _read_rows(self, entry: TensorEntry, start: int, end: int) -> np.ndarray:
         if end <= start:
