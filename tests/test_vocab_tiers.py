@@ -19,6 +19,7 @@ from flashinfer_ondevice.runtime.head_rows import HeadRows
 from flashinfer_ondevice.runtime.planner import make_plan
 from flashinfer_ondevice.runtime.store_choice import codecs_of
 from flashinfer_ondevice.store import vocab_tiers
+from flashinfer_ondevice.store.format import TIERS_VERSION, VERSION
 from flashinfer_ondevice.store.reader import StoreError, open_store
 
 SPEC = "int8,embed=int8@100/int4"
@@ -161,6 +162,21 @@ def _bitmap(manifest, hot: np.ndarray) -> None:
 ])
 def test_hostile_tier_records_are_refused(tiered, tmp_path, change, message):
     assert message in _refused(tiered, tmp_path, change)
+
+
+def test_tiered_stores_carry_their_own_format_version(tiered, tiny_gguf, tmp_path):
+    """A tiered store is version 2, so a runtime reading only version 1 refuses it by its
+    version; stores without tiers stay version 1; tiered stores written as version 1 (before
+    the version existed) still open."""
+    assert json.loads((tiered / "manifest.json").read_text())["version"] == TIERS_VERSION
+    plain = convert(tiny_gguf("gemma3"), tmp_path / "plain", "int8")
+    assert json.loads((plain / "manifest.json").read_text())["version"] == VERSION
+    path = tmp_path / "old"
+    shutil.copytree(tiered, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["version"] = VERSION
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert open_store(path).vocab_tiers.hot_rows == 100
 
 
 def test_bits_beyond_the_vocabulary_are_refused():

@@ -39,6 +39,7 @@ from ..store.format import (
     ALIGN,
     FORMAT,
     REVISIONS,
+    TIERS_VERSION,
     VERSION,
     WEIGHTS,
     align_up,
@@ -331,6 +332,7 @@ def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_
                 manifest["codec_choice"] = codec_choice_record
             if hot is not None:
                 manifest[tiers_record.RECORD] = tiers_record.record(hot)
+                manifest["version"] = TIERS_VERSION
             if collector is not None:
                 manifest["input_statistics"] = {
                     "tokens": collector.tokens,

@@ -25,7 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 FORMAT = "flashinfer-ondevice-store"
-VERSION = 1
+VERSION = 1  # what a store needing no newer feature is written as (older runtimes read it)
+TIERS_VERSION = 2  # a store with vocabulary tiers (store/vocab_tiers.py): a runtime that reads
+# only version 1 refuses it by its version, instead of calling the split embedding corrupt
+VERSIONS = (VERSION, TIERS_VERSION)  # what this runtime reads
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.bin"
 ALIGN = 4096

@@ -26,7 +26,7 @@ from .format import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
     REVISIONS,
-    VERSION,
+    VERSIONS,
     WEIGHTS,
     unfinished,
 )
@@ -180,9 +180,15 @@ def open_store(path: str | Path, verify: bool = False) -> Store:
         _fail(path, f"{MANIFEST} is not valid JSON ({exc})")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         _fail(path, f"{MANIFEST} is not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
-        raise StoreError(f"store {path} has format version {describe(manifest.get('version'))}"
-                         f"; this runtime reads version {VERSION} (convert the model again)")
+    version = manifest.get("version")
+    if type(version) is int and version > max(VERSIONS):
+        raise StoreError(f"store {path} has format version {version}, written by a newer "
+                         f"flashinfer-ondevice; this runtime reads versions "
+                         f"{', '.join(map(str, VERSIONS))} (upgrade, or convert the model again)")
+    if type(version) is not int or version not in VERSIONS:
+        raise StoreError(f"store {path} has format version {describe(version)}; this runtime "
+                         f"reads versions {', '.join(map(str, VERSIONS))} (convert the model "
+                         "again)")
     store_codec = manifest.get("codec")
     if not isinstance(store_codec, str) or store_codec not in CODECS:
         _fail(path, f"unknown codec {store_codec!r}")
