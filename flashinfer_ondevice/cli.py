@@ -420,8 +420,9 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens, bit
 @click.option("--settings", "settings_text", default="default", show_default=True,
               help="default (run-model's own choices, and exact logits), all, or a list of: "
               "default, exact, shortlist, kv-q8, int4, int4fit (int4 fitted to calibration "
-              "data), sparse (FFN sparsity: a store calibrated with run-model convert "
-              "--calibrate)")
+              "data), tiers (bpal4, with the 12.5% most probable tokens' embedding rows in "
+              "bpal4 and the rest in bpal2; tied embeddings), sparse (FFN sparsity: a store "
+              "calibrated with run-model convert --calibrate)")
 @click.option("--quality-text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="held-out text for perplexity / top-1 / KL  [default: one shipped in the "
               "package, never the calibration text]")
@@ -477,9 +478,16 @@ def profile(model_path, budgets, settings_text, quality_text, quality_tokens, pe
             peers.insert(0, source)
         for gguf in peers:  # llama.cpp only ever sees files our reader accepted
             read_config(read_header(gguf))
-        # stores are converted here, not inside a cell's memory limit
-        for codec in {sweep.SETTINGS[s].get("codec", "int8") for s in settings}:
-            ensure_store(source, codec, progress)
+        # stores are converted here, not inside a cell's memory limit; a setting this model's
+        # convert refuses (tiers of an untied embedding) is skipped, with its reason
+        for setting in list(settings):
+            try:
+                ensure_store(source, sweep.SETTINGS[setting].get("codec", "int8"), progress)
+            except FlashInferError as error:
+                if len(settings) == 1:
+                    raise
+                click.echo(f"setting {setting} skipped: {error}", err=True)
+                settings.remove(setting)
         reference = ensure_store(source, "int8", progress)
         ctx = min(sweep.CTX, open_store(reference).config.context_length)
         prompt_tokens = min(sweep.PROMPT_TOKENS, ctx - n - 1)

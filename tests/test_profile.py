@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -139,3 +140,31 @@ def test_plan_only_plans_for_the_backend_and_its_device_tier(tiny_gguf, tmp_path
     assert cell["config"]["backend"] == "mlx" and cell["config"]["gpu_memory_budget"] == "100%"
     assert cell["plan"]["device_bytes"] > 0 and cell["plan"]["head_device_rows"] > 0
     assert cell["predicted"]["decode_tps"] > 0
+
+
+def test_the_tiers_setting_plans_a_tiered_store_and_is_skipped_where_convert_refuses(
+        tiny_gguf, tmp_path, monkeypatch):
+    """`tiers` profiles a store whose embedding is split by token; a model with an untied
+    embedding (which convert cannot split) skips that setting with the reason, and the
+    others still run."""
+    monkeypatch.setenv("FLASHINFER_MODELS_DIR", str(tmp_path / "models"))
+    for model, settings in (("gemma3", "tiers"), ("llama", "default,tiers")):
+        out = tmp_path / model
+        result = CliRunner().invoke(main, ["profile", "-m", str(tiny_gguf(model)), "--budgets",
+                                           "none", "--settings", settings, "--plan-only", "-n",
+                                           "4", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        cells = json.loads((out / "plan.json").read_text())["cells"]
+        assert all(c["status"] == "planned" for c in cells)
+        planned = {c["setting"] for c in cells}
+        if model == "gemma3":
+            assert planned == {"tiers"}
+            manifest = json.loads((Path(cells[0]["config"]["store"]) / "manifest.json")
+                                  .read_text())
+            assert "vocab_tiers" in manifest
+        else:
+            assert planned == {"default"}
+            assert "setting tiers skipped" in result.output and "tied embedding" in result.output
+    result = CliRunner().invoke(main, ["profile", "-m", str(tiny_gguf("llama")), "--budgets",
+                                       "none", "--settings", "tiers", "--plan-only"])
+    assert result.exit_code != 0 and "tied embedding" in result.output

@@ -34,6 +34,10 @@ SETTINGS = {
     "kv-q8": {"cache_type": "q8"},
     "int4": {"codec": "int4"},
     "int4fit": {"codec": "int4fit"},  # int4 fitted to calibration data (12 min to convert)
+    # the tied embedding in two tiers (store/vocab_tiers.py): our best quality per byte
+    # (docs/benchmarks.md); 12 min to convert; a model whose convert refuses it (an untied
+    # embedding) skips the setting
+    "tiers": {"codec": "bpal4,embed=bpal4@12.5%/bpal2"},
     # needs a store calibrated for sparsity (run-model convert MODEL --calibrate); the cell
     # says so where it is not
     "sparse": {"selector": "predicted"},
