@@ -319,7 +319,6 @@ def _choose_codecs(ctx, source: Path, bits: float | None, target_size: str | Non
     """--bits / --target-size: the measured codec mix (build/codec_choice.py), printed."""
     from click.core import ParameterSource
 
-    from .build.codec_choice import CANDIDATES
     from .build.convert import choose_spec
     from .runtime.planner import parse_budget
 
@@ -340,8 +339,8 @@ def _choose_codecs(ctx, source: Path, bits: float | None, target_size: str | Non
     click.echo(f"measured loss (mean KL, nats per token) and size of each tensor group by "
                f"codec, on {record['tokens']} calibration tokens:", err=True)
     for group, row in record["measured"].items():
-        cells = "  ".join(f"{name} {row[name]['kl']:.4f} {row[name]['bytes'] / 1e6:.1f}MB"
-                          for name in CANDIDATES)
+        cells = "  ".join(f"{name} {cell['kl']:.4f} {cell['bytes'] / 1e6:.1f}MB"
+                          for name, cell in row.items())
         click.echo(f"  {group:5s} {cells}", err=True)
     click.echo(f"chosen for {nbytes / 1e6:.1f} MB of matrices: {spec}", err=True)
     return spec, record
@@ -360,7 +359,8 @@ def _choose_codecs(ctx, source: Path, bits: float | None, target_size: str | Non
               show_default=True, help="tokens of calibration text to run")
 @click.option("--bits", type=click.FloatRange(min=1.0, max=16.0), default=None,
               help="choose the codec of each tensor group by measured loss so that the "
-                   "matrices average this many bits per weight (instead of --codec)")
+                   "matrices average this many bits per weight (instead of --codec); a "
+                   "tied embedding may be split by token into two codecs")
 @click.option("--target-size", default=None,
               help="like --bits, with a size for the matrices: 120MB, 0.2GB, bytes")
 def convert(source, output, codec, calibrate, text_file, calibration_tokens, bits,

@@ -3,6 +3,7 @@ and clear errors on corrupt, truncated or hostile stores."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import shutil
@@ -366,7 +367,11 @@ def test_codec_mix_chosen_by_measurement_meets_the_target(tiny_gguf, tmp_path):
     spec, record = choose_spec(source, bits=5.0)
     table = record["measured"]
     assert set(table) == {"embed", "attn", "ffn"}
-    assert all(set(row) == set(codec_choice.CANDIDATES) for row in table.values())
+    vocab = open_store(convert(source, tmp_path / "int8", "int8")).config.vocab_size
+    count = round(vocab / codec_choice.TIER_SHARE)
+    tiered = {codec_choice.tier_name(h, count, c) for h, c in codec_choice.TIER_PAIRS}
+    assert set(table["embed"]) == set(codec_choice.CANDIDATES) | tiered  # tied: also split
+    assert all(set(table[g]) == set(codec_choice.CANDIDATES) for g in ("attn", "ffn"))
     for row in table.values():  # int8 is within rounding of the float model
         assert row["int8"]["kl"] < row["pal2"]["kl"]
         assert row["int8"]["bytes"] > row["int4"]["bytes"] > row["pal2"]["bytes"]
@@ -387,6 +392,47 @@ def test_codec_mix_chosen_by_measurement_meets_the_target(tiny_gguf, tmp_path):
     assert json.loads((path / "manifest.json").read_text())["codec_choice"] == record
     with pytest.raises(FlashInferError, match="the smallest is"):
         choose_spec(source, matrix_nbytes=1000)
+    # a split embedding, as a mix names it, converts to a store of the bytes measured
+    name = codec_choice.tier_name("bpal4", count, "bpal2")
+    path = convert(source, tmp_path / "tiered", codec_choice.spec_of(
+        {"embed": name, "attn": "int8", "ffn": "int8"}))
+    store = open_store(path)
+    assert store.vocab_tiers.hot_rows == count
+    assert store.tensors["embed"].nbytes + store.tensors["embed_cold"].nbytes == \
+        table["embed"][name]["bytes"]
+
+
+def test_a_split_embedding_is_measured_as_convert_stores_it(tiny_gguf):
+    """The mix measures a split embedding from the two codecs' whole round trips; convert
+    fits each tier's rows on their own. Rows are fitted one at a time, so both give the same
+    rows, and the same loss."""
+    from flashinfer_ondevice.build import codec_choice, vocab_tiers
+    from flashinfer_ondevice.build.calibrate import default_text
+    from flashinfer_ondevice.build.convert import STATS_CHUNK, STATS_TOKENS, calibration_chunks
+    from flashinfer_ondevice.build.input_stats import InputStatsCollector, for_tied_embedding
+
+    checkpoint = load_checkpoint(tiny_gguf("gemma3"))
+    config, weights = checkpoint.config, checkpoint.weights
+    chunks, held_out = calibration_chunks(checkpoint.tokenizer, default_text(), STATS_TOKENS,
+                                          STATS_CHUNK)
+    collector = InputStatsCollector(config, weights, chunks, False)
+    layer_stats = [collector.layer(i, layer) for i, layer in enumerate(weights.layers)]
+    head_stats = collector.head(weights.final_norm)
+    hot = vocab_tiers.hot_mask(vocab_tiers.mean_probabilities(
+        collector.hidden, weights.final_norm, config.norm_eps, weights.embed),
+        config.vocab_size // 8)
+    table = codec_choice.measure(config, weights, layer_stats, head_stats, held_out,
+                                 candidates=("bpal4", "bpal2"), hot=hot)
+    stats = for_tied_embedding(head_stats)
+    variant = copy.copy(weights)
+    variant.embed = np.empty_like(weights.embed)
+    for mask, name in ((hot, "bpal4"), (~hot, "bpal2")):
+        variant.embed[mask] = codec_choice.round_trip(codec(name))(weights.embed[mask], stats)
+    reference = codec_choice.log_probs(config, weights, held_out)
+    kl = codec_choice.mean_kl(reference, codec_choice.log_probs(config, variant, held_out))
+    measured = table["embed"][codec_choice.tier_name("bpal4", int(hot.sum()), "bpal2")]
+    assert measured.kl == pytest.approx(kl, rel=1e-6, abs=1e-9)
+    assert table["embed"]["bpal2"].kl > measured.kl > 0
 
 
 def test_a_corrupt_palette_table_is_caught_by_the_checksum(stores, tmp_path):

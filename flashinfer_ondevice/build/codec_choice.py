@@ -9,6 +9,11 @@ different groups are taken as additive (they are small perturbations of differen
 so the best mix under a target is the cheapest-loss combination whose bytes fit, found by
 trying them all (a handful of groups and codecs). The table is kept in the manifest; the
 final store's quality is measured by `run-model eval` and tools/bench_codecs.py, not assumed.
+
+A tied embedding is also tried split by token (store/vocab_tiers.py): the most probable
+eighth of the vocabulary in a wide codec, the rest in a narrow one ("bpal4@32768/bpal2").
+Rows are fitted one at a time, so a split embedding's rows are those of the two codecs'
+round trips, and each pair costs one more forward pass, not another encoding.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ from ..weights import DenseWeights, Weights
 from .input_stats import for_tied_embedding
 
 CANDIDATES = ("int8", "int4", "bpal4", "bpal3", "bpal2", "pal4", "pal3", "pal2")
+# a tied embedding split by token: (hot codec, cold codec), tried where both are candidates
+TIER_PAIRS = (("int8", "bpal4"), ("int8", "bpal3"), ("bpal4", "bpal3"), ("bpal4", "bpal2"),
+              ("bpal3", "bpal2"))
+TIER_SHARE = 8  # the hot tier: the most probable 1/TIER_SHARE of the vocabulary
 GROUP_FIELDS = {"attn": ("wq", "wk", "wv", "wo"), "ffn": ("w_gate", "w_up", "w_down")}
 
 
@@ -119,20 +128,57 @@ def mean_kl(reference: np.ndarray, logp: np.ndarray) -> float:
     return max(float((np.exp(reference) * (reference - logp)).sum(axis=-1).mean()), 0.0)
 
 
+def tier_name(hot: str, count: int, cold: str) -> str:
+    """A split embedding's name in the table and in a codec spec: "bpal4@32768/bpal2"."""
+    return f"{hot}@{count}/{cold}"
+
+
 def measure(config: ModelConfig, weights: Weights, layer_stats: list[dict],
             head_stats: InputStats, tokens: np.ndarray, candidates=CANDIDATES,
+            hot: np.ndarray | None = None,
             progress: bool = False) -> dict[str, dict[str, Measured]]:
-    """The loss and bytes of every (group, codec) on `tokens` (one chunk, BOS first)."""
+    """The loss and bytes of every (group, codec) on `tokens` (one chunk, BOS first), and,
+    given `hot` (a tied embedding's hot tokens, build/vocab_tiers.py), of the embedding
+    split by token for each of TIER_PAIRS among the candidates."""
     reference = log_probs(config, weights, tokens)
     table: dict[str, dict[str, Measured]] = {g: {} for g in TENSOR_GROUPS}
+    pairs = [] if hot is None else [(h, c) for h, c in TIER_PAIRS
+                                    if h in candidates and c in candidates]
+    # the round-tripped rows the pairs take: each hot codec's hot rows, each cold one's others
+    tier_rows = {(h, True) for h, _ in pairs} | {(c, False) for _, c in pairs}
+    rows_of: dict[tuple[str, bool], np.ndarray] = {}
     cells = list(itertools.product(TENSOR_GROUPS, candidates))
-    for group, name in tqdm(cells, desc="measuring codecs", unit="cell",
-                            disable=not progress):
-        c = CODECS[name]
-        variant = with_group(weights, group, round_trip(c), layer_stats, head_stats)
-        table[group][name] = Measured(mean_kl(reference, log_probs(config, variant, tokens)),
-                                      group_nbytes(config, group, c))
+    with tqdm(total=len(cells) + len(pairs), desc="measuring codecs", unit="cell",
+              disable=not progress) as bar:
+        for group, name in cells:
+            c = CODECS[name]
+            variant = with_group(weights, group, round_trip(c), layer_stats, head_stats)
+            if group == "embed":
+                for side in (True, False):
+                    if (name, side) in tier_rows:
+                        rows_of[name, side] = variant.embed[hot == side]
+            table[group][name] = Measured(
+                mean_kl(reference, log_probs(config, variant, tokens)),
+                group_nbytes(config, group, c))
+            bar.update()
+        for hot_name, cold_name in pairs:
+            variant = copy.copy(weights)
+            variant.embed = np.empty_like(weights.embed)
+            variant.embed[hot] = rows_of[hot_name, True]
+            variant.embed[~hot] = rows_of[cold_name, False]
+            count = int(hot.sum())
+            table["embed"][tier_name(hot_name, count, cold_name)] = Measured(
+                mean_kl(reference, log_probs(config, variant, tokens)),
+                tiered_nbytes(config, CODECS[hot_name], count, CODECS[cold_name]))
+            bar.update()
     return table
+
+
+def tiered_nbytes(config: ModelConfig, hot: Codec, count: int, cold: Codec) -> int:
+    """A tied embedding's bytes with `count` rows in `hot` and the rest in `cold`."""
+    h = config.hidden_size
+    return count * stored_codec(hot, h).row_nbytes(h) + \
+        (config.vocab_size - count) * stored_codec(cold, h).row_nbytes(h)
 
 
 def choose(table: dict[str, dict[str, Measured]], budget_nbytes: int) -> dict[str, str]:

@@ -414,7 +414,8 @@ def choose_spec(source: str | Path, matrix_nbytes: int | None = None,
     """The codec spec whose matrices fit `matrix_nbytes` (or average `bits` per weight) at
     the least measured loss (build/codec_choice.py), and the record of the measurement for
     the manifest. Loads the whole checkpoint in float32 (every group is tried against the
-    same model)."""
+    same model). A tied embedding may be chosen split by token (embed=HOT@N/COLD); such a
+    store has no output-layer proxy (see store/vocab_tiers.py)."""
     text = default_text() if calibration_text is None else calibration_text
     checkpoint = load_checkpoint(source, progress=progress)
     config, weights = checkpoint.config, checkpoint.weights
@@ -433,7 +434,12 @@ def choose_spec(source: str | Path, matrix_nbytes: int | None = None,
     collector = InputStatsCollector(config, weights, chunks, progress)
     layer_stats = [collector.layer(i, layer) for i, layer in enumerate(weights.layers)]
     head_stats = collector.head(weights.final_norm)
-    table = codec_choice.measure(config, weights, layer_stats, head_stats, held_out,
+    hot = None  # a tied embedding is also tried split by token (store/vocab_tiers.py)
+    if config.tie_embeddings and config.vocab_size >= 2 * codec_choice.TIER_SHARE:
+        hot = vocab_tiers.hot_mask(vocab_tiers.mean_probabilities(
+            collector.hidden, weights.final_norm, config.norm_eps, weights.embed),
+            round(config.vocab_size / codec_choice.TIER_SHARE))
+    table = codec_choice.measure(config, weights, layer_stats, head_stats, held_out, hot=hot,
                                  progress=progress)
     choice = codec_choice.choose(table, matrix_nbytes)
     record = {"target_matrix_bytes": matrix_nbytes, "tokens": len(held_out), "choice": choice,
