@@ -6,7 +6,9 @@ llama.cpp's vocabulary."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,23 +102,60 @@ def test_vocabularies_it_cannot_match_are_refused(tmp_path):
 
 BUDGETED_CHILD = """
 import json, sys
-from flashinfer_ondevice.loader.tokenizer import LeanGGUFTokenizer
-from flashinfer_ondevice.runtime.engine import open_store_session
-session = open_store_session(sys.argv[1], memory_budget="60%", ctx_size=256)
-print(json.dumps({"lean": isinstance(session.tokenizer, LeanGGUFTokenizer),
-                  "transient": session.plan.transient_bytes,
+from flashinfer_ondevice.loader import tokenizer
+from flashinfer_ondevice.runtime import engine
+loaded = []
+class Counted(tokenizer.GGUFTokenizer):
+    def __init__(self, *args):
+        loaded.append(1)
+        super().__init__(*args)
+engine.GGUFTokenizer = Counted
+session = engine.open_store_session(sys.argv[1], memory_budget="60%", ctx_size=256)
+print(json.dumps({"lean": isinstance(session.tokenizer, tokenizer.LeanGGUFTokenizer),
+                  "transient": session.plan.transient_bytes, "llama_vocab_loads": len(loaded),
                   "ids": session.tokenizer.encode(sys.argv[2])}))
 """
 
 
-def test_budgeted_session_encodes_without_llama_cpp_vocabulary(gemma_store):
-    """In a fresh process, as a user opens it (a budget counts the memory the process gained
-    since it started, so this runs apart from the tests' own)."""
-    text = "<start_of_turn>user\nWhat is  a flash store?<end_of_turn>\n"
-    child = subprocess.run([sys.executable, "-c", BUDGETED_CHILD, str(gemma_store), text],
+def _open_budgeted(store: Path, text: str) -> dict:
+    child = subprocess.run([sys.executable, "-c", BUDGETED_CHILD, str(store), text],
                            capture_output=True, text=True, timeout=300)
     assert child.returncode == 0, child.stderr
-    opened = json.loads(child.stdout)
-    assert opened["lean"] and opened["transient"] == 0
-    assert opened["ids"] == GGUFTokenizer(gemma_store / "tokenizer.gguf").encode(text)
+    return json.loads(child.stdout)
+
+
+def test_budgeted_session_encodes_without_llama_cpp_vocabulary(gemma_store, tmp_path):
+    """In a fresh process, as a user opens it (a budget counts the memory the process gained
+    since it started, so this runs apart from the tests' own). Convert recorded that the
+    compact encoder matches llama.cpp, so the open loads no llama.cpp vocabulary; a store
+    without that record (converted before it) loads it to check at open."""
+    text = "<start_of_turn>user\nWhat is  a flash store?<end_of_turn>\n"
+    manifest = json.loads((gemma_store / "manifest.json").read_text())
+    assert manifest["tokenizer"]["compact_encoder"] is True
+    opened = _open_budgeted(gemma_store, text)
+    assert opened["lean"] and opened["transient"] == 0 and opened["llama_vocab_loads"] == 0
+    expected = GGUFTokenizer(gemma_store / "tokenizer.gguf").encode(text)
+    assert opened["ids"] == expected
+    old = tmp_path / "old"  # the same files (hard links), the record as before
+    shutil.copytree(gemma_store, old, copy_function=os.link)
+    (old / "manifest.json").unlink()
+    del manifest["tokenizer"]["compact_encoder"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    checked = _open_budgeted(old, text)
+    assert checked["lean"] and checked["transient"] == 0 and checked["llama_vocab_loads"] == 1
+    assert checked["ids"] == expected
+
+
+def test_a_hostile_compact_encoder_record_is_refused(tiny_gguf, tmp_path):
+    from flashinfer_ondevice.build.convert import convert
+    from flashinfer_ondevice.runtime.engine import open_store_session
+    from flashinfer_ondevice.store.reader import StoreError
+
+    path = convert(tiny_gguf("llama"), tmp_path / "store", "int8")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert type(manifest["tokenizer"]["compact_encoder"]) is bool
+    manifest["tokenizer"]["compact_encoder"] = 1
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="compact_encoder"):
+        open_store_session(path, memory_budget="60%", ctx_size=64)
 

@@ -480,7 +480,7 @@ def _copy_tokenizer(source: Path, folder: Path) -> dict:
             shutil.copyfile(source / name, folder / name)
         return {"kind": "hf", "files": names}
     from ..loader.gguf_header import read_header
-    from ..loader.tokenizer import GGUFTokenizer
+    from ..loader.tokenizer import GGUFTokenizer, compact_encoder
 
     read_header(source).write_vocab_only(folder / "tokenizer.gguf")
     tokenizer = GGUFTokenizer(folder / "tokenizer.gguf")
@@ -490,9 +490,13 @@ def _copy_tokenizer(source: Path, folder: Path) -> dict:
     (folder / "pieces.bin").write_bytes(b"".join(pieces))
     (folder / "pieces.idx").write_bytes(offsets.astype("<u4").tobytes())
     bos = tokenizer.bos_id
+    # whether the compact encoder encodes as llama.cpp does, checked once here instead of
+    # at every budgeted open (runtime/engine.py)
+    compact = compact_encoder(folder / "tokenizer.gguf", tokenizer) is not None
     return {"kind": "gguf", "files": ["tokenizer.gguf", "pieces.bin", "pieces.idx"],
             "bos_id": bos, "eog_ids": sorted(tokenizer.eog_ids),
-            "bos_text": tokenizer.special_text(bos) if bos is not None else ""}
+            "bos_text": tokenizer.special_text(bos) if bos is not None else "",
+            "compact_encoder": compact}
 
 
 _CHILD = ("import sys\n"

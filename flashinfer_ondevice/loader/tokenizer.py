@@ -158,12 +158,14 @@ _PROBE = ("Hello world!  Two  spaces,\ttabs\t\tand\n\nnewlines\n\n\n. Ünïcöd�
           "\u2581 <0x41> x=1;y=2 ")
 
 
-def compact_encoder(gguf_path: Path, reference: GGUFTokenizer) -> SpmEncoder | None:
+def compact_encoder(gguf_path: Path, reference: GGUFTokenizer | None) -> SpmEncoder | None:
     """The compact SentencePiece encoder of the vocabulary at `gguf_path` if it encodes a
-    probe text exactly as llama.cpp (`reference`, the same vocabulary) does; else None."""
+    probe text exactly as llama.cpp (`reference`, the same vocabulary) does; else None.
+    Without a reference (convert ran this check and recorded that it passed) the encoder is
+    returned where the vocabulary has one."""
     encoder = SpmEncoder.for_vocabulary(read_header(gguf_path))
-    if encoder is None:
-        return None
+    if encoder is None or reference is None:
+        return encoder
     specials = encoder.special_texts()
     probe = _PROBE + " ".join(specials[:32] + specials[-32:]) + _PROBE + \
         "".join(specials[:8]) + "end"
