@@ -247,6 +247,7 @@ def plan_store_session(path: str | Path, memory_budget: str | int | None = None,
     budget = None if memory_budget is None else parse_budget(memory_budget, store.nbytes)
     device_budget = None if gpu_memory_budget is None else \
         parse_budget(gpu_memory_budget, store.nbytes, "GPU memory budget")
+    release_freed_memory()  # reading the vocabulary leaves freed heap pages (~3.6 MB on Gemma 3)
     overhead = max(0, current_rss_bytes() - baseline)
 
     def plan_for(s: Store, h: str) -> Plan:
