@@ -31,9 +31,9 @@ from .default_model import default_model_path, models_dir
 from .errors import ArgumentError, ContextLengthError, FlashInferError, os_error_line
 from .generate import GenerationResponse, prefill, stream_generate
 from .kv_cache import check_cache_type
-from .loader import check_source, load_checkpoint
+from .loader import check_source, load_checkpoint, source_config
 from .model import reference_engine
-from .quant.codecs import parse_codec_spec
+from .quant.codecs import parse_codec_spec, with_tier_count
 from .runtime.engine import (
     DEFAULT_CTX,
     PlannedSession,
@@ -418,7 +418,10 @@ def _reference_session(path: Path, ctx_size: int | None, progress: bool,
 def store_path_for(source: Path, codec: str) -> Path:
     """Where the store converted from `source` lives in the models folder; the name carries
     the source's identity (path, size, modification time), so a replaced file is converted
-    again rather than served from a stale store."""
+    again rather than served from a stale store. A hot tier given as a share of the
+    vocabulary is named by its count, so both spellings of one store find it."""
+    if "%" in codec:
+        codec = with_tier_count(codec, source_config(source).vocab_size)
     spec = codec.replace(",", "+").replace("=", "-").replace("/", "-")
     return models_dir() / f"{_store_prefix(source)}{spec}.store"
 

@@ -212,3 +212,21 @@ def test_prepared_tiers_run_as_the_codec_bytes_do(tiny_gguf, tmp_path):
         model.close()
     assert np.abs(prepared - exact).max() <= 0.05 * np.abs(exact).max()
     assert (prepared.argmax(-1) == exact.argmax(-1)).mean() >= 0.9
+
+
+def test_a_share_and_its_count_name_one_store(tiny_gguf):
+    """"@12.5%/" and the count it comes to are one store: converted once, found by both."""
+    from flashinfer_ondevice.api import ensure_store, store_path_for
+    from flashinfer_ondevice.quant.codecs import with_tier_count
+
+    assert with_tier_count("bpal4,embed=bpal4@12.5%/bpal2,attn=int8", 262144) == \
+        "bpal4,embed=bpal4@32768/bpal2,attn=int8"
+    assert with_tier_count("bpal4,embed=bpal3", 262144) == "bpal4,embed=bpal3"
+    source = tiny_gguf("gemma3")
+    vocab = open_store(ensure_store(source, "int8")).config.vocab_size
+    share = "int8,embed=int8@25%/int4"
+    count = f"int8,embed=int8@{round(vocab / 4)}/int4"
+    assert store_path_for(source, share) == store_path_for(source, count)
+    path = ensure_store(source, share)
+    assert open_store(path).vocab_tiers.hot_rows == round(vocab / 4)
+    assert ensure_store(source, count) == path

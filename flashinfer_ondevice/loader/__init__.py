@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import ModelConfig
 from ..errors import ModelFileError
 from .checkpoint import Checkpoint
 
@@ -34,6 +35,17 @@ def check_source(path: str | Path) -> None:
     else:
         from .gguf_file import check_gguf
         check_gguf(path)
+
+
+def source_config(path: str | Path) -> ModelConfig:
+    """The model config of a GGUF file or Hugging Face folder, reading no weight."""
+    path = _existing(path)
+    if path.is_dir():
+        from .hf import hf_config
+        return hf_config(path)
+    from .gguf_file import read_config
+    from .gguf_header import read_header
+    return read_config(read_header(path))
 
 
 def _existing(path: str | Path) -> Path:

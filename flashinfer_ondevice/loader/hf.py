@@ -129,6 +129,11 @@ def _shard_files(folder: Path) -> list[Path]:
     return [folder / name for name in sorted(names)]
 
 
+def hf_config(folder: Path) -> ModelConfig:
+    """The model config of a Hugging Face folder (its config.json)."""
+    return _config_from_hf(_config_json(folder))
+
+
 def _config_json(folder: Path) -> dict:
     raw = read_json(folder / "config.json")
     if raw is None:

@@ -638,6 +638,15 @@ def _parse_tiers(spec: str, tiers: str) -> tuple[int | float, Codec]:
                      "the vocabulary (between 0 and 100)")
 
 
+def with_tier_count(spec: str, vocab: int) -> str:
+    """`spec` (valid) with a hot tier given as a share ("@12.5%/") given as the count of
+    tokens it comes to in a `vocab`-token vocabulary ("@32768/"): one spelling per store."""
+    tiers = embed_tiers(spec, vocab)
+    if tiers is None:
+        return spec
+    return re.sub(r"@[0-9.]+%/", f"@{tiers[0]}/", spec)
+
+
 def embed_tiers(spec: str, vocab: int) -> tuple[int, Codec] | None:
     """How many of a `vocab`-token embedding's tokens a spec's "embed=HOT@N/COLD" (or
     "@P%/COLD") keeps in HOT, and the cold codec; None without tiers (the spec is valid:
