@@ -36,8 +36,9 @@ SETTINGS = {
     "int4fit": {"codec": "int4fit"},  # int4 fitted to calibration data (12 min to convert)
     # the tied embedding in two tiers (store/vocab_tiers.py): our best quality per byte
     # (docs/benchmarks.md); 12 min to convert; a model whose convert refuses it (an untied
-    # embedding) skips the setting
-    "tiers": {"codec": "bpal4,embed=bpal4@12.5%/bpal2"},
+    # embedding) skips the setting. quality "exact": this store at every budget (its head is
+    # exact anyway: a tiered store has no shortlist proxy), not the one "auto" would pick
+    "tiers": {"codec": "bpal4,embed=bpal4@12.5%/bpal2", "quality": "exact"},
     # needs a store calibrated for sparsity (run-model convert MODEL --calibrate); the cell
     # says so where it is not
     "sparse": {"selector": "predicted"},
