@@ -144,11 +144,11 @@ def test_plan_only_plans_for_the_backend_and_its_device_tier(tiny_gguf, tmp_path
 
 def test_the_tiers_setting_plans_a_tiered_store_and_is_skipped_where_convert_refuses(
         tiny_gguf, tmp_path, monkeypatch):
-    """`tiers` profiles a store whose embedding is split by token; a model with an untied
-    embedding (which convert cannot split) skips that setting with the reason, and the
-    others still run."""
+    """`tiers` profiles a store whose embedding is split by token, and a setting with a codec
+    runs that codec's store at every budget; a model with an untied embedding (which convert
+    cannot split) skips that setting with the reason, and the others still run."""
     monkeypatch.setenv("FLASHINFER_MODELS_DIR", str(tmp_path / "models"))
-    for model, settings in (("gemma3", "tiers"), ("llama", "default,tiers")):
+    for model, settings in (("gemma3", "tiers,int4"), ("llama", "default,tiers")):
         out = tmp_path / model
         result = CliRunner().invoke(main, ["profile", "-m", str(tiny_gguf(model)), "--budgets",
                                            "64MB,none", "--settings", settings, "--plan-only",
@@ -157,12 +157,13 @@ def test_the_tiers_setting_plans_a_tiered_store_and_is_skipped_where_convert_ref
         cells = json.loads((out / "plan.json").read_text())["cells"]
         assert all(c["status"] == "planned" for c in cells)
         planned = {c["setting"] for c in cells}
-        if model == "gemma3":  # at every budget the tiered store, not another of the model
-            assert planned == {"tiers"} and len(cells) == 2
+        if model == "gemma3":  # at every budget its own store, not another of the model's
+            assert planned == {"tiers", "int4"} and len(cells) == 4
             for cell in cells:
                 manifest = json.loads((Path(cell["config"]["store"]) / "manifest.json")
                                       .read_text())
-                assert "vocab_tiers" in manifest
+                assert ("vocab_tiers" in manifest) == (cell["setting"] == "tiers")
+                assert manifest["codec"] == ("int4" if cell["setting"] == "int4" else "bpal4")
         else:
             assert planned == {"default"}
             assert "setting tiers skipped" in result.output and "tied embedding" in result.output

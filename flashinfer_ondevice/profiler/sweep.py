@@ -20,8 +20,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..api import store_path_for
 from ..errors import FlashInferError
 from ..runtime.planner import parse_budget
+from ..store.reader import is_store
 from . import probe
 from .limits import ChildRun, Enforcement, run_limited
 
@@ -36,9 +38,8 @@ SETTINGS = {
     "int4fit": {"codec": "int4fit"},  # int4 fitted to calibration data (12 min to convert)
     # the tied embedding in two tiers (store/vocab_tiers.py): our best quality per byte
     # (docs/benchmarks.md); 12 min to convert; a model whose convert refuses it (an untied
-    # embedding) skips the setting. quality "exact": this store at every budget (its head is
-    # exact anyway: a tiered store has no shortlist proxy), not the one "auto" would pick
-    "tiers": {"codec": "bpal4,embed=bpal4@12.5%/bpal2", "quality": "exact"},
+    # embedding) skips the setting
+    "tiers": {"codec": "bpal4,embed=bpal4@12.5%/bpal2"},
     # needs a store calibrated for sparsity (run-model convert MODEL --calibrate); the cell
     # says so where it is not
     "sparse": {"selector": "predicted"},
@@ -70,11 +71,22 @@ class SweepOptions:
     gpu_memory_budget: str | None = None  # its device tier, where it has one
 
     def load_arguments(self, setting: str) -> dict:
-        """load()'s arguments for a cell of `setting`: the setting's, and the backend's."""
+        """load()'s arguments for a cell of `setting`: the setting's, and the backend's (a
+        setting's codec is in the store the cell runs: model_for)."""
         extra: dict = {} if self.backend == "cpu" else {"backend": self.backend}
         if self.gpu_memory_budget is not None:
             extra["gpu_memory_budget"] = self.gpu_memory_budget
-        return {**SETTINGS[setting], **extra}
+        own = {k: v for k, v in SETTINGS[setting].items() if k != "codec"}
+        return {**own, **extra}
+
+    def model_for(self, setting: str) -> Path:
+        """What a cell of `setting` loads: a setting with a codec runs that codec's store
+        (the CLI converted it), so a budget chooses only how that store runs, never another
+        of the model's stores (load() weighs those when given the source)."""
+        codec = SETTINGS[setting].get("codec")
+        if codec is None or is_store(self.model):
+            return self.model
+        return store_path_for(self.model, codec)
 
 
 def default_quality_text() -> Path:
@@ -189,8 +201,8 @@ def sweep(options: SweepOptions, enforcement: Enforcement, baseline: int,
             budget = budget_bytes(budget_text, model_bytes)
             limit = None if budget is None else budget + baseline
             if system == "ours":
-                spec = {"kind": "speed", "model": str(options.model), "budget": budget,
-                        "load": options.load_arguments(setting), **prompt}
+                spec = {"kind": "speed", "model": str(options.model_for(setting)),
+                        "budget": budget, "load": options.load_arguments(setting), **prompt}
                 cold = [options.model]
             else:
                 spec = {"kind": "peer", "model": system, **prompt}
@@ -262,8 +274,9 @@ def plan_only(options: SweepOptions, storage: dict, progress: bool = True) -> di
         for setting in tqdm(options.settings, desc=f"plan {budget_text}", disable=not progress):
             cell = {"system": "ours", "setting": setting, "budget": budget_text,
                     "budget_bytes": budget}
-            spec = {"kind": "plan", "model": str(options.model), "budget": budget,
-                    "load": options.load_arguments(setting), "ctx": options.ctx}
+            spec = {"kind": "plan", "model": str(options.model_for(setting)),
+                    "budget": budget, "load": options.load_arguments(setting),
+                    "ctx": options.ctx}
             result = _unlimited(spec, options.timeout)
             cell.update(result)
             if result["status"] == "planned":
