@@ -387,10 +387,17 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens, bit
         else:
             choice = None
             if bits is not None or target_size is not None:
+                if output and os.path.lexists(output):  # refused before the measuring
+                    raise FlashInferError(f"{output} already exists; remove it or choose "
+                                          "another -o")
                 codec, choice = _choose_codecs(click.get_current_context(), source, bits,
                                                target_size, progress)
             target = Path(output) if output else store_path_for(source, codec)
-            convert_store(source, target, codec, progress=progress, codec_choice_record=choice)
+            if choice is not None and not output and is_store(target):
+                click.echo(f"the chosen codecs' store already exists: {target}", err=True)
+            else:
+                convert_store(source, target, codec, progress=progress,
+                              codec_choice_record=choice)
         if calibrate:
             record = calibrate_store(target, text, calibration_tokens, progress=progress)
             kept = ", ".join(f"{t:.0%}: {k:.0%}" for t, k in

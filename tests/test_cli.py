@@ -191,6 +191,14 @@ def test_convert_by_bits_prints_the_measurement_and_its_choice(tiny_gguf, tmp_pa
     both = run_model("convert", str(tiny_gguf("gemma3")), "-o", str(tmp_path / "x"),
                      "--bits", "6", "--codec", "pal4")
     assert both.returncode != 0 and "leave out --codec" in both.stderr
+    again = run_model("convert", str(tiny_gguf("gemma3")), "-o", str(out), "--bits", "6")
+    assert_clean_error(again, "already exists")
+    assert "measured loss" not in again.stderr  # refused before measuring, not after
+    # into the models folder: named by the chosen codecs; a second run finds that store
+    first = run_model("convert", str(tiny_gguf("gemma3")), "--bits", "6")
+    assert first.returncode == 0, first.stderr
+    second = run_model("convert", str(tiny_gguf("gemma3")), "--bits", "6")
+    assert second.returncode == 0 and "the chosen codecs' store already exists" in second.stderr
 
 
 def test_corrupt_store_is_one_line(tiny_gguf, tmp_path):
