@@ -418,9 +418,8 @@ def test_a_split_embedding_is_measured_as_convert_stores_it(tiny_gguf):
     collector = InputStatsCollector(config, weights, chunks, False)
     layer_stats = [collector.layer(i, layer) for i, layer in enumerate(weights.layers)]
     head_stats = collector.head(weights.final_norm)
-    hot = vocab_tiers.hot_mask(vocab_tiers.mean_probabilities(
-        collector.hidden, weights.final_norm, config.norm_eps, weights.embed),
-        config.vocab_size // 8)
+    hot = vocab_tiers.hot_tokens(collector.hidden, weights, config.norm_eps,
+                                 config.vocab_size // 8)
     table = codec_choice.measure(config, weights, layer_stats, head_stats, held_out,
                                  candidates=("bpal4", "bpal2"), hot=hot)
     stats = for_tied_embedding(head_stats)

@@ -296,9 +296,8 @@ def _convert_locked(source: Path, target: Path, chosen: dict[str, Codec], codec_
                 tied = None if head_stats is None else for_tied_embedding(head_stats)
                 hot = None
                 if tiers is not None:
-                    hot = vocab_tiers.hot_mask(vocab_tiers.mean_probabilities(
-                        collector.hidden, weights.final_norm, config.norm_eps, weights.embed),
-                        tiers[0])
+                    hot = vocab_tiers.hot_tokens(collector.hidden, weights, config.norm_eps,
+                                                 tiers[0])
                     out.put_matrix("embed", weights.embed[hot], chosen["embed"], tied)
                     out.put_matrix(tiers_record.COLD, weights.embed[~hot], tiers[1], tied)
                 else:
@@ -436,9 +435,8 @@ def choose_spec(source: str | Path, matrix_nbytes: int | None = None,
     head_stats = collector.head(weights.final_norm)
     hot = None  # a tied embedding is also tried split by token (store/vocab_tiers.py)
     if config.tie_embeddings and config.vocab_size >= 2 * codec_choice.TIER_SHARE:
-        hot = vocab_tiers.hot_mask(vocab_tiers.mean_probabilities(
-            collector.hidden, weights.final_norm, config.norm_eps, weights.embed),
-            round(config.vocab_size / codec_choice.TIER_SHARE))
+        hot = vocab_tiers.hot_tokens(collector.hidden, weights, config.norm_eps,
+                                     round(config.vocab_size / codec_choice.TIER_SHARE))
     table = codec_choice.measure(config, weights, layer_stats, head_stats, held_out, hot=hot,
                                  progress=progress)
     choice = codec_choice.choose(table, matrix_nbytes)

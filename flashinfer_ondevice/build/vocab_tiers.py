@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..functional import rms_norm
+from ..weights import Weights
 
 POSITIONS = 128  # positions whose logits are computed at a time (bounds the vocab-wide rows)
 
@@ -40,3 +41,9 @@ def hot_mask(probability: np.ndarray, count: int) -> np.ndarray:
     hot = np.zeros(len(probability), bool)
     hot[np.argsort(-probability, kind="stable")[:count]] = True
     return hot
+
+
+def hot_tokens(hidden: list[np.ndarray], weights: Weights, eps: float, count: int) -> np.ndarray:
+    """The `count` most probable tokens of a tied-embedding model whose last layer's outputs
+    on the calibration text are `hidden` (what convert and the codec mixes both split by)."""
+    return hot_mask(mean_probabilities(hidden, weights.final_norm, eps, weights.embed), count)
