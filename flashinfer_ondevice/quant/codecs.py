@@ -494,18 +494,18 @@ class _BlockPalette(_FittedToBlocks):
         return np.repeat(scales, block_palette_fit.BLOCK, axis=1) * self.levels[codes]
 
     def warm_up(self) -> None:
-        block_palette_kernels.warm_up(self.bits, self.levels, self.cubic)
+        block_palette_kernels.warm_up(self.bits, self.cubic)
 
     def matvec(self, raw, x, out) -> None:
-        block_palette_kernels.matvec(raw, x, self.bits, self.levels, out)
+        block_palette_kernels.matvec(raw, x, self.bits, self.cubic, out)
 
     def gate_activations(self, raw, x, activation, out) -> None:
-        block_palette_kernels.gate_activations(raw, x, self.bits, self.levels,
+        block_palette_kernels.gate_activations(raw, x, self.bits, self.cubic,
                                                ACTIVATION_KINDS[activation], out)
 
     def bundle_ffn(self, raw, rows, x, activation, gate_act, hidden_act, out) -> None:
         known = _NONE if gate_act is None else np.ascontiguousarray(gate_act, np.float32)
-        block_palette_kernels.bundled_ffn(raw, rows, x, self.bits, self.levels, self.cubic,
+        block_palette_kernels.bundled_ffn(raw, rows, x, self.bits, self.cubic,
                                           self.row_nbytes(len(x)),
                                           ACTIVATION_KINDS[activation], known, hidden_act, out)
 
@@ -563,8 +563,9 @@ def _planar_levels() -> tuple[np.ndarray, np.ndarray]:
 @register
 class BPal3(_BlockPalette):
     # codes in two planes (the low 2 bits as bpal2 packs its indices, then the high bit of
-    # every weight, 8 to a byte, lowest first) and a table that is their sum, so that a dot
-    # product reads two partial-sum tables a byte at a time (quant/block_palette_kernels.py)
+    # every weight, 8 to a byte, lowest first) and a table that is their sum: the kernels
+    # compute a weight as the cubic of its low bits plus the step times its high bit, with
+    # no code straddling two bytes (quant/block_palette_kernels.py)
     name, bits, revision = "bpal3", 3, 3
     cubic, levels = _planar_levels()
     grid = np.sort(levels)
