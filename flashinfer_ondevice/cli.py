@@ -164,6 +164,16 @@ def _codec_spec(ctx, param, value: str) -> str:
     return value
 
 
+def candidates_option():
+    """--candidates: the codecs a measured mix (--bits/--target-size) chooses from."""
+    from .build.codec_choice import CANDIDATES
+
+    return click.option("--candidates", default=None,
+                        help="codecs --bits/--target-size choose from, comma-separated  "
+                             f"[default: {','.join(CANDIDATES)}; adding pal4,pal3,pal2 "
+                             "costs most of an hour on Gemma 3]")
+
+
 def codec_option(help_text: str):
     """--codec: a codec from the registry, optionally per tensor group."""
     from .quant.codecs import CODECS, TENSOR_GROUPS
@@ -315,7 +325,7 @@ def generate(model_path, prompt, prompt_file, max_tokens, temp, top_p, top_k, mi
 
 
 def _choose_codecs(ctx, source: Path, bits: float | None, target_size: str | None,
-                   progress: bool) -> tuple[str, dict]:
+                   candidates: str | None, progress: bool) -> tuple[str, dict]:
     """--bits / --target-size: the measured codec mix (build/codec_choice.py), printed."""
     from click.core import ParameterSource
 
@@ -334,7 +344,9 @@ def _choose_codecs(ctx, source: Path, bits: float | None, target_size: str | Non
             nbytes = parse_budget(target_size, 0)
         except FlashInferError as exc:
             raise click.BadParameter(str(exc), param_hint="--target-size") from None
-    spec, record = choose_spec(source, nbytes, bits, progress=progress)
+    names = {} if candidates is None else {
+        "candidates": tuple(name.strip() for name in candidates.split(",") if name.strip())}
+    spec, record = choose_spec(source, nbytes, bits, progress=progress, **names)
     nbytes = record["target_matrix_bytes"]
     click.echo(f"measured loss (mean KL, nats per token) and size of each tensor group by "
                f"codec, on {record['tokens']} calibration tokens:", err=True)
@@ -363,8 +375,9 @@ def _choose_codecs(ctx, source: Path, bits: float | None, target_size: str | Non
                    "tied embedding may be split by token into two codecs")
 @click.option("--target-size", default=None,
               help="like --bits, with a size for the matrices: 120MB, 0.2GB, bytes")
+@candidates_option()
 def convert(source, output, codec, calibrate, text_file, calibration_tokens, bits,
-            target_size):
+            target_size, candidates):
     """Convert a GGUF file or Hugging Face folder into a flash store (a store: calibrate it)."""
     try:
         from .api import store_path_for
@@ -377,6 +390,8 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens, bit
             raise FlashInferError(f"model not found: {source}")
         if text_file is not None and not calibrate:
             raise click.UsageError("-f/--file gives calibration text: add --calibrate")
+        if candidates is not None and bits is None and target_size is None:
+            raise click.UsageError("--candidates are for --bits/--target-size")
         text = _read_prompt(None, text_file) if text_file is not None else None
         progress = sys.stderr.isatty()
         if is_store(source):
@@ -391,7 +406,7 @@ def convert(source, output, codec, calibrate, text_file, calibration_tokens, bit
                     raise FlashInferError(f"{output} already exists; remove it or choose "
                                           "another -o")
                 codec, choice = _choose_codecs(click.get_current_context(), source, bits,
-                                               target_size, progress)
+                                               target_size, candidates, progress)
             target = Path(output) if output else store_path_for(source, codec)
             if choice is not None and not output and is_store(target):
                 click.echo(f"the chosen codecs' store already exists: {target}", err=True)

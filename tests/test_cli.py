@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -199,6 +200,24 @@ def test_convert_by_bits_prints_the_measurement_and_its_choice(tiny_gguf, tmp_pa
     assert first.returncode == 0, first.stderr
     second = run_model("convert", str(tiny_gguf("gemma3")), "--bits", "6")
     assert second.returncode == 0 and "the chosen codecs' store already exists" in second.stderr
+
+
+def test_convert_by_bits_chooses_among_the_candidates_given(tiny_gguf, tmp_path):
+    """--candidates: the measured table holds those codecs and no others (by default the
+    per-row palettes are left out); unknown names are refused before any measuring, and
+    the option means nothing without --bits/--target-size."""
+    out = tmp_path / "chosen"
+    result = run_model("convert", str(tiny_gguf("gemma3")), "-o", str(out), "--bits", "6",
+                       "--candidates", "int8, pal2")
+    assert result.returncode == 0, result.stderr
+    measured = json.loads((out / "manifest.json").read_text())["codec_choice"]["measured"]
+    assert all(set(row) == {"int8", "pal2"} for row in measured.values())
+    unknown = run_model("convert", str(tiny_gguf("gemma3")), "-o", str(tmp_path / "x"),
+                        "--bits", "6", "--candidates", "int8,pal5")
+    assert_clean_error(unknown, "unknown codec 'pal5' among the candidates")
+    alone = run_model("convert", str(tiny_gguf("gemma3")), "-o", str(tmp_path / "y"),
+                      "--candidates", "int8")
+    assert alone.returncode != 0 and "--candidates are for --bits" in alone.stderr
 
 
 def test_corrupt_store_is_one_line(tiny_gguf, tmp_path):

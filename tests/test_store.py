@@ -373,8 +373,8 @@ def test_codec_mix_chosen_by_measurement_meets_the_target(tiny_gguf, tmp_path):
     assert set(table["embed"]) == set(codec_choice.CANDIDATES) | tiered  # tied: also split
     assert all(set(table[g]) == set(codec_choice.CANDIDATES) for g in ("attn", "ffn"))
     for row in table.values():  # int8 is within rounding of the float model
-        assert row["int8"]["kl"] < row["pal2"]["kl"]
-        assert row["int8"]["bytes"] > row["int4"]["bytes"] > row["pal2"]["bytes"]
+        assert row["int8"]["kl"] < row["bpal2"]["kl"]
+        assert row["int8"]["bytes"] > row["int4"]["bytes"] > row["bpal2"]["bytes"]
     choice = record["choice"]
     chosen_bytes = sum(table[g][n]["bytes"] for g, n in choice.items())
     assert chosen_bytes <= record["target_matrix_bytes"]

@@ -34,7 +34,10 @@ from ..quant.codecs import CODECS, TENSOR_GROUPS, Codec, InputStats
 from ..weights import DenseWeights, Weights
 from .input_stats import for_tied_embedding
 
-CANDIDATES = ("int8", "int4", "bpal4", "bpal3", "bpal2", "pal4", "pal3", "pal2")
+CANDIDATES = ("int8", "int4", "bpal4", "bpal3", "bpal2")  # what a mix chooses from unless
+# asked otherwise: on Gemma 3 the per-row palettes (pal4, pal3, pal2) lost to the bpal codecs
+# in every group at every size, and fitting them to the embedding took most of an hour of
+# `convert --bits` (docs/benchmarks.md)
 # a tied embedding split by token: (hot codec, cold codec), tried where both are candidates
 TIER_PAIRS = (("int8", "bpal4"), ("int8", "bpal3"), ("bpal4", "bpal3"), ("bpal4", "bpal2"),
               ("bpal3", "bpal2"))

@@ -409,12 +409,18 @@ def calibration_chunks(tokenizer: Tokenizer, text: str, tokens: int, extra: int 
 
 def choose_spec(source: str | Path, matrix_nbytes: int | None = None,
                 bits: float | None = None, calibration_text: str | None = None,
-                progress: bool = False) -> tuple[str, dict]:
+                progress: bool = False, candidates: tuple[str, ...] = codec_choice.CANDIDATES
+                ) -> tuple[str, dict]:
     """The codec spec whose matrices fit `matrix_nbytes` (or average `bits` per weight) at
-    the least measured loss (build/codec_choice.py), and the record of the measurement for
-    the manifest. Loads the whole checkpoint in float32 (every group is tried against the
-    same model). A tied embedding may be chosen split by token (embed=HOT@N/COLD); such a
-    store has no output-layer proxy (see store/vocab_tiers.py)."""
+    the least measured loss among `candidates` (codec names; build/codec_choice.py), and
+    the record of the measurement for the manifest. Loads the whole checkpoint in float32
+    (every group is tried against the same model). A tied embedding may be chosen split by
+    token (embed=HOT@N/COLD); such a store has no output-layer proxy (see
+    store/vocab_tiers.py)."""
+    unknown = [name for name in candidates if name not in CODECS]
+    if unknown or not candidates:
+        raise FlashInferError(f"unknown codec {unknown[0]!r} among the candidates; known: "
+                              f"{', '.join(CODECS)}" if unknown else "no candidate codecs")
     text = default_text() if calibration_text is None else calibration_text
     checkpoint = load_checkpoint(source, progress=progress)
     config, weights = checkpoint.config, checkpoint.weights
@@ -423,7 +429,7 @@ def choose_spec(source: str | Path, matrix_nbytes: int | None = None,
             raise FlashInferError("give a size or bits per weight for the codec choice")
         matrix_nbytes = int(bits * codec_choice.matrix_parameters(config) / 8)
     smallest = sum(min(codec_choice.group_nbytes(config, group, CODECS[name])
-                       for name in codec_choice.CANDIDATES)
+                       for name in candidates)
                    for group in codec_choice.TENSOR_GROUPS)
     if smallest > matrix_nbytes:  # known from the config: refused before measuring anything
         raise FlashInferError(f"no codec mix fits {matrix_nbytes / 1e6:.1f} MB of matrices; "
@@ -437,8 +443,8 @@ def choose_spec(source: str | Path, matrix_nbytes: int | None = None,
     if config.tie_embeddings and config.vocab_size >= 2 * codec_choice.TIER_SHARE:
         hot = vocab_tiers.hot_tokens(collector.hidden, weights, config.norm_eps,
                                      round(config.vocab_size / codec_choice.TIER_SHARE))
-    table = codec_choice.measure(config, weights, layer_stats, head_stats, held_out, hot=hot,
-                                 progress=progress)
+    table = codec_choice.measure(config, weights, layer_stats, head_stats, held_out,
+                                 candidates=candidates, hot=hot, progress=progress)
     choice = codec_choice.choose(table, matrix_nbytes)
     record = {"target_matrix_bytes": matrix_nbytes, "tokens": len(held_out), "choice": choice,
               "measured": {g: {n: {"kl": m.kl, "bytes": m.nbytes} for n, m in row.items()}
