@@ -151,3 +151,37 @@ def test_gemma_ledger_at_its_default_context(gemma_store, budget):
         assert nbytes == planned[component], (component, nbytes, planned[component])
     assert result["type"] == "f16" and result["kv"] == planned["KV cache"]
     print(budget, json.dumps(planned))
+
+
+@pytest.mark.slow
+def test_the_output_layer_alone_streams_in_smaller_chunks(gemma_store, monkeypatch):
+    """Where every layer is resident and only output-layer rows stream, the ring's buffers
+    hold OUTPUT_ONLY_CHUNK bytes of rows instead of OUTPUT_CHUNK: the ring shrinks, and what
+    it gave up is resident rows (fewer bytes read per token). Where layers stream too, the
+    chunks stay OUTPUT_CHUNK. The streamed weights lay out the units the plan sized."""
+    from flashinfer_ondevice.runtime import units
+    from flashinfer_ondevice.store.format import ALIGN
+
+    store = open_store(gemma_store)
+    layers = [n for n in store.tensors if n.startswith("layers.") and
+              store.tensors[n].codec != "f32"]
+    head = store.tensors["embed"]
+    budget = sum(store.tensors[n].nbytes for n in layers) + head.nbytes // 2
+    plan = make_plan(store, budget, 256, 0, head="exact")
+    assert plan.buffers and set(layers) <= plan.resident  # only the output layer streams
+    assert plan.head_chunk == units.OUTPUT_ONLY_CHUNK
+    assert plan.buffer_unit <= units.OUTPUT_ONLY_CHUNK + 2 * ALIGN
+    reader = DirectReader(store.path / "weights.bin")
+    weights = StreamedWeights(store, plan, reader)
+    chunk_rows = units.head_chunk_rows(head, units.OUTPUT_ONLY_CHUNK)
+    head_units = [weights._units[i] for i in weights._head_units]
+    assert max(sum(p.row_end - p.row_start for p in u.parts) for u in head_units) == chunk_rows
+    reader.close()
+    monkeypatch.setattr(units, "OUTPUT_ONLY_CHUNK", units.OUTPUT_CHUNK)  # as before
+    before = make_plan(store, budget, 256, 0, head="exact")
+    assert before.buffer_bytes - plan.buffer_bytes > 2 * units.OUTPUT_ONLY_CHUNK
+    assert plan.head_resident_rows > before.head_resident_rows
+    assert plan.streamed_bytes < before.streamed_bytes
+    monkeypatch.undo()
+    less = make_plan(store, budget // 2, 256, 0, head="exact")
+    assert not set(layers) <= less.resident and less.head_chunk == units.OUTPUT_CHUNK

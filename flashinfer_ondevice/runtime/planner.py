@@ -61,7 +61,7 @@ from .head_rows import HeadRows
 from .neuron_cache import NeuronCache
 from .selectors import gate_rows_nbytes, predictor_dram_nbytes
 from .shortlist_head import ShortlistHead
-from .units import unit_capacity
+from .units import OUTPUT_CHUNK, head_chunk, unit_capacity
 
 BUFFERS = (6, 4, 3, 2)  # streaming ring sizes to try: one unit computing, the others reading
 MARGIN = 8 << 20  # Python objects, allocator slack
@@ -125,6 +125,7 @@ class Plan:
     buffer_bytes: int = 0
     buffers: int = 0  # size of the streaming ring
     buffer_unit: int = 0  # bytes of one ring buffer (units.unit_capacity)
+    head_chunk: int = OUTPUT_CHUNK  # bytes of output-layer rows one unit holds (units.py)
     overhead_bytes: int = 0  # already in use above baseline when planning (tokenizer, ...)
     transient_bytes: int = 0  # briefly needed outside generation (loading the vocabulary)
     fixed_bytes: int = 0  # everything but resident weights: the smallest workable budget
@@ -478,6 +479,7 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
         if plan.buffers and not stream_all:  # buffers need hold only what really streams
             streamed = [[n for n in names if n not in plan.resident] for names in layer_units]
             unit = align_up(_unit_capacity(tensors, streamed, head_rows, shortlist))
+            plan.head_chunk = head_chunk(streamed)
             if unit > plan.buffer_unit:
                 raise _UnitTooSmall
             depth = plan.buffers if unit else 0  # nothing streams (shortlist plan): no ring
@@ -592,4 +594,4 @@ def _unit_capacity(tensors: dict[str, TensorEntry], layer_units: list[list[str]]
     """units.unit_capacity for these layer units (empty ones never stream) and the output
     layer's chunks (none under a shortlist plan)."""
     layers = [[tensors[n] for n in names] for names in layer_units if names]
-    return unit_capacity(layers or [[]], [] if shortlist else list(head.tiers))
+    return unit_capacity(layers, [] if shortlist else list(head.tiers))

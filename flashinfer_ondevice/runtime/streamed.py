@@ -140,9 +140,10 @@ class StreamedWeights:
         streamed = [] if plan.shortlist else head_rows.parts(plan.head_resident_rows,
                                                              head_rows.rows)
         for entry, first, end in streamed:  # chunks of one tier each
-            for start in range(first, end, head_chunk_rows(entry)):
+            rows = head_chunk_rows(entry, plan.head_chunk)
+            for start in range(first, end, rows):
                 unit = Unit()
-                unit.add(entry, start, min(start + head_chunk_rows(entry), end))
+                unit.add(entry, start, min(start + rows, end))
                 self._head_units.append(len(self._units))
                 self._units.append(unit)
         largest = max((u.nbytes for u in self._units), default=0)
