@@ -329,6 +329,7 @@ def _choose_codecs(ctx, source: Path, bits: float | None, target_size: str | Non
     """--bits / --target-size: the measured codec mix (build/codec_choice.py), printed."""
     from click.core import ParameterSource
 
+    from .build.codec_choice import CANDIDATES
     from .build.convert import choose_spec
     from .runtime.planner import parse_budget
 
@@ -344,9 +345,9 @@ def _choose_codecs(ctx, source: Path, bits: float | None, target_size: str | Non
             nbytes = parse_budget(target_size, 0)
         except FlashInferError as exc:
             raise click.BadParameter(str(exc), param_hint="--target-size") from None
-    names = {} if candidates is None else {
-        "candidates": tuple(name.strip() for name in candidates.split(",") if name.strip())}
-    spec, record = choose_spec(source, nbytes, bits, progress=progress, **names)
+    names = CANDIDATES if candidates is None else \
+        tuple(name.strip() for name in candidates.split(",") if name.strip())
+    spec, record = choose_spec(source, nbytes, bits, progress=progress, candidates=names)
     nbytes = record["target_matrix_bytes"]
     click.echo(f"measured loss (mean KL, nats per token) and size of each tensor group by "
                f"codec, on {record['tokens']} calibration tokens:", err=True)

@@ -417,10 +417,12 @@ def choose_spec(source: str | Path, matrix_nbytes: int | None = None,
     (every group is tried against the same model). A tied embedding may be chosen split by
     token (embed=HOT@N/COLD); such a store has no output-layer proxy (see
     store/vocab_tiers.py)."""
-    unknown = [name for name in candidates if name not in CODECS]
-    if unknown or not candidates:
-        raise FlashInferError(f"unknown codec {unknown[0]!r} among the candidates; known: "
-                              f"{', '.join(CODECS)}" if unknown else "no candidate codecs")
+    if not candidates:
+        raise FlashInferError("no candidate codecs")
+    for name in candidates:
+        if name not in CODECS:
+            raise FlashInferError(f"unknown codec {name!r} among the candidates; known: "
+                                  f"{', '.join(CODECS)}")
     text = default_text() if calibration_text is None else calibration_text
     checkpoint = load_checkpoint(source, progress=progress)
     config, weights = checkpoint.config, checkpoint.weights

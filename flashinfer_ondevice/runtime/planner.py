@@ -403,8 +403,8 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
         # a layer streams as one unit: its attention (and FFN unless cached) read together
         layer_units = [attention[i] + ([] if ffn_cached else ffn[i])
                        for i in range(config.n_layers)]
-        plan.buffer_unit = unit_hint or align_up(_unit_capacity(tensors, layer_units,
-                                                                 head_rows, shortlist))
+        plan.buffer_unit = unit_hint or align_up(_unit_capacity(
+            tensors, layer_units, head_rows, shortlist, head_chunk(layer_units)))
         caches_fixed = caches_per_row = 0
         if ffn_cached:  # every layer's cache, and the read scratch and spill rows they share
             caches_fixed = config.n_layers * NeuronCache.planned_nbytes(ffn_entry, 0) \
@@ -478,8 +478,9 @@ def _place(store: Store, budget: int | None, ctx: int, overhead: int, transient:
             room = tiers.place(names, plan, room)
         if plan.buffers and not stream_all:  # buffers need hold only what really streams
             streamed = [[n for n in names if n not in plan.resident] for names in layer_units]
-            unit = align_up(_unit_capacity(tensors, streamed, head_rows, shortlist))
             plan.head_chunk = head_chunk(streamed)
+            unit = align_up(_unit_capacity(tensors, streamed, head_rows, shortlist,
+                                           plan.head_chunk))
             if unit > plan.buffer_unit:
                 raise _UnitTooSmall
             depth = plan.buffers if unit else 0  # nothing streams (shortlist plan): no ring
@@ -590,8 +591,8 @@ def largest_matrix(store: Store) -> int:
 
 
 def _unit_capacity(tensors: dict[str, TensorEntry], layer_units: list[list[str]],
-                   head: HeadRows, shortlist: int) -> int:
+                   head: HeadRows, shortlist: int, chunk: int) -> int:
     """units.unit_capacity for these layer units (empty ones never stream) and the output
-    layer's chunks (none under a shortlist plan)."""
+    layer's chunks of `chunk` bytes (none under a shortlist plan)."""
     layers = [[tensors[n] for n in names] for names in layer_units if names]
-    return unit_capacity(layers, [] if shortlist else list(head.tiers))
+    return unit_capacity(layers, [] if shortlist else list(head.tiers), chunk)

@@ -17,7 +17,8 @@ from ..store.format import ALIGN, align_up
 from ..store.reader import TensorEntry
 
 OUTPUT_CHUNK = 4 << 20  # bytes of output-layer rows streamed as one unit
-# ... when the output layer is all that streams: the ring's buffers then need hold no layer,
+# OUTPUT_ONLY_CHUNK: the same when the output layer is all that streams: the ring's buffers
+# then need hold no layer,
 # and each byte they do not take is a byte more of resident rows. Gemma 3 270M's 114 MB
 # tiered store at the 50% limit (decode tok/s, medians of 6 / 4 alternating cold runs):
 # 4 MB 25.0 (a 12.6 MB ring, 50.8 MB read a token), 2 MB 27.0, 1 MB 29.0-29.4 (3.2 MB,
@@ -62,19 +63,20 @@ def head_chunk_rows(head: TensorEntry, chunk: int) -> int:
     return max(1, chunk // head.row_nbytes)
 
 
-def head_chunk(layer_units: list[list[TensorEntry]]) -> int:
-    """Bytes of output-layer rows a unit holds, given the layer units that stream."""
+def head_chunk(layer_units: list[list]) -> int:
+    """Bytes of output-layer rows a unit holds, given the layer units that stream (lists of
+    their tensors; empty where a layer is resident)."""
     return OUTPUT_CHUNK if any(layer_units) else OUTPUT_ONLY_CHUNK
 
 
-def unit_capacity(layer_units: list[list[TensorEntry]], head: list[TensorEntry]) -> int:
+def unit_capacity(layer_units: list[list[TensorEntry]], head: list[TensorEntry],
+                  chunk: int) -> int:
     """Bytes a ring buffer needs to hold any unit: a layer's tensors read whole (each starts
-    page-aligned in the store), or a chunk of output-layer rows (head_chunk) starting
-    anywhere in a page (`head`: the output layer's tensors, its tiers (runtime/head_rows.py);
-    none: it never streams)."""
+    page-aligned in the store), or a chunk of about `chunk` bytes of output-layer rows
+    starting anywhere in a page (`head`: the output layer's tensors, its tiers
+    (runtime/head_rows.py); none: it never streams)."""
     largest = max([sum(align_up(e.nbytes) for e in entries) for entries in layer_units],
                   default=0)
-    chunk = head_chunk(layer_units)
     for entry in head:
         rows = min(entry.rows, head_chunk_rows(entry, chunk))
         largest = max(largest, align_up(ALIGN - 1 + rows * entry.row_nbytes))
